@@ -1,0 +1,12 @@
+"""Slides in: open, find tissue, tile at a target resolution, stream tiles, feature files."""
+
+from .features import FeatureFile, read_features, write_features
+from .grid import GridConfig, TileGrid, build_grid
+from .reader import TileBatch, TileReader
+from .slide import ArraySlide, Slide, SlideInfo, open_slide
+from .tissue import TissueConfig, TissueMask, detect_tissue
+
+__all__ = [
+    "ArraySlide", "FeatureFile", "GridConfig", "Slide", "SlideInfo", "TileBatch", "TileGrid", "TileReader",
+    "TissueConfig", "TissueMask", "build_grid", "detect_tissue", "open_slide", "read_features", "write_features",
+]

@@ -1,0 +1,79 @@
+"""Slide -> tissue -> grid -> streamed tiles -> features, with any encoder callable (torch or an engine)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import SlideError
+from .features import FeatureFile
+from .grid import GridConfig, TileGrid, build_grid
+from .reader import TileReader
+from .slide import Slide
+from .tissue import TissueConfig, TissueMask, detect_tissue
+
+
+@dataclass
+class TilePlan:
+    tissue: TissueMask
+    grid: TileGrid
+    seconds: float
+
+
+def plan_tiles(slide: Slide, grid_cfg: GridConfig = GridConfig(), tissue_cfg: TissueConfig = TissueConfig()) -> TilePlan:
+    """Tissue mask and tile grid; a SlideError when no tile holds enough tissue."""
+    t0 = time.perf_counter()
+    tissue = detect_tissue(slide, tissue_cfg)
+    grid = build_grid(slide, tissue, grid_cfg)
+    if len(grid) == 0:
+        raise SlideError(
+            f"{slide.path}: no tissue found (tissue fraction {tissue.tissue_fraction:.3f}; no tile reaches "
+            f"{grid_cfg.min_tissue:.0%} tissue)"
+        )
+    return TilePlan(tissue, grid, time.perf_counter() - t0)
+
+
+@dataclass
+class ExtractStats:
+    tiles: int = 0
+    read_s: float = 0.0  # time the consumer waited for tiles
+    encode_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def extract_features(
+    slide: Slide,
+    encode: Callable[[np.ndarray], np.ndarray],
+    plan: TilePlan,
+    encoder_name: str,
+    batch_size: int = 64,
+    workers: int = 2,
+    progress: bool | None = None,
+) -> tuple[FeatureFile, ExtractStats]:
+    """Run `encode` (uint8 NHWC batch -> (B, D) features) over every tissue tile of `plan`."""
+    stats = ExtractStats()
+    feats = []
+    reader = TileReader(slide, plan.grid, batch_size=batch_size, workers=workers, progress=progress, desc="encode")
+    t_wait = time.perf_counter()
+    for batch in reader:
+        stats.read_s += time.perf_counter() - t_wait
+        t0 = time.perf_counter()
+        feats.append(np.asarray(encode(batch.tiles), dtype=np.float32))
+        stats.encode_s += time.perf_counter() - t0
+        stats.tiles += len(batch.tiles)
+        t_wait = time.perf_counter()
+    g = plan.grid
+    ff = FeatureFile(
+        features=np.concatenate(feats),
+        coords=g.coords.copy(),
+        patch_size=g.tile_size,
+        patch_size_level0=g.size_level0,
+        level0_mpp=g.slide_mpp,
+        target_mpp=g.target_mpp,
+        encoder=encoder_name,
+        name=slide.path,
+    )
+    return ff, stats

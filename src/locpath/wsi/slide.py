@@ -1,0 +1,437 @@
+"""One slide interface with interchangeable backends behind a factory (TRIDENT-style).
+
+Coordinates are always level-0 pixels; `read_region` returns uint8 RGB (H, W, 3) arrays with the
+alpha channel composited onto white, so transparent (unscanned) areas read as background.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import SlideError
+
+WHITE = 255
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What a user asks first about a slide."""
+
+    path: str
+    backend: str
+    vendor: str | None
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float | None
+    mpp_source: str  # "metadata", "override" or "none"
+    magnification: float | None
+    associated_images: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "dimensions": list(self.dimensions),
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
+            "magnification": self.magnification,
+            "associated_images": list(self.associated_images),
+        }
+
+
+class Slide(ABC):
+    """A whole-slide image. Subclasses wrap one reading library each."""
+
+    backend_name = "abstract"
+
+    def __init__(self, path: str | os.PathLike, mpp_override: float | None = None):
+        self.path = str(path)
+        self._mpp_override = mpp_override
+
+    # -- what each backend provides -------------------------------------------------
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> tuple[float, ...]: ...
+
+    @property
+    @abstractmethod
+    def metadata_mpp(self) -> float | None:
+        """Level-0 microns per pixel as recorded in the file, or None."""
+
+    @property
+    def vendor(self) -> str | None:
+        return None
+
+    @property
+    def associated_images(self) -> tuple[str, ...]:
+        return ()
+
+    def read_associated(self, name: str) -> np.ndarray:
+        raise SlideError(f"{self.path}: no associated image named {name!r}")
+
+    @abstractmethod
+    def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Read RGB uint8 (h, w, 3) at `level`, top-left (x, y) in level-0 pixels."""
+
+    def reopen(self) -> "Slide":
+        """A fresh handle on the same file, for use from another thread."""
+        return self
+
+    def close(self) -> None:
+        pass
+
+    # -- shared behaviour -----------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def mpp(self) -> float | None:
+        return self._mpp_override if self._mpp_override is not None else self.metadata_mpp
+
+    @property
+    def mpp_source(self) -> str:
+        if self._mpp_override is not None:
+            return "override"
+        return "metadata" if self.metadata_mpp is not None else "none"
+
+    def require_mpp(self) -> float:
+        mpp = self.mpp
+        if mpp is None:
+            raise SlideError(
+                f"{self.path}: the slide records no microns-per-pixel; pass --mpp-override "
+                "(e.g. 0.25 for 40x, 0.5 for 20x)"
+            )
+        return mpp
+
+    @property
+    def magnification(self) -> float | None:
+        mpp = self.mpp
+        return None if mpp is None else round(10.0 / mpp, 2)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Deepest level whose downsample does not exceed `downsample` (never upsample from a coarser level)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        if not 0 <= level < self.level_count:
+            raise SlideError(f"{self.path}: level {level} out of range (slide has {self.level_count})")
+        if w <= 0 or h <= 0:
+            raise SlideError(f"{self.path}: empty region {w}x{h}")
+        try:
+            out = self._read(level, int(x), int(y), int(w), int(h))
+        except SlideError:
+            raise
+        except Exception as exc:  # the libraries raise many types; name the file and the problem
+            raise SlideError(f"{self.path}: cannot read region at level {level} ({x},{y}) {w}x{h}: {exc}") from exc
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """An RGB thumbnail no larger than max_size on its long side, and its level-0 downsample."""
+        w0, h0 = self.dimensions
+        ds = max(w0, h0) / max_size
+        return self.read_downsampled(max(ds, 1.0))
+
+    def read_downsampled(self, downsample: float) -> tuple[np.ndarray, float]:
+        """The whole slide at about `downsample`, read from the best level and resized."""
+        from PIL import Image
+
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        img = self.read_region(level, 0, 0, lw, lh)
+        w0, h0 = self.dimensions
+        tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
+        if (tw, th) != (lw, lh):
+            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
+        return img, w0 / tw
+
+    def info(self) -> SlideInfo:
+        return SlideInfo(
+            path=self.path,
+            backend=self.backend_name,
+            vendor=self.vendor,
+            dimensions=self.dimensions,
+            level_dimensions=self.level_dimensions,
+            level_downsamples=self.level_downsamples,
+            mpp=self.mpp,
+            mpp_source=self.mpp_source,
+            magnification=self.magnification,
+            associated_images=self.associated_images,
+        )
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite RGBA onto white (OpenSlide returns premultiplied RGBA; transparent means unscanned)."""
+    if rgba.ndim == 3 and rgba.shape[2] == 4:
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        rgb = rgba[..., :3].astype(np.uint16)
+        # premultiplied: out = rgb + (1 - a) * white
+        out = rgb + ((255 - alpha) * WHITE + 127) // 255
+        return np.clip(out, 0, 255).astype(np.uint8)
+    if rgba.ndim == 3 and rgba.shape[2] == 3:
+        return np.ascontiguousarray(rgba)
+    if rgba.ndim == 2:
+        return np.repeat(rgba[..., None], 3, axis=2)
+    raise ValueError(f"unexpected image shape {rgba.shape}")
+
+
+def _positive_float(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _mpp_from_tiff_tags(path: str) -> float | None:
+    """Level-0 mpp from TIFF XResolution/ResolutionUnit, for generic TIFFs whose reader ignores them."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tags = page.tags
+            if "XResolution" not in tags or "ResolutionUnit" not in tags:
+                return None
+            num, den = tags["XResolution"].value
+            unit = int(tags["ResolutionUnit"].value)
+            if not num or not den:
+                return None
+            px_per_unit = num / den
+            um_per_unit = {2: 25400.0, 3: 10000.0}.get(unit)  # inch, centimetre
+            if um_per_unit is None:
+                return None
+            mpp = um_per_unit / px_per_unit
+            # a 72 dpi (or similar) default written by image tools is not a scan resolution
+            return mpp if 0.05 <= mpp <= 20.0 else None
+    except Exception:
+        return None
+
+
+class OpenSlideSlide(Slide):
+    """OpenSlide (openslide-bin): SVS, NDPI, MRXS, SCN, BIF, DICOM, generic pyramidal TIFF and more."""
+
+    backend_name = "openslide"
+
+    def __init__(self, path, mpp_override=None):
+        super().__init__(path, mpp_override)
+        import openslide
+
+        self._osr = openslide.OpenSlide(self.path)
+        self._local = threading.local()
+
+    @property
+    def level_dimensions(self):
+        return tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+
+    @property
+    def level_downsamples(self):
+        return tuple(float(d) for d in self._osr.level_downsamples)
+
+    @property
+    def metadata_mpp(self):
+        props = self._osr.properties
+        mpp = _positive_float(props.get("openslide.mpp-x"))
+        if mpp is None:
+            mpp = _mpp_from_tiff_tags(self.path) if self.vendor == "generic-tiff" else None
+        return mpp
+
+    @property
+    def vendor(self):
+        return self._osr.properties.get("openslide.vendor")
+
+    @property
+    def associated_images(self):
+        return tuple(sorted(self._osr.associated_images))
+
+    def read_associated(self, name):
+        if name not in self._osr.associated_images:
+            return super().read_associated(name)
+        return _rgba_to_rgb(np.asarray(self._osr.associated_images[name]))
+
+    def _read(self, level, x, y, w, h):
+        return _rgba_to_rgb(np.asarray(self._osr.read_region((x, y), level, (w, h))))
+
+    def reopen(self):
+        # OpenSlide handles are thread-safe; one handle serves every reader thread.
+        return self
+
+    def close(self):
+        self._osr.close()
+
+
+class TiffSlideSlide(Slide):
+    """tiffslide (tifffile + zarr): TIFF layouts OpenSlide rejects, such as SubIFD (OME-TIFF-style) pyramids."""
+
+    backend_name = "tiffslide"
+
+    def __init__(self, path, mpp_override=None):
+        super().__init__(path, mpp_override)
+        import tiffslide
+
+        self._ts = tiffslide.TiffSlide(self.path)
+
+    @property
+    def level_dimensions(self):
+        return tuple(tuple(int(v) for v in d) for d in self._ts.level_dimensions)
+
+    @property
+    def level_downsamples(self):
+        return tuple(float(d) for d in self._ts.level_downsamples)
+
+    @property
+    def metadata_mpp(self):
+        mpp = _positive_float(self._ts.properties.get("tiffslide.mpp-x"))
+        return mpp if mpp is not None else _mpp_from_tiff_tags(self.path)
+
+    @property
+    def vendor(self):
+        return self._ts.properties.get("tiffslide.vendor")
+
+    @property
+    def associated_images(self):
+        return tuple(sorted(self._ts.associated_images))
+
+    def read_associated(self, name):
+        if name not in self._ts.associated_images:
+            return super().read_associated(name)
+        return _rgba_to_rgb(np.asarray(self._ts.associated_images[name].convert("RGB")))
+
+    def _read(self, level, x, y, w, h):
+        arr = self._ts.read_region((x, y), level, (w, h), as_array=True)
+        return _rgba_to_rgb(np.asarray(arr))
+
+    def reopen(self):
+        # tiffslide shares a file handle between calls; each reader thread gets its own.
+        return TiffSlideSlide(self.path, self._mpp_override)
+
+    def close(self):
+        self._ts.close()
+
+
+class ArraySlide(Slide):
+    """An in-memory pyramid (a list of RGB arrays). Used for synthetic training data and tests."""
+
+    backend_name = "array"
+
+    def __init__(self, levels: list[np.ndarray], mpp: float | None, name: str = "<array>", mpp_override=None):
+        super().__init__(name, mpp_override)
+        if not levels:
+            raise SlideError(f"{name}: an array slide needs at least one level")
+        self._levels = [np.ascontiguousarray(lv, dtype=np.uint8) for lv in levels]
+        self._mpp = mpp
+
+    @property
+    def level_dimensions(self):
+        return tuple((lv.shape[1], lv.shape[0]) for lv in self._levels)
+
+    @property
+    def level_downsamples(self):
+        w0 = self._levels[0].shape[1]
+        return tuple(w0 / lv.shape[1] for lv in self._levels)
+
+    @property
+    def metadata_mpp(self):
+        return self._mpp
+
+    def _read(self, level, x, y, w, h):
+        ds = self.level_downsamples[level]
+        lv = self._levels[level]
+        lx, ly = int(x / ds), int(y / ds)
+        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, lv.shape[1]), min(ly + h, lv.shape[0])
+        if x1 > x0 and y1 > y0:
+            out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = lv[y0:y1, x0:x1, :3]
+        return out
+
+
+BACKENDS = ("auto", "openslide", "tiffslide")
+
+
+def open_slide(
+    path: str | os.PathLike,
+    mpp_override: float | None = None,
+    backend: str = "auto",
+    require_mpp: bool = True,
+) -> Slide:
+    """Open a slide file. `auto` tries OpenSlide first, then tiffslide for TIFFs OpenSlide rejects.
+
+    Raises SlideError with the file name and the reason on any failure.
+    """
+    p = Path(path)
+    if backend not in BACKENDS:
+        raise SlideError(f"{p}: unknown slide backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if mpp_override is not None and not (_positive_float(mpp_override)):
+        raise SlideError(f"{p}: --mpp-override must be a positive number, got {mpp_override!r}")
+    if not p.exists():
+        raise SlideError(f"{p}: file not found")
+    if p.is_dir():
+        raise SlideError(f"{p}: is a directory, not a slide file")
+    if p.stat().st_size == 0:
+        raise SlideError(f"{p}: file is empty")
+
+    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
+    reasons = []
+    slide: Slide | None = None
+    for name in order:
+        try:
+            slide = OpenSlideSlide(p, mpp_override) if name == "openslide" else TiffSlideSlide(p, mpp_override)
+            _probe(slide)
+            break
+        except Exception as exc:  # each library has its own error types
+            reasons.append(f"{name}: {_one_line(exc)}")
+            slide = None
+    if slide is None:
+        raise SlideError(f"{p}: not a readable slide ({'; '.join(reasons)})")
+    if require_mpp:
+        try:
+            slide.require_mpp()
+        except SlideError:
+            slide.close()
+            raise
+    return slide
+
+
+def _probe(slide: Slide) -> None:
+    """Fail at open time, not mid-run, on files whose header parses but whose pixels do not."""
+    w, h = slide.dimensions
+    if w <= 0 or h <= 0:
+        raise ValueError(f"invalid dimensions {w}x{h}")
+    last = slide.level_count - 1
+    lw, lh = slide.level_dimensions[last]
+    slide._read(last, 0, 0, min(lw, 64), min(lh, 64))
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

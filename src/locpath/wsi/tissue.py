@@ -1,0 +1,83 @@
+"""Tissue detection on a low-resolution view of the slide.
+
+Method (as CLAM/TRIDENT's classic path): HSV saturation, median-blurred, thresholded with Otsu clamped to
+[min_saturation, max_saturation] (the floor makes an empty, white slide yield no tissue rather than noise;
+the ceiling keeps pale tissue when bright stroma pulls Otsu up), excluding near-black pixels (pen, scanner
+edges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from .slide import Slide
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    mask_mpp: float = 8.0  # resolution of the mask, microns per pixel
+    min_saturation: int = 15  # 0..255; Otsu's threshold is kept in [min_saturation, max_saturation]
+    max_saturation: int = 30  # glass reads below ~10; pale tissue (fat, lung) above ~35
+    max_darkness: int = 30  # pixels with max(R,G,B) below this are not tissue
+    median_size: int = 5  # median filter size (odd), removes speckle
+
+
+@dataclass
+class TissueMask:
+    mask: np.ndarray  # bool (H, W)
+    downsample: float  # level-0 pixels per mask pixel
+    threshold: int  # saturation threshold used
+
+    @property
+    def tissue_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def integral(self) -> np.ndarray:
+        """Summed-area table with a zero first row/column, for O(1) box sums."""
+        m = self.mask.astype(np.int64)
+        s = np.zeros((m.shape[0] + 1, m.shape[1] + 1), dtype=np.int64)
+        s[1:, 1:] = m.cumsum(0).cumsum(1)
+        return s
+
+
+def otsu_threshold(values: np.ndarray) -> int:
+    """Otsu's threshold for uint8 values (0..255)."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    w1 = total - w0
+    mu0_sum = np.cumsum(hist * levels)
+    mu_total = mu0_sum[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu0 = mu0_sum / w0
+        mu1 = (mu_total - mu0_sum) / w1
+        between = w0 * w1 * (mu0 - mu1) ** 2
+    between = np.nan_to_num(between)
+    return int(np.argmax(between))
+
+
+def detect_tissue_rgb(rgb: np.ndarray, cfg: TissueConfig = TissueConfig()) -> tuple[np.ndarray, int]:
+    """Boolean tissue mask of an RGB uint8 image, and the saturation threshold used."""
+    img = Image.fromarray(rgb)
+    sat = np.asarray(img.convert("HSV"))[..., 1]
+    if cfg.median_size > 1:
+        sat = np.asarray(Image.fromarray(sat).filter(ImageFilter.MedianFilter(cfg.median_size)))
+    thr = min(max(otsu_threshold(sat), cfg.min_saturation), cfg.max_saturation)
+    bright = rgb.max(axis=2)
+    mask = (sat > thr) & (bright >= cfg.max_darkness)
+    return mask, thr
+
+
+def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig()) -> TissueMask:
+    """Read the slide at about cfg.mask_mpp and find tissue."""
+    mpp = slide.require_mpp()
+    downsample = max(cfg.mask_mpp / mpp, 1.0)
+    rgb, actual_ds = slide.read_downsampled(downsample)
+    mask, thr = detect_tissue_rgb(rgb, cfg)
+    return TissueMask(mask=mask, downsample=actual_ds, threshold=thr)

@@ -1,0 +1,1 @@
+"""PyTorch definitions (training and export only; the runtime never imports this package)."""

@@ -1,0 +1,60 @@
+"""Tokenizer and chat template. Torch-free: the runtime formats prompts exactly as training did."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import CheckpointError
+
+PAD = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (PAD, IM_START, IM_END)
+
+# Qwen-style ChatML, as a Jinja template for Hugging Face tools; `format_prompt` is its exact equivalent.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def format_prompt(question: str) -> str:
+    """One user turn and the assistant's opening, as CHAT_TEMPLATE renders it."""
+    return f"{IM_START}user\n{question.strip()}{IM_END}\n{IM_START}assistant\n"
+
+
+def train_tokenizer(lines: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (as Qwen/GPT-2), so any text round-trips and streams byte-exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # templates wrap questions; include them so the newlines and role words get merged too
+    tok.train_from_iterator([format_prompt(x) + x + IM_END for x in lines] * 4, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.exists():
+        raise CheckpointError(f"{p}: tokenizer.json not found")
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as exc:
+        raise CheckpointError(f"{p}: not a valid tokenizer file ({exc})") from exc
+    for s in SPECIAL_TOKENS:
+        if tok.token_to_id(s) is None:
+            raise CheckpointError(f"{p}: tokenizer lacks the special token {s}")
+    return tok

@@ -1,0 +1,326 @@
+"""The `locpath` command. User errors print one line and exit 2; nothing half-written is left behind."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LocpathError
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return v
+
+
+# -- tiles --------------------------------------------------------------------------
+def cmd_tiles(args) -> int:
+    from .wsi import GridConfig, TissueConfig, open_slide
+    from .wsi.extract import plan_tiles
+    from .wsi.overlay import write_overlay
+
+    grid_cfg = GridConfig(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
+    with open_slide(args.slide, mpp_override=args.mpp_override, backend=args.backend) as slide:
+        plan = plan_tiles(slide, grid_cfg, TissueConfig(mask_mpp=args.mask_mpp))
+        info = slide.info().to_dict()
+        if args.overlay:
+            write_overlay(slide, plan, args.overlay)
+    g = plan.grid
+    report = {
+        "slide": info,
+        "tissue_fraction": round(plan.tissue.tissue_fraction, 4),
+        "tissue_threshold": plan.tissue.threshold,
+        "mask_shape": list(plan.tissue.mask.shape),
+        "tiles": len(g),
+        "grid": {"columns": g.grid_shape[0], "rows": g.grid_shape[1], "tile_size": g.tile_size,
+                 "target_mpp": g.target_mpp, "tile_size_level0": g.size_level0, "read_level": g.read_level,
+                 "read_size": g.read_size, "min_tissue": grid_cfg.min_tissue},
+        "overlay": str(args.overlay) if args.overlay else None,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{args.slide}: {info['dimensions'][0]}x{info['dimensions'][1]} px, {info['level_dimensions'].__len__()} "
+              f"levels, {info['mpp']:g} um/px ({info['mpp_source']}), vendor {info['vendor']}, backend {info['backend']}")
+        print(f"tissue: {report['tissue_fraction']:.1%} of the slide (saturation threshold {plan.tissue.threshold})")
+        print(f"tiles: {len(g)} of {g.grid_shape[0] * g.grid_shape[1]} grid positions hold >= "
+              f"{grid_cfg.min_tissue:.0%} tissue ({g.tile_size} px at {g.target_mpp:g} um/px = {g.size_level0} px "
+              f"at level 0, read from level {g.read_level})")
+        if args.overlay:
+            print(f"overlay: {args.overlay}")
+    return 0
+
+
+# -- synth --------------------------------------------------------------------------
+def cmd_synth(args) -> int:
+    from .synth import make_spec, write_slide
+    from .train.data import split_seed
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(args.count):
+        seed = split_seed(args.seed, "eval", i) if args.held_out else args.seed + i
+        tiles = (args.tiles[0], args.tiles[1]) if args.tiles else None
+        spec = make_spec(seed, tiles=tiles, mpp=args.mpp, organ=args.organ, diagnosis=args.diagnosis,
+                         grade=args.grade, necrosis=None if args.necrosis is None else args.necrosis == "yes")
+        path = write_slide(spec, out / f"synthetic_{seed}.{args.format}", fmt=args.format, quality=args.quality)
+        gt = spec.ground_truth()
+        print(f"{path}: {gt['organ']}, {gt['diagnosis']}, {gt['grade']}, necrosis {gt['necrosis']} "
+              f"({gt['dimensions'][0]}x{gt['dimensions'][1]} px, {gt['tissue_tiles']} tissue tiles, "
+              f"diagnostic {gt['diagnostic_fraction']:.1%})")
+    return 0
+
+
+# -- train --------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .train.run import run_training
+
+    run_training(args)
+    return 0
+
+
+# -- eval ---------------------------------------------------------------------------
+def cmd_eval(args) -> int:
+    from .checkpoints import shipped_checkpoint
+
+    if args.bundle and args.checkpoint:
+        raise LocpathError("give either --checkpoint or --bundle, not both")
+    if args.bundle:
+        from .eval import evaluate_bundle
+
+        ckpt = Path(args.bundle)
+        res = evaluate_bundle(ckpt, args.seed, args.count, keep_dir=args.keep_slides, progress=not args.json,
+                              device=args.device)
+    else:
+        from .eval import evaluate_checkpoint
+
+        ckpt = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint("reference")
+        res = evaluate_checkpoint(ckpt, args.seed, args.count, keep_dir=args.keep_slides, progress=not args.json)
+    if args.json:
+        print(json.dumps(res.to_dict(with_records=args.records)))
+    else:
+        print(f"checkpoint {ckpt}: {res.count} held-out slides (seed {res.seed}), {res.seconds:.0f} s")
+        print(f"accuracy {res.accuracy:.3f}")
+        for t, a in res.per_type.items():
+            print(f"  {t:10s} {a:.3f}")
+    return 0
+
+
+# -- export -------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from .checkpoints import shipped_checkpoint
+
+    try:
+        from .export.bundle import export_bundle
+    except ImportError as exc:
+        raise LocpathError(f"export needs the training extra (pip install 'locpath[train]'): {exc}") from exc
+    ckpt = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint("reference")
+    _, summary = export_bundle(ckpt, args.out, validate=not args.no_validate, overwrite=args.overwrite,
+                               log=(lambda m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+# -- ask / chat ---------------------------------------------------------------------
+def _pipeline(args):
+    from .runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(args.bundle, device=args.device, threads=args.threads, cache_dir=args.cache_dir,
+                                use_cache=not args.no_cache)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample or None, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _timing_lines(ans) -> list[str]:
+    t = ans.timings_ms
+    order = ["hash", "cache_read", "open", "tissue_grid", "tiles_encode", "tile_read_wait", "encode", "stm",
+             "resampler", "tis", "cross_kv", "prefill", "decode_per_token", "time_to_first_token", "total"]
+    cells = [f"{k} {t[k]:.1f}" for k in order if k in t]
+    s = ans.slide
+    return [f"  timings (ms): {', '.join(cells)}",
+            f"  slide: {s['tiles']} tiles -> {s['tokens_after_stm']} tokens after STM, "
+            f"{'cached (no tile read)' if s['cache_hit'] else str(s['tiles_read']) + ' tiles read'}; "
+            f"{ans.generation['new_tokens']} new tokens; peak RSS {ans.peak_rss_mb:.0f} MB"]
+
+
+def cmd_ask(args) -> int:
+    pipe = _pipeline(args)
+    results = []
+    for q in args.questions:
+        if args.json:
+            results.append(pipe.ask(args.slide, q, mpp_override=args.mpp_override, **_sampling(args)))
+            continue
+        print(f"Q: {q}\nA: ", end="", flush=True)
+        stream = pipe.ask(args.slide, q, stream=True, mpp_override=args.mpp_override, progress=None, **_sampling(args))
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        for line in _timing_lines(stream.result):
+            print(line)
+        results.append(stream.result)
+    if args.json:
+        if len(results) == 1:
+            print(json.dumps(results[0].to_dict()))
+        else:
+            print(json.dumps({"results": [r.to_dict() for r in results],
+                              "peak_rss_mb": round(max(r.peak_rss_mb for r in results), 1)}))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    pipe = _pipeline(args)
+    print(f"preparing {args.slide} ...", file=sys.stderr, flush=True)
+    ctx = pipe.prepare(args.slide, mpp_override=args.mpp_override)
+    print(f"ready: {ctx.tiles} tiles, {ctx.tokens} tokens after STM ({'cached' if ctx.cache_hit else 'encoded'}). "
+          "Ask a question; an empty line or 'exit' ends.", file=sys.stderr, flush=True)
+    for line in sys.stdin:
+        q = line.strip()
+        if not q or q.lower() in ("exit", "quit"):
+            break
+        print("A: ", end="", flush=True)
+        stream = pipe.ask(args.slide, q, stream=True, mpp_override=args.mpp_override, **_sampling(args))
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        print(_timing_lines(stream.result)[0], file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _add_runtime_args(p, sampling: bool = True):
+    p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                   help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--cache-dir", default=None, help="slide cache folder (default ~/.cache/locpath/slides)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the slide cache")
+    p.add_argument("--mpp-override", type=_positive_float, default=None)
+    if sampling:
+        p.add_argument("--max-new-tokens", type=_positive_int, default=None)
+        p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=_positive_float, default=None)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=_positive_float, default=None)
+        p.add_argument("--repetition-penalty", type=_positive_float, default=None)
+        p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="locpath", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiles", help="tissue statistics and tile grid of a slide")
+    t.add_argument("slide")
+    t.add_argument("--mpp-override", type=_positive_float, default=None, help="level-0 microns per pixel")
+    t.add_argument("--target-mpp", type=_positive_float, default=0.5)
+    t.add_argument("--tile-size", type=_positive_int, default=224)
+    t.add_argument("--min-tissue", type=float, default=0.25)
+    t.add_argument("--mask-mpp", type=_positive_float, default=8.0)
+    t.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
+    t.add_argument("--overlay", type=Path, default=None, help="write a thumbnail PNG with mask and grid")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tiles)
+
+    s = sub.add_parser("synth", help="write synthetic pyramidal slides with ground truth")
+    s.add_argument("out")
+    s.add_argument("--count", type=_positive_int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--held-out", action="store_true", help="use the evaluation seed space (as `locpath eval`)")
+    s.add_argument("--format", choices=("svs", "tiff"), default="svs")
+    s.add_argument("--mpp", type=_positive_float, default=0.5)
+    s.add_argument("--tiles", type=_positive_int, nargs=2, metavar=("COLS", "ROWS"), default=None,
+                   help="slide size in 224 px tiles at 0.5 um/px")
+    s.add_argument("--organ", choices=("colon", "lung", "breast", "kidney"))
+    s.add_argument("--diagnosis", choices=("benign", "adenocarcinoma", "squamous cell carcinoma"))
+    s.add_argument("--grade", choices=("low grade", "high grade"))
+    s.add_argument("--necrosis", choices=("yes", "no"))
+    s.add_argument("--quality", type=int, default=85)
+    s.set_defaults(func=cmd_synth)
+
+    tr = sub.add_parser("train", help="train the reference model and the prefix baseline")
+    tr.add_argument("--preset", default="tiny", choices=("tiny",))
+    tr.add_argument("--out", default="runs/tiny")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--quick", action="store_true", help="a seconds-long smoke run (not a useful model)")
+    tr.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy on held-out synthetic slides")
+    e.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped reference)")
+    e.add_argument("--bundle", default=None, help="evaluate an exported bundle through the torch-free runtime")
+    e.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--count", type=_positive_int, default=20)
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--records", action="store_true", help="with --json: every question, answer and truth")
+    e.add_argument("--keep-slides", default=None, help="keep the generated slides in this folder")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="export a checkpoint to a validated ONNX bundle")
+    x.add_argument("out", help="bundle folder to create")
+    x.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped reference)")
+    x.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("ask", help="answer questions about a slide with a bundle (torch-free)")
+    a.add_argument("bundle")
+    a.add_argument("slide", help="a slide file, or a TRIDENT/CLAM feature file (.h5)")
+    a.add_argument("questions", nargs="+", help="one or more questions")
+    a.add_argument("--json", action="store_true")
+    _add_runtime_args(a)
+    a.set_defaults(func=cmd_ask)
+
+    c = sub.add_parser("chat", help="several questions in a row about one slide (reads questions from stdin)")
+    c.add_argument("bundle")
+    c.add_argument("slide")
+    _add_runtime_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    d = sub.add_parser("demo", help="export the shipped model (once), write a synthetic slide, ask every question type")
+    d.add_argument("--workdir", default=None, help="where the bundle, slides and cache live (default ~/.cache/locpath/demo)")
+    d.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LocpathError as exc:
+        print(f"locpath: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("locpath: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

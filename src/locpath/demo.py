@@ -1,0 +1,111 @@
+"""`locpath demo`: the README's main job, end to end on the shipped reference model.
+
+First run: export the shipped checkpoint to a bundle (cached in the work folder; needs the training extra),
+write three synthetic slides, ask every question type about each with the torch-free runtime, print each
+streamed answer beside the ground truth, and a timing report. Later runs reuse the bundle, the slides and
+the slide cache, so answers start within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .checkpoints import shipped_checkpoint
+from .engines.manifest import BundleError, load_manifest, sha256_file
+from .errors import LocpathError
+from .synth.qa import normalize_answer
+
+DEMO_SLIDES = (
+    ("adenocarcinoma", "high grade", "colon", True),
+    ("squamous cell carcinoma", "low grade", "lung", False),
+    ("benign", None, "kidney", True),
+)
+
+
+def _workdir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    base = os.environ.get("LOCPATH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "locpath")
+    return Path(base) / "demo"
+
+
+def _ensure_bundle(work: Path) -> Path:
+    bundle = work / "reference-bundle"
+    weights = shipped_checkpoint("reference") / "model.safetensors"
+    if not weights.exists():
+        raise LocpathError(f"{weights}: the shipped reference checkpoint is missing from this install")
+    try:
+        m = load_manifest(bundle, verify=True)
+        if m.source.get("weights_sha256") == sha256_file(weights):
+            print(f"bundle: {bundle} (cached)")
+            return bundle
+        print("bundle: the shipped checkpoint changed; exporting again")
+    except BundleError:
+        pass
+    try:
+        from .export.bundle import export_bundle
+    except ImportError as exc:
+        raise LocpathError(f"the first demo run exports the model and needs torch (pip install 'locpath[train]'): {exc}") from exc
+    print(f"bundle: exporting the shipped reference model to {bundle} (first run only) ...", flush=True)
+    export_bundle(shipped_checkpoint("reference"), bundle, overwrite=True, log=lambda m: print("  " + m, flush=True))
+    return bundle
+
+
+def _ensure_slides(work: Path) -> list[Path]:
+    from .synth import make_spec, write_slide
+    from .synth.writer import truth_path
+
+    paths = []
+    for i, (diag, grade, organ, nec) in enumerate(DEMO_SLIDES):
+        p = work / f"demo_slide_{i}.svs"
+        if not (p.exists() and truth_path(p).exists()):
+            print(f"slide: writing {p} ...", flush=True)
+            spec = make_spec(90210 + i, diagnosis=diag, grade=grade, organ=organ, necrosis=nec)
+            write_slide(spec, p)
+        paths.append(p)
+    return paths
+
+
+def run_demo(args) -> int:
+    from .runtime.pipeline import Pipeline
+    from .synth.writer import truth_path
+
+    t0 = time.perf_counter()
+    work = _workdir(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    bundle = _ensure_bundle(work)
+    slides = _ensure_slides(work)
+    pipe = Pipeline.from_bundle(bundle, device=args.device, cache_dir=work / "slide-cache")
+    print(f"runtime ready after {time.perf_counter() - t0:.1f} s (torch not used from here on)\n")
+    correct = total = 0
+    first_ttft = []
+    for path in slides:
+        truth = json.loads(truth_path(path).read_text())
+        print(f"== {path.name}: {truth['organ']}, {truth['diagnosis']}, {truth['grade']}, necrosis {truth['necrosis']}")
+        for k, q in enumerate(truth["questions"]):
+            print(f"Q: {q['question']}\nA: ", end="", flush=True)
+            stream = pipe.ask(path, q["question"], stream=True)
+            for piece in stream:
+                print(piece, end="", flush=True)
+            a = stream.result
+            ok = normalize_answer(a.answer) == normalize_answer(q["answer"])
+            correct += ok
+            total += 1
+            print(f"   [truth: {q['answer']}] {'OK' if ok else 'WRONG'}")
+            t = a.timings_ms
+            if k == 0:
+                first_ttft.append(t["time_to_first_token"])
+                how = "from cache, no tile read" if a.slide["cache_hit"] else f"{a.slide['tiles_read']} tiles read and encoded"
+                print(f"   first question: time to first token {t['time_to_first_token']:.0f} ms ({how}; "
+                      f"{a.slide['tiles']} tiles -> {a.slide['tokens_after_stm']} STM tokens)")
+            elif k == 1:
+                print(f"   next question: time to first token {t['time_to_first_token']:.0f} ms "
+                      f"(TIS {t['tis']:.1f}, cross-KV {t['cross_kv']:.1f}, prefill {t['prefill']:.1f}, "
+                      f"decode {t['decode_per_token']:.1f} ms/token)")
+        print()
+    print(f"accuracy {correct}/{total}; peak RSS {a.peak_rss_mb:.0f} MB; total {time.perf_counter() - t0:.1f} s")
+    print(f"work folder: {work}")
+    return 0

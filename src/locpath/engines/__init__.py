@@ -1,0 +1,1 @@
+"""Bundle manifests and engine building (torch-free)."""

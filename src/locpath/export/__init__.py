@@ -1,0 +1,1 @@
+"""Export of every component to ONNX, validated against PyTorch, into a versioned bundle (needs torch)."""

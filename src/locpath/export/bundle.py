@@ -1,0 +1,103 @@
+"""`locpath export`: a trained checkpoint -> a validated, versioned bundle that needs no torch to run.
+
+The bundle is assembled in a temporary folder beside OUT_DIR and renamed into place only when every
+component exported and validated, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..engines.manifest import (ComponentEntry, GenerationDefaults, IOSpec, Manifest, Preprocessing, TokenizerEntry,
+                                sha256_file)
+from ..errors import LocpathError
+from ..fsutil import atomic_dir
+from ..text import CHAT_TEMPLATE, IM_END, IM_START, PAD
+from .configs import export_configs
+from .exporter import ComponentReport, export_component, validate_component
+
+
+def _profiles(cfg_axes: set[str], model) -> dict:
+    """min/opt/max per symbolic axis: what a TensorRT optimisation profile is built from."""
+    c = model.cfg
+    max_len = 4 * c.max_answer_tokens + 128
+    table = {
+        "batch": [1, 1, 16],
+        "tokens": [1, 2048, 65536],
+        "question_len": [1, 16, 128],
+        "selected": [c.tis.top_m] * 3,
+        "sequence": [1, 32, max_len],
+        "past": [0, 32, max_len],
+        "total": [1, 64, max_len],
+    }
+    return {a: table[a] for a in sorted(cfg_axes) if a in table}
+
+
+def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, validate: bool = True,
+                  overwrite: bool = False, log=print) -> tuple[Path, dict]:
+    import torch
+
+    from ..models.checkpoint import load_checkpoint
+    from ..models.llm import sync_llm_config
+    from ..models.slide_llm import LocPathModel
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
+    t_start = time.time()
+    torch.set_num_threads(2)
+    model, tok = load_checkpoint(checkpoint)
+    if not isinstance(model, LocPathModel):
+        raise LocpathError(f"{checkpoint}: only LoC-Path (fusion 'cara') checkpoints export to a bundle so far")
+    cfg = model.cfg
+    cfg.llm = sync_llm_config(cfg.llm, model.llm)  # record the loaded LLM's real sizes
+    with atomic_dir(out) as tmp:
+        components: dict[str, ComponentEntry] = {}
+        reports: dict[str, ComponentReport] = {}
+        for ec in export_configs(model):
+            rep = export_component(ec, model, tmp)
+            if validate:
+                validate_component(ec, model, tmp / rep.file, rep)
+            reports[ec.component] = rep
+            log(f"export: {ec.component} -> {rep.file} ({rep.nodes} nodes, {rep.seconds:.1f} s"
+                + (f", max abs diff {max(rep.max_abs_diff.values()):.2e})" if rep.max_abs_diff else ")"))
+            components[ec.component] = ComponentEntry(
+                file=rep.file, sha256=sha256_file(tmp / rep.file), precision="fp32", backend="onnxruntime",
+                inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
+                outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
+                templates=ec.templates, description=ec.description, profiles=_profiles(ec.axes(), model),
+            )
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        weights = Path(checkpoint) / "model.safetensors"
+        manifest = Manifest(
+            fusion=cfg.fusion,
+            model=cfg.to_dict(),
+            components=components,
+            preprocessing=Preprocessing(
+                tile_size=cfg.tile_encoder.img_size, target_mpp=cfg.target_mpp, mean=list(cfg.tile_encoder.mean),
+                std=list(cfg.tile_encoder.std), stm=dataclasses.asdict(cfg.stm),
+            ),
+            tokenizer=TokenizerEntry(file="tokenizer.json", sha256=sha256_file(tmp / "tokenizer.json"),
+                                     chat_template=CHAT_TEMPLATE, pad=PAD, im_start=IM_START, im_end=IM_END),
+            generation=GenerationDefaults(max_new_tokens=cfg.max_answer_tokens, stop_tokens=[IM_END],
+                                          max_length=min(cfg.llm.max_position_embeddings, 512)),
+            locpath_version=__version__,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            source={"checkpoint": str(checkpoint), "weights_sha256": sha256_file(weights) if weights.exists() else None},
+            export={"torch": torch.__version__, "exporter": "torch.onnx dynamo", "seconds": round(time.time() - t_start, 1),
+                    "validation": {k: r.max_abs_diff for k, r in reports.items()}},
+        )
+        manifest.save(tmp)
+    size = sum(p.stat().st_size for p in out.iterdir())
+    summary = {"bundle": str(out), "seconds": round(time.time() - t_start, 1), "bytes": size,
+               "max_abs_diff": {k: r.max_abs_diff for k, r in reports.items()}}
+    log(f"export: bundle {out} ({size / 1e6:.1f} MB) in {summary['seconds']} s")
+    (out / "export_report.json").write_text(json.dumps(summary, indent=2))
+    return out, summary

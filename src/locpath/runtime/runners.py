@@ -1,0 +1,136 @@
+"""One runner interface for every backend (in the manner of Polygraphy): load, run by tensor name, release.
+
+OrtRunner drives ONNX Runtime. Session options are set deliberately:
+- intra-op threads default to the machine's physical cores (2 here); inter-op 1 (graphs are sequential);
+- graph optimisation ORT_ENABLE_ALL (constant folding, fusions such as attention/GELU/LayerNorm on CPU);
+- CPU memory arena on, memory-pattern planning on (shapes repeat: decode steps, encoder batches);
+- providers: "cpu" (default, everywhere), "cuda" and "tensorrt" when the installed onnxruntime has them.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LocpathError
+
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+class RunnerError(LocpathError):
+    """A backend cannot load or run a graph."""
+
+
+class Runner(ABC):
+    """Load lazily, run by tensor name, release explicitly."""
+
+    def __init__(self, path: str | os.PathLike, name: str):
+        self.path = Path(path)
+        self.name = name
+
+    @abstractmethod
+    def load(self) -> "Runner": ...
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def release(self) -> None: ...
+
+    @property
+    @abstractmethod
+    def input_names(self) -> list[str]: ...
+
+    @property
+    @abstractmethod
+    def output_names(self) -> list[str]: ...
+
+    def __enter__(self):
+        return self.load()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def default_threads() -> int:
+    n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+class OrtRunner(Runner):
+    def __init__(self, path, name: str, device: str = "cpu", threads: int | None = None,
+                 opt_level: str = "all", profile: bool = False):
+        super().__init__(path, name)
+        if device not in PROVIDERS:
+            raise RunnerError(f"unknown device {device!r} (choose from {', '.join(PROVIDERS)})")
+        self.device = device
+        self.threads = threads or default_threads()
+        self.opt_level = opt_level
+        self.profile = profile
+        self._sess = None
+
+    def load(self) -> "OrtRunner":
+        if self._sess is not None:
+            return self
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = PROVIDERS[self.device]
+        if wanted[0] not in available:
+            raise RunnerError(f"{self.path}: ONNX Runtime provider {wanted[0]} is not available in this install "
+                              f"(available: {', '.join(available)}); install onnxruntime-gpu or use --device cpu")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.opt_level]
+        so.enable_mem_pattern = True
+        so.enable_cpu_mem_arena = True
+        so.log_severity_level = 3
+        so.enable_profiling = self.profile
+        try:
+            self._sess = ort.InferenceSession(str(self.path), so, providers=[p for p in wanted if p in available])
+        except Exception as exc:
+            raise RunnerError(f"{self.path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:300]})") from exc
+        return self
+
+    @property
+    def session(self):
+        return self.load()._sess
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds, outputs=None):
+        names = outputs or self.output_names
+        try:
+            res = self.session.run(names, feeds)
+        except Exception as exc:
+            raise RunnerError(f"{self.name}: inference failed ({str(exc).splitlines()[0][:300]})") from exc
+        return dict(zip(names, res))
+
+    def release(self) -> None:
+        self._sess = None
+
+
+def make_runner(backend: str, path, name: str, **kw) -> Runner:
+    if backend in ("onnxruntime", "ort"):
+        return OrtRunner(path, name, **kw)
+    raise RunnerError(f"{path}: backend {backend!r} is not available in this runtime")

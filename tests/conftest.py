@@ -53,3 +53,31 @@ def tokenizer():
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+@pytest.fixture(scope="session")
+def shipped_reference() -> Path:
+    from locpath.checkpoints import shipped_checkpoint
+
+    p = shipped_checkpoint("reference")
+    if not (p / "model.safetensors").exists():
+        pytest.skip("the shipped reference checkpoint is not present")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ref_bundle(shipped_reference, tmp_path_factory) -> Path:
+    """The shipped reference exported once per session (about half a minute)."""
+    from locpath.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "reference"
+    export_bundle(shipped_reference, out, log=lambda m: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_slide(tmp_path_factory) -> Path:
+    from locpath.synth import make_spec, write_slide
+
+    spec = make_spec(4242, diagnosis="squamous cell carcinoma", grade="high grade", organ="colon", necrosis=True)
+    return write_slide(spec, tmp_path_factory.mktemp("evalslide") / "case.svs")

@@ -190,3 +190,10 @@ def test_reader_surfaces_read_errors(real_svs):
         with pytest.raises(SlideError, match="disk gone"):
             for _ in TileReader(s, g, batch_size=4):
                 pass
+
+
+def test_tiles_read_reports_throughput(capsys, real_svs):
+    code, out, err = _run_cli(capsys, "tiles", str(real_svs), "--read", "--json", "--workers", "2", "--batch-size", "16")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["read"]["tiles"] == rep["tiles"] and rep["read"]["tiles_per_s"] > 0

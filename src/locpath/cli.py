@@ -37,11 +37,14 @@ def cmd_tiles(args) -> int:
     from .wsi.overlay import write_overlay
 
     grid_cfg = GridConfig(target_mpp=args.target_mpp, tile_size=args.tile_size, min_tissue=args.min_tissue)
+    read_stats = None
     with open_slide(args.slide, mpp_override=args.mpp_override, backend=args.backend) as slide:
         plan = plan_tiles(slide, grid_cfg, TissueConfig(mask_mpp=args.mask_mpp))
         info = slide.info().to_dict()
         if args.overlay:
             write_overlay(slide, plan, args.overlay)
+        if args.read:
+            read_stats = _read_all(slide, plan.grid, args)
     g = plan.grid
     report = {
         "slide": info,
@@ -53,6 +56,7 @@ def cmd_tiles(args) -> int:
                  "target_mpp": g.target_mpp, "tile_size_level0": g.size_level0, "read_level": g.read_level,
                  "read_size": g.read_size, "min_tissue": grid_cfg.min_tissue},
         "overlay": str(args.overlay) if args.overlay else None,
+        "read": read_stats,
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -65,7 +69,26 @@ def cmd_tiles(args) -> int:
               f"at level 0, read from level {g.read_level})")
         if args.overlay:
             print(f"overlay: {args.overlay}")
+        if read_stats:
+            print(f"read: {read_stats['tiles']} tiles in {read_stats['seconds']:.2f} s = {read_stats['tiles_per_s']:.0f} "
+                  f"tiles/s ({read_stats['workers']} threads); peak RSS {read_stats['peak_rss_mb']:.0f} MB")
     return 0
+
+
+def _read_all(slide, grid, args) -> dict:
+    """Stream every tile (what the encoder would get) and time it: the reader's own throughput."""
+    import resource
+    import time
+
+    from .wsi import TileReader
+
+    t0 = time.perf_counter()
+    reader = TileReader(slide, grid, batch_size=args.batch_size, workers=args.workers, progress=None)
+    n = sum(len(b.tiles) for b in reader)
+    dt = time.perf_counter() - t0
+    return {"tiles": n, "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1) if dt else None,
+            "workers": args.workers, "batch_size": args.batch_size,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 # -- synth --------------------------------------------------------------------------
@@ -243,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mask-mpp", type=_positive_float, default=8.0)
     t.add_argument("--backend", choices=("auto", "openslide", "tiffslide"), default="auto")
     t.add_argument("--overlay", type=Path, default=None, help="write a thumbnail PNG with mask and grid")
+    t.add_argument("--read", action="store_true", help="also stream every tile and report tiles/s and peak RSS")
+    t.add_argument("--workers", type=_positive_int, default=2, help="reader threads (with --read)")
+    t.add_argument("--batch-size", type=_positive_int, default=64, help="tiles per batch (with --read)")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tiles)
 

@@ -39,6 +39,25 @@ class EvalResult:
         return d
 
 
+def _record(path: Path, q: dict, answer: str, token_ids: list[int]) -> dict:
+    return {"slide": path.name, "type": q["type"], "question": q["question"], "answer": answer, "truth": q["answer"],
+            "correct": normalize_answer(answer) == normalize_answer(q["answer"]), "token_ids": list(token_ids)}
+
+
+def _progress(records: list[dict], k: int, count: int) -> None:
+    acc = sum(r["correct"] for r in records) / max(len(records), 1)
+    print(f"eval: {k + 1}/{count} slides, running accuracy {acc:.3f}", flush=True)
+
+
+def _result(records: list[dict], count: int, seed: int, source, t0: float) -> EvalResult:
+    per = {t: [r["correct"] for r in records if r["type"] == t] for t in QUESTION_TYPES}
+    return EvalResult(
+        accuracy=float(np.mean([r["correct"] for r in records])) if records else 0.0,
+        per_type={t: float(np.mean(v)) if v else 0.0 for t, v in per.items()},
+        count=count, seed=seed, checkpoint=str(source), seconds=time.time() - t0, records=records,
+    )
+
+
 def eval_slides(seed: int, count: int, workdir: Path, fmt_cycle=("svs", "tiff")):
     """Yield (spec, slide_path, questions) for `count` held-out slides, written into workdir."""
     for i in range(count):
@@ -58,7 +77,6 @@ def evaluate_checkpoint(checkpoint: str | Path, seed: int, count: int, keep_dir:
     torch.set_num_threads(2)
     model, tok = load_checkpoint(checkpoint)
     t0 = time.time()
-    per: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES}
     records = []
     with tempfile.TemporaryDirectory(prefix="locpath-eval-") as tmp:
         work = Path(keep_dir) if keep_dir else Path(tmp)
@@ -83,20 +101,10 @@ def evaluate_checkpoint(checkpoint: str | Path, seed: int, count: int, keep_dir:
                     pred_ids = model.answer_tokens(tok, vis * len(questions), questions)
             preds = [tok.decode(ids) for ids in pred_ids]
             for q, p, ids in zip(qs, preds, pred_ids):
-                ok = normalize_answer(p) == normalize_answer(q["answer"])
-                per[q["type"]].append(int(ok))
-                records.append({"slide": path.name, "type": q["type"], "question": q["question"],
-                                "answer": p, "truth": q["answer"], "correct": ok, "token_ids": ids})
+                records.append(_record(path, q, p, ids))
             if progress:
-                done = sum(len(v) for v in per.values())
-                acc = sum(sum(v) for v in per.values()) / max(done, 1)
-                print(f"eval: {k + 1}/{count} slides, running accuracy {acc:.3f}", flush=True)
-    allv = [v for vs in per.values() for v in vs]
-    return EvalResult(
-        accuracy=float(np.mean(allv)) if allv else 0.0,
-        per_type={t: float(np.mean(v)) if v else 0.0 for t, v in per.items()},
-        count=count, seed=seed, checkpoint=str(checkpoint), seconds=time.time() - t0, records=records,
-    )
+                _progress(records, k, count)
+    return _result(records, count, seed, checkpoint, t0)
 
 
 def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | Path | None = None,
@@ -105,7 +113,6 @@ def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | P
     from .runtime.pipeline import Pipeline
 
     t0 = time.time()
-    per: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES}
     records = []
     pipe = Pipeline.from_bundle(bundle, device=device, use_cache=False)
     with tempfile.TemporaryDirectory(prefix="locpath-eval-") as tmp:
@@ -114,18 +121,8 @@ def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | P
         for k, (spec, path, qs) in enumerate(eval_slides(seed, count, work)):
             answers = pipe.ask_many(path, [q["question"] for q in qs])
             for q, a in zip(qs, answers):
-                ok = normalize_answer(a.answer) == normalize_answer(q["answer"])
-                per[q["type"]].append(int(ok))
-                records.append({"slide": path.name, "type": q["type"], "question": q["question"], "answer": a.answer,
-                                "truth": q["answer"], "correct": ok, "token_ids": a.token_ids})
+                records.append(_record(path, q, a.answer, a.token_ids))
             if progress:
-                done = sum(len(v) for v in per.values())
-                print(f"eval: {k + 1}/{count} slides, running accuracy {sum(sum(v) for v in per.values()) / done:.3f}",
-                      flush=True)
+                _progress(records, k, count)
     pipe.release()
-    allv = [v for vs in per.values() for v in vs]
-    return EvalResult(
-        accuracy=float(np.mean(allv)) if allv else 0.0,
-        per_type={t: float(np.mean(v)) if v else 0.0 for t, v in per.items()},
-        count=count, seed=seed, checkpoint=str(bundle), seconds=time.time() - t0, records=records,
-    )
+    return _result(records, count, seed, bundle, t0)

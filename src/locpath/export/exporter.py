@@ -6,9 +6,12 @@ and raises ValidationError listing the max abs difference of every output that i
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +57,22 @@ def _dynamic_shapes(cfg: ExportConfig, example: dict):
     return shapes
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter logs optional-op registrations and deprecation notes meant for its developers."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 def _nest(cfg: ExportConfig, per_input: list):
     """Shape specs in the structure of forward's signature: a `*flat` tail is one nested entry."""
     k = cfg.fixed_args
@@ -73,7 +92,7 @@ def export_component(cfg: ExportConfig, model, out_dir: Path) -> ComponentReport
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".onnx", dir=out_dir)
     os.close(fd)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             prog = torch.onnx.export(
                 module,
                 tuple(example[n] for n in names_in),

@@ -20,7 +20,11 @@ FORMAT_VERSION = 1
 def save_checkpoint(model, tokenizer, out: str | os.PathLike, train_info: dict | None = None) -> Path:
     from safetensors.torch import save_model
 
+    from .llm import sync_llm_config
+
     out = Path(out)
+    # a checkpoint is self-contained: an LLM loaded from a local folder is recorded by its sizes
+    model.cfg.llm = sync_llm_config(model.cfg.llm, model.llm)
     with atomic_dir(out) as tmp:
         cfg = model.cfg.to_dict()
         (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "model": cfg}, indent=2))

@@ -7,7 +7,6 @@ temporary folder and renamed, so a crash never leaves a half entry. Content hash
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..engines.manifest import sha256_file
 from ..fsutil import atomic_dir, atomic_file
 from ..wsi.features import FeatureFile, read_features, write_features
 
@@ -23,17 +23,6 @@ from ..wsi.features import FeatureFile, read_features, write_features
 def default_cache_dir() -> Path:
     base = os.environ.get("LOCPATH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "locpath")
     return Path(base) / "slides"
-
-
-def file_sha256(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
 
 
 @dataclass
@@ -62,7 +51,7 @@ class SlideCache:
                 memo = {}
         if key in memo:
             return memo[key]
-        digest = file_sha256(p)
+        digest = sha256_file(p)
         memo = {k: v for k, v in memo.items() if not k.startswith(f"{p}|")}
         memo[key] = digest
         with atomic_file(memo_file) as tmp:

@@ -248,29 +248,38 @@ def _qa_batch(rng, data, idx, with_report=True, report_only=False):
     return qs, ans, rows
 
 
-def stage_locpath_qa(model: LocPathModel, tok, data, tc: TrainConfig, log: Log, stage: str):
-    rng = np.random.default_rng([tc.seed, 41 if stage == "align" else 51])
-    merged = [ex.slide.merged(model.cfg) for ex in data]
-    adapter = list(model.resampler.parameters()) + list(model.tis.parameters()) + list(model.cara.parameters())
-    groups = [{"params": adapter, "lr": tc.lr}]
+def _tuning(model, adapter_params: list, tc: TrainConfig, stage: str):
+    """Optimizer and schedule for align (adapter only, LLM frozen) or instruct (adapter + LLM)."""
+    groups = [{"params": adapter_params, "lr": tc.lr}]
     steps = tc.align_steps if stage == "align" else tc.instruct_steps
     for p in model.llm.parameters():
         p.requires_grad_(stage == "instruct")
     if stage == "instruct":
         groups.append({"params": list(model.llm.parameters()), "lr": tc.llm_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    sched = _scheduler(opt, steps)
+    return opt, _scheduler(opt, steps), steps, [p for g in groups for p in g["params"]]
+
+
+def _tuning_step(opt, sched, loss, params):
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
+def stage_locpath_qa(model: LocPathModel, tok, data, tc: TrainConfig, log: Log, stage: str):
+    rng = np.random.default_rng([tc.seed, 41 if stage == "align" else 51])
+    merged = [ex.slide.merged(model.cfg) for ex in data]
+    adapter = list(model.resampler.parameters()) + list(model.tis.parameters()) + list(model.cara.parameters())
+    opt, sched, steps, params = _tuning(model, adapter, tc, stage)
     for step, idx in enumerate(_batches(rng, len(data), tc.batch_slides, steps)):
         lat = model.slide_latents([merged[i] for i in idx])
         qs, ans, rows = _qa_batch(rng, data, idx, report_only=stage == "align")
         pos = {int(i): k for k, i in enumerate(idx)}
         lat_rows = lat[torch.tensor([pos[int(r)] for r in rows])]
         loss = model.forward_qa(tok, lat_rows, qs, ans)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
+        _tuning_step(opt, sched, loss, params)
         if (step + 1) % 100 == 0:
             log(f"{stage}: step {step + 1}/{steps} loss {loss.item():.4f}")
     for p in model.llm.parameters():
@@ -279,14 +288,7 @@ def stage_locpath_qa(model: LocPathModel, tok, data, tc: TrainConfig, log: Log, 
 
 def stage_prefix_qa(model: PrefixModel, tok, data, tc: TrainConfig, log: Log, stage: str):
     rng = np.random.default_rng([tc.seed, 61 if stage == "align" else 71])
-    groups = [{"params": list(model.projector.parameters()), "lr": tc.lr}]
-    steps = tc.align_steps if stage == "align" else tc.instruct_steps
-    for p in model.llm.parameters():
-        p.requires_grad_(stage == "instruct")
-    if stage == "instruct":
-        groups.append({"params": list(model.llm.parameters()), "lr": tc.llm_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    sched = _scheduler(opt, steps)
+    opt, sched, steps, params = _tuning(model, list(model.projector.parameters()), tc, stage)
     for step, idx in enumerate(_batches(rng, len(data), tc.batch_slides, steps)):
         qs, ans, rows = _qa_batch(rng, data, idx, report_only=stage == "align")
         if stage == "instruct":
@@ -296,11 +298,7 @@ def stage_prefix_qa(model: PrefixModel, tok, data, tc: TrainConfig, log: Log, st
         vis = model.visual_tokens([data[i].slide for i in idx])
         pos = {int(i): k for k, i in enumerate(idx)}
         loss = model.forward_qa(tok, [vis[pos[int(r)]] for r in rows], qs, ans)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
+        _tuning_step(opt, sched, loss, params)
         if (step + 1) % 100 == 0:
             log(f"prefix-{stage}: step {step + 1}/{steps} loss {loss.item():.4f}")
     for p in model.llm.parameters():

@@ -71,7 +71,8 @@ def cmd_tiles(args) -> int:
             print(f"overlay: {args.overlay}")
         if read_stats:
             print(f"read: {read_stats['tiles']} tiles in {read_stats['seconds']:.2f} s = {read_stats['tiles_per_s']:.0f} "
-                  f"tiles/s ({read_stats['workers']} threads); peak RSS {read_stats['peak_rss_mb']:.0f} MB")
+                  f"tiles/s ({read_stats['workers']} threads); peak RSS {read_stats['peak_rss_before_read_mb']:.0f} MB before "
+                  f"reading, {read_stats['peak_rss_mb']:.0f} MB after")
     return 0
 
 
@@ -82,12 +83,13 @@ def _read_all(slide, grid, args) -> dict:
 
     from .wsi import TileReader
 
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     reader = TileReader(slide, grid, batch_size=args.batch_size, workers=args.workers, progress=None)
     n = sum(len(b.tiles) for b in reader)
     dt = time.perf_counter() - t0
     return {"tiles": n, "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1) if dt else None,
-            "workers": args.workers, "batch_size": args.batch_size,
+            "workers": args.workers, "batch_size": args.batch_size, "peak_rss_before_read_mb": round(before, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 

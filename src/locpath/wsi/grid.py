@@ -105,5 +105,5 @@ def tile_tissue_fraction(tissue: TissueMask, coords: np.ndarray, size0: int) -> 
     x1 = np.clip(np.ceil((coords[:, 0] + size0) / ds).astype(np.int64), 0, mw)
     y1 = np.clip(np.ceil((coords[:, 1] + size0) / ds).astype(np.int64), 0, mh)
     area = np.maximum((x1 - x0) * (y1 - y0), 1)
-    total = sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
+    total = sat[y1, x1].astype(np.int64) - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]
     return (total / area).astype(np.float32)

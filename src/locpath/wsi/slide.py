@@ -155,18 +155,27 @@ class Slide(ABC):
         ds = max(w0, h0) / max_size
         return self.read_downsampled(max(ds, 1.0))
 
-    def read_downsampled(self, downsample: float) -> tuple[np.ndarray, float]:
-        """The whole slide at about `downsample`, read from the best level and resized."""
+    def read_downsampled(self, downsample: float, strip_rows: int = 256) -> tuple[np.ndarray, float]:
+        """The whole slide at about `downsample`, read from the best level in horizontal strips and resized, so
+        memory is bounded by the output plus one strip, not by the source level."""
         from PIL import Image
 
         level = self.best_level_for_downsample(downsample)
         lw, lh = self.level_dimensions[level]
-        img = self.read_region(level, 0, 0, lw, lh)
+        ds = self.level_downsamples[level]
         w0, h0 = self.dimensions
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        if (tw, th) != (lw, lh):
-            img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BILINEAR))
-        return img, w0 / tw
+        out = np.empty((th, tw, 3), np.uint8)
+        scale = lh / th  # source rows per output row
+        for r0 in range(0, th, strip_rows):
+            r1 = min(th, r0 + strip_rows)
+            s0 = int(np.floor(r0 * scale))
+            s1 = min(lh, max(s0 + 1, int(np.ceil(r1 * scale))))
+            strip = self.read_region(level, 0, int(round(s0 * ds)), lw, s1 - s0)
+            if strip.shape[:2] != (r1 - r0, tw):
+                strip = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BILINEAR))
+            out[r0:r1] = strip
+        return out, w0 / tw
 
     def info(self) -> SlideInfo:
         return SlideInfo(
@@ -192,6 +201,8 @@ class Slide(ABC):
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
     """Composite RGBA onto white (OpenSlide returns premultiplied RGBA; transparent means unscanned)."""
     if rgba.ndim == 3 and rgba.shape[2] == 4:
+        if rgba[..., 3].min() == 255:  # fully opaque (the usual case): no compositing, no uint16 copies
+            return np.ascontiguousarray(rgba[..., :3])
         alpha = rgba[..., 3:4].astype(np.uint16)
         rgb = rgba[..., :3].astype(np.uint16)
         # premultiplied: out = rgb + (1 - a) * white

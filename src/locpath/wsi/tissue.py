@@ -37,9 +37,10 @@ class TissueMask:
 
     def integral(self) -> np.ndarray:
         """Summed-area table with a zero first row/column, for O(1) box sums."""
-        m = self.mask.astype(np.int64)
-        s = np.zeros((m.shape[0] + 1, m.shape[1] + 1), dtype=np.int64)
-        s[1:, 1:] = m.cumsum(0).cumsum(1)
+        dt = np.int32 if self.mask.size < 2**31 else np.int64  # half the memory of int64 for any real mask
+        s = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), dtype=dt)
+        np.cumsum(self.mask, axis=0, dtype=dt, out=s[1:, 1:])
+        np.cumsum(s[1:, 1:], axis=1, dtype=dt, out=s[1:, 1:])
         return s
 
 

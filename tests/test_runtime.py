@@ -159,3 +159,13 @@ def test_cuda_provider_matches_cpu(ref_bundle, eval_slide, tmp_path):
     cpu = Pipeline.from_bundle(ref_bundle, use_cache=False).ask(eval_slide, "What is the diagnosis?")
     gpu = Pipeline.from_bundle(ref_bundle, device="cuda", use_cache=False).ask(eval_slide, "What is the diagnosis?")
     assert cpu.token_ids == gpu.token_ids
+
+
+def test_chat_answers_each_stdin_line(ref_bundle, eval_slide, tmp_path, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the diagnosis?\nIs necrosis present?\n\n"))
+    code = main(["chat", str(ref_bundle), str(eval_slide), "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("A: ") == 2

@@ -238,6 +238,69 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+# -- calibrate / build ----------------------------------------------------------------
+def cmd_calibrate(args) -> int:
+    from .calibration.sets import build_calibration
+
+    cal = build_calibration(args.bundle, args.slides, tiles_per_slide=args.tiles_per_slide, seed=args.seed,
+                            out=args.out, log=(lambda m: None) if args.json else print)
+    summary = {"calibration": str(cal.path), "cached": cal.cached, "tiles": int(len(cal.tiles())),
+               "arrays": len(cal.arrays)}
+    print(json.dumps(summary) if args.json else f"calibration: {cal.path} ({summary['tiles']} tiles, "
+          f"{'cached' if cal.cached else 'new'})")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from .engines.build import build_bundle
+
+    log = (lambda m: None) if args.json else print
+    cal = None
+    if args.calibration:
+        from .calibration.sets import CalibrationSet
+
+        p = Path(args.calibration)
+        if not p.exists():
+            raise LocpathError(f"{p}: calibration file not found")
+        import numpy as np
+
+        with np.load(p) as z:
+            cal = CalibrationSet(p, {k: z[k] for k in z.files}, cached=True)
+    elif args.slides:
+        from .calibration.sets import build_calibration
+
+        cal = build_calibration(args.bundle, args.slides, log=log)
+    out = build_bundle(args.bundle, args.out, args.precision, backend=args.backend, calibration=cal,
+                       overwrite=args.overwrite, log=log)
+    summary = {"bundle": str(out), "precision": args.precision, "backend": args.backend}
+    if args.report:
+        from .engines.report import build_report
+
+        tiles = cal.tiles() if cal is not None else _report_tiles(args)
+        summary["report"] = build_report(args.bundle, {args.precision: out}, tiles, args.seed, args.count, log=log)
+        if not args.json:
+            for name, r in summary["report"]["precisions"].items():
+                print(f"{name:12s} cosine {r['feature_cosine_mean']:.5f} (min {r['feature_cosine_min']:.5f})  "
+                      f"accuracy {r['accuracy']:.3f}  agreement {r['answer_agreement']:.3f}  "
+                      f"tiles/s {r['tiles_per_s']:.0f} ({r['tiles_per_s_vs_fp32']:.2f}x)  "
+                      f"decode tok/s {r['decode_tokens_per_s']:.0f} ({r['decode_vs_fp32']:.2f}x)")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _report_tiles(args):
+    """Held-out synthetic tissue tiles for the cosine and speed columns when no calibration set is given."""
+    import numpy as np
+
+    from .synth import make_spec
+    from .train.data import render_tile, split_seed, tissue_tiles
+
+    spec = make_spec(split_seed(args.seed + 1000, "eval", 0))
+    tt = tissue_tiles(spec)
+    return np.stack([render_tile(spec, c, r) for c, r in tt.grid[:96]])
+
+
 def _add_runtime_args(p, sampling: bool = True):
     p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                    help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu)")
@@ -329,6 +392,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("slide")
     _add_runtime_args(c)
     c.set_defaults(func=cmd_chat)
+
+    cb = sub.add_parser("calibrate", help="calibration data for quantization, from slides' tissue tiles")
+    cb.add_argument("bundle")
+    cb.add_argument("--slides", nargs="+", required=True)
+    cb.add_argument("--tiles-per-slide", type=_positive_int, default=48)
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--out", default=None, help="npz path (default: BUNDLE/calibration/<key>.npz)")
+    cb.add_argument("--json", action="store_true")
+    cb.set_defaults(func=cmd_calibrate)
+
+    bd = sub.add_parser("build", help="a quantized or compiled bundle from an fp32 bundle")
+    bd.add_argument("bundle")
+    bd.add_argument("out")
+    bd.add_argument("--precision", default="int8", help="fp32, int8, int8-static, int4, fp16")
+    bd.add_argument("--backend", choices=("ort", "tensorrt"), default="ort")
+    bd.add_argument("--calibration", default=None, help="npz from `locpath calibrate`")
+    bd.add_argument("--slides", nargs="+", default=None, help="calibrate on these slides first")
+    bd.add_argument("--overwrite", action="store_true")
+    bd.add_argument("--report", action="store_true", help="cosine, agreement, accuracy and speed vs fp32")
+    bd.add_argument("--seed", type=int, default=1, help="held-out seed for --report")
+    bd.add_argument("--count", type=_positive_int, default=10, help="held-out slides for --report")
+    bd.add_argument("--json", action="store_true")
+    bd.set_defaults(func=cmd_build)
 
     d = sub.add_parser("demo", help="export the shipped model (once), write a synthetic slide, ask every question type")
     d.add_argument("--workdir", default=None, help="where the bundle, slides and cache live (default ~/.cache/locpath/demo)")

@@ -66,6 +66,9 @@ class ComponentEntry:
     templates: dict = field(default_factory=dict)
     description: str = ""
     profiles: dict = field(default_factory=dict)  # axis -> [min, opt, max], for engines that need them
+    quantization: dict = field(default_factory=dict)  # the recipe, when not plain fp32
+    parent_sha256: str | None = None  # the fp32 graph a built component came from
+    engine_config: str | None = None  # EngineConfig file beside a built component
 
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
@@ -170,6 +173,9 @@ class Manifest:
     def files(self) -> dict[str, str]:
         """Every file the bundle needs -> its recorded sha256."""
         out = {c.file: c.sha256 for c in self.components.values()}
+        # engine configs are checked against the machine at load time, and covered by checksums here
+        recorded = self.export.get("engine_config_sha256", {})
+        out.update({c.engine_config: recorded.get(c.engine_config, "") for c in self.components.values() if c.engine_config})
         out[self.tokenizer.file] = self.tokenizer.sha256
         return out
 

@@ -35,6 +35,20 @@ from .sampler import SamplingParams
 from .slide_cache import SlideCache, default_cache_dir
 
 
+def check_engines(bundle_dir: Path, manifest: Manifest, device: str) -> None:
+    """Refuse built components whose engine config does not fit this machine, runtime or ONNX (a "rebuild")."""
+    from ..engines.engine_config import EngineConfig, check_engine_config, describe_machine
+
+    machines: dict[str, dict] = {}
+    for entry in manifest.components.values():
+        if not entry.engine_config:
+            continue
+        cfg = EngineConfig.load(bundle_dir / entry.engine_config)
+        if cfg.backend not in machines:
+            machines[cfg.backend] = describe_machine(cfg.backend, "cpu" if device == "cpu" else "cuda")
+        check_engine_config(cfg, machines[cfg.backend], entry.parent_sha256, entry.sha256, str(bundle_dir / entry.file))
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
@@ -92,6 +106,7 @@ class Pipeline:
         if manifest.fusion != "cara":
             raise LocpathError(f"{self.bundle_dir}: fusion {manifest.fusion!r} bundles are not runnable yet")
         self.tokenizer = load_tokenizer(self.bundle_dir / manifest.tokenizer.file)
+        check_engines(self.bundle_dir, manifest, device)
         self.runners: dict[str, Runner] = {
             name: make_runner(c.backend, self.bundle_dir / c.file, name, device=device, threads=threads)
             for name, c in manifest.components.items()

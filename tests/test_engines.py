@@ -1,0 +1,117 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from locpath.cli import main
+from locpath.engines.engine_config import EngineConfig, EngineMismatchError, check_engine_config
+from locpath.engines.manifest import load_manifest
+from locpath.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def calibration(ref_bundle, eval_slide, tmp_path_factory):
+    from locpath.calibration.sets import build_calibration
+
+    out = tmp_path_factory.mktemp("cal") / "cal.npz"
+    return build_calibration(ref_bundle, [eval_slide], tiles_per_slide=24, out=out, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(ref_bundle, tmp_path_factory):
+    from locpath.engines.build import build_bundle
+
+    return build_bundle(ref_bundle, tmp_path_factory.mktemp("built") / "int8", "int8", log=lambda m: None)
+
+
+def test_calibration_set_is_keyed_and_cached(ref_bundle, eval_slide, calibration, tmp_path):
+    from locpath.calibration.sets import build_calibration
+
+    assert calibration.tiles().shape == (24, 224, 224, 3) and calibration.tiles().dtype == np.uint8
+    assert calibration.samples("resampler", "tokens")[0].ndim == 3
+    assert len(calibration.samples("tis", "question_ids")) == 4  # one per question type
+    again = build_calibration(ref_bundle, [eval_slide], tiles_per_slide=24, out=calibration.path, log=lambda m: None)
+    assert again.cached
+    np.testing.assert_array_equal(again.tiles(), calibration.tiles())
+
+
+def test_int8_bundle_records_what_was_done_and_keeps_answers(ref_bundle, int8_bundle, eval_slide, calibration):
+    m = load_manifest(int8_bundle)
+    enc, dec = m.components["tile_encoder"], m.components["decoder"]
+    assert (enc.precision, dec.precision) == ("int8-dynamic", "int4")
+    assert enc.parent_sha256 == load_manifest(ref_bundle).components["tile_encoder"].sha256
+    assert dec.quantization["folded_transposes"] == 1  # the tied lm_head is quantized too
+    assert dec.quantization["float_matmuls_with_weights"] == 0
+    assert m.components["resampler"].precision == "fp32"
+    fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
+    q = Pipeline.from_bundle(int8_bundle, use_cache=False)
+    tiles = calibration.tiles()
+    a, b = fp32._encode(tiles), q._encode(tiles)
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.mean() >= 0.995
+    for question in ("What is the diagnosis?", "Is necrosis present?"):
+        assert q.ask(eval_slide, question).answer == fp32.ask(eval_slide, question).answer
+
+
+def test_static_int8_needs_calibration(ref_bundle, tmp_path, capsys):
+    code = main(["build", str(ref_bundle), str(tmp_path / "x"), "--precision", "int8-static"])
+    assert code == 2 and "calibration" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_engine_config_mismatch_is_refused(int8_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(int8_bundle, b)
+    m = load_manifest(b)
+    ec_name = m.components["decoder"].engine_config
+    cfg = json.loads((b / ec_name).read_text())
+    cfg["device"]["kind"] = "cuda"  # as if built for a GPU
+    (b / ec_name).write_text(json.dumps(cfg))
+    # the manifest's checksum over the engine config catches the edit first ...
+    with pytest.raises(Exception, match="checksum mismatch"):
+        Pipeline.from_bundle(b)
+    # ... and the machine check refuses a consistent config built for another device
+    mf = json.loads((b / "manifest.json").read_text())
+    from locpath.engines.manifest import sha256_file
+
+    mf["export"]["engine_config_sha256"][ec_name] = sha256_file(b / ec_name)
+    (b / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(EngineMismatchError, match="built for device 'cuda', running on 'cpu'; rebuild"):
+        Pipeline.from_bundle(b)
+
+
+def _cfg(**kw):
+    base = dict(component="decoder", backend="tensorrt", precision="fp16", artifact="decoder.plan", artifact_sha256="a" * 64,
+                onnx_sha256="b" * 64, device={"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+                libraries={"tensorrt": "10.13.0", "cuda": "12.8"})
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+MACHINE = {"device": {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+           "libraries": {"tensorrt": "10.13.0", "cuda": "12.9"}}
+
+
+def test_tensorrt_engine_config_rules():
+    check_engine_config(_cfg(), MACHINE, "b" * 64, "a" * 64, "decoder.plan")  # same GPU, same TRT, CUDA 12.x
+    bad = [
+        ({"device": {**MACHINE["device"], "name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}}, "GPU name"),
+        ({"device": {**MACHINE["device"], "compute_capability": "8.9"}}, "compute_capability"),
+        ({"libraries": {"tensorrt": "10.9.0", "cuda": "12.9"}}, "TensorRT 10.13.0"),
+        ({"libraries": {"tensorrt": "10.13.0", "cuda": "13.0"}}, "CUDA 12.8"),
+    ]
+    for change, words in bad:
+        with pytest.raises(EngineMismatchError, match=f"decoder.plan: .*{words}.*rebuild"):
+            check_engine_config(_cfg(), {**MACHINE, **change}, "b" * 64, "a" * 64, "decoder.plan")
+    with pytest.raises(EngineMismatchError, match="built from ONNX bbbbbbbbbbbb"):
+        check_engine_config(_cfg(), MACHINE, "c" * 64, "a" * 64, "decoder.plan")
+    with pytest.raises(EngineMismatchError, match="does not match its engine config"):
+        check_engine_config(_cfg(), MACHINE, "b" * 64, "d" * 64, "decoder.plan")
+
+
+def test_onnxruntime_engine_config_rules():
+    cfg = _cfg(backend="onnxruntime", device={"kind": "cpu"}, libraries={"onnxruntime": "1.20.1"})
+    check_engine_config(cfg, {"device": {"kind": "cpu"}, "libraries": {"onnxruntime": "1.32.0"}}, None, None, "x")
+    with pytest.raises(EngineMismatchError, match="older 1.17.0"):
+        check_engine_config(cfg, {"device": {"kind": "cpu"}, "libraries": {"onnxruntime": "1.17.0"}}, None, None, "x")

@@ -115,3 +115,56 @@ def test_onnxruntime_engine_config_rules():
     check_engine_config(cfg, {"device": {"kind": "cpu"}, "libraries": {"onnxruntime": "1.32.0"}}, None, None, "x")
     with pytest.raises(EngineMismatchError, match="older 1.17.0"):
         check_engine_config(cfg, {"device": {"kind": "cpu"}, "libraries": {"onnxruntime": "1.17.0"}}, None, None, "x")
+
+
+def test_tensorrt_profiles_come_from_the_manifest(ref_bundle):
+    from locpath.engines.tensorrt import optimization_profiles
+
+    m = load_manifest(ref_bundle)
+    enc = optimization_profiles("tile_encoder", m.components["tile_encoder"])
+    assert enc == [{"tiles": ((1, 224, 224, 3), (32, 224, 224, 3), (64, 224, 224, 3))}]
+    prefill, decode = optimization_profiles("decoder", m.components["decoder"])
+    assert prefill["past_key.0"][2][2] == 0 and prefill["input_ids"][2][1] == prefill["attention_mask"][2][1]
+    assert decode["input_ids"] == ((1, 1), (1, 1), (16, 1))
+    lo, opt, hi = decode["attention_mask"]
+    assert (lo[1], hi[1]) == (decode["past_key.0"][0][2] + 1, decode["past_key.0"][2][2] + 1)
+    assert decode["cross_key.1"][0][2] == m.model_config.tis.top_m
+
+
+def test_tensorrt_build_is_a_clear_error_without_tensorrt(ref_bundle, tmp_path, capsys):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed: the GPU test covers it")
+    except ImportError:
+        pass
+    code = main(["build", str(ref_bundle), str(tmp_path / "trt"), "--backend", "tensorrt", "--precision", "fp16"])
+    assert code == 2 and "TensorRT is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "trt").exists()
+
+
+@pytest.mark.gpu
+def test_tensorrt_plans_match_onnxruntime(ref_bundle, eval_slide, tmp_path):
+    pytest.importorskip("tensorrt")
+    from locpath.engines.build import build_bundle
+
+    trt_bundle = build_bundle(ref_bundle, tmp_path / "trt", "fp32", backend="tensorrt", log=lambda m: None)
+    cpu = Pipeline.from_bundle(ref_bundle, use_cache=False).ask(eval_slide, "What is the diagnosis?")
+    gpu = Pipeline.from_bundle(trt_bundle, device="cuda", use_cache=False).ask(eval_slide, "What is the diagnosis?")
+    assert cpu.answer == gpu.answer
+
+
+def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
+    pytest.importorskip("openvino")
+    from locpath.engines.build import build_bundle
+
+    ov = build_bundle(ref_bundle, tmp_path / "ov", "bf16+int4", backend="openvino", log=lambda m: None)
+    m = load_manifest(ov)
+    assert m.components["tile_encoder"].backend == "openvino" and m.components["tile_encoder"].precision == "bf16"
+    assert m.components["decoder"].precision == "int4" and m.components["decoder"].backend == "onnxruntime"
+    fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
+    pipe = Pipeline.from_bundle(ov, use_cache=False)
+    a, b = fp32._encode(calibration.tiles()), pipe._encode(calibration.tiles())
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() >= 0.995
+    assert pipe.ask(eval_slide, "What is the diagnosis?").answer == fp32.ask(eval_slide, "What is the diagnosis?").answer

@@ -33,7 +33,7 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
                  overwrite: bool = False, log=print) -> Path:
     src, out = Path(src), Path(out)
     manifest = load_manifest(src, verify=True)
-    if any(c.precision != "fp32" for c in manifest.components.values()):
+    if any(c.precision != "fp32" or c.backend != "onnxruntime" for c in manifest.components.values()):
         raise LocpathError(f"{src}: build from an fp32 bundle (this one is already built)")
     if out.exists() and not overwrite:
         raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -41,8 +41,10 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
         from .tensorrt import build_tensorrt_bundle
 
         return build_tensorrt_bundle(src, out, manifest, precision, overwrite=overwrite, log=log)
+    if backend == "openvino":
+        return _build_openvino(src, out, manifest, precision, log)
     if backend != "ort":
-        raise LocpathError(f"unknown backend {backend!r} (ort or tensorrt)")
+        raise LocpathError(f"unknown backend {backend!r} (ort, openvino or tensorrt)")
     if precision not in ORT_RECIPES:
         raise LocpathError(f"unknown precision {precision!r} for ONNX Runtime (choose from {', '.join(PRECISIONS)})")
     recipe = ORT_RECIPES[precision]
@@ -57,35 +59,7 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
             if (src / name).exists():
                 shutil.copy2(src / name, tmp / name)
         for comp, how in recipe.items():
-            entry = manifest.components[comp]
-            fp32 = src / entry.file
-            built = tmp / f"{comp}.{how}.onnx"
-            t0 = time.time()
-            if how == "int8-dynamic":
-                info = q.encoder_int8_dynamic(fp32, built)
-            elif how == "int8-static":
-                info = q.encoder_int8_static(fp32, built, calibration.tiles())
-            elif how == "int4":
-                info = q.decoder_int4(fp32, built)
-            elif how == "fp16":
-                info = q.to_fp16(fp32, built)
-            else:  # pragma: no cover - recipes are fixed above
-                raise LocpathError(f"unknown recipe {how!r}")
-            (tmp / entry.file).unlink()
-            info["seconds"] = round(time.time() - t0, 1)
-            info["bytes"] = {"fp32": q.file_size(fp32), "built": q.file_size(built)}
-            art_sha = sha256_file(built)
-            ec = EngineConfig(component=comp, backend="onnxruntime", precision=how, artifact=built.name,
-                              artifact_sha256=art_sha, onnx_sha256=entry.sha256, device=machine["device"],
-                              libraries=machine["libraries"], build=info)
-            ec_name = f"{comp}.{how}.engine.json"
-            ec.save(tmp / ec_name)
-            cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
-            entry.parent_sha256 = entry.sha256
-            entry.file, entry.sha256, entry.precision = built.name, art_sha, how
-            entry.quantization, entry.engine_config = info, ec_name
-            log(f"build: {comp} -> {built.name} ({how}, {info['bytes']['fp32'] / 1e6:.1f} -> "
-                f"{info['bytes']['built'] / 1e6:.1f} MB, {info['seconds']} s)")
+            _quantize(src, tmp, manifest.components[comp], comp, how, calibration, machine, cfg_hashes, log)
         manifest.export = dict(manifest.export, engine_config_sha256=cfg_hashes, build={
             "precision": precision, "backend": "onnxruntime", "source_bundle": str(src),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -93,4 +67,83 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
             "calibration": str(calibration.path) if calibration is not None else None})
         manifest.save(tmp)
     log(f"build: {out} ({precision}) in {time.time() - t_start:.1f} s")
+    return out
+
+
+def _quantize(src: Path, tmp: Path, entry, comp: str, how: str, calibration, machine: dict, cfg_hashes: dict, log):
+    """Replace one component's fp32 graph in `tmp` by its ONNX Runtime `how` variant, with an engine config."""
+    fp32 = src / entry.file
+    built = tmp / f"{comp}.{how}.onnx"
+    t0 = time.time()
+    if how == "int8-dynamic":
+        info = q.encoder_int8_dynamic(fp32, built)
+    elif how == "int8-static":
+        info = q.encoder_int8_static(fp32, built, calibration.tiles())
+    elif how == "int4":
+        info = q.decoder_int4(fp32, built)
+    elif how == "fp16":
+        info = q.to_fp16(fp32, built)
+    else:  # pragma: no cover - recipes are fixed above
+        raise LocpathError(f"unknown recipe {how!r}")
+    (tmp / entry.file).unlink()
+    info["seconds"] = round(time.time() - t0, 1)
+    info["bytes"] = {"fp32": q.file_size(fp32), "built": q.file_size(built)}
+    art_sha = sha256_file(built)
+    ec = EngineConfig(component=comp, backend="onnxruntime", precision=how, artifact=built.name,
+                      artifact_sha256=art_sha, onnx_sha256=entry.sha256, device=machine["device"],
+                      libraries=machine["libraries"], build=info)
+    ec_name = f"{comp}.{how}.engine.json"
+    ec.save(tmp / ec_name)
+    cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
+    entry.parent_sha256 = entry.sha256
+    entry.file, entry.sha256, entry.precision = built.name, art_sha, how
+    entry.quantization, entry.engine_config = info, ec_name
+    log(f"build: {comp} -> {built.name} ({how}, {info['bytes']['fp32'] / 1e6:.1f} -> "
+        f"{info['bytes']['built'] / 1e6:.1f} MB, {info['seconds']} s)")
+
+
+OPENVINO_COMPONENTS = ("tile_encoder", "resampler")
+
+
+def _build_openvino(src: Path, out: Path, manifest, precision: str, log) -> Path:
+    """Mark the vision graphs for OpenVINO (bf16 on AMX, or fp32); OpenVINO compiles the same ONNX at load.
+    The decoder stays on ONNX Runtime (INT4 MatMulNBits with "+int4"): ORT-made quantized graphs run badly in
+    OpenVINO, and decode steps at these sizes are dominated by per-call overhead."""
+    from ..runtime.openvino_runner import OpenVinoRunner, openvino_version
+
+    ov_precision, _, decoder = precision.partition("+")
+    if ov_precision not in ("bf16", "fp32") or decoder not in ("", "int4"):
+        raise LocpathError(f"OpenVINO precision must be bf16, fp32, bf16+int4 or fp32+int4, not {precision!r}")
+    if openvino_version() is None:
+        raise LocpathError("OpenVINO is not installed (pip install 'locpath[openvino]')")
+    machine = describe_machine("openvino", "cpu")
+    cfg_hashes: dict[str, str] = {}
+    t_start = time.time()
+    with atomic_dir(out) as tmp:
+        for name in list(manifest.files()) + ["chat_template.jinja"]:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        for comp in OPENVINO_COMPONENTS:
+            entry = manifest.components[comp]
+            t0 = time.time()
+            OpenVinoRunner(tmp / entry.file, comp, precision=ov_precision).load()  # fails here, not on the appliance
+            info = {"method": "OpenVINO compile at load", "inference_precision_hint": ov_precision,
+                    "compile_seconds": round(time.time() - t0, 2)}
+            ec_name = f"{comp}.openvino-{ov_precision}.engine.json"
+            EngineConfig(component=comp, backend="openvino", precision=ov_precision, artifact=entry.file,
+                         artifact_sha256=entry.sha256, onnx_sha256=entry.sha256, device=machine["device"],
+                         libraries=machine["libraries"], build=info).save(tmp / ec_name)
+            cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
+            entry.parent_sha256 = entry.sha256
+            entry.backend, entry.precision, entry.quantization, entry.engine_config = "openvino", ov_precision, info, ec_name
+            log(f"build: {comp} -> OpenVINO {ov_precision} (compiled in {info['compile_seconds']} s)")
+        if decoder == "int4":
+            _quantize(src, tmp, manifest.components["decoder"], "decoder", "int4", None,
+                      describe_machine("onnxruntime", "cpu"), cfg_hashes, log)
+        manifest.export = dict(manifest.export, engine_config_sha256=cfg_hashes, build={
+            "precision": precision, "backend": "openvino", "source_bundle": str(src),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.time() - t_start, 1)})
+        manifest.save(tmp)
+    log(f"build: {out} (OpenVINO {precision}) in {time.time() - t_start:.1f} s")
     return out

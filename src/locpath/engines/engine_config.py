@@ -5,7 +5,8 @@ what it was built from (the fp32 ONNX sha256), how (precision, recipe), and for 
 Rules: TensorRT plans are tied to the exact GPU model, compute capability and TensorRT version, and to the CUDA
 major version. ONNX Runtime models are portable across CPUs, but are refused on another device kind (a CUDA
 fp16 build on a CPU runtime) and on an older onnxruntime than the one that built them (contrib ops such as
-MatMulNBits appear over versions). Both are refused when their source ONNX is not the bundle's.
+MatMulNBits appear over versions); OpenVINO-compiled components likewise on an older or missing OpenVINO.
+All are refused when their source ONNX is not the bundle's.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ def describe_machine(backend: str, device_kind: str = "cpu") -> dict:
 
         libs["onnxruntime"] = ort.__version__
         dev["name"] = cpu_name() if device_kind == "cpu" else None
+    elif backend == "openvino":
+        from ..runtime.openvino_runner import openvino_version
+
+        libs["openvino"] = openvino_version()
+        dev["name"] = cpu_name()
     elif backend == "tensorrt":
         from .tensorrt import gpu_description, tensorrt_version
 
@@ -124,9 +130,12 @@ def check_engine_config(cfg: EngineConfig, machine: dict, onnx_sha256: str | Non
         want_cuda, have_cuda = cfg.libraries.get("cuda"), libs.get("cuda")
         if want_cuda and have_cuda and str(want_cuda).split(".")[0] != str(have_cuda).split(".")[0]:
             refuse(f"built with CUDA {want_cuda}, this machine has CUDA {have_cuda}")
-    elif cfg.backend == "onnxruntime":
-        built, have = cfg.libraries.get("onnxruntime"), libs.get("onnxruntime")
+    elif cfg.backend in ("onnxruntime", "openvino"):
+        lib = cfg.backend
+        built, have = cfg.libraries.get(lib), libs.get(lib)
+        if built and not have:
+            refuse(f"built for {lib} {built}, which is not installed here")
         if built and have and _version_tuple(have)[:2] < _version_tuple(built)[:2]:
-            refuse(f"built with onnxruntime {built}, this runtime has the older {have}")
+            refuse(f"built with {lib} {built}, this runtime has the older {have}")
     else:
         refuse(f"unknown engine backend {cfg.backend!r}")

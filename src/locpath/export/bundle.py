@@ -23,12 +23,12 @@ from .configs import export_configs
 from .exporter import ComponentReport, export_component, validate_component
 
 
-def _profiles(cfg_axes: set[str], model) -> dict:
+def _profiles(component: str, cfg_axes: set[str], model) -> dict:
     """min/opt/max per symbolic axis: what a TensorRT optimisation profile is built from."""
     c = model.cfg
     max_len = 4 * c.max_answer_tokens + 128
     table = {
-        "batch": [1, 1, 16],
+        "batch": [1, 32, 64] if component == "tile_encoder" else [1, 1, 16],  # the runtime encodes 32 tiles a call
         "tokens": [1, 2048, 65536],
         "question_len": [1, 16, 128],
         "selected": [c.tis.top_m] * 3,
@@ -71,7 +71,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
                 file=rep.file, sha256=sha256_file(tmp / rep.file), precision="fp32", backend="onnxruntime",
                 inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
                 outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
-                templates=ec.templates, description=ec.description, profiles=_profiles(ec.axes(), model),
+                templates=ec.templates, description=ec.description, profiles=_profiles(ec.component, ec.axes(), model),
             )
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)

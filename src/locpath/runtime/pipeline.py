@@ -108,7 +108,8 @@ class Pipeline:
         self.tokenizer = load_tokenizer(self.bundle_dir / manifest.tokenizer.file)
         check_engines(self.bundle_dir, manifest, device)
         self.runners: dict[str, Runner] = {
-            name: make_runner(c.backend, self.bundle_dir / c.file, name, device=device, threads=threads)
+            name: make_runner(c.backend, self.bundle_dir / c.file, name, precision=c.precision, device=device,
+                              threads=threads)
             for name, c in manifest.components.items()
         }
         self.decoder_state = DecoderState(self.runners["decoder"], manifest.components["decoder"])

@@ -130,7 +130,15 @@ class OrtRunner(Runner):
         self._sess = None
 
 
-def make_runner(backend: str, path, name: str, **kw) -> Runner:
+def make_runner(backend: str, path, name: str, precision: str = "fp32", **kw) -> Runner:
     if backend in ("onnxruntime", "ort"):
         return OrtRunner(path, name, **kw)
+    if backend == "openvino":
+        from .openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(path, name, precision=precision, **kw)
+    if backend == "tensorrt":
+        from ..engines.tensorrt import TrtRunner
+
+        return TrtRunner(path, name, **kw)
     raise RunnerError(f"{path}: backend {backend!r} is not available in this runtime")

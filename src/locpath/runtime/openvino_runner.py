@@ -1,0 +1,70 @@
+"""OpenVINO behind the same Runner interface: reads the bundle's ONNX files directly and compiles them for the
+CPU with an inference-precision hint (bf16 runs on AMX/AVX-512 BF16 units; f32 elsewhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .runners import Runner, RunnerError
+
+
+def openvino_version() -> str | None:
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    return ov.get_version().split("-")[0]
+
+
+class OpenVinoRunner(Runner):
+    def __init__(self, path, name: str, device: str = "cpu", threads: int | None = None, precision: str = "bf16"):
+        super().__init__(path, name)
+        if device != "cpu":
+            raise RunnerError(f"{path}: the OpenVINO runner drives the CPU only (asked for {device!r})")
+        self.threads = threads
+        self.hint = {"bf16": "bf16", "fp32": "f32", "f32": "f32"}.get(precision)
+        if self.hint is None:
+            raise RunnerError(f"{path}: OpenVINO precision {precision!r} is not supported (bf16 or fp32)")
+        self._compiled = None
+        self._req = None
+
+    def load(self) -> "OpenVinoRunner":
+        if self._compiled is not None:
+            return self
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise RunnerError(f"{self.path}: this bundle uses OpenVINO; install it (pip install 'locpath[openvino]')") from exc
+        core = ov.Core()
+        cfg = {"INFERENCE_PRECISION_HINT": self.hint, "PERFORMANCE_HINT": "LATENCY"}
+        if self.threads:
+            cfg["INFERENCE_NUM_THREADS"] = int(self.threads)
+        try:
+            self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", cfg)
+        except Exception as exc:
+            raise RunnerError(f"{self.path}: OpenVINO cannot compile the graph ({str(exc).splitlines()[0][:300]})") from exc
+        self._req = self._compiled.create_infer_request()
+        self._outputs = {o.get_any_name(): o for o in self._compiled.outputs}
+        return self
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.get_any_name() for i in self.load()._compiled.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.load()._outputs)
+
+    def run(self, feeds, outputs=None):
+        self.load()
+        try:
+            res = self._req.infer(feeds)
+        except Exception as exc:
+            raise RunnerError(f"{self.name}: OpenVINO inference failed ({str(exc).splitlines()[0][:300]})") from exc
+        names = outputs or list(self._outputs)
+        # the request reuses its buffers: copy what leaves
+        return {n: np.array(res[self._outputs[n]]) for n in names}
+
+    def release(self) -> None:
+        self._req = None
+        self._compiled = None

@@ -55,19 +55,43 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
     machine = describe_machine("onnxruntime", device_kind)
     cfg_hashes: dict[str, str] = {}
     with atomic_dir(out) as tmp:
-        for name in list(manifest.files()) + ["chat_template.jinja"]:
-            if (src / name).exists():
-                shutil.copy2(src / name, tmp / name)
+        _copy_bundle(src, tmp, manifest)
         for comp, how in recipe.items():
             _quantize(src, tmp, manifest.components[comp], comp, how, calibration, machine, cfg_hashes, log)
-        manifest.export = dict(manifest.export, engine_config_sha256=cfg_hashes, build={
-            "precision": precision, "backend": "onnxruntime", "source_bundle": str(src),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - t_start, 1),
-            "calibration": str(calibration.path) if calibration is not None else None})
-        manifest.save(tmp)
+        _finish(tmp, manifest, cfg_hashes, src, precision, "onnxruntime", t_start,
+                calibration=str(calibration.path) if calibration is not None else None)
     log(f"build: {out} ({precision}) in {time.time() - t_start:.1f} s")
     return out
+
+
+def _copy_bundle(src: Path, tmp: Path, manifest) -> None:
+    """Every file of the source bundle, into the bundle being built (components are replaced afterwards)."""
+    for name in list(manifest.files()) + ["chat_template.jinja"]:
+        if (src / name).exists():
+            shutil.copy2(src / name, tmp / name)
+
+
+def record_engine(tmp: Path, entry, comp: str, backend: str, precision: str, artifact: str, machine: dict,
+                  info: dict, cfg_hashes: dict) -> None:
+    """Write the component's EngineConfig beside it and point its manifest entry at the built artifact."""
+    art_sha = sha256_file(tmp / artifact)
+    ec_name = f"{comp}.{backend}-{precision}.engine.json"
+    EngineConfig(component=comp, backend=backend, precision=precision, artifact=artifact, artifact_sha256=art_sha,
+                 onnx_sha256=entry.sha256, device=machine["device"], libraries=machine["libraries"],
+                 build=info).save(tmp / ec_name)
+    cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
+    entry.parent_sha256 = entry.sha256
+    entry.file, entry.sha256, entry.backend, entry.precision = artifact, art_sha, backend, precision
+    entry.quantization, entry.engine_config = info, ec_name
+
+
+def _finish(tmp: Path, manifest, cfg_hashes: dict, src: Path, precision: str, backend: str, t_start: float,
+            **extra) -> None:
+    manifest.export = dict(manifest.export, engine_config_sha256=cfg_hashes, build=dict(
+        precision=precision, backend=backend, source_bundle=str(src),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.time() - t_start, 1), **extra))
+    manifest.save(tmp)
 
 
 def _quantize(src: Path, tmp: Path, entry, comp: str, how: str, calibration, machine: dict, cfg_hashes: dict, log):
@@ -88,16 +112,7 @@ def _quantize(src: Path, tmp: Path, entry, comp: str, how: str, calibration, mac
     (tmp / entry.file).unlink()
     info["seconds"] = round(time.time() - t0, 1)
     info["bytes"] = {"fp32": q.file_size(fp32), "built": q.file_size(built)}
-    art_sha = sha256_file(built)
-    ec = EngineConfig(component=comp, backend="onnxruntime", precision=how, artifact=built.name,
-                      artifact_sha256=art_sha, onnx_sha256=entry.sha256, device=machine["device"],
-                      libraries=machine["libraries"], build=info)
-    ec_name = f"{comp}.{how}.engine.json"
-    ec.save(tmp / ec_name)
-    cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
-    entry.parent_sha256 = entry.sha256
-    entry.file, entry.sha256, entry.precision = built.name, art_sha, how
-    entry.quantization, entry.engine_config = info, ec_name
+    record_engine(tmp, entry, comp, "onnxruntime", how, built.name, machine, info, cfg_hashes)
     log(f"build: {comp} -> {built.name} ({how}, {info['bytes']['fp32'] / 1e6:.1f} -> "
         f"{info['bytes']['built'] / 1e6:.1f} MB, {info['seconds']} s)")
 
@@ -120,30 +135,18 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log) -> Path
     cfg_hashes: dict[str, str] = {}
     t_start = time.time()
     with atomic_dir(out) as tmp:
-        for name in list(manifest.files()) + ["chat_template.jinja"]:
-            if (src / name).exists():
-                shutil.copy2(src / name, tmp / name)
+        _copy_bundle(src, tmp, manifest)
         for comp in OPENVINO_COMPONENTS:
             entry = manifest.components[comp]
             t0 = time.time()
             OpenVinoRunner(tmp / entry.file, comp, precision=ov_precision).load()  # fails here, not on the appliance
             info = {"method": "OpenVINO compile at load", "inference_precision_hint": ov_precision,
                     "compile_seconds": round(time.time() - t0, 2)}
-            ec_name = f"{comp}.openvino-{ov_precision}.engine.json"
-            EngineConfig(component=comp, backend="openvino", precision=ov_precision, artifact=entry.file,
-                         artifact_sha256=entry.sha256, onnx_sha256=entry.sha256, device=machine["device"],
-                         libraries=machine["libraries"], build=info).save(tmp / ec_name)
-            cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
-            entry.parent_sha256 = entry.sha256
-            entry.backend, entry.precision, entry.quantization, entry.engine_config = "openvino", ov_precision, info, ec_name
+            record_engine(tmp, entry, comp, "openvino", ov_precision, entry.file, machine, info, cfg_hashes)
             log(f"build: {comp} -> OpenVINO {ov_precision} (compiled in {info['compile_seconds']} s)")
         if decoder == "int4":
             _quantize(src, tmp, manifest.components["decoder"], "decoder", "int4", None,
                       describe_machine("onnxruntime", "cpu"), cfg_hashes, log)
-        manifest.export = dict(manifest.export, engine_config_sha256=cfg_hashes, build={
-            "precision": precision, "backend": "openvino", "source_bundle": str(src),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - t_start, 1)})
-        manifest.save(tmp)
+        _finish(tmp, manifest, cfg_hashes, src, precision, "openvino", t_start)
     log(f"build: {out} (OpenVINO {precision}) in {time.time() - t_start:.1f} s")
     return out

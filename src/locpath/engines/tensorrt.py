@@ -12,7 +12,6 @@ pinned host buffers for the copies.
 from __future__ import annotations
 
 import ctypes
-import shutil
 import time
 from pathlib import Path
 
@@ -21,8 +20,8 @@ import numpy as np
 from ..errors import LocpathError
 from ..fsutil import atomic_dir, atomic_file
 from ..runtime.runners import Runner, RunnerError
-from .engine_config import EngineConfig, describe_machine
-from .manifest import ComponentEntry, sha256_file
+from .engine_config import describe_machine
+from .manifest import ComponentEntry
 
 TRT_PRECISIONS = ("fp32", "fp16")
 
@@ -136,10 +135,10 @@ def build_tensorrt_bundle(src: Path, out: Path, manifest, precision: str, overwr
     machine = describe_machine("tensorrt", "cuda")
     cfg_hashes: dict[str, str] = {}
     t_start = time.time()
+    from .build import _copy_bundle, _finish, record_engine
+
     with atomic_dir(out) as tmp:
-        for name in list(manifest.files()) + ["chat_template.jinja"]:
-            if (src / name).exists():
-                shutil.copy2(src / name, tmp / name)
+        _copy_bundle(src, tmp, manifest)
         timing_cache = tmp / "timing.cache"
         for comp, entry in manifest.components.items():
             onnx_in = src / entry.file
@@ -153,21 +152,11 @@ def build_tensorrt_bundle(src: Path, out: Path, manifest, precision: str, overwr
             if onnx_in.parent == tmp:
                 onnx_in.unlink()
             (tmp / entry.file).unlink()
-            art = sha256_file(plan)
             info = {"strongly_typed": True, "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
                     "seconds": round(time.time() - t0, 1)}
-            ec_name = f"{comp}.{precision}.engine.json"
-            EngineConfig(component=comp, backend="tensorrt", precision=precision, artifact=plan.name, artifact_sha256=art,
-                         onnx_sha256=entry.sha256, device=machine["device"], libraries=machine["libraries"],
-                         build=info).save(tmp / ec_name)
-            cfg_hashes[ec_name] = sha256_file(tmp / ec_name)
-            entry.parent_sha256, entry.file, entry.sha256 = entry.sha256, plan.name, art
-            entry.backend, entry.precision, entry.engine_config, entry.quantization = "tensorrt", precision, ec_name, info
+            record_engine(tmp, entry, comp, "tensorrt", precision, plan.name, machine, info, cfg_hashes)
             log(f"build: {comp} -> {plan.name} ({info['seconds']} s)")
-        manifest.export = dict(manifest.export, engine_config_sha256=cfg_hashes,
-                               build={"precision": precision, "backend": "tensorrt", "source_bundle": str(src),
-                                      "seconds": round(time.time() - t_start, 1)})
-        manifest.save(tmp)
+        _finish(tmp, manifest, cfg_hashes, src, precision, "tensorrt", t_start)
     return out
 
 

@@ -169,3 +169,12 @@ def test_chat_answers_each_stdin_line(ref_bundle, eval_slide, tmp_path, monkeypa
     out = capsys.readouterr().out
     assert code == 0
     assert out.count("A: ") == 2
+
+
+def test_ask_rejects_empty_questions_and_bad_sampling_before_output(ref_bundle, eval_slide, capsys):
+    code = main(["ask", str(ref_bundle), str(eval_slide), "  ", "--no-cache"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "question 1 is empty" in err
+    code = main(["ask", str(ref_bundle), str(eval_slide), "What is the diagnosis?", "--top-p", "2", "--no-cache"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "top_p must be in (0, 1]" in err

@@ -190,7 +190,11 @@ def _timing_lines(ans) -> list[str]:
 
 
 def cmd_ask(args) -> int:
+    empty = [i + 1 for i, q in enumerate(args.questions) if not q.strip()]
+    if empty:
+        raise LocpathError(f"question {empty[0]} is empty")
     pipe = _pipeline(args)
+    pipe._params(_sampling(args))  # bad sampling options fail before any output
     results = []
     for q in args.questions:
         if args.json:

@@ -178,3 +178,10 @@ def test_ask_rejects_empty_questions_and_bad_sampling_before_output(ref_bundle, 
     code = main(["ask", str(ref_bundle), str(eval_slide), "What is the diagnosis?", "--top-p", "2", "--no-cache"])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "top_p must be in (0, 1]" in err
+
+
+def test_slide_cache_keys_on_mpp_override(ref_bundle, eval_slide, tmp_path):
+    pipe = Pipeline.from_bundle(ref_bundle, cache_dir=tmp_path)
+    a = pipe.ask(eval_slide, "What is the diagnosis?")
+    b = Pipeline.from_bundle(ref_bundle, cache_dir=tmp_path).ask(eval_slide, "What is the diagnosis?", mpp_override=0.25)
+    assert not b.slide["cache_hit"] and b.slide["tiles"] != a.slide["tiles"]  # 0.25 um/px: larger tiles, fewer

@@ -173,6 +173,8 @@ class Pipeline:
         if not path.exists():
             raise LocpathError(f"{path}: file not found")
         digest = self.cache.content_hash(path) if self.cache else None
+        if digest and mpp_override is not None:
+            digest = f"{digest}-mpp{mpp_override:g}"  # another mpp is another tile grid
         timings["hash"] = _ms(t0)
         mem_key = f"{digest or path.resolve()}|{mpp_override}"
         if mem_key in self._memory:

@@ -237,3 +237,38 @@ def test_published_preset_runs_a_forward_pass():
             assert logits.shape == (1, 12, 152064) and torch.isfinite(logits.float()).all()
     finally:
         torch.set_default_dtype(prev)
+
+
+def _stm_oracle(feats, grid, window, threshold):
+    """The plain loop the vectorised STM must equal (block by block, member by member)."""
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    block = grid // window
+    order = np.lexsort((np.arange(len(feats)), block[:, 0], block[:, 1]))
+    assignment = np.empty(len(feats), np.int64)
+    n_out, cur, founders = 0, None, []
+    for i in order:
+        if cur is None or tuple(block[i]) != cur:
+            cur, founders = tuple(block[i]), []
+        for f, fid in founders:
+            if float(unit[i] @ unit[f]) >= threshold:
+                assignment[i] = fid
+                break
+        else:
+            founders.append((i, n_out))
+            assignment[i] = n_out
+            n_out += 1
+    return assignment
+
+
+@pytest.mark.parametrize("window,threshold,seed", [(2, 0.9, 0), (2, 0.97, 1), (3, 0.8, 2), (1, 0.9, 3)])
+def test_stm_vectorised_equals_the_greedy_loop(window, threshold, seed):
+    rng = np.random.default_rng(seed)
+    n = 500
+    grid = rng.permutation(np.array([[c, r] for r in range(30) for c in range(30)]))[:n]
+    base = rng.normal(size=(4, 16))
+    feats = (base[rng.integers(0, 4, n)] + rng.normal(scale=0.3, size=(n, 16))).astype(np.float32)
+    m = merge_tokens(feats, grid, window=window, threshold=threshold)
+    want = _stm_oracle(feats, grid, window, threshold) if window > 1 else np.arange(n)
+    np.testing.assert_array_equal(m.assignment, want)
+    for t in range(len(m)):
+        np.testing.assert_allclose(m.features[t], feats[m.assignment == t].mean(0), rtol=1e-5, atol=1e-6)

@@ -305,6 +305,33 @@ def _report_tiles(args):
     return np.stack([render_tile(spec, c, r) for c, r in tt.grid[:96]])
 
 
+# -- bench --------------------------------------------------------------------------
+def cmd_bench(args) -> int:
+    from .bench.output import markdown, write_json, write_markdown, write_plots
+    from .bench.runner import BenchConfig, check_inputs, run_bench
+
+    if args.bundle:
+        bundle = Path(args.bundle)
+    else:
+        from .demo import _ensure_bundle, _workdir
+
+        bundle = _ensure_bundle(_workdir(None))
+    cfg = BenchConfig(bundle=bundle, slide=Path(args.slide) if args.slide else None,
+                      tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
+                      repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
+                      baselines=not args.no_baselines, progress=not args.quiet)
+    check_inputs(cfg)
+    report = run_bench(cfg)
+    if args.json:
+        write_json(report, args.json)
+    if args.markdown:
+        write_markdown(report, args.markdown)
+    if args.plots:
+        write_plots(report, args.plots)
+    print(markdown(report))
+    return 0
+
+
 def _add_runtime_args(p, sampling: bool = True):
     p.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                    help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu)")
@@ -419,6 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--count", type=_positive_int, default=10, help="held-out slides for --report")
     bd.add_argument("--json", action="store_true")
     bd.set_defaults(func=cmd_build)
+
+    be = sub.add_parser("bench", help="per-stage latency, throughput and memory against baselines and ceilings")
+    be.add_argument("bundle", nargs="?", default=None, help="bundle (default: the demo's reference bundle)")
+    be.add_argument("--slide", default=None, help="bench this slide (default: a synthetic one)")
+    be.add_argument("--tiles", type=_positive_int, nargs="+", default=None,
+                    help="tissue-tile counts of the synthetic scaling slides (default 1000 10000)")
+    be.add_argument("--repeats", type=_positive_int, default=3)
+    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--workdir", default="runs/bench", help="where the synthetic bench slides are kept")
+    be.add_argument("--no-baselines", action="store_true", help="skip the PyTorch and prefix baselines")
+    be.add_argument("--json", default=None, help="write the JSON report here")
+    be.add_argument("--markdown", default=None, help="write the Markdown summary here")
+    be.add_argument("--plots", default=None, help="write PNG plots into this folder")
+    be.add_argument("--quiet", action="store_true")
+    be.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="export the shipped model (once), write a synthetic slide, ask every question type")
     d.add_argument("--workdir", default=None, help="where the bundle, slides and cache live (default ~/.cache/locpath/demo)")

@@ -43,32 +43,43 @@ def merge_tokens(features: np.ndarray, grid_index: np.ndarray, window: int = 2, 
     order = np.lexsort((np.arange(n), block[:, 0], block[:, 1]))  # row-major blocks, stable inside
     sb = block[order]
     starts = np.flatnonzero(np.r_[True, np.any(sb[1:] != sb[:-1], axis=1)])
-    ends = np.r_[starts[1:], n]
+    sizes = np.diff(np.r_[starts, n])
 
+    # slots[b, k]: the k-th member (input order) of block b, -1 where the block has fewer members
+    k_max = int(sizes.max())
+    slot_of = np.arange(n) - np.repeat(starts, sizes)
+    block_of = np.repeat(np.arange(len(starts)), sizes)
+    slots = np.full((len(starts), k_max), -1, np.int64)
+    slots[block_of, slot_of] = order
+    valid = slots >= 0
+    u = unit[np.where(valid, slots, 0)] * valid[..., None]
+    sim = np.einsum("bkd,bjd->bkj", u, u)  # within-block cosine similarities
+
+    # the greedy pass, vectorised over blocks: member k joins the first earlier founder it matches
+    founder = np.zeros_like(valid)
+    joins = np.zeros(slots.shape, np.int64)  # slot of the founder each member belongs to
+    for k in range(k_max):
+        match = (sim[:, k, :k] >= threshold) & founder[:, :k]
+        has = match.any(axis=1)
+        first = np.argmax(match, axis=1) if k else np.zeros(len(starts), np.int64)
+        founder[:, k] = valid[:, k] & ~has
+        joins[:, k] = np.where(has, first, k)
+
+    # output ids: founders in block order, then slot order (as the token order the model was trained with)
+    fid = np.cumsum(founder.ravel()).reshape(founder.shape) - 1
+    n_out = int(founder.sum())
     assignment = np.empty(n, np.int64)
-    founders: list[int] = []
-    n_out = 0
-    for s, e in zip(starts, ends):
-        members = order[s:e]
-        local_founders: list[int] = []
-        local_ids: list[int] = []
-        for i in members:
-            for f, out_id in zip(local_founders, local_ids):
-                if float(unit[i] @ unit[f]) >= threshold:
-                    assignment[i] = out_id
-                    break
-            else:
-                local_founders.append(i)
-                local_ids.append(n_out)
-                founders.append(i)
-                assignment[i] = n_out
-                n_out += 1
+    rows = np.nonzero(valid)
+    assignment[slots[rows]] = fid[rows[0], joins[rows]]
 
     counts = np.bincount(assignment, minlength=n_out).astype(np.float32)
     out_feats = np.zeros((n_out, feats.shape[1]), np.float64)
-    np.add.at(out_feats, assignment, feats)
     out_pos = np.zeros((n_out, 2), np.float64)
-    np.add.at(out_pos, assignment, grid.astype(np.float64))
+    for k in range(k_max):  # one member per block per slot: no repeated target inside one update
+        members = slots[valid[:, k], k]
+        target = assignment[members]
+        out_feats[target] += feats[members]
+        out_pos[target] += grid[members]
     out_feats /= counts[:, None]
     out_pos /= counts[:, None]
     return MergedTokens(out_feats.astype(np.float32), out_pos.astype(np.float32), counts, assignment)

@@ -1,0 +1,1 @@
+"""`locpath bench`: stage-by-stage latency, throughput and memory against baselines and machine ceilings."""

@@ -1,0 +1,116 @@
+"""Bench outputs: the JSON report (schema in runner.py), a Markdown summary and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..fsutil import atomic_file
+
+
+def write_json(report: dict, path: str | Path) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=float))
+    return Path(path)
+
+
+def _f(v, fmt="{:.2f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def markdown(report: dict) -> str:
+    m, c, thr = report["machine"], report["ceilings"], report["throughput"]
+    lines = [f"# locpath bench: {report['bundle']['path']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}.", "",
+             "## Ceilings", "", "| fp32 matmul GFLOP/s | bf16 matmul GFLOP/s | int8 matmul GOP/s | memory GB/s |",
+             "|---|---|---|---|",
+             f"| {_f(c['fp32_matmul_gflops'], '{:.0f}')} | {_f(c['bf16_matmul_gflops'], '{:.0f}')} | "
+             f"{_f(c['int8_matmul_gops'], '{:.0f}')} | {_f(c['memory_bandwidth_gbs'], '{:.1f}')} |", "",
+             f"## Stages ({thr['tiles']} tiles -> {thr['tokens_after_stm']} tokens after STM)", "",
+             "| stage | median ms | min | max |", "|---|---|---|---|"]
+    for k, s in report["stages"].items():
+        lines.append(f"| {k} | {s['median']:.2f} | {s['min']:.2f} | {s['max']:.2f} |")
+    fc = report["fraction_of_ceiling"]
+    lines += ["", f"Tile read {thr['read_tiles_per_s']:.0f} tiles/s; encode {thr['encode_tiles_per_s']:.0f} tiles/s "
+              f"({fc['encoder_compute']:.1%} of {fc['encoder_ceiling']}); decode {thr['decode_tokens_per_s']:.0f} "
+              f"tokens/s ({fc['decoder_bandwidth']:.1%} of memory bandwidth); cold time to first token "
+              f"{thr['cold_time_to_first_token_ms']:.0f} ms; peak RSS {thr['peak_rss_mb']:.0f} MB.", ""]
+    if report.get("scaling"):
+        lines += ["## LoC-Path against the prefix baseline as N grows (from tile features)", "",
+                  "| N tiles | STM tokens | LoC-Path TTFT ms | prefix TTFT ms | LoC-Path KV MB | prefix KV MB |",
+                  "|---|---|---|---|---|---|"]
+        for row in report["scaling"]:
+            p = row["prefix"]
+            lines.append(f"| {row['tiles']} | {row['tokens_after_stm']} | {row['locpath']['ttft_ms']['median']:.1f} | "
+                         f"{_f(p.get('ttft_ms', {}).get('median'), '{:.1f}')} | {row['locpath']['kv_bytes'] / 1e6:.3f} | "
+                         f"{_f(p['kv_bytes'] / 1e6 if 'kv_bytes' in p else None, '{:.3f}')} |")
+        lines.append("")
+    if report.get("ratios"):
+        lines += ["## Ratios (>1: locpath / LoC-Path ahead)", "", "| ratio | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
+        lines.append("")
+    if report.get("targets"):
+        lines += ["## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+        for k, v in report["targets"].items():
+            lines.append(f"| {k} | {v['target']} | {_f(v['value'])} | {v['met'] if v['met'] is not None else 'not measured'} |")
+        lines.append("")
+    if report.get("skipped"):
+        lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()] + [""]
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict, path: str | Path) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_text(markdown(report))
+    return Path(path)
+
+
+def write_plots(report: dict, out_dir: str | Path) -> list[Path]:
+    """ttft_vs_tiles.png, kv_memory_vs_tiles.png, stages.png (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        from ..errors import LocpathError
+
+        raise LocpathError("--plots needs matplotlib (pip install 'locpath[bench]')") from exc
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    rows = report.get("scaling", [])
+    if rows:
+        n = [r["tiles"] for r in rows]
+        for key, label, fname, scale in (("ttft_ms", "time to first token (ms)", "ttft_vs_tiles.png", None),
+                                         ("kv_bytes", "KV cache (MB)", "kv_memory_vs_tiles.png", 1e6)):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            lp = [(r["locpath"][key]["median"] if scale is None else r["locpath"][key] / scale) for r in rows]
+            ax.plot(n, lp, "o-", label="LoC-Path (bundle)")
+            if all(key in r["prefix"] for r in rows):
+                pf = [(r["prefix"][key]["median"] if scale is None else r["prefix"][key] / scale) for r in rows]
+                ax.plot(n, pf, "s-", label="prefix baseline")
+            ax.set_xlabel("tissue tiles N")
+            ax.set_ylabel(label)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            with atomic_file(out / fname, suffix=".png") as tmp:
+                fig.savefig(tmp, format="png", dpi=120)
+            plt.close(fig)
+            written.append(out / fname)
+    st = report["stages"]
+    keys = [k for k in ("tile_read", "encode", "stm", "resampler", "tis", "cross_kv", "prefill", "decode_per_token") if k in st]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(keys, [st[k]["median"] for k in keys])
+    ax.set_xlabel("median ms")
+    ax.set_xscale("log")
+    ax.set_title("stage breakdown")
+    fig.tight_layout()
+    with atomic_file(out / "stages.png", suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    written.append(out / "stages.png")
+    return written

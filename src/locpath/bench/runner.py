@@ -1,0 +1,371 @@
+"""The bench itself. Report schema (`locpath-bench/1`), all times in ms unless named otherwise:
+
+  machine    {cpu, cores, python, onnxruntime, torch}
+  bundle     {path, fusion, precisions: component -> precision/backend}
+  ceilings   {fp32_matmul_gflops, bf16_matmul_gflops, int8_matmul_gops, memory_bandwidth_gbs}
+  stages     stage -> {median, min, max, n}: open, tissue_grid, tile_read (reader alone), tiles_encode, encode,
+             stm, resampler, tis, cross_kv, prefill, decode_per_token, time_to_first_token (cached slide)
+  throughput {tiles, tokens_after_stm, read_tiles_per_s, encode_tiles_per_s, decode_tokens_per_s, peak_rss_mb,
+              cold_time_to_first_token_ms}
+  fraction_of_ceiling {encoder_compute, decoder_bandwidth}
+  scaling    [{n_target, tiles, tokens_after_stm, read_encode_s, locpath: {ttft_ms, kv_bytes},
+               prefix: {ttft_ms, kv_bytes} | {skipped}}]
+  baselines  {pytorch_encoder_fp32/bf16: {tiles_per_s, cosine}, pytorch_decoder_fp32: {tokens_per_s},
+              bundle_encoder/decoder: {...}, decoder_0.5b: {...} | {skipped}}
+  ratios     name -> value (>1 means locpath's bundle or LoC-Path is better)
+  targets    name -> {target, value, met}
+  skipped    name -> reason
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LocpathError
+
+
+@dataclass
+class BenchConfig:
+    bundle: Path
+    slide: Path | None = None
+    tiles: list[int] = field(default_factory=lambda: [1000, 10000])
+    repeats: int = 3
+    warmup: int = 1
+    workdir: Path = Path("runs/bench")
+    baselines: bool = True
+    question: str = "What is the diagnosis?"
+    progress: bool = True
+
+
+def spread(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
+
+
+def _log(cfg: BenchConfig, msg: str):
+    if cfg.progress:
+        print(f"bench: {msg}", flush=True)
+
+
+def vit_flops_per_tile(tc) -> float:
+    t = (tc.img_size // tc.patch_size) ** 2 + int(tc.class_token)
+    d = tc.embed_dim
+    per_layer = t * (2 * 4 * d * d + 2 * 2 * d * int(d * tc.mlp_ratio)) + 2 * 2 * t * t * d
+    patch = 2 * (tc.img_size // tc.patch_size) ** 2 * 3 * tc.patch_size**2 * d
+    return float(tc.depth * per_layer + patch)
+
+
+# -- stages on one slide ------------------------------------------------------------------
+def bench_stages(pipe, slide: Path, cfg: BenchConfig) -> tuple[dict, dict]:
+    from ..wsi import TileReader, open_slide
+    from ..wsi.extract import plan_tiles
+
+    slide_runs, q_runs, read_s = [], [], []
+    for i in range(cfg.warmup + cfg.repeats):
+        pipe._memory.clear()
+        ctx = pipe.prepare(slide)
+        if i >= cfg.warmup:
+            slide_runs.append(ctx.timings_ms)
+    for i in range(cfg.warmup + cfg.repeats):
+        a = pipe.ask(slide, cfg.question)
+        if i >= cfg.warmup:
+            q_runs.append(a.timings_ms)
+    with open_slide(slide) as s:
+        plan = plan_tiles(s)
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            n = sum(len(b.tiles) for b in TileReader(s, plan.grid))
+            read_s.append(time.perf_counter() - t0)
+    stages = {}
+    for key in ("open", "tissue_grid", "tiles_encode", "tile_read_wait", "encode", "stm", "resampler"):
+        stages[key] = spread([r[key] for r in slide_runs])
+    stages["tile_read"] = spread([s * 1000 for s in read_s])
+    for key in ("tis", "cross_kv", "prefill", "decode_per_token", "time_to_first_token"):
+        stages[key] = spread([r[key] for r in q_runs])
+    cold = [sum(r[k] for k in ("open", "tissue_grid", "tiles_encode", "stm", "resampler")) for r in slide_runs]
+    thr = {
+        "tiles": ctx.tiles,
+        "tokens_after_stm": ctx.tokens,
+        "read_tiles_per_s": n / float(np.median(read_s)),
+        "encode_tiles_per_s": ctx.tiles / (stages["encode"]["median"] / 1000),
+        "decode_tokens_per_s": 1000.0 / max(stages["decode_per_token"]["median"], 1e-9),
+        "cold_time_to_first_token_ms": float(np.median(cold)) + stages["time_to_first_token"]["median"],
+    }
+    return stages, thr
+
+
+# -- scaling: LoC-Path against the prefix baseline as N grows ------------------------------
+def scaling_slide(workdir: Path, n: int, log) -> Path:
+    """A synthetic slide with about n tissue tiles, written once and reused."""
+    from ..synth import make_spec, write_slide
+
+    path = workdir / f"scaling_{n}.tiff"
+    if path.exists():
+        return path
+    side = max(8, int(np.ceil(np.sqrt(n / 0.5))))
+    spec = None
+    for _ in range(4):
+        spec = make_spec(7000 + n, tiles=(side, side), diagnosis="adenocarcinoma", grade="high grade")
+        got = spec.meta["tissue_tiles"]
+        if abs(got - n) <= 0.1 * n:
+            break
+        side = max(8, int(round(side * np.sqrt(n / max(got, 1)))))
+    log(f"writing a {side}x{side}-tile synthetic slide ({spec.meta['tissue_tiles']} tissue tiles) to {path}")
+    return write_slide(spec, path, fmt="tiff")
+
+
+def kv_bytes_prefix(pcfg: dict, n_visual: int, text_tokens: int) -> int:
+    hd = pcfg["hidden_size"] // pcfg["num_attention_heads"]
+    return 4 * 2 * pcfg["num_hidden_layers"] * pcfg["num_key_value_heads"] * hd * (n_visual + text_tokens)
+
+
+def kv_bytes_locpath(mcfg, text_tokens: int) -> int:
+    llm = mcfg.llm
+    hd = llm.hidden_size // llm.num_attention_heads
+    self_kv = 4 * 2 * llm.num_hidden_layers * llm.num_key_value_heads * hd * text_tokens
+    cross = 4 * 2 * len(mcfg.cara.layers) * mcfg.tis.top_m * llm.hidden_size
+    return self_kv + cross
+
+
+def bench_scaling(pipe, cfg: BenchConfig, prefix, log) -> list[dict]:
+    from ..runtime.kv_cache import KVCache
+    from ..text import format_prompt
+    from ..wsi import open_slide
+    from ..wsi.extract import extract_features, plan_tiles
+
+    rows = []
+    prompt = pipe.tokenizer.encode(format_prompt(cfg.question), add_special_tokens=False).ids
+    text_tokens = len(prompt) + pipe.manifest.generation.max_new_tokens
+    st = pipe.decoder_state
+    for n in cfg.tiles:
+        path = scaling_slide(cfg.workdir, n, log)
+        t0 = time.perf_counter()
+        with open_slide(path) as s:
+            plan = plan_tiles(s)
+            ff, _ = extract_features(s, pipe._encode, plan, pipe.cfg.tile_encoder.name, progress=cfg.progress)
+        read_encode = time.perf_counter() - t0
+        log(f"N={n}: {len(ff.features)} tiles read and encoded in {read_encode:.1f} s")
+
+        def locpath_ttft():
+            t = time.perf_counter()
+            lat, n_tok = pipe._compress(ff, {})
+            cross = pipe._question_kv(lat, cfg.question, {})
+            cache = KVCache(st.num_layers, 1, st.kv_heads, st.head_dim, len(prompt) + 1)
+            st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), cross)
+            return (time.perf_counter() - t) * 1000, n_tok
+
+        runs = [locpath_ttft() for _ in range(cfg.warmup + cfg.repeats)][cfg.warmup:]
+        row = {"n_target": n, "tiles": int(len(ff.features)), "tokens_after_stm": runs[0][1],
+               "read_encode_s": round(read_encode, 2),
+               "locpath": {"ttft_ms": spread([r[0] for r in runs]), "kv_bytes": kv_bytes_locpath(pipe.cfg, text_tokens)}}
+        if prefix is None:
+            row["prefix"] = {"skipped": "torch or the prefix checkpoint is not available"}
+        else:
+            row["prefix"] = prefix_ttft(prefix, ff, plan.grid.grid_index, cfg, text_tokens)
+        rows.append(row)
+        log(f"N={n}: LoC-Path time to first token {row['locpath']['ttft_ms']['median']:.1f} ms"
+            + (f", prefix {row['prefix']['ttft_ms']['median']:.1f} ms" if "ttft_ms" in row["prefix"] else ""))
+    return rows
+
+
+def prefix_ttft(prefix, ff, grid, cfg: BenchConfig, text_tokens: int) -> dict:
+    """The prefix baseline from the same features: projector + prefill over N visual tokens + prompt (PyTorch)."""
+    import torch
+
+    from ..models.slide_llm import SlideFeatures
+
+    model, tok = prefix
+    sf = SlideFeatures(ff.features, grid)
+    ids = model.prompt_ids(tok, cfg.question)
+
+    def once():
+        t = time.perf_counter()
+        with torch.no_grad():
+            vis = model.visual_tokens([sf])
+            x, mask = model._inputs(tok, vis, [ids])
+            model.llm(inputs_embeds=x, attention_mask=mask, use_cache=True).logits[:, -1].argmax(-1)
+        return (time.perf_counter() - t) * 1000
+
+    runs = [once() for _ in range(cfg.warmup + cfg.repeats)][cfg.warmup:]
+    c = model.llm.config
+    pcfg = {"hidden_size": c.hidden_size, "num_attention_heads": c.num_attention_heads,
+            "num_hidden_layers": c.num_hidden_layers, "num_key_value_heads": c.num_key_value_heads}
+    return {"ttft_ms": spread(runs), "kv_bytes": kv_bytes_prefix(pcfg, len(ff.features), text_tokens)}
+
+
+# -- PyTorch eager baselines for the same components -------------------------------------
+def torch_baselines(pipe, checkpoint: Path, tiles: np.ndarray, cfg: BenchConfig) -> dict:
+    import torch
+
+    from ..engines.report import _median_time, decode_speed, encoder_speed
+    from ..models.checkpoint import load_checkpoint
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tok = load_checkpoint(checkpoint)
+    x = torch.from_numpy(np.ascontiguousarray(tiles[:32]))
+    out = {}
+    with torch.no_grad():
+        f32 = model.tile_encoder.forward_uint8(x).numpy()
+        t = _median_time(lambda: model.tile_encoder.forward_uint8(x), cfg.warmup, cfg.repeats)
+        out["pytorch_encoder_fp32"] = {"tiles_per_s": len(x) / t}
+        enc16 = model.tile_encoder.to(torch.bfloat16)
+        b16 = enc16.forward_uint8(x).float().numpy()
+        t = _median_time(lambda: enc16.forward_uint8(x), cfg.warmup, cfg.repeats)
+        out["pytorch_encoder_bf16"] = {"tiles_per_s": len(x) / t, "cosine": _cos(b16, f32)}
+        model.tile_encoder.float()
+        out["pytorch_decoder_fp32"] = {"tokens_per_s": _torch_decode_speed(model, tok, cfg.question)}
+    ours = pipe._encode(tiles[:32])
+    out["bundle_encoder"] = {"tiles_per_s": encoder_speed(pipe, tiles), "cosine": _cos(ours, f32)}
+    out["bundle_decoder"] = {"tokens_per_s": decode_speed(pipe, cfg.question)}
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+
+
+def _torch_decode_speed(model, tok, question: str, steps: int = 32) -> float:
+    import torch
+
+    lat = torch.randn(1, model.cfg.resampler.num_latents, model.cfg.resampler.dim)
+    q_ids, q_mask = model.question_batch(tok, [question])
+    kv, _, _ = model.question_kv(lat, q_ids, q_mask)
+    ids = torch.tensor([model.prompt_ids(tok, question)])
+
+    def run():
+        with model.cara.visual_context(kv):
+            out = model.llm(input_ids=ids, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            nxt = torch.tensor([[7]])
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model.llm(input_ids=nxt, cache=cache, use_cache=True)
+            return time.perf_counter() - t0
+
+    run()
+    return steps / float(np.median([run() for _ in range(3)]))
+
+
+# -- the whole bench --------------------------------------------------------------------
+def run_bench(cfg: BenchConfig) -> dict:
+    from . import ceilings as ceil
+    from ..runtime.pipeline import Pipeline, peak_rss_mb
+
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    log = lambda m: _log(cfg, m)  # noqa: E731
+    import onnxruntime as ort
+
+    report: dict = {"schema": "locpath-bench/1", "skipped": {}, "ratios": {}, "targets": {}}
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    from ..engines.engine_config import cpu_name
+
+    report["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+                         "onnxruntime": ort.__version__, "torch": torch_version}
+    log("measuring machine ceilings")
+    report["ceilings"] = ceil.measure()
+    pipe = Pipeline.from_bundle(cfg.bundle, use_cache=False)
+    report["bundle"] = {"path": str(cfg.bundle), "fusion": pipe.manifest.fusion,
+                        "components": {k: f"{c.backend}/{c.precision}" for k, c in pipe.manifest.components.items()}}
+    slide = cfg.slide
+    if slide is None:
+        slide = scaling_slide(cfg.workdir, min(cfg.tiles) if cfg.tiles else 1000, log)
+    log(f"stages on {slide} ({cfg.warmup} warm-up, {cfg.repeats} repeats)")
+    stages, thr = bench_stages(pipe, Path(slide), cfg)
+    report["stages"], report["throughput"] = stages, thr
+
+    tc = pipe.cfg.tile_encoder
+    enc_prec = pipe.manifest.components["tile_encoder"].precision
+    ceiling = {"bf16": "bf16_matmul_gflops", "int8-dynamic": "int8_matmul_gops",
+               "int8-static": "int8_matmul_gops"}.get(enc_prec, "fp32_matmul_gflops")
+    dec_bytes = (Path(cfg.bundle) / pipe.manifest.components["decoder"].file).stat().st_size
+    report["fraction_of_ceiling"] = {
+        "encoder_compute": (vit_flops_per_tile(tc) * thr["encode_tiles_per_s"] / 1e9) / (report["ceilings"][ceiling] or float("nan")),
+        "encoder_ceiling": ceiling,
+        "decoder_bandwidth": dec_bytes * thr["decode_tokens_per_s"] / 1e9 / report["ceilings"]["memory_bandwidth_gbs"],
+    }
+
+    prefix = None
+    checkpoint = _source_checkpoint(pipe)
+    if cfg.baselines and torch_version:
+        from ..checkpoints import shipped_checkpoint
+        from ..models.checkpoint import load_checkpoint
+
+        if (shipped_checkpoint("prefix") / "model.safetensors").exists():
+            prefix = load_checkpoint(shipped_checkpoint("prefix"))
+    elif not cfg.baselines:
+        report["skipped"]["baselines"] = "--no-baselines"
+    else:
+        report["skipped"]["pytorch"] = "torch is not installed"
+    report["scaling"] = bench_scaling(pipe, cfg, prefix, log) if cfg.tiles else []
+
+    if cfg.baselines and torch_version and checkpoint is not None:
+        from ..wsi import TileReader, open_slide
+        from ..wsi.extract import plan_tiles
+
+        with open_slide(slide) as s:
+            plan = plan_tiles(s)
+            tiles = next(iter(TileReader(s, plan.grid, batch_size=64))).tiles
+        log("PyTorch eager baselines (fp32, bf16) for the encoder and the decoder")
+        report["baselines"] = torch_baselines(pipe, checkpoint, tiles, cfg)
+    elif cfg.baselines:
+        report["skipped"]["pytorch_baselines"] = "torch or the bundle's source checkpoint is not available"
+        report["baselines"] = {}
+    else:
+        report["baselines"] = {}
+    report["skipped"]["decoder_0.5b"] = ("the Qwen2.5-0.5B-shaped decoder comparison with onnxruntime-genai and "
+                                         "transformers eager is not implemented yet")
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        report["skipped"]["onnxruntime_genai"] = "onnxruntime-genai is not installed"
+    report["throughput"]["peak_rss_mb"] = peak_rss_mb()
+    _ratios_and_targets(report)
+    pipe.release()
+    return report
+
+
+def _source_checkpoint(pipe) -> Path | None:
+    p = pipe.manifest.source.get("checkpoint")
+    return Path(p) if p and (Path(p) / "model.safetensors").exists() else None
+
+
+def _ratios_and_targets(report: dict) -> None:
+    r, t, b = report["ratios"], report["targets"], report.get("baselines", {})
+    if "pytorch_encoder_fp32" in b:
+        r["encoder_vs_pytorch_fp32"] = b["bundle_encoder"]["tiles_per_s"] / b["pytorch_encoder_fp32"]["tiles_per_s"]
+        r["encoder_vs_pytorch_bf16"] = b["bundle_encoder"]["tiles_per_s"] / b["pytorch_encoder_bf16"]["tiles_per_s"]
+        r["decoder_vs_pytorch_fp32"] = b["bundle_decoder"]["tokens_per_s"] / b["pytorch_decoder_fp32"]["tokens_per_s"]
+        t["encoder_1.2x_pytorch_bf16_at_cosine_0.999"] = {
+            "target": 1.2, "value": r["encoder_vs_pytorch_bf16"], "cosine": b["bundle_encoder"]["cosine"],
+            "met": r["encoder_vs_pytorch_bf16"] >= 1.2 and b["bundle_encoder"]["cosine"] >= 0.999}
+    for row in report.get("scaling", []):
+        if "ttft_ms" in row["prefix"]:
+            n = row["n_target"]
+            r[f"ttft_prefix_over_locpath_at_{n}"] = row["prefix"]["ttft_ms"]["median"] / row["locpath"]["ttft_ms"]["median"]
+            r[f"kv_prefix_over_locpath_at_{n}"] = row["prefix"]["kv_bytes"] / row["locpath"]["kv_bytes"]
+    for n in (10000,):
+        if f"ttft_prefix_over_locpath_at_{n}" in r:
+            t[f"ttft_20x_at_{n}"] = {"target": 20, "value": r[f"ttft_prefix_over_locpath_at_{n}"],
+                                     "met": r[f"ttft_prefix_over_locpath_at_{n}"] >= 20}
+            t[f"kv_50x_at_{n}"] = {"target": 50, "value": r[f"kv_prefix_over_locpath_at_{n}"],
+                                   "met": r[f"kv_prefix_over_locpath_at_{n}"] >= 50}
+    t["decoder_1.25x_onnxruntime_genai_int4_0.5b"] = {"target": 1.25, "value": None, "met": None,
+                                                       "why": report["skipped"].get("decoder_0.5b")}
+
+
+def check_inputs(cfg: BenchConfig) -> None:
+    if cfg.slide is not None and not Path(cfg.slide).exists():
+        raise LocpathError(f"{cfg.slide}: file not found")
+    if any(n < 1 for n in cfg.tiles):
+        raise LocpathError("--tiles takes positive tile counts")

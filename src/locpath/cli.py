@@ -319,7 +319,7 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(bundle=bundle, slide=Path(args.slide) if args.slide else None,
                       tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                       repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
-                      baselines=not args.no_baselines, progress=not args.quiet)
+                      baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b)
     check_inputs(cfg)
     report = run_bench(cfg)
     if args.json:
@@ -456,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--warmup", type=int, default=1)
     be.add_argument("--workdir", default="runs/bench", help="where the synthetic bench slides are kept")
     be.add_argument("--no-baselines", action="store_true", help="skip the PyTorch and prefix baselines")
+    be.add_argument("--decoder-0.5b", dest="decoder_05b", action="store_true",
+                    help="also compare the decoder alone on a Qwen2.5-0.5B shape with onnxruntime-genai INT4 and "
+                         "transformers eager (first run builds and exports it: minutes)")
     be.add_argument("--json", default=None, help="write the JSON report here")
     be.add_argument("--markdown", default=None, help="write the Markdown summary here")
     be.add_argument("--plots", default=None, help="write PNG plots into this folder")

@@ -45,6 +45,15 @@ def markdown(report: dict) -> str:
                          f"{_f(p.get('ttft_ms', {}).get('median'), '{:.1f}')} | {row['locpath']['kv_bytes'] / 1e6:.3f} | "
                          f"{_f(p['kv_bytes'] / 1e6 if 'kv_bytes' in p else None, '{:.3f}')} |")
         lines.append("")
+    d05 = report.get("baselines", {}).get("decoder_0.5b")
+    if d05:
+        lines += [f"## Decoder alone, {d05['shape']}, {d05['prompt_tokens']}-token prompt, {d05['new_tokens']} new "
+                  f"tokens, {d05['threads']} threads", "", "| runtime | prefill ms | decode tokens/s |", "|---|---|---|"]
+        for k in ("locpath_int4", "onnxruntime_genai_int4", "transformers_eager_fp32"):
+            v = d05.get(k, {})
+            lines.append(f"| {k} | {_f(v.get('prefill_ms'), '{:.0f}')} | "
+                         f"{_f(v.get('tokens_per_s'), '{:.1f}') if 'tokens_per_s' in v else v.get('skipped', '-')} |")
+        lines.append("")
     if report.get("ratios"):
         lines += ["## Ratios (>1: locpath / LoC-Path ahead)", "", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]

@@ -11,7 +11,8 @@
   scaling    [{n_target, tiles, tokens_after_stm, read_encode_s, locpath: {ttft_ms, kv_bytes},
                prefix: {ttft_ms, kv_bytes} | {skipped}}]
   baselines  {pytorch_encoder_fp32/bf16: {tiles_per_s, cosine}, pytorch_decoder_fp32: {tokens_per_s},
-              bundle_encoder/decoder: {...}, decoder_0.5b: {...} | {skipped}}
+              bundle_encoder/decoder: {...}, decoder_0.5b: {locpath_int4, onnxruntime_genai_int4,
+              transformers_eager_fp32: {prefill_ms, tokens_per_s}} (with --decoder-0.5b)}
   ratios     name -> value (>1 means locpath's bundle or LoC-Path is better)
   targets    name -> {target, value, met}
   skipped    name -> reason
@@ -41,6 +42,7 @@ class BenchConfig:
     baselines: bool = True
     question: str = "What is the diagnosis?"
     progress: bool = True
+    decoder_05b: bool = False
 
 
 def spread(values: list[float]) -> dict:
@@ -323,12 +325,15 @@ def run_bench(cfg: BenchConfig) -> dict:
         report["baselines"] = {}
     else:
         report["baselines"] = {}
-    report["skipped"]["decoder_0.5b"] = ("the Qwen2.5-0.5B-shaped decoder comparison with onnxruntime-genai and "
-                                         "transformers eager is not implemented yet")
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        report["skipped"]["onnxruntime_genai"] = "onnxruntime-genai is not installed"
+    if cfg.decoder_05b and torch_version:
+        from .decoder_05b import bench_decoder_05b
+
+        report["baselines"]["decoder_0.5b"] = d = bench_decoder_05b(cfg.workdir / "decoder-0.5b", log)
+        if "skipped" in d["onnxruntime_genai_int4"]:
+            report["skipped"]["onnxruntime_genai"] = d["onnxruntime_genai_int4"]["skipped"]
+    else:
+        report["skipped"]["decoder_0.5b"] = ("pass --decoder-0.5b (and install torch and onnxruntime-genai) for the "
+                                             "Qwen2.5-0.5B-shaped decoder against onnxruntime-genai and transformers")
     report["throughput"]["peak_rss_mb"] = peak_rss_mb()
     _ratios_and_targets(report)
     pipe.release()
@@ -360,8 +365,18 @@ def _ratios_and_targets(report: dict) -> None:
                                      "met": r[f"ttft_prefix_over_locpath_at_{n}"] >= 20}
             t[f"kv_50x_at_{n}"] = {"target": 50, "value": r[f"kv_prefix_over_locpath_at_{n}"],
                                    "met": r[f"kv_prefix_over_locpath_at_{n}"] >= 50}
-    t["decoder_1.25x_onnxruntime_genai_int4_0.5b"] = {"target": 1.25, "value": None, "met": None,
-                                                       "why": report["skipped"].get("decoder_0.5b")}
+    d05 = b.get("decoder_0.5b")
+    if d05 and "tokens_per_s" in d05.get("onnxruntime_genai_int4", {}):
+        r["decoder_0.5b_vs_onnxruntime_genai_int4"] = (d05["locpath_int4"]["tokens_per_s"]
+                                                       / d05["onnxruntime_genai_int4"]["tokens_per_s"])
+        r["decoder_0.5b_vs_transformers_eager"] = (d05["locpath_int4"]["tokens_per_s"]
+                                                   / d05["transformers_eager_fp32"]["tokens_per_s"])
+        v = r["decoder_0.5b_vs_onnxruntime_genai_int4"]
+        t["decoder_1.25x_onnxruntime_genai_int4_0.5b"] = {"target": 1.25, "value": v, "met": v >= 1.25}
+    else:
+        t["decoder_1.25x_onnxruntime_genai_int4_0.5b"] = {"target": 1.25, "value": None, "met": None,
+                                                           "why": report["skipped"].get("decoder_0.5b")
+                                                           or report["skipped"].get("onnxruntime_genai")}
 
 
 def check_inputs(cfg: BenchConfig) -> None:

@@ -1,0 +1,178 @@
+"""The decoder alone on a Qwen2.5-0.5B-shaped LLM (random weights, built locally: no hub), three ways in one
+process: locpath's exported decoder with INT4 MatMulNBits, onnxruntime-genai INT4 (its own model builder, run on
+the same local Hugging Face folder, intra-op threads set), and transformers eager fp32. Greedy, batch 1,
+a 64-token prompt then 64 new tokens; decode tokens/s excludes the prefill.
+
+Everything is cached under the work folder (the HF folder, both ONNX models), so only the first run pays the
+export and quantization (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+
+
+def _hf_folder(work: Path, log) -> Path:
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    from ..checkpoints import shipped_checkpoint
+
+    folder = work / "qwen2.5-0.5b-shaped"
+    if (folder / "config.json").exists():
+        return folder
+    log("building a random Qwen2.5-0.5B-shaped model (local, seeded)")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B))
+    model.save_pretrained(folder)
+    # any tokenizer serves: the comparison feeds token ids; the genai builder only copies it
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(shipped_checkpoint("reference") / "tokenizer.json"),
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _locpath_decoder(folder: Path, work: Path, log):
+    """Our exporter on the same LLM (no CARA layers: the plain decoder), then our INT4 recipe."""
+    from ..config import LLMConfig, preset
+    from ..engines import quantize_ort as q
+    from ..export.configs import decoder_config
+    from ..export.exporter import export_component
+    from ..models.slide_llm import LocPathModel
+
+    out = work / "locpath-0.5b"
+    int4 = out / "decoder.int4.onnx"
+    cfg = preset("tiny")
+    cfg.llm = LLMConfig(pretrained_path=str(folder))
+    cfg.cara.layers = ()
+    model = LocPathModel(cfg).eval()
+    ec = decoder_config(model)
+    if not int4.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        log("exporting the 0.5B-shaped decoder with locpath's exporter")
+        rep = export_component(ec, model, out)
+        log("quantizing it to INT4 (MatMulNBits, tied lm_head folded)")
+        q.decoder_int4(out / rep.file, int4)
+    return int4, ec
+
+
+def _genai_model(folder: Path, work: Path, threads: int, log) -> Path | None:
+    out = work / "genai-0.5b-int4"
+    if not (out / "genai_config.json").exists():
+        log("building the onnxruntime-genai INT4 model with its own builder")
+        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+                              "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"onnxruntime-genai builder failed: {res.stderr[-500:]}")
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    so = cfg["model"]["decoder"].setdefault("session_options", {})
+    if so.get("intra_op_num_threads") != threads:
+        so["intra_op_num_threads"] = threads  # its default threading runs 2-3x slow on small machines
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _ours_tokens_per_s(int4: Path, ec, prompt: list[int], new: int, threads: int) -> dict:
+    from ..engines.manifest import ComponentEntry
+    from ..runtime.generator import DecoderState
+    from ..runtime.kv_cache import KVCache
+    from ..runtime.runners import OrtRunner
+
+    entry = ComponentEntry(file=int4.name, sha256="", templates=ec.templates)
+    st = DecoderState(OrtRunner(int4, "decoder", threads=threads), entry)
+
+    def run():
+        cache = KVCache(st.num_layers, 1, st.kv_heads, st.head_dim, len(prompt) + new + 1)
+        t0 = time.perf_counter()
+        logits = st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), {})
+        t1 = time.perf_counter()
+        tok = int(logits[0, -1].argmax())
+        for _ in range(new):
+            logits = st.step(np.asarray([[tok]]), cache, np.ones((1, cache.length + 1), np.int64), {})
+            tok = int(logits[0, -1].argmax())
+        return t1 - t0, time.perf_counter() - t1
+
+    run()
+    runs = [run() for _ in range(2)]
+    return {"prefill_ms": 1000 * float(np.median([r[0] for r in runs])),
+            "tokens_per_s": new / float(np.median([r[1] for r in runs]))}
+
+
+def _genai_tokens_per_s(folder: Path, prompt: list[int], new: int) -> dict:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def run():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        t1 = time.perf_counter()
+        n = 0
+        while not gen.is_done() and n < new:
+            gen.generate_next_token()
+            n += 1
+        return t1 - t0, time.perf_counter() - t1, n
+
+    run()
+    runs = [run() for _ in range(2)]
+    return {"prefill_ms": 1000 * float(np.median([r[0] for r in runs])),
+            "tokens_per_s": float(np.median([r[2] / r[1] for r in runs]))}
+
+
+def _eager_tokens_per_s(folder: Path, prompt: list[int], new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype="float32").eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        t1 = time.perf_counter()
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(new):
+            out = model(input_ids=tok, cache=cache, use_cache=True)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        t2 = time.perf_counter()
+    return {"prefill_ms": 1000 * (t1 - t0), "tokens_per_s": new / (t2 - t1)}
+
+
+def bench_decoder_05b(work: Path, log, prompt_len: int = 64, new: int = 64) -> dict:
+    threads = os.cpu_count() or 1
+    work.mkdir(parents=True, exist_ok=True)
+    folder = _hf_folder(work, log)
+    prompt = [int(x) for x in np.random.default_rng(0).integers(100, 400, prompt_len)]
+    int4, ec = _locpath_decoder(folder, work, log)
+    res: dict = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": prompt_len, "new_tokens": new,
+                 "threads": threads}
+    log("decoding with locpath INT4")
+    res["locpath_int4"] = _ours_tokens_per_s(int4, ec, prompt, new, threads)
+    try:
+        import onnxruntime_genai  # noqa: F401
+
+        genai = _genai_model(folder, work, threads, log)
+        log("decoding with onnxruntime-genai INT4")
+        res["onnxruntime_genai_int4"] = _genai_tokens_per_s(genai, prompt, new)
+    except ImportError:
+        res["onnxruntime_genai_int4"] = {"skipped": "onnxruntime-genai is not installed"}
+    log("decoding with transformers eager fp32")
+    res["transformers_eager_fp32"] = _eager_tokens_per_s(folder, prompt, new)
+    return res

@@ -264,11 +264,11 @@ def run_bench(cfg: BenchConfig) -> dict:
     import onnxruntime as ort
 
     report: dict = {"schema": "locpath-bench/1", "skipped": {}, "ratios": {}, "targets": {}}
-    try:
-        import torch
+    from importlib import metadata
 
-        torch_version = torch.__version__
-    except ImportError:
+    try:  # not imported here: the runtime's own peak RSS is measured before any torch code loads
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
         torch_version = None
     from ..engines.engine_config import cpu_name
 

@@ -274,8 +274,6 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     report["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                          "onnxruntime": ort.__version__, "torch": torch_version}
-    log("measuring machine ceilings")
-    report["ceilings"] = ceil.measure()
     pipe = Pipeline.from_bundle(cfg.bundle, use_cache=False)
     report["bundle"] = {"path": str(cfg.bundle), "fusion": pipe.manifest.fusion,
                         "components": {k: f"{c.backend}/{c.precision}" for k, c in pipe.manifest.components.items()}}
@@ -284,8 +282,10 @@ def run_bench(cfg: BenchConfig) -> dict:
         slide = scaling_slide(cfg.workdir, min(cfg.tiles) if cfg.tiles else 1000, log)
     log(f"stages on {slide} ({cfg.warmup} warm-up, {cfg.repeats} repeats)")
     stages, thr = bench_stages(pipe, Path(slide), cfg)
-    thr["peak_rss_mb"] = peak_rss_mb()  # the runtime alone: no torch baseline loaded yet
+    thr["peak_rss_mb"] = peak_rss_mb()  # the runtime alone: no baseline or ceiling buffer loaded yet
     report["stages"], report["throughput"] = stages, thr
+    log("measuring machine ceilings")
+    report["ceilings"] = ceil.measure()
 
     tc = pipe.cfg.tile_encoder
     enc_prec = pipe.manifest.components["tile_encoder"].precision

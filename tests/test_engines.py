@@ -168,3 +168,22 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.995
     assert pipe.ask(eval_slide, "What is the diagnosis?").answer == fp32.ask(eval_slide, "What is the diagnosis?").answer
+
+
+def test_auto_build_picks_per_stage_by_measurement(ref_bundle, calibration, tmp_path):
+    from locpath.engines.build import build_bundle
+
+    out = build_bundle(ref_bundle, tmp_path / "auto", "auto", calibration=calibration, log=lambda m: None)
+    m = load_manifest(out)
+    auto = m.export["build"]["auto"]
+    enc, dec = auto["encoder"], auto["decoder"]
+    assert auto["encoder_candidates"][enc]["cosine"] >= 0.995
+    assert auto["decoder_candidates"][dec]["agreement"] == 1.0
+    # the winner is the fastest qualifying candidate
+    ok = {k: v for k, v in auto["encoder_candidates"].items() if v["cosine"] >= 0.995}
+    assert enc == max(ok, key=lambda k: ok[k]["tiles_per_s"])
+    want = {"ort-fp32": ("onnxruntime", "fp32"), "ort-int8": ("onnxruntime", "int8-dynamic"),
+            "openvino-bf16": ("openvino", "bf16")}[enc]
+    assert (m.components["tile_encoder"].backend, m.components["tile_encoder"].precision) == want
+    assert m.components["decoder"].precision == ("int4" if dec == "ort-int4" else "fp32")
+    Pipeline.from_bundle(out, use_cache=False)  # loads: engine configs agree with this machine

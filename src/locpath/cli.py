@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("build", help="a quantized or compiled bundle from an fp32 bundle")
     bd.add_argument("bundle")
     bd.add_argument("out")
-    bd.add_argument("--precision", default="int8", help="ort: fp32, int8, int8-static, int4, fp16; openvino: bf16, fp32; tensorrt: fp16, bf16, fp32")
+    bd.add_argument("--precision", default="int8", help="ort: fp32, int8, int8-static, int4, int8-encoder, fp16; openvino: bf16, fp32, bf16+int4, fp32+int4; "
+                         "tensorrt: fp16, fp32; auto: measure the CPU candidates per stage and keep the fastest")
     bd.add_argument("--backend", choices=("ort", "openvino", "tensorrt"), default="ort")
     bd.add_argument("--calibration", default=None, help="npz from `locpath calibrate`")
     bd.add_argument("--slides", nargs="+", default=None, help="calibrate on these slides first")

@@ -2,7 +2,8 @@
 was done (precision, recipe, parent fp32 sha256) with an engine config beside every built file.
 
 Precisions (ONNX Runtime): fp32 (copy), int8 (tile encoder dynamic INT8 + decoder INT4), int8-static (tile
-encoder static QDQ from a calibration set + decoder INT4), int4 (decoder only), fp16 (all graphs; GPUs).
+encoder static QDQ from a calibration set + decoder INT4), int4 (decoder only), int8-encoder (encoder only),
+fp16 (all graphs; GPUs); `auto` measures the CPU candidates per stage and builds the winner (engines/auto.py).
 TensorRT plans are built through `engines/tensorrt.py` where TensorRT is installed.
 """
 
@@ -24,6 +25,7 @@ ORT_RECIPES = {
     "int8": {"tile_encoder": "int8-dynamic", "decoder": "int4"},
     "int8-static": {"tile_encoder": "int8-static", "decoder": "int4"},
     "int4": {"decoder": "int4"},
+    "int8-encoder": {"tile_encoder": "int8-dynamic"},
     "fp16": {c: "fp16" for c in ("tile_encoder", "resampler", "tis", "cross_kv", "decoder")},
 }
 PRECISIONS = tuple(ORT_RECIPES)
@@ -37,6 +39,10 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
         raise LocpathError(f"{src}: build from an fp32 bundle (this one is already built)")
     if out.exists() and not overwrite:
         raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
+    if precision == "auto":
+        from .auto import build_auto
+
+        return build_auto(src, out, calibration, overwrite, log)
     if backend == "tensorrt":
         from .tensorrt import build_tensorrt_bundle
 

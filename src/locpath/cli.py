@@ -263,13 +263,7 @@ def cmd_build(args) -> int:
     if args.calibration:
         from .calibration.sets import CalibrationSet
 
-        p = Path(args.calibration)
-        if not p.exists():
-            raise LocpathError(f"{p}: calibration file not found")
-        import numpy as np
-
-        with np.load(p) as z:
-            cal = CalibrationSet(p, {k: z[k] for k in z.files}, cached=True)
+        cal = CalibrationSet.load(args.calibration)
     elif args.slides:
         from .calibration.sets import build_calibration
 

@@ -9,7 +9,6 @@ the slide cache, so answers start within seconds.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -26,10 +25,9 @@ DEMO_SLIDES = (
 
 
 def _workdir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    base = os.environ.get("LOCPATH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "locpath")
-    return Path(base) / "demo"
+    from .runtime.slide_cache import cache_root
+
+    return Path(arg) if arg else cache_root() / "demo"
 
 
 def _ensure_bundle(work: Path) -> Path:

@@ -205,7 +205,7 @@ def prefix_ttft(prefix, ff, grid, cfg: BenchConfig, text_tokens: int) -> dict:
 def torch_baselines(pipe, checkpoint: Path, tiles: np.ndarray, cfg: BenchConfig) -> dict:
     import torch
 
-    from ..engines.report import _median_time, decode_speed, encoder_speed
+    from ..engines.report import _median_time, decode_speed, encoder_speed, mean_cosine
     from ..models.checkpoint import load_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -219,17 +219,13 @@ def torch_baselines(pipe, checkpoint: Path, tiles: np.ndarray, cfg: BenchConfig)
         enc16 = model.tile_encoder.to(torch.bfloat16)
         b16 = enc16.forward_uint8(x).float().numpy()
         t = _median_time(lambda: enc16.forward_uint8(x), cfg.warmup, cfg.repeats)
-        out["pytorch_encoder_bf16"] = {"tiles_per_s": len(x) / t, "cosine": _cos(b16, f32)}
+        out["pytorch_encoder_bf16"] = {"tiles_per_s": len(x) / t, "cosine": mean_cosine(b16, f32)}
         model.tile_encoder.float()
         out["pytorch_decoder_fp32"] = {"tokens_per_s": _torch_decode_speed(model, tok, cfg.question)}
     ours = pipe._encode(tiles[:32])
-    out["bundle_encoder"] = {"tiles_per_s": encoder_speed(pipe, tiles), "cosine": _cos(ours, f32)}
+    out["bundle_encoder"] = {"tiles_per_s": encoder_speed(pipe, tiles), "cosine": mean_cosine(ours, f32)}
     out["bundle_decoder"] = {"tokens_per_s": decode_speed(pipe, cfg.question)}
     return out
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
 
 
 def _torch_decode_speed(model, tok, question: str, steps: int = 32) -> float:

@@ -29,6 +29,20 @@ class CalibrationSet:
     arrays: dict[str, np.ndarray]
     cached: bool
 
+    @classmethod
+    def load(cls, path: str | os.PathLike, cached: bool = True) -> "CalibrationSet":
+        p = Path(path)
+        if not p.exists():
+            raise LocpathError(f"{p}: calibration file not found")
+        try:
+            with np.load(p) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise LocpathError(f"{p}: not a calibration set ({exc})") from exc
+        if "tile_encoder.tiles" not in arrays:
+            raise LocpathError(f"{p}: not a calibration set (no tile_encoder.tiles)")
+        return cls(p, arrays, cached=cached)
+
     def tiles(self) -> np.ndarray:
         return self.arrays["tile_encoder.tiles"]
 
@@ -63,9 +77,9 @@ def build_calibration(bundle: str | os.PathLike, slides: list[str | os.PathLike]
     key = calibration_key(bundle, slides, tiles_per_slide, seed)
     path = Path(out) if out else bundle / "calibration" / f"{key}.npz"
     if path.exists():
-        with np.load(path) as z:
-            if str(z["meta.key"]) == key:
-                return CalibrationSet(path, {k: z[k] for k in z.files}, cached=True)
+        cal = CalibrationSet.load(path)
+        if str(cal.arrays.get("meta.key")) == key:
+            return cal
     pipe = Pipeline.from_bundle(bundle, use_cache=False)
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}

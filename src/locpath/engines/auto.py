@@ -40,7 +40,7 @@ def choose(src: Path, cal, log=print) -> dict:
     from ..runtime.openvino_runner import openvino_version
     from ..runtime.pipeline import Pipeline
     from .build import build_bundle
-    from .report import _cos_mean, decode_speed, encoder_speed
+    from .report import decode_speed, encoder_speed, mean_cosine
 
     tiles = cal.tiles()
     with tempfile.TemporaryDirectory(prefix="locpath-auto-") as tmp:
@@ -61,7 +61,7 @@ def choose(src: Path, cal, log=print) -> dict:
                 dec.setdefault(key, {"tokens_per_s": []})["tokens_per_s"].append(decode_speed(cands[name]))
         for name, p in cands.items():
             enc[name]["tiles_per_s"] = float(np.median(enc[name]["tiles_per_s"]))
-            enc[name]["cosine"] = _cos_mean(p._encode(tiles), ref_feats)
+            enc[name]["cosine"] = mean_cosine(p._encode(tiles), ref_feats)
         for key in dec:
             dec[key]["tokens_per_s"] = float(np.median(dec[key]["tokens_per_s"]))
         dec["ort-fp32"]["agreement"] = 1.0

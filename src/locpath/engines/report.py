@@ -20,7 +20,7 @@ def _median_time(fn, warmup: int = 2, repeats: int = 5) -> float:
     return float(np.median(ts))
 
 
-def _cos_mean(a: np.ndarray, b: np.ndarray) -> float:
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
 
 

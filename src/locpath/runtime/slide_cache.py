@@ -20,9 +20,14 @@ from ..fsutil import atomic_dir, atomic_file
 from ..wsi.features import FeatureFile, read_features, write_features
 
 
-def default_cache_dir() -> Path:
+def cache_root() -> Path:
+    """$LOCPATH_CACHE, else $XDG_CACHE_HOME/locpath, else ~/.cache/locpath."""
     base = os.environ.get("LOCPATH_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "locpath")
-    return Path(base) / "slides"
+    return Path(base)
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "slides"
 
 
 @dataclass

@@ -169,7 +169,7 @@ def _pipeline(args):
     from .runtime.pipeline import Pipeline
 
     return Pipeline.from_bundle(args.bundle, device=args.device, threads=args.threads, cache_dir=args.cache_dir,
-                                use_cache=not args.no_cache)
+                                use_cache=not args.no_cache, decoder=args.decoder)
 
 
 def _sampling(args) -> dict:
@@ -333,6 +333,8 @@ def _add_runtime_args(p, sampling: bool = True):
     p.add_argument("--cache-dir", default=None, help="slide cache folder (default ~/.cache/locpath/slides)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the slide cache")
     p.add_argument("--mpp-override", type=_positive_float, default=None)
+    p.add_argument("--decoder", choices=("auto", "fused", "plain"), default="auto",
+                   help="decoder graph: fused (GroupQueryAttention, ONNX Runtime) when the bundle has one, or plain")
     if sampling:
         p.add_argument("--max-new-tokens", type=_positive_int, default=None)
         p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

@@ -1,6 +1,7 @@
-"""The decoder alone on a Qwen2.5-0.5B-shaped LLM (random weights, built locally: no hub), three ways in one
-process: locpath's exported decoder with INT4 MatMulNBits, onnxruntime-genai INT4 (its own model builder, run on
-the same local Hugging Face folder, intra-op threads set), and transformers eager fp32. Greedy, batch 1,
+"""The decoder alone on a Qwen2.5-0.5B-shaped LLM (random weights, built locally: no hub), four ways in one
+process: locpath's fused decoder graph with INT4 (GroupQueryAttention, shared K/V buffers, INT4 embedding
+shared with the lm_head), locpath's plain exported decoder with INT4 MatMulNBits, onnxruntime-genai INT4 (its own
+model builder, run on the same local Hugging Face folder, intra-op threads set), and transformers eager fp32. Greedy, batch 1,
 a 64-token prompt then 64 new tokens; decode tokens/s excludes the prefill.
 
 Everything is cached under the work folder (the HF folder, both ONNX models), so only the first run pays the
@@ -43,20 +44,41 @@ def _hf_folder(work: Path, log) -> Path:
     return folder
 
 
-def _locpath_decoder(folder: Path, work: Path, log):
-    """Our exporter on the same LLM (no CARA layers: the plain decoder), then our INT4 recipe."""
+def _text_only_model(folder: Path):
     from ..config import LLMConfig, preset
-    from ..engines import quantize_ort as q
-    from ..export.configs import decoder_config
-    from ..export.exporter import export_component
     from ..models.slide_llm import LocPathModel
 
-    out = work / "locpath-0.5b"
-    int4 = out / "decoder.int4.onnx"
     cfg = preset("tiny")
     cfg.llm = LLMConfig(pretrained_path=str(folder))
     cfg.cara.layers = ()
-    model = LocPathModel(cfg).eval()
+    return LocPathModel(cfg).eval()
+
+
+def _locpath_fused(folder: Path, work: Path, max_positions: int, log):
+    """The fused graph from the same LLM's weights, fp32 then INT4 the way `locpath build` makes it."""
+    from ..engines.fused_graph import build_fused_decoder
+    from ..export.fused import fused_decoder_inputs, fused_templates
+
+    out = work / "locpath-0.5b"
+    int4 = out / "decoder_fused.int4.onnx"
+    model = _text_only_model(folder)
+    spec, weights = fused_decoder_inputs(model, max_positions)
+    if not int4.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        log("building the 0.5B-shaped fused decoder (INT4)")
+        build_fused_decoder(spec, weights, int4, quant="int4", source=str(folder))
+    return int4, fused_templates(spec)
+
+
+def _locpath_decoder(folder: Path, work: Path, log):
+    """Our exporter on the same LLM (no CARA layers: the plain decoder), then our INT4 recipe."""
+    from ..engines import quantize_ort as q
+    from ..export.configs import decoder_config
+    from ..export.exporter import export_component
+
+    out = work / "locpath-0.5b"
+    int4 = out / "decoder.int4.onnx"
+    model = _text_only_model(folder)
     ec = decoder_config(model)
     if not int4.exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +86,7 @@ def _locpath_decoder(folder: Path, work: Path, log):
         rep = export_component(ec, model, out)
         log("quantizing it to INT4 (MatMulNBits, tied lm_head folded)")
         q.decoder_int4(out / rep.file, int4)
-    return int4, ec
+    return int4, ec.templates
 
 
 def _genai_model(folder: Path, work: Path, threads: int, log) -> Path | None:
@@ -85,17 +107,16 @@ def _genai_model(folder: Path, work: Path, threads: int, log) -> Path | None:
     return out
 
 
-def _ours_tokens_per_s(int4: Path, ec, prompt: list[int], new: int, threads: int) -> dict:
+def _ours_tokens_per_s(int4: Path, templates: dict, prompt: list[int], new: int, threads: int) -> dict:
     from ..engines.manifest import ComponentEntry
-    from ..runtime.generator import DecoderState
-    from ..runtime.kv_cache import KVCache
+    from ..runtime.generator import decoder_state
     from ..runtime.runners import OrtRunner
 
-    entry = ComponentEntry(file=int4.name, sha256="", templates=ec.templates)
-    st = DecoderState(OrtRunner(int4, "decoder", threads=threads), entry)
+    entry = ComponentEntry(file=int4.name, sha256="", templates=templates)
+    st = decoder_state(OrtRunner(int4, "decoder", threads=threads), entry)
 
     def run():
-        cache = KVCache(st.num_layers, 1, st.kv_heads, st.head_dim, len(prompt) + new + 1)
+        cache = st.new_cache(1, len(prompt) + new + 1)
         t0 = time.perf_counter()
         logits = st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), {})
         t1 = time.perf_counter()
@@ -160,11 +181,16 @@ def bench_decoder_05b(work: Path, log, prompt_len: int = 64, new: int = 64) -> d
     work.mkdir(parents=True, exist_ok=True)
     folder = _hf_folder(work, log)
     prompt = [int(x) for x in np.random.default_rng(0).integers(100, 400, prompt_len)]
-    int4, ec = _locpath_decoder(folder, work, log)
+    fused, fused_t = _locpath_fused(folder, work, 2048, log)
+    int4, plain_t = _locpath_decoder(folder, work, log)
     res: dict = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": prompt_len, "new_tokens": new,
                  "threads": threads}
-    log("decoding with locpath INT4")
-    res["locpath_int4"] = _ours_tokens_per_s(int4, ec, prompt, new, threads)
+    log("decoding with locpath fused INT4")
+    res["locpath_fused_int4"] = _ours_tokens_per_s(fused, fused_t, prompt, new, threads)
+    res["locpath_fused_int4"]["file_mb"] = round(fused.stat().st_size / 1e6, 1)
+    log("decoding with locpath plain INT4")
+    res["locpath_int4"] = _ours_tokens_per_s(int4, plain_t, prompt, new, threads)
+    res["locpath_int4"]["file_mb"] = round(int4.stat().st_size / 1e6, 1)
     try:
         import onnxruntime_genai  # noqa: F401
 

@@ -49,7 +49,7 @@ def markdown(report: dict) -> str:
     if d05:
         lines += [f"## Decoder alone, {d05['shape']}, {d05['prompt_tokens']}-token prompt, {d05['new_tokens']} new "
                   f"tokens, {d05['threads']} threads", "", "| runtime | prefill ms | decode tokens/s |", "|---|---|---|"]
-        for k in ("locpath_int4", "onnxruntime_genai_int4", "transformers_eager_fp32"):
+        for k in ("locpath_fused_int4", "locpath_int4", "onnxruntime_genai_int4", "transformers_eager_fp32"):
             v = d05.get(k, {})
             lines.append(f"| {k} | {_f(v.get('prefill_ms'), '{:.0f}')} | "
                          f"{_f(v.get('tokens_per_s'), '{:.1f}') if 'tokens_per_s' in v else v.get('skipped', '-')} |")

@@ -20,14 +20,17 @@ from . import quantize_ort as q
 from .engine_config import EngineConfig, describe_machine
 from .manifest import load_manifest, sha256_file
 
+FUSED = "decoder_fused"
 ORT_RECIPES = {
     "fp32": {},
-    "int8": {"tile_encoder": "int8-dynamic", "decoder": "int4"},
-    "int8-static": {"tile_encoder": "int8-static", "decoder": "int4"},
-    "int4": {"decoder": "int4"},
+    "int8": {"tile_encoder": "int8-dynamic", "decoder": "int4", FUSED: "int4-fused"},
+    "int8-static": {"tile_encoder": "int8-static", "decoder": "int4", FUSED: "int4-fused"},
+    "int4": {"decoder": "int4", FUSED: "int4-fused"},
     "int8-encoder": {"tile_encoder": "int8-dynamic"},
     "fp16": {c: "fp16" for c in ("tile_encoder", "resampler", "tis", "cross_kv", "decoder")},
 }
+# the fused decoder is an fp32 ONNX Runtime graph with CPU-tuned contrib ops: recipes for other devices drop it
+DROP_FUSED = ("fp16",)
 PRECISIONS = tuple(ORT_RECIPES)
 
 
@@ -62,8 +65,11 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
     cfg_hashes: dict[str, str] = {}
     with atomic_dir(out) as tmp:
         _copy_bundle(src, tmp, manifest)
+        if precision in DROP_FUSED:
+            drop_fused(tmp, manifest, log)
         for comp, how in recipe.items():
-            _quantize(src, tmp, manifest.components[comp], comp, how, calibration, machine, cfg_hashes, log)
+            if comp in manifest.components:  # bundles exported before the fused decoder have none
+                _quantize(src, tmp, manifest.components[comp], comp, how, calibration, machine, cfg_hashes, log)
         _finish(tmp, manifest, cfg_hashes, src, precision, "onnxruntime", t_start,
                 calibration=str(calibration.path) if calibration is not None else None)
     log(f"build: {out} ({precision}) in {time.time() - t_start:.1f} s")
@@ -75,6 +81,14 @@ def _copy_bundle(src: Path, tmp: Path, manifest) -> None:
     for name in list(manifest.files()) + ["chat_template.jinja"]:
         if (src / name).exists():
             shutil.copy2(src / name, tmp / name)
+
+
+def drop_fused(tmp: Path, manifest, log) -> None:
+    """Remove the fused decoder from a bundle being built for a backend or device it does not serve."""
+    entry = manifest.components.pop(FUSED, None)
+    if entry is not None:
+        (tmp / entry.file).unlink(missing_ok=True)
+        log("build: fused decoder dropped (ONNX Runtime CPU graph; this build runs the plain decoder)")
 
 
 def record_engine(tmp: Path, entry, comp: str, backend: str, precision: str, artifact: str, machine: dict,
@@ -113,6 +127,8 @@ def _quantize(src: Path, tmp: Path, entry, comp: str, how: str, calibration, mac
         info = q.decoder_int4(fp32, built)
     elif how == "fp16":
         info = q.to_fp16(fp32, built)
+    elif how == "int4-fused":
+        info = _fused_int4(fp32, built, entry)
     else:  # pragma: no cover - recipes are fixed above
         raise LocpathError(f"unknown recipe {how!r}")
     (tmp / entry.file).unlink()
@@ -121,6 +137,15 @@ def _quantize(src: Path, tmp: Path, entry, comp: str, how: str, calibration, mac
     record_engine(tmp, entry, comp, "onnxruntime", how, built.name, machine, info, cfg_hashes)
     log(f"build: {comp} -> {built.name} ({how}, {info['bytes']['fp32'] / 1e6:.1f} -> "
         f"{info['bytes']['built'] / 1e6:.1f} MB, {info['seconds']} s)")
+
+
+def _fused_int4(fp32: Path, built: Path, entry) -> dict:
+    """Rebuild the fused decoder from its own fp32 weights with INT4 MatMulNBits everywhere (lm_head included)
+    and, for a tied embedding, GatherBlockQuantized over the same INT4 tensor."""
+    from .fused_graph import FusedDecoderSpec, build_fused_decoder, weights_from_fused_onnx
+
+    spec = FusedDecoderSpec.from_dict(entry.templates["spec"])
+    return build_fused_decoder(spec, weights_from_fused_onnx(fp32, spec), built, quant="int4", source=str(fp32))
 
 
 OPENVINO_COMPONENTS = ("tile_encoder", "resampler")
@@ -151,8 +176,10 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log) -> Path
             record_engine(tmp, entry, comp, "openvino", ov_precision, entry.file, machine, info, cfg_hashes)
             log(f"build: {comp} -> OpenVINO {ov_precision} (compiled in {info['compile_seconds']} s)")
         if decoder == "int4":
-            _quantize(src, tmp, manifest.components["decoder"], "decoder", "int4", None,
-                      describe_machine("onnxruntime", "cpu"), cfg_hashes, log)
+            for comp, how in (("decoder", "int4"), (FUSED, "int4-fused")):
+                if comp in manifest.components:
+                    _quantize(src, tmp, manifest.components[comp], comp, how, None,
+                              describe_machine("onnxruntime", "cpu"), cfg_hashes, log)
         _finish(tmp, manifest, cfg_hashes, src, precision, "openvino", t_start)
     log(f"build: {out} (OpenVINO {precision}) in {time.time() - t_start:.1f} s")
     return out

@@ -31,7 +31,6 @@ def encoder_speed(pipe, tiles: np.ndarray, batch: int = 32) -> float:
 
 def decode_speed(pipe, question: str = "What is the diagnosis?", steps: int = 32) -> float:
     """Decoder tokens/s over `steps` single-token steps after a prompt (greedy path, cross K/V fixed)."""
-    from ..runtime.kv_cache import KVCache
     from ..text import format_prompt
 
     st = pipe.decoder_state
@@ -40,7 +39,7 @@ def decode_speed(pipe, question: str = "What is the diagnosis?", steps: int = 32
     prompt = pipe.tokenizer.encode(format_prompt(question), add_special_tokens=False).ids
 
     def run():
-        cache = KVCache(st.num_layers, 1, st.kv_heads, st.head_dim, len(prompt) + steps + 1)
+        cache = st.new_cache(1, len(prompt) + steps + 1)
         st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), cross)
         t0 = time.perf_counter()
         for _ in range(steps):

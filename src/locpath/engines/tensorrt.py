@@ -135,10 +135,11 @@ def build_tensorrt_bundle(src: Path, out: Path, manifest, precision: str, overwr
     machine = describe_machine("tensorrt", "cuda")
     cfg_hashes: dict[str, str] = {}
     t_start = time.time()
-    from .build import _copy_bundle, _finish, record_engine
+    from .build import _copy_bundle, _finish, drop_fused, record_engine
 
     with atomic_dir(out) as tmp:
         _copy_bundle(src, tmp, manifest)
+        drop_fused(tmp, manifest, log)  # GroupQueryAttention is an ONNX Runtime contrib op: TensorRT runs the plain graph
         timing_cache = tmp / "timing.cache"
         for comp, entry in manifest.components.items():
             onnx_in = src / entry.file

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engines.manifest import ComponentEntry
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SharedKVCache
 from .runners import Runner
 from .sampler import Sampler, SamplingParams
 
@@ -31,6 +31,9 @@ class DecoderState:
         self.cross = [(t["cross_key"].format(layer=i), t["cross_value"].format(layer=i)) for i in self.cara_layers]
         self.outputs = ["logits"] + [n for kv in self.present for n in kv]
 
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        return KVCache(self.num_layers, batch, self.kv_heads, self.head_dim, max_length)
+
     def step(self, input_ids: np.ndarray, cache: KVCache, mask: np.ndarray, cross: dict[str, np.ndarray]) -> np.ndarray:
         b, s = input_ids.shape
         p = cache.length
@@ -47,6 +50,45 @@ class DecoderState:
             cache.append(j, out[kn], out[vn])
         cache.advance(p + s)
         return out["logits"]
+
+
+class FusedDecoderState(DecoderState):
+    """Feeds the fused graph (engines/fused_graph.py): ids and mask only (positions and rotary are inside
+    GroupQueryAttention), K/V buffers shared between past and present, fixed cross K/V; last-position logits."""
+
+    kind = "fused"
+
+    def __init__(self, runner: Runner, entry: ComponentEntry):
+        super().__init__(runner, entry)
+        self.max_positions = int(entry.templates["spec"]["max_positions"])
+        self.vocab = int(entry.templates["spec"]["vocab"])
+
+    def new_cache(self, batch: int, max_length: int) -> SharedKVCache:
+        cache = SharedKVCache(self.runner, self.num_layers, batch, self.kv_heads, self.head_dim,
+                              min(max_length, self.max_positions))
+        cache.logits = np.zeros((batch, 1, self.vocab), np.float32)
+        state = {}
+        for j, ((kn, vn), (pk, pv)) in enumerate(zip(self.past, self.present)):
+            state[kn] = (cache.keys[j], pk)
+            state[vn] = (cache.values[j], pv)
+        cache.binder = self.runner.binder(state, {"logits": cache.logits})  # bound once per question
+        return cache
+
+    def step(self, input_ids: np.ndarray, cache: SharedKVCache, mask: np.ndarray, cross: dict[str, np.ndarray]) -> np.ndarray:
+        b, s = input_ids.shape
+        p = cache.length
+        cache.reserve(s)
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
+                 "attention_mask": np.ascontiguousarray(mask, np.int64)}
+        feeds.update(cross)
+        logits = cache.binder.run(feeds)["logits"]
+        cache.advance(p + s)
+        return logits
+
+
+def decoder_state(runner: Runner, entry: ComponentEntry) -> DecoderState:
+    """The state that feeds this decoder entry's graph: fused (GroupQueryAttention) or plain."""
+    return FusedDecoderState(runner, entry) if entry.templates.get("kind") == "fused" else DecoderState(runner, entry)
 
 
 @dataclass
@@ -75,8 +117,7 @@ class Generator:
         stats = stats if stats is not None else GenerationStats()
         search = Sampler(params)
         need = len(prompt_ids) + params.max_new_tokens
-        cache = KVCache(self.state.num_layers, 1, self.state.kv_heads, self.state.head_dim,
-                        min(self.max_length, need))
+        cache = self.state.new_cache(1, min(self.max_length, need))
         stats.kv_cache_bytes = cache.nbytes
         stats.prompt_tokens = len(prompt_ids)
         history = list(prompt_ids)

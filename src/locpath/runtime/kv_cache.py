@@ -45,3 +45,30 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+
+
+class SharedKVCache:
+    """The fused decoder's self-attention K/V: one buffer per layer and kind, of the capped max length, bound as
+    both the graph's past and present (GroupQueryAttention writes the new positions in place). Nothing is copied
+    between steps; on a GPU the buffers live in device memory."""
+
+    def __init__(self, runner, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
+                 dtype=np.float32):
+        self.num_layers = num_layers
+        self.max_length = max_length
+        shape = (batch, kv_heads, max_length, head_dim)
+        self.keys = [runner.new_buffer(shape, dtype) for _ in range(num_layers)]
+        self.values = [runner.new_buffer(shape, dtype) for _ in range(num_layers)]
+        self.nbytes = 2 * num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.length = 0
+
+    def reserve(self, new: int) -> None:
+        if self.length + new > self.max_length:
+            raise LocpathError(f"KV cache full: {self.length + new} positions exceed the cap of {self.max_length} "
+                               "(shorten the question or lower max_new_tokens)")
+
+    def advance(self, new_length: int) -> None:
+        self.length = new_length
+
+    def reset(self) -> None:
+        self.length = 0

@@ -40,6 +40,8 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         """Next token from one row of logits (V,), given the tokens so far (prompt and generated)."""
+        if not self.p.do_sample and self.p.repetition_penalty == 1.0:
+            return int(np.argmax(logits))  # plain greedy: no float64 copy of a large vocabulary row
         x = logits.astype(np.float64).copy()
         if self.p.repetition_penalty != 1.0 and history:
             idx = np.unique(np.asarray(history, dtype=np.int64))

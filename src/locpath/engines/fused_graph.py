@@ -1,0 +1,351 @@
+"""The fused decoder graph, written op by op from named weights (in the manner of onnxruntime-genai's builder).
+
+Why: the dynamo export of a Hugging Face decoder is ~25 small ops per attention (rotary, concat, masks,
+repeat-kv), and on a CPU decode step the per-op overhead is the cost. This graph uses ONNX Runtime's contrib
+ops instead:
+- `GroupQueryAttention` with rotary inside (cos/sin caches from the model's own inverse frequencies) and the
+  past/present K/V sharing one preallocated buffer per layer, so a decode step writes one position in place;
+- `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` for RMSNorm (+ residual add);
+- CARA cross-attention through `MultiHeadAttention` over the per-question cross K/V (BNSH), gated as in
+  `models/cara.py`;
+- only the last position's logits (`Gemm` against the [vocab, hidden] weight, so a tied lm_head needs no
+  transposed copy);
+- with `quant="int4"`: every weight matmul as `MatMulNBits` (block-wise symmetric INT4, accuracy level 4),
+  the lm_head included, and the embedding as `GatherBlockQuantized` over the *same* INT4 tensor when the
+  embedding is tied (no float copy of the vocabulary matrix is kept at all).
+
+Torch-free (numpy + onnx): `locpath export` feeds it weights taken from the PyTorch model, and `locpath build`
+re-reads those weights from the fp32 fused graph's named initializers to write the INT4 variant.
+The graph runs only on ONNX Runtime (CPU or CUDA execution providers); TensorRT and OpenVINO use the plain
+decoder graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LocpathError
+
+MS = "com.microsoft"
+
+
+@dataclass
+class FusedDecoderSpec:
+    """Everything the graph's shape depends on; saved in the manifest's decoder templates."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: float
+    max_positions: int  # rows of the cos/sin caches: the longest prompt + answer the graph accepts
+    tied_embeddings: bool
+    qkv_bias: bool
+    cara_layers: list = field(default_factory=list)
+    cara_heads: int = 0
+    cara_ffn: int = 0
+    cara_eps: float = 1e-6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusedDecoderSpec":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def expected_weights(self) -> dict[str, tuple]:
+        """Name -> shape of every weight the graph is built from (MatMul weights as [in, out])."""
+        h, kv, hd, d = self.num_heads, self.num_kv_heads, self.head_dim, self.hidden
+        qkv = (h + 2 * kv) * hd
+        w = {"embed": (self.vocab, d), "norm": (d,), "rope.cos_cache": (self.max_positions, hd // 2),
+             "rope.sin_cache": (self.max_positions, hd // 2)}
+        if not self.tied_embeddings:
+            w["lm_head"] = (self.vocab, d)
+        for j in range(self.num_layers):
+            p = f"layers.{j}."
+            w.update({p + "ln1": (d,), p + "qkv.weight": (d, qkv), p + "o.weight": (h * hd, d), p + "ln2": (d,),
+                      p + "gate_up.weight": (d, 2 * self.intermediate), p + "down.weight": (self.intermediate, d)})
+            if self.qkv_bias:
+                w[p + "qkv.bias"] = (qkv,)
+        for i in self.cara_layers:
+            p = f"cara.{i}."
+            w.update({p + "norm": (d,), p + "q.weight": (d, d), p + "o.weight": (d, d), p + "router.weight": (d, 1),
+                      p + "router.bias": (1,), p + "attn_scale": (), p + "ffn_norm": (d,),
+                      p + "fc1.weight": (d, self.cara_ffn), p + "fc1.bias": (self.cara_ffn,),
+                      p + "fc2.weight": (self.cara_ffn, d), p + "fc2.bias": (d,), p + "ffn_scale": ()})
+        return w
+
+    def check_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
+        want = self.expected_weights()
+        missing = sorted(set(want) - set(weights))
+        if missing:
+            raise LocpathError(f"{source}: fused decoder weights missing: {', '.join(missing[:6])}"
+                               + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
+        bad = [f"{k} {tuple(weights[k].shape)} (want {want[k]})" for k in want if tuple(weights[k].shape) != want[k]]
+        if bad:
+            raise LocpathError(f"{source}: fused decoder weights of the wrong shape: {'; '.join(bad[:4])}")
+
+
+# -- INT4 block quantization (the layout MatMulNBits and GatherBlockQuantized share) -------------------------
+def quantize_int4_rows(w: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
+    """Quantize each row of w [N, K] in blocks of `block` along K, symmetric around zero point 8.
+
+    Returns packed uint8 [N, n_blocks, block // 2] (low nibble first), scales float32 [N, n_blocks] and K.
+    Dequantized: (q - 8) * scale. The extreme value of each block maps to -8 exactly (scale = extreme / -8),
+    as ONNX Runtime's own symmetric quantizer does.
+    """
+    n, k = w.shape
+    nb = -(-k // block)
+    padded = np.zeros((n, nb * block), np.float32)
+    padded[:, :k] = w
+    blocks = padded.reshape(n, nb, block)
+    idx = np.abs(blocks).argmax(axis=2)
+    extreme = np.take_along_axis(blocks, idx[..., None], axis=2)[..., 0]
+    scale = (extreme / -8.0).astype(np.float32)
+    safe = np.where(scale == 0, 1.0, scale)
+    q = np.clip(np.rint(blocks / safe[..., None]) + 8, 0, 15).astype(np.uint8)
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+    return packed, scale, k
+
+
+def dequantize_int4_rows(packed: np.ndarray, scale: np.ndarray, k: int) -> np.ndarray:
+    lo, hi = packed & 0x0F, packed >> 4
+    q = np.stack([lo, hi], axis=-1).reshape(packed.shape[0], packed.shape[1], -1).astype(np.float32)
+    return ((q - 8) * scale[..., None]).reshape(packed.shape[0], -1)[:, :k]
+
+
+# -- graph writing ----------------------------------------------------------------------------------------
+class _Graph:
+    """A tiny node/initializer accumulator with unique names."""
+
+    def __init__(self):
+        from onnx import helper, numpy_helper
+
+        self.helper, self.numpy_helper = helper, numpy_helper
+        self.nodes, self.inits, self._n = [], {}, 0
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        if name not in self.inits:
+            self.inits[name] = self.numpy_helper.from_array(np.array(arr, order="C"), name)
+        return name
+
+    def const_i64(self, values) -> str:
+        arr = np.asarray(values, np.int64)
+        return self.init(f"const.i64.{'_'.join(str(v) for v in arr.ravel())}.{arr.ndim}d", arr)
+
+    def node(self, op: str, inputs: list, n_out: int = 1, name: str | None = None, domain: str = "",
+             outputs: list | None = None, **attrs):
+        self._n += 1
+        base = name or f"{op}_{self._n}"
+        outs = outputs or [f"{base}/out{i}" for i in range(n_out)]
+        self.nodes.append(self.helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+class _Builder:
+    def __init__(self, spec: FusedDecoderSpec, weights: dict, quant: str, block: int, accuracy_level: int):
+        self.s, self.w, self.quant, self.block, self.acc = spec, weights, quant, block, accuracy_level
+        self.g = _Graph()
+        self.quantized: list[str] = []
+        self.float_matmuls: list[str] = []
+
+    # weights [in, out] as a MatMul, quantized or not
+    def matmul(self, x: str, wname: str, min_k: int = 16) -> str:
+        w = np.asarray(self.w[wname], np.float32)
+        k, n = w.shape
+        if self.quant == "int4" and k >= min_k and n > 1:
+            packed, scale, _ = quantize_int4_rows(w.T, self.block)
+            b = self.g.init(wname + ".int4", packed)
+            sc = self.g.init(wname + ".scales", scale.reshape(-1))
+            self.quantized.append(wname)
+            return self.g.node("MatMulNBits", [x, b, sc], domain=MS, name=wname.replace(".weight", ""), K=k, N=n,
+                               bits=4, block_size=self.block, accuracy_level=self.acc)
+        self.float_matmuls.append(wname)
+        return self.g.node("MatMul", [x, self.g.init(wname, w)], name=wname.replace(".weight", ""))
+
+    def rms(self, x: str, wname: str, eps: float, skip: str | None = None) -> tuple[str, str]:
+        """RMSNorm(x [+ skip]) -> (normed, residual sum)."""
+        gamma = self.g.init(wname, np.asarray(self.w[wname], np.float32))
+        if skip is None:
+            return self.g.node("SimplifiedLayerNormalization", [x, gamma], name=wname, axis=-1, epsilon=eps,
+                               stash_type=1), x
+        outs = self.g.node("SkipSimplifiedLayerNormalization", [x, skip, gamma], n_out=4, name=wname, domain=MS,
+                           epsilon=eps)
+        return outs[0], outs[3]
+
+    def embedding(self, ids: str) -> str:
+        s = self.s
+        embed = np.asarray(self.w["embed"], np.float32)
+        if self.quant == "int4" and s.tied_embeddings:
+            packed, scale, _ = quantize_int4_rows(embed, self.block)
+            self._lm_int4 = (self.g.init("embed.int4", packed), self.g.init("embed.scales", scale.reshape(-1)))
+            data = self.g.node("Reshape", ["embed.int4", self.g.const_i64([s.vocab, -1])], name="embed.reshape")
+            scales = self.g.node("Reshape", ["embed.scales", self.g.const_i64([s.vocab, -1])], name="embed.scales2d")
+            self.quantized.append("embed")
+            h = self.g.node("GatherBlockQuantized", [data, ids, scales], domain=MS, name="embed", bits=4,
+                            block_size=self.block, gather_axis=0, quantize_axis=1)
+            if packed.shape[1] * self.block != s.hidden:  # rows padded to whole blocks
+                h = self.g.node("Slice", [h, self.g.const_i64([0]), self.g.const_i64([s.hidden]), self.g.const_i64([-1])])
+            return h
+        return self.g.node("Gather", [self.g.init("embed", embed), ids], name="embed")
+
+    def lm_head(self, x2d: str) -> str:
+        s = self.s
+        if self.quant == "int4":
+            if s.tied_embeddings:
+                b, sc = self._lm_int4
+            else:
+                packed, scale, _ = quantize_int4_rows(np.asarray(self.w["lm_head"], np.float32), self.block)
+                b, sc = self.g.init("lm_head.int4", packed), self.g.init("lm_head.scales", scale.reshape(-1))
+            self.quantized.append("lm_head")
+            return self.g.node("MatMulNBits", [x2d, b, sc], domain=MS, name="lm_head", K=s.hidden, N=s.vocab, bits=4,
+                               block_size=self.block, accuracy_level=self.acc)
+        wname = "embed" if s.tied_embeddings else "lm_head"
+        self.float_matmuls.append(wname)
+        return self.g.node("Gemm", [x2d, self.g.init(wname, np.asarray(self.w[wname], np.float32))], name="lm_head",
+                           transB=1)
+
+    def cara(self, h: str, i: int) -> str:
+        s, p = self.s, f"cara.{i}."
+        x, _ = self.rms(h, p + "norm", s.cara_eps)
+        q = self.matmul(x, p + "q.weight")
+        att = self.g.node("MultiHeadAttention", [q, f"cross_key.{i}", f"cross_value.{i}"], domain=MS,
+                          name=p + "cross_attention", num_heads=s.cara_heads)
+        route = self.g.node("Sigmoid", [self.g.node("Add", [self.matmul(x, p + "router.weight"),
+                                                             self.g.init(p + "router.bias", self.w[p + "router.bias"])])])
+        gate = self.g.node("Mul", [route, self.g.init(p + "attn_scale", np.asarray(self.w[p + "attn_scale"], np.float32))])
+        h = self.g.node("Add", [h, self.g.node("Mul", [gate, self.matmul(att, p + "o.weight")])], name=p + "attn_residual")
+        y, _ = self.rms(h, p + "ffn_norm", s.cara_eps)
+        y = self.g.node("Add", [self.matmul(y, p + "fc1.weight"), self.g.init(p + "fc1.bias", self.w[p + "fc1.bias"])])
+        y = self.g.node("Gelu", [y], domain=MS)
+        y = self.g.node("Add", [self.matmul(y, p + "fc2.weight"), self.g.init(p + "fc2.bias", self.w[p + "fc2.bias"])])
+        y = self.g.node("Mul", [y, self.g.init(p + "ffn_scale", np.asarray(self.w[p + "ffn_scale"], np.float32))])
+        return self.g.node("Add", [h, y], name=p + "ffn_residual")
+
+    def build(self):
+        s, g = self.s, self.g
+        helper = g.helper
+        from onnx import TensorProto
+
+        hd, qd, kvd = s.head_dim, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        cos = g.init("rope.cos_cache", np.asarray(self.w["rope.cos_cache"], np.float32))
+        sin = g.init("rope.sin_cache", np.asarray(self.w["rope.sin_cache"], np.float32))
+        # attention mask -> GroupQueryAttention's seqlens_k (valid length - 1) and total length
+        msum = g.node("ReduceSum", ["attention_mask", g.const_i64([1])], keepdims=0, name="mask.sum")
+        seqlens = g.node("Cast", [g.node("Sub", [msum, g.const_i64(1)])], to=TensorProto.INT32, name="seqlens_k")
+        total = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const_i64(1)], axis=0)],
+                       to=TensorProto.INT32, name="total_sequence_length")
+        split_qkv = g.const_i64([qd, kvd, kvd])
+        split_mlp = g.const_i64([s.intermediate, s.intermediate])
+
+        h = self.embedding("input_ids")
+        pending = None  # (mlp output, residual) not yet added
+        for j in range(s.num_layers):
+            p = f"layers.{j}."
+            if j in s.cara_layers:
+                if pending is not None:
+                    h = g.node("Add", list(pending))
+                    pending = None
+                h = self.cara(h, j)
+            if pending is None:
+                x, h = self.rms(h, p + "ln1", s.rms_eps)
+            else:
+                x, h = self.rms(pending[0], p + "ln1", s.rms_eps, skip=pending[1])
+            qkv = self.matmul(x, p + "qkv.weight")
+            if s.qkv_bias:
+                qkv = g.node("Add", [qkv, g.init(p + "qkv.bias", np.asarray(self.w[p + "qkv.bias"], np.float32))])
+            q, k, v = g.node("Split", [qkv, split_qkv], n_out=3, axis=-1, name=p + "qkv.split")
+            att = g.node("GroupQueryAttention", [q, k, v, f"past_key.{j}", f"past_value.{j}", seqlens, total, cos, sin],
+                         domain=MS, name=p + "attention", outputs=[p + "attention/out0", f"present_key.{j}",
+                                                                    f"present_value.{j}"],
+                         num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0)
+            o = self.matmul(att, p + "o.weight")
+            x, h = self.rms(o, p + "ln2", s.rms_eps, skip=h)
+            gate, up = g.node("Split", [self.matmul(x, p + "gate_up.weight"), split_mlp], n_out=2, axis=-1,
+                              name=p + "gate_up.split")
+            act = g.node("Mul", [g.node("Mul", [gate, g.node("Sigmoid", [gate])]), up], name=p + "swiglu")
+            pending = (self.matmul(act, p + "down.weight"), h)
+        # last position only: the generator samples from it
+        last_out = g.node("Slice", [pending[0], g.const_i64([-1]), g.const_i64([np.iinfo(np.int64).max]),
+                                    g.const_i64([1])], name="last.mlp")
+        last_res = g.node("Slice", [pending[1], g.const_i64([-1]), g.const_i64([np.iinfo(np.int64).max]),
+                                    g.const_i64([1])], name="last.residual")
+        x, _ = self.rms(last_out, "norm", s.rms_eps, skip=last_res)
+        x2d = g.node("Reshape", [x, g.const_i64([-1, s.hidden])], name="last.flatten")
+        logits2d = self.lm_head(x2d)
+        g.node("Reshape", [logits2d, g.const_i64([-1, 1, s.vocab])], name="logits.reshape", outputs=["logits"])
+
+        f32 = TensorProto.FLOAT
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+        outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, s.vocab])]
+        for j in range(s.num_layers):
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{j}", f32, ["batch", s.num_kv_heads, "max_length", hd]))
+                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{j}", f32, ["batch", s.num_kv_heads, "max_length", hd]))
+        ch = s.hidden // s.cara_heads if s.cara_heads else 0
+        for i in s.cara_layers:
+            for kind in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"cross_{kind}.{i}", f32, ["batch", s.cara_heads, "selected", ch]))
+        graph = helper.make_graph(g.nodes, "locpath_fused_decoder", inputs, outputs, list(g.inits.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
+                                  producer_name="locpath.fused_graph")
+        model.ir_version = 8
+        return model
+
+
+def build_fused_decoder(spec: FusedDecoderSpec, weights: dict[str, np.ndarray], out: str | os.PathLike,
+                        quant: str = "fp32", block_size: int = 32, accuracy_level: int = 4,
+                        source: str = "weights") -> dict:
+    """Write the fused decoder ONNX to `out` (atomically) and return what was done."""
+    import onnx
+
+    from ..fsutil import atomic_file
+
+    if quant not in ("fp32", "int4"):
+        raise LocpathError(f"fused decoder precision must be fp32 or int4, not {quant!r}")
+    if spec.head_dim % 2:
+        raise LocpathError(f"{source}: rotary needs an even head_dim, got {spec.head_dim}")
+    spec.check_weights(weights, source)
+    b = _Builder(spec, weights, quant, block_size, accuracy_level)
+    model = b.build()
+    out = Path(out)
+    data_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    with atomic_file(out) as tmp:
+        if data_bytes > 1_800_000_000:  # protobuf's 2 GB limit: weights beside the graph
+            onnx.save_model(model, str(tmp), save_as_external_data=True, location=out.name + ".data")
+        else:
+            onnx.save_model(model, str(tmp))
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"method": "locpath fused decoder graph (GroupQueryAttention, rotary inside, shared KV buffers)",
+            "precision": quant, "nodes": len(model.graph.node), "ops": ops,
+            "int4_weights": len(b.quantized) if quant == "int4" else 0,
+            "float_matmul_weights": b.float_matmuls, "block_size": block_size if quant == "int4" else None,
+            "accuracy_level": accuracy_level if quant == "int4" else None,
+            "embedding": ("GatherBlockQuantized (shared with lm_head)" if quant == "int4" and spec.tied_embeddings
+                          else "Gather fp32")}
+
+
+def weights_from_fused_onnx(path: str | os.PathLike, spec: FusedDecoderSpec) -> dict[str, np.ndarray]:
+    """Read the fp32 fused graph's named weights back (what `locpath build` re-quantizes)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:
+        raise LocpathError(f"{path}: cannot read the fused decoder ({exc})") from exc
+    want = spec.expected_weights()
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in want}
+    spec.check_weights(out, str(path))
+    return out

@@ -170,6 +170,35 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     assert pipe.ask(eval_slide, "What is the diagnosis?").answer == fp32.ask(eval_slide, "What is the diagnosis?").answer
 
 
+def test_openvino_nncf_int8_encoder(ref_bundle, eval_slide, tmp_path, calibration, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from locpath.engines.build import build_bundle
+    from locpath.engines.manifest import BundleError
+
+    assert main(["build", str(ref_bundle), str(tmp_path / "nocal"), "--backend", "openvino", "--precision", "int8"]) == 2
+    assert "needs a calibration set" in capsys.readouterr().err and not (tmp_path / "nocal").exists()
+    out = build_bundle(ref_bundle, tmp_path / "ov8", "int8+int4", backend="openvino", calibration=calibration,
+                       log=lambda m: None)
+    m = load_manifest(out)
+    enc = m.components["tile_encoder"]
+    assert (enc.backend, enc.precision, enc.file) == ("openvino", "int8", "tile_encoder.openvino-int8.xml")
+    assert set(enc.data_files) == {"tile_encoder.openvino-int8.bin"} and enc.quantization["calibration_tiles"] == 24
+    assert m.components["resampler"].precision == "bf16"
+    fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
+    pipe = Pipeline.from_bundle(out, use_cache=False)
+    a, b = fp32._encode(calibration.tiles()), pipe._encode(calibration.tiles())
+    cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.mean() >= 0.995
+    assert pipe.ask(eval_slide, "Which organ is this?").answer == fp32.ask(eval_slide, "Which organ is this?").answer
+    # the weights file is covered by the manifest's checksums
+    with open(out / "tile_encoder.openvino-int8.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(BundleError, match=r"tile_encoder.openvino-int8.bin: checksum mismatch"):
+        load_manifest(out)
+
+
 def test_auto_build_picks_per_stage_by_measurement(ref_bundle, calibration, tmp_path):
     from locpath.engines.build import build_bundle
 
@@ -183,7 +212,10 @@ def test_auto_build_picks_per_stage_by_measurement(ref_bundle, calibration, tmp_
     ok = {k: v for k, v in auto["encoder_candidates"].items() if v["cosine"] >= 0.995}
     assert enc == max(ok, key=lambda k: ok[k]["tiles_per_s"])
     want = {"ort-fp32": ("onnxruntime", "fp32"), "ort-int8": ("onnxruntime", "int8-dynamic"),
-            "openvino-bf16": ("openvino", "bf16")}[enc]
+            "openvino-bf16": ("openvino", "bf16"), "openvino-int8": ("openvino", "int8")}[enc]
     assert (m.components["tile_encoder"].backend, m.components["tile_encoder"].precision) == want
     assert m.components["decoder"].precision == ("int4" if dec == "ort-int4" else "fp32")
+    if "decoder_fused" in m.components:
+        assert auto["decoder_candidates"][dec]["graph"] == "decoder_fused"
+        assert m.components["decoder_fused"].precision == ("int4-fused" if dec == "ort-int4" else "fp32")
     Pipeline.from_bundle(out, use_cache=False)  # loads: engine configs agree with this machine

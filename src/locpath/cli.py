@@ -278,7 +278,7 @@ def cmd_build(args) -> int:
         summary["report"] = build_report(args.bundle, {args.precision: out}, tiles, args.seed, args.count, log=log)
         if not args.json:
             for name, r in summary["report"]["precisions"].items():
-                print(f"{name:12s} cosine {r['feature_cosine_mean']:.5f} (min {r['feature_cosine_min']:.5f})  "
+                print(f"{name:12s} [{r['decoder']}] cosine {r['feature_cosine_mean']:.5f} (min {r['feature_cosine_min']:.5f})  "
                       f"accuracy {r['accuracy']:.3f}  agreement {r['answer_agreement']:.3f}  "
                       f"tiles/s {r['tiles_per_s']:.0f} ({r['tiles_per_s_vs_fp32']:.2f}x)  "
                       f"decode tok/s {r['decode_tokens_per_s']:.0f} ({r['decode_vs_fp32']:.2f}x)")

@@ -108,13 +108,13 @@ def evaluate_checkpoint(checkpoint: str | Path, seed: int, count: int, keep_dir:
 
 
 def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | Path | None = None,
-                    progress: bool = False, device: str = "cpu") -> EvalResult:
+                    progress: bool = False, device: str = "cpu", decoder: str = "auto") -> EvalResult:
     """The same held-out slides and questions as `evaluate_checkpoint`, answered by the torch-free runtime."""
     from .runtime.pipeline import Pipeline
 
     t0 = time.time()
     records = []
-    pipe = Pipeline.from_bundle(bundle, device=device, use_cache=False)
+    pipe = Pipeline.from_bundle(bundle, device=device, use_cache=False, decoder=decoder)
     with tempfile.TemporaryDirectory(prefix="locpath-eval-") as tmp:
         work = Path(keep_dir) if keep_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

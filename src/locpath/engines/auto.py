@@ -1,8 +1,9 @@
 """`locpath build --precision auto`: the CPU bundle whose backend and precision are chosen per stage by
 measurement on this machine, not by rule.
 
-Candidates: tile encoder + resampler on ORT fp32, ORT dynamic INT8 (encoder) or OpenVINO bf16 (when installed);
-decoder on ORT fp32 or ORT INT4. A candidate qualifies when its encoder features keep cosine >= 0.995 against
+Candidates: tile encoder + resampler on ORT fp32, ORT dynamic INT8 (encoder), OpenVINO bf16 or OpenVINO NNCF INT8
+(encoder; resampler bf16) when OpenVINO/NNCF are installed; decoder on ORT fp32 or ORT INT4 (the fused graph
+when the bundle has one, as the runtime would run it). A candidate qualifies when its encoder features keep cosine >= 0.995 against
 fp32 on the calibration tiles, or when its decoder's greedy answers to the calibration questions are token for
 token those of fp32; among qualifying candidates the fastest (tiles/s, decode tokens/s, measured back to back)
 wins. The decision and every measurement are recorded in the manifest under export.build.auto.
@@ -50,6 +51,14 @@ def choose(src: Path, cal, log=print) -> dict:
         if openvino_version() is not None:
             b = build_bundle(src, Path(tmp) / "ov", "bf16", backend="openvino", log=lambda m: None)
             cands["openvino-bf16"] = Pipeline.from_bundle(b, use_cache=False)
+            try:
+                import nncf  # noqa: F401
+            except ImportError:
+                log("auto: NNCF is not installed, OpenVINO INT8 not measured")
+            else:
+                b = build_bundle(src, Path(tmp) / "ovint8", "int8", backend="openvino", calibration=cal,
+                                 log=lambda m: None)
+                cands["openvino-int8"] = Pipeline.from_bundle(b, use_cache=False)
         ref_feats = cands["ort-fp32"]._encode(tiles)
         ref_answers = _answers(cands["ort-fp32"], cal)
         enc, dec = {}, {}
@@ -65,6 +74,8 @@ def choose(src: Path, cal, log=print) -> dict:
         for key in dec:
             dec[key]["tokens_per_s"] = float(np.median(dec[key]["tokens_per_s"]))
         dec["ort-fp32"]["agreement"] = 1.0
+        dec["ort-fp32"]["graph"] = cands["ort-fp32"].decoder_component
+        dec["ort-int4"]["graph"] = cands["ort-int8"].decoder_component
         int4 = _answers(cands["ort-int8"], cal)
         dec["ort-int4"]["agreement"] = float(np.mean([a == b for a, b in zip(int4, ref_answers)]))
         for p in cands.values():
@@ -76,7 +87,9 @@ def choose(src: Path, cal, log=print) -> dict:
     recipe = {("ort-fp32", "ort-fp32"): ("ort", "fp32"), ("ort-fp32", "ort-int4"): ("ort", "int4"),
               ("ort-int8", "ort-int4"): ("ort", "int8"), ("ort-int8", "ort-fp32"): ("ort", "int8-encoder"),
               ("openvino-bf16", "ort-fp32"): ("openvino", "bf16"),
-              ("openvino-bf16", "ort-int4"): ("openvino", "bf16+int4")}[(best_enc, best_dec)]
+              ("openvino-bf16", "ort-int4"): ("openvino", "bf16+int4"),
+              ("openvino-int8", "ort-fp32"): ("openvino", "int8"),
+              ("openvino-int8", "ort-int4"): ("openvino", "int8+int4")}[(best_enc, best_dec)]
     log(f"auto: encoder {best_enc} ({enc[best_enc]['tiles_per_s']:.0f} tiles/s), decoder {best_dec} "
         f"({dec[best_dec]['tokens_per_s']:.0f} tok/s) -> {recipe[0]} {recipe[1]}")
     return {"encoder": best_enc, "decoder": best_dec, "recipe": list(recipe), "encoder_candidates": enc,

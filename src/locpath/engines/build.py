@@ -14,6 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import LocpathError
 from ..fsutil import atomic_dir
 from . import quantize_ort as q
@@ -51,7 +53,7 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
 
         return build_tensorrt_bundle(src, out, manifest, precision, overwrite=overwrite, log=log)
     if backend == "openvino":
-        return _build_openvino(src, out, manifest, precision, log)
+        return _build_openvino(src, out, manifest, precision, log, calibration)
     if backend != "ort":
         raise LocpathError(f"unknown backend {backend!r} (ort, openvino or tensorrt)")
     if precision not in ORT_RECIPES:
@@ -151,17 +153,21 @@ def _fused_int4(fp32: Path, built: Path, entry) -> dict:
 OPENVINO_COMPONENTS = ("tile_encoder", "resampler")
 
 
-def _build_openvino(src: Path, out: Path, manifest, precision: str, log) -> Path:
-    """Mark the vision graphs for OpenVINO (bf16 on AMX, or fp32); OpenVINO compiles the same ONNX at load.
+def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibration=None) -> Path:
+    """The vision graphs on OpenVINO: bf16/fp32 compile the bundle's ONNX at load (bf16 on AMX); int8 quantizes the
+    tile encoder with OpenVINO's own NNCF (post-training, calibrated on the calibration tiles, transformer preset:
+    LayerNorm, Softmax and residual adds stay float) into an OpenVINO IR, with the resampler on bf16.
     The decoder stays on ONNX Runtime (INT4 MatMulNBits with "+int4"): ORT-made quantized graphs run badly in
     OpenVINO, and decode steps at these sizes are dominated by per-call overhead."""
     from ..runtime.openvino_runner import OpenVinoRunner, openvino_version
 
     ov_precision, _, decoder = precision.partition("+")
-    if ov_precision not in ("bf16", "fp32") or decoder not in ("", "int4"):
-        raise LocpathError(f"OpenVINO precision must be bf16, fp32, bf16+int4 or fp32+int4, not {precision!r}")
+    if ov_precision not in ("bf16", "fp32", "int8") or decoder not in ("", "int4"):
+        raise LocpathError(f"OpenVINO precision must be bf16, fp32 or int8, optionally +int4 (decoder), not {precision!r}")
     if openvino_version() is None:
         raise LocpathError("OpenVINO is not installed (pip install 'locpath[openvino]')")
+    if ov_precision == "int8" and calibration is None:
+        raise LocpathError("OpenVINO int8 (NNCF) needs a calibration set: pass --calibration NPZ or --slides SLIDE...")
     machine = describe_machine("openvino", "cpu")
     cfg_hashes: dict[str, str] = {}
     t_start = time.time()
@@ -170,16 +176,44 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log) -> Path
         for comp in OPENVINO_COMPONENTS:
             entry = manifest.components[comp]
             t0 = time.time()
-            OpenVinoRunner(tmp / entry.file, comp, precision=ov_precision).load()  # fails here, not on the appliance
-            info = {"method": "OpenVINO compile at load", "inference_precision_hint": ov_precision,
-                    "compile_seconds": round(time.time() - t0, 2)}
-            record_engine(tmp, entry, comp, "openvino", ov_precision, entry.file, machine, info, cfg_hashes)
-            log(f"build: {comp} -> OpenVINO {ov_precision} (compiled in {info['compile_seconds']} s)")
+            if ov_precision == "int8" and comp == "tile_encoder":
+                info = _nncf_int8(src / entry.file, tmp, comp, calibration)
+                artifact, comp_precision = info.pop("artifact"), "int8"
+                (tmp / entry.file).unlink()
+            else:
+                artifact, comp_precision = entry.file, ("bf16" if ov_precision == "int8" else ov_precision)
+                info = {"method": "OpenVINO compile at load", "inference_precision_hint": comp_precision}
+            OpenVinoRunner(tmp / artifact, comp, precision=comp_precision).load()  # fails here, not on the appliance
+            info["compile_seconds"] = round(time.time() - t0, 2)
+            data = info.get("data_file")
+            record_engine(tmp, entry, comp, "openvino", comp_precision, artifact, machine, info, cfg_hashes)
+            entry.data_files = {data: sha256_file(tmp / data)} if data else {}
+            log(f"build: {comp} -> OpenVINO {comp_precision} ({info['compile_seconds']} s)")
         if decoder == "int4":
             for comp, how in (("decoder", "int4"), (FUSED, "int4-fused")):
                 if comp in manifest.components:
                     _quantize(src, tmp, manifest.components[comp], comp, how, None,
                               describe_machine("onnxruntime", "cpu"), cfg_hashes, log)
-        _finish(tmp, manifest, cfg_hashes, src, precision, "openvino", t_start)
+        _finish(tmp, manifest, cfg_hashes, src, precision, "openvino", t_start,
+                calibration=str(calibration.path) if calibration is not None else None)
     log(f"build: {out} (OpenVINO {precision}) in {time.time() - t_start:.1f} s")
     return out
+
+
+def _nncf_int8(onnx_path: Path, tmp: Path, comp: str, calibration) -> dict:
+    """NNCF post-training INT8 of an ONNX graph through OpenVINO, saved as IR (.xml + .bin) in `tmp`."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as exc:
+        raise LocpathError("OpenVINO int8 needs NNCF (pip install 'locpath[openvino]')") from exc
+    tiles = calibration.tiles()
+    items = [np.ascontiguousarray(tiles[i:i + 1]) for i in range(len(tiles))]
+    model = ov.Core().read_model(str(onnx_path))
+    quantized = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(items), preset=nncf.QuantizationPreset.PERFORMANCE)
+    xml = f"{comp}.openvino-int8.xml"
+    ov.save_model(quantized, str(tmp / xml), compress_to_fp16=False)
+    return {"method": "NNCF post-training quantization (OpenVINO backend), transformer preset",
+            "nncf": getattr(nncf, "__version__", "?"), "calibration_tiles": len(items), "artifact": xml,
+            "data_file": xml[:-4] + ".bin", "inference_precision_hint": "f32 (INT8 ops in INT8)"}

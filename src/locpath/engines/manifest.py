@@ -69,6 +69,7 @@ class ComponentEntry:
     quantization: dict = field(default_factory=dict)  # the recipe, when not plain fp32
     parent_sha256: str | None = None  # the fp32 graph a built component came from
     engine_config: str | None = None  # EngineConfig file beside a built component
+    data_files: dict = field(default_factory=dict)  # weights beside `file` (OpenVINO .bin, ONNX external data) -> sha256
 
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
@@ -173,6 +174,8 @@ class Manifest:
     def files(self) -> dict[str, str]:
         """Every file the bundle needs -> its recorded sha256."""
         out = {c.file: c.sha256 for c in self.components.values()}
+        for c in self.components.values():
+            out.update(c.data_files)
         # engine configs are checked against the machine at load time, and covered by checksums here
         recorded = self.export.get("engine_config_sha256", {})
         out.update({c.engine_config: recorded.get(c.engine_config, "") for c in self.components.values() if c.engine_config})

@@ -52,12 +52,18 @@ def decode_speed(pipe, question: str = "What is the diagnosis?", steps: int = 32
 
 def build_report(reference: str | Path, built: dict[str, str | Path], tiles: np.ndarray, seed: int, count: int,
                  log=print) -> dict:
-    """Compare each built bundle with the fp32 `reference` bundle."""
+    """Compare each built bundle with the fp32 `reference` bundle (and, when the reference has a fused decoder,
+    with its plain decoder graph too: row `fp32-plain`)."""
     from ..eval import evaluate_bundle
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import FUSED, Pipeline
 
     pipes = {"fp32": Pipeline.from_bundle(reference, use_cache=False)}
+    sources = {"fp32": (reference, "auto")}
+    if pipes["fp32"].decoder_component == FUSED:
+        pipes["fp32-plain"] = Pipeline.from_bundle(reference, use_cache=False, decoder="plain")
+        sources["fp32-plain"] = (reference, "plain")
     pipes.update({k: Pipeline.from_bundle(v, use_cache=False) for k, v in built.items()})
+    sources.update({k: (v, "auto") for k, v in built.items()})
     ref_feats = pipes["fp32"]._encode(tiles)
     rows: dict[str, dict] = {}
     for name, pipe in pipes.items():
@@ -74,8 +80,9 @@ def build_report(reference: str | Path, built: dict[str, str | Path], tiles: np.
         r["decode_tokens_per_s"] = float(np.median(r["decode_tokens_per_s"]))
     results = {}
     for name in pipes:
-        src = reference if name == "fp32" else built[name]
-        results[name] = evaluate_bundle(src, seed, count)
+        src, decoder = sources[name]
+        rows[name]["decoder"] = pipes[name].decoder_component
+        results[name] = evaluate_bundle(src, seed, count, decoder=decoder)
         rows[name]["accuracy"] = results[name].accuracy
         rows[name]["per_type"] = results[name].per_type
         log(f"report: {name}: accuracy {results[name].accuracy:.3f}")

@@ -1,5 +1,7 @@
-"""OpenVINO behind the same Runner interface: reads the bundle's ONNX files directly and compiles them for the
-CPU with an inference-precision hint (bf16 runs on AMX/AVX-512 BF16 units; f32 elsewhere)."""
+"""OpenVINO behind the same Runner interface: reads the bundle's ONNX files (or an OpenVINO IR .xml, as NNCF's INT8
+models are saved) and compiles them for the CPU with an inference-precision hint (bf16 runs on AMX/AVX-512 BF16
+units; f32 elsewhere). INT8 models run their quantized ops in INT8 and the rest at f32: on this machine's AMX the
+f32 hint ran an NNCF INT8 ViT faster than bf16 did (956 vs 820 tiles/s)."""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ class OpenVinoRunner(Runner):
         if device != "cpu":
             raise RunnerError(f"{path}: the OpenVINO runner drives the CPU only (asked for {device!r})")
         self.threads = threads
-        self.hint = {"bf16": "bf16", "fp32": "f32", "f32": "f32"}.get(precision)
+        self.hint = {"bf16": "bf16", "fp32": "f32", "f32": "f32", "int8": "f32"}.get(precision)
         if self.hint is None:
-            raise RunnerError(f"{path}: OpenVINO precision {precision!r} is not supported (bf16 or fp32)")
+            raise RunnerError(f"{path}: OpenVINO precision {precision!r} is not supported (bf16, fp32 or int8)")
         self._compiled = None
         self._req = None
 

@@ -25,6 +25,7 @@ def test_bench_writes_report_markdown_and_plots(ref_bundle, tmp_path, capsys):
     assert big["locpath"]["kv_bytes"] == rep["scaling"][0]["locpath"]["kv_bytes"]
     assert "kv_prefix_over_locpath_at_120" in rep["ratios"] and "encoder_vs_pytorch_bf16" in rep["ratios"]
     assert "decoder_0.5b" in rep["skipped"]
+    assert rep["bundle"]["decoder"] == "decoder_fused" and rep["ratios"]["decoder_fused_vs_plain"] > 0
     assert {p.name for p in (tmp_path / "plots").iterdir()} == {"ttft_vs_tiles.png", "kv_memory_vs_tiles.png", "stages.png"}
     assert "## Ratios" in (tmp_path / "r.md").read_text() and "## Stages" in printed
 
@@ -32,3 +33,26 @@ def test_bench_writes_report_markdown_and_plots(ref_bundle, tmp_path, capsys):
 def test_bench_bad_slide(ref_bundle, tmp_path, capsys):
     code = main(["bench", str(ref_bundle), "--slide", str(tmp_path / "none.svs"), "--quiet"])
     assert code == 2 and "none.svs: file not found" in capsys.readouterr().err
+
+
+def test_decoder_05b_ratios_are_like_for_like():
+    """The 0.5B target compares locpath's fused INT4 with onnxruntime-genai at the same block size."""
+    from locpath.bench.output import decoder_05b_lines
+    from locpath.bench.runner import _ratios_and_targets
+
+    d05 = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": 64, "new_tokens": 64, "threads": 2,
+           "locpath_fused_int4": {"prefill_ms": 240, "tokens_per_s": 46.0},
+           "locpath_fused_int4_block128": {"prefill_ms": 180, "tokens_per_s": 58.0},
+           "locpath_int4": {"prefill_ms": 330, "tokens_per_s": 34.0},
+           "onnxruntime_genai_int4": {"prefill_ms": 310, "tokens_per_s": 46.0},
+           "onnxruntime_genai_int4_block128": {"prefill_ms": 300, "tokens_per_s": 50.0},
+           "transformers_eager_fp32": {"prefill_ms": 800, "tokens_per_s": 10.0}}
+    rep = {"ratios": {}, "targets": {}, "skipped": {}, "baselines": {"decoder_0.5b": d05}}
+    _ratios_and_targets(rep)
+    assert rep["ratios"]["decoder_0.5b_vs_onnxruntime_genai_int4"] == pytest.approx(1.0)
+    assert rep["ratios"]["decoder_0.5b_block128_vs_onnxruntime_genai_int4_block128"] == pytest.approx(1.16)
+    assert rep["ratios"]["decoder_0.5b_fused_vs_plain_int4"] == pytest.approx(46 / 34)
+    t = rep["targets"]["decoder_1.25x_onnxruntime_genai_int4_0.5b"]
+    assert t["value"] == pytest.approx(1.0) and t["met"] is False
+    md = "\n".join(decoder_05b_lines(d05))
+    assert "| locpath_fused_int4_block128 | 180 | 58.0 |" in md and "| onnxruntime_genai_int4 | 310 | 46.0 |" in md

@@ -54,6 +54,12 @@ def test_int8_bundle_records_what_was_done_and_keeps_answers(ref_bundle, int8_bu
         assert q.ask(eval_slide, question).answer == fp32.ask(eval_slide, question).answer
 
 
+def test_int4_block_size_is_checked(ref_bundle, tmp_path, capsys):
+    code = main(["build", str(ref_bundle), str(tmp_path / "x"), "--precision", "int4", "--int4-block-size", "48"])
+    assert code == 2 and "INT4 block size must be one of 16, 32, 64, 128, 256, not 48" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_static_int8_needs_calibration(ref_bundle, tmp_path, capsys):
     code = main(["build", str(ref_bundle), str(tmp_path / "x"), "--precision", "int8-static"])
     assert code == 2 and "calibration" in capsys.readouterr().err

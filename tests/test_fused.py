@@ -129,6 +129,10 @@ def test_decoder_choice_errors(ref_bundle, tmp_path):
     assert choose_decoder(m, "auto", tmp_path) == "decoder"
     with pytest.raises(LocpathError, match="this bundle has no fused decoder"):
         choose_decoder(m, "fused", tmp_path)
+    full = load_manifest(ref_bundle)
+    assert choose_decoder(full, "auto", tmp_path, "cuda") == "decoder"  # CUDA GQA takes fp16/bf16 only
+    with pytest.raises(LocpathError, match="the fused decoder is an fp32 CPU graph; on --device cuda"):
+        choose_decoder(full, "fused", tmp_path, "cuda")
 
 
 def test_weights_are_checked_by_name_and_shape(ref_bundle, tmp_path):

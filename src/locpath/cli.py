@@ -269,7 +269,7 @@ def cmd_build(args) -> int:
 
         cal = build_calibration(args.bundle, args.slides, log=log)
     out = build_bundle(args.bundle, args.out, args.precision, backend=args.backend, calibration=cal,
-                       overwrite=args.overwrite, log=log)
+                       overwrite=args.overwrite, log=log, int4_block_size=args.int4_block_size)
     summary = {"bundle": str(out), "precision": args.precision, "backend": args.backend}
     if args.report:
         from .engines.report import build_report
@@ -437,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--backend", choices=("ort", "openvino", "tensorrt"), default="ort")
     bd.add_argument("--calibration", default=None, help="npz from `locpath calibrate`")
     bd.add_argument("--slides", nargs="+", default=None, help="calibrate on these slides first")
+    bd.add_argument("--int4-block-size", type=int, default=32,
+                    help="weights per INT4 scale in the decoders (16-256; 32 default; 128 reads ~15%% fewer bytes per token)")
     bd.add_argument("--overwrite", action="store_true")
     bd.add_argument("--report", action="store_true", help="cosine, agreement, accuracy and speed vs fp32")
     bd.add_argument("--seed", type=int, default=1, help="held-out seed for --report")

@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from . import __version__
 from .checkpoints import shipped_checkpoint
 from .engines.manifest import BundleError, load_manifest, sha256_file
 from .errors import LocpathError
@@ -37,10 +38,13 @@ def _ensure_bundle(work: Path) -> Path:
         raise LocpathError(f"{weights}: the shipped reference checkpoint is missing from this install")
     try:
         m = load_manifest(bundle, verify=True)
-        if m.source.get("weights_sha256") == sha256_file(weights):
+        if m.source.get("weights_sha256") != sha256_file(weights):
+            print("bundle: the shipped checkpoint changed; exporting again")
+        elif m.locpath_version != __version__ or "decoder_fused" not in m.components:
+            print(f"bundle: exported by locpath {m.locpath_version or '?'} without the fused decoder; exporting again")
+        else:
             print(f"bundle: {bundle} (cached)")
             return bundle
-        print("bundle: the shipped checkpoint changed; exporting again")
     except BundleError:
         pass
     try:

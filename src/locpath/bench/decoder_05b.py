@@ -54,19 +54,19 @@ def _text_only_model(folder: Path):
     return LocPathModel(cfg).eval()
 
 
-def _locpath_fused(folder: Path, work: Path, max_positions: int, log):
-    """The fused graph from the same LLM's weights, fp32 then INT4 the way `locpath build` makes it."""
+def _locpath_fused(folder: Path, work: Path, max_positions: int, log, block_size: int = 32):
+    """The fused graph from the same LLM's weights, INT4 the way `locpath build` makes it."""
     from ..engines.fused_graph import build_fused_decoder
     from ..export.fused import fused_decoder_inputs, fused_templates
 
     out = work / "locpath-0.5b"
-    int4 = out / "decoder_fused.int4.onnx"
+    int4 = out / ("decoder_fused.int4.onnx" if block_size == 32 else f"decoder_fused.int4-b{block_size}.onnx")
     model = _text_only_model(folder)
     spec, weights = fused_decoder_inputs(model, max_positions)
     if not int4.exists():
         out.mkdir(parents=True, exist_ok=True)
-        log("building the 0.5B-shaped fused decoder (INT4)")
-        build_fused_decoder(spec, weights, int4, quant="int4", source=str(folder))
+        log(f"building the 0.5B-shaped fused decoder (INT4, block {block_size})")
+        build_fused_decoder(spec, weights, int4, quant="int4", block_size=block_size, source=str(folder))
     return int4, fused_templates(spec)
 
 
@@ -89,12 +89,13 @@ def _locpath_decoder(folder: Path, work: Path, log):
     return int4, ec.templates
 
 
-def _genai_model(folder: Path, work: Path, threads: int, log) -> Path | None:
-    out = work / "genai-0.5b-int4"
+def _genai_model(folder: Path, work: Path, threads: int, log, block_size: int = 32) -> Path | None:
+    out = work / ("genai-0.5b-int4" if block_size == 32 else f"genai-0.5b-int4-b{block_size}")
     if not (out / "genai_config.json").exists():
-        log("building the onnxruntime-genai INT4 model with its own builder")
+        log(f"building the onnxruntime-genai INT4 model (block {block_size}) with its own builder")
         res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
-                              "-p", "int4", "-e", "cpu", "-c", str(work / "genai-cache")],
+                              "-p", "int4", "-e", "cpu", "-c", str(work / f"genai-cache-b{block_size}"),
+                              "--extra_options", f"block_size={block_size}"],
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"onnxruntime-genai builder failed: {res.stderr[-500:]}")
@@ -107,32 +108,30 @@ def _genai_model(folder: Path, work: Path, threads: int, log) -> Path | None:
     return out
 
 
-def _ours_tokens_per_s(int4: Path, templates: dict, prompt: list[int], new: int, threads: int) -> dict:
+def _ours(int4: Path, templates: dict, prompt: list[int], new: int, threads: int):
+    """One timed generation with locpath's decoder state, spinning on as the Pipeline runs its decoder."""
     from ..engines.manifest import ComponentEntry
     from ..runtime.generator import decoder_state
     from ..runtime.runners import OrtRunner
 
     entry = ComponentEntry(file=int4.name, sha256="", templates=templates)
-    st = decoder_state(OrtRunner(int4, "decoder", threads=threads), entry)
+    st = decoder_state(OrtRunner(int4, "decoder", threads=threads, spin=True), entry)
 
     def run():
         cache = st.new_cache(1, len(prompt) + new + 1)
         t0 = time.perf_counter()
         logits = st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), {})
         t1 = time.perf_counter()
-        tok = int(logits[0, -1].argmax())
-        for _ in range(new):
-            logits = st.step(np.asarray([[tok]]), cache, np.ones((1, cache.length + 1), np.int64), {})
-            tok = int(logits[0, -1].argmax())
-        return t1 - t0, time.perf_counter() - t1
+        toks = [int(logits[0, -1].argmax())]
+        for _ in range(new - 1):
+            logits = st.step(np.asarray([[toks[-1]]]), cache, np.ones((1, cache.length + 1), np.int64), {})
+            toks.append(int(logits[0, -1].argmax()))
+        return t1 - t0, time.perf_counter() - t1, new - 1, toks
 
-    run()
-    runs = [run() for _ in range(2)]
-    return {"prefill_ms": 1000 * float(np.median([r[0] for r in runs])),
-            "tokens_per_s": new / float(np.median([r[1] for r in runs]))}
+    return run
 
 
-def _genai_tokens_per_s(folder: Path, prompt: list[int], new: int) -> dict:
+def _genai(folder: Path, prompt: list[int], new: int):
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
@@ -143,17 +142,30 @@ def _genai_tokens_per_s(folder: Path, prompt: list[int], new: int) -> dict:
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(prompt)
+        gen.generate_next_token()  # samples the first token from the prefill's logits (runs no model)
         t1 = time.perf_counter()
         n = 0
-        while not gen.is_done() and n < new:
+        while not gen.is_done() and n < new - 1:  # each call: one model step on the last token, then a sample
             gen.generate_next_token()
             n += 1
-        return t1 - t0, time.perf_counter() - t1, n
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, n, [int(t) for t in gen.get_sequence(0)[len(prompt):]]
 
-    run()
-    runs = [run() for _ in range(2)]
-    return {"prefill_ms": 1000 * float(np.median([r[0] for r in runs])),
-            "tokens_per_s": float(np.median([r[2] / r[1] for r in runs]))}
+    return run
+
+
+def _rounds(runs: dict, rounds: int = 3) -> dict:
+    """Warm each engine up, then time them in alternating rounds so machine noise spreads over all of them."""
+    for run in runs.values():
+        run()
+    got: dict = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            got[k].append(run())
+    return {k: {"prefill_ms": 1000 * float(np.median([r[0] for r in v])),
+                "tokens_per_s": float(np.median([r[2] / r[1] for r in v])),
+                "tokens_per_s_runs": [round(r[2] / r[1], 2) for r in v], "tokens": v[-1][3]}
+            for k, v in got.items()}
 
 
 def _eager_tokens_per_s(folder: Path, prompt: list[int], new: int) -> dict:
@@ -182,23 +194,26 @@ def bench_decoder_05b(work: Path, log, prompt_len: int = 64, new: int = 64) -> d
     folder = _hf_folder(work, log)
     prompt = [int(x) for x in np.random.default_rng(0).integers(100, 400, prompt_len)]
     fused, fused_t = _locpath_fused(folder, work, 2048, log)
+    fused128, _ = _locpath_fused(folder, work, 2048, log, block_size=128)
     int4, plain_t = _locpath_decoder(folder, work, log)
     res: dict = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": prompt_len, "new_tokens": new,
                  "threads": threads}
-    log("decoding with locpath fused INT4")
-    res["locpath_fused_int4"] = _ours_tokens_per_s(fused, fused_t, prompt, new, threads)
-    res["locpath_fused_int4"]["file_mb"] = round(fused.stat().st_size / 1e6, 1)
-    log("decoding with locpath plain INT4")
-    res["locpath_int4"] = _ours_tokens_per_s(int4, plain_t, prompt, new, threads)
-    res["locpath_int4"]["file_mb"] = round(int4.stat().st_size / 1e6, 1)
+    runs = {"locpath_fused_int4": _ours(fused, fused_t, prompt, new, threads),
+            "locpath_fused_int4_block128": _ours(fused128, fused_t, prompt, new, threads),
+            "locpath_int4": _ours(int4, plain_t, prompt, new, threads)}
     try:
         import onnxruntime_genai  # noqa: F401
 
-        genai = _genai_model(folder, work, threads, log)
-        log("decoding with onnxruntime-genai INT4")
-        res["onnxruntime_genai_int4"] = _genai_tokens_per_s(genai, prompt, new)
+        runs["onnxruntime_genai_int4"] = _genai(_genai_model(folder, work, threads, log), prompt, new)
+        runs["onnxruntime_genai_int4_block128"] = _genai(_genai_model(folder, work, threads, log, 128), prompt, new)
     except ImportError:
         res["onnxruntime_genai_int4"] = {"skipped": "onnxruntime-genai is not installed"}
+    log(f"decoding with {', '.join(runs)} (alternating rounds)")
+    res.update(_rounds(runs))
+    for k, path in (("locpath_fused_int4", fused), ("locpath_fused_int4_block128", fused128), ("locpath_int4", int4)):
+        res[k]["file_mb"] = round(path.stat().st_size / 1e6, 1)
+    for k in runs:  # random weights give near-flat logits: token agreement between INT4 models says nothing here
+        res[k].pop("tokens")
     log("decoding with transformers eager fp32")
     res["transformers_eager_fp32"] = _eager_tokens_per_s(folder, prompt, new)
     return res

@@ -18,6 +18,17 @@ def _f(v, fmt="{:.2f}"):
     return "-" if v is None else fmt.format(v)
 
 
+def decoder_05b_lines(d05: dict) -> list[str]:
+    lines = [f"## Decoder alone, {d05['shape']}, {d05['prompt_tokens']}-token prompt, {d05['new_tokens']} new "
+             f"tokens, {d05['threads']} threads", "", "| runtime | prefill ms | decode tokens/s |", "|---|---|---|"]
+    for k in ("locpath_fused_int4", "onnxruntime_genai_int4", "locpath_fused_int4_block128",
+              "onnxruntime_genai_int4_block128", "locpath_int4", "transformers_eager_fp32"):
+        v = d05.get(k, {})
+        lines.append(f"| {k} | {_f(v.get('prefill_ms'), '{:.0f}')} | "
+                     f"{_f(v.get('tokens_per_s'), '{:.1f}') if 'tokens_per_s' in v else v.get('skipped', '-')} |")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     m, c, thr = report["machine"], report["ceilings"], report["throughput"]
     lines = [f"# locpath bench: {report['bundle']['path']}", "",
@@ -47,13 +58,7 @@ def markdown(report: dict) -> str:
         lines.append("")
     d05 = report.get("baselines", {}).get("decoder_0.5b")
     if d05:
-        lines += [f"## Decoder alone, {d05['shape']}, {d05['prompt_tokens']}-token prompt, {d05['new_tokens']} new "
-                  f"tokens, {d05['threads']} threads", "", "| runtime | prefill ms | decode tokens/s |", "|---|---|---|"]
-        for k in ("locpath_fused_int4", "locpath_int4", "onnxruntime_genai_int4", "transformers_eager_fp32"):
-            v = d05.get(k, {})
-            lines.append(f"| {k} | {_f(v.get('prefill_ms'), '{:.0f}')} | "
-                         f"{_f(v.get('tokens_per_s'), '{:.1f}') if 'tokens_per_s' in v else v.get('skipped', '-')} |")
-        lines.append("")
+        lines += decoder_05b_lines(d05)
     if report.get("ratios"):
         lines += ["## Ratios (>1: locpath / LoC-Path ahead)", "", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]

@@ -378,6 +378,11 @@ def _ratios_and_targets(report: dict) -> None:
         r["decoder_0.5b_vs_onnxruntime_genai_int4"] = ours / d05["onnxruntime_genai_int4"]["tokens_per_s"]
         r["decoder_0.5b_vs_transformers_eager"] = ours / d05["transformers_eager_fp32"]["tokens_per_s"]
         r["decoder_0.5b_fused_vs_plain_int4"] = ours / d05["locpath_int4"]["tokens_per_s"]
+        if "tokens_per_s" in d05.get("onnxruntime_genai_int4_block128", {}):  # like for like at block 128
+            r["decoder_0.5b_block128_vs_onnxruntime_genai_int4_block128"] = (
+                d05["locpath_fused_int4_block128"]["tokens_per_s"] / d05["onnxruntime_genai_int4_block128"]["tokens_per_s"])
+            r["decoder_0.5b_block128_vs_onnxruntime_genai_int4"] = (d05["locpath_fused_int4_block128"]["tokens_per_s"]
+                                                                    / d05["onnxruntime_genai_int4"]["tokens_per_s"])
         v = r["decoder_0.5b_vs_onnxruntime_genai_int4"]
         t["decoder_1.25x_onnxruntime_genai_int4_0.5b"] = {"target": 1.25, "value": v, "met": v >= 1.25}
     else:

@@ -36,7 +36,7 @@ def _answers(pipe, cal) -> list[list[int]]:
     return out
 
 
-def choose(src: Path, cal, log=print) -> dict:
+def choose(src: Path, cal, log=print, int4_block_size: int = 32) -> dict:
     """Measure every candidate; return {'encoder': name, 'decoder': name, 'recipe': (backend, precision), ...}."""
     from ..runtime.openvino_runner import openvino_version
     from ..runtime.pipeline import Pipeline
@@ -46,7 +46,7 @@ def choose(src: Path, cal, log=print) -> dict:
     tiles = cal.tiles()
     with tempfile.TemporaryDirectory(prefix="locpath-auto-") as tmp:
         cands = {"ort-fp32": Pipeline.from_bundle(src, use_cache=False)}
-        b = build_bundle(src, Path(tmp) / "int8", "int8", log=lambda m: None)
+        b = build_bundle(src, Path(tmp) / "int8", "int8", log=lambda m: None, int4_block_size=int4_block_size)
         cands["ort-int8"] = Pipeline.from_bundle(b, use_cache=False)
         if openvino_version() is not None:
             b = build_bundle(src, Path(tmp) / "ov", "bf16", backend="openvino", log=lambda m: None)
@@ -96,15 +96,16 @@ def choose(src: Path, cal, log=print) -> dict:
             "decoder_candidates": dec, "min_cosine": MIN_COSINE}
 
 
-def build_auto(src: Path, out: Path, cal, overwrite: bool, log=print) -> Path:
+def build_auto(src: Path, out: Path, cal, overwrite: bool, log=print, int4_block_size: int = 32) -> Path:
     from .build import build_bundle
     from .manifest import load_manifest
 
     if cal is None:
         raise LocpathError("--precision auto measures candidates on a calibration set: pass --calibration or --slides")
-    decision = choose(src, cal, log)
+    decision = choose(src, cal, log, int4_block_size)
     backend, precision = decision["recipe"]
-    out = build_bundle(src, out, precision, backend=backend, calibration=cal, overwrite=overwrite, log=log)
+    out = build_bundle(src, out, precision, backend=backend, calibration=cal, overwrite=overwrite, log=log,
+                       int4_block_size=int4_block_size)
     m = load_manifest(out, verify=False)
     m.export.setdefault("build", {})["auto"] = json.loads(json.dumps(decision))
     m.save(out)

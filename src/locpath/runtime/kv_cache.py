@@ -50,7 +50,8 @@ class KVCache:
 class SharedKVCache:
     """The fused decoder's self-attention K/V: one buffer per layer and kind, of the capped max length, bound as
     both the graph's past and present (GroupQueryAttention writes the new positions in place). Nothing is copied
-    between steps; on a GPU the buffers live in device memory."""
+    between steps. The buffers come from the runner (`new_buffer`), so a device runner could keep them in device
+    memory; today the fused graph runs on the CPU provider only."""
 
     def __init__(self, runner, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
                  dtype=np.float32):

@@ -53,16 +53,20 @@ FUSED = "decoder_fused"
 DECODER_CHOICES = ("auto", "fused", "plain")
 
 
-def choose_decoder(manifest: Manifest, choice: str, bundle_dir: Path) -> str:
-    """Which decoder graph runs: the fused one (GroupQueryAttention, ONNX Runtime only) when the bundle has it
-    and `choice` is auto or fused; the plain graph otherwise."""
+def choose_decoder(manifest: Manifest, choice: str, bundle_dir: Path, device: str = "cpu") -> str:
+    """Which decoder graph runs: the fused one (GroupQueryAttention, ONNX Runtime CPU) when the bundle has it
+    and `choice` is auto or fused; the plain graph otherwise. The fused graph is fp32, and ONNX Runtime's CUDA
+    GroupQueryAttention takes fp16/bf16 only, so GPUs run the plain graph."""
     if choice not in DECODER_CHOICES:
         raise LocpathError(f"unknown decoder {choice!r} (choose from {', '.join(DECODER_CHOICES)})")
     fused = manifest.components.get(FUSED)
     if choice == "fused" and fused is None:
         raise LocpathError(f"{bundle_dir}: this bundle has no fused decoder (re-export it with this version of "
                            "locpath, or use --decoder plain)")
-    if choice == "plain" or fused is None:
+    if choice == "fused" and device != "cpu":
+        raise LocpathError(f"{bundle_dir}: the fused decoder is an fp32 CPU graph; on --device {device} use "
+                           "--decoder plain (or auto)")
+    if choice == "plain" or fused is None or device != "cpu":
         return "decoder"
     return FUSED
 
@@ -125,7 +129,7 @@ class Pipeline:
             raise LocpathError(f"{self.bundle_dir}: fusion {manifest.fusion!r} bundles are not runnable yet")
         self.tokenizer = load_tokenizer(self.bundle_dir / manifest.tokenizer.file)
         check_engines(self.bundle_dir, manifest, device)
-        self.decoder_component = choose_decoder(manifest, decoder, self.bundle_dir)
+        self.decoder_component = choose_decoder(manifest, decoder, self.bundle_dir, device)
         skip = {"decoder", FUSED} - {self.decoder_component}  # the other decoder graph is never loaded
         self.runners: dict[str, Runner] = {
             name: make_runner(c.backend, self.bundle_dir / c.file, name, precision=c.precision, device=device,

@@ -59,23 +59,25 @@ def test_fused_graph_matches_pytorch_step_by_step(arch, tied, tmp_path):
     assert validate_fused(tmp_path / "d.onnx", model, spec) < 5e-5
 
 
-def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(tmp_path):
+@pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
+def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(arch, tied, tmp_path):
     """MatMulNBits and GatherBlockQuantized read our packing as we wrote it (zero point 8, low nibble first)."""
     from locpath.export.fused import fused_decoder_inputs, fused_templates
     from locpath.runtime.generator import FusedDecoderState
     from locpath.runtime.runners import OrtRunner
 
-    model = _model("qwen2", True, cara=(1,))
+    model = _model(arch, tied, cara=(1,))
     spec, w = fused_decoder_inputs(model, 32)
     int4 = build_fused_decoder(spec, w, tmp_path / "q.onnx", quant="int4", accuracy_level=1)
     assert int4["float_matmul_weights"] == ["cara.1.router.weight"]  # everything else, lm_head included, is INT4
     assert int4["ops"]["GatherBlockQuantized"] == 1 and int4["ops"]["Gather"] == 1  # the other reads the mask's shape
+    assert int4["embedding"] == ("GatherBlockQuantized (shared with lm_head)" if tied else "GatherBlockQuantized")
     deq = dict(w)
     for name, arr in w.items():
-        if name == "embed" or (name.endswith(".weight") and arr.ndim == 2 and arr.shape[1] > 1):
-            rows = arr if name == "embed" else arr.T
+        if name in ("embed", "lm_head") or (name.endswith(".weight") and arr.ndim == 2 and arr.shape[1] > 1):
+            rows = arr if name in ("embed", "lm_head") else arr.T
             back = dequantize_int4_rows(*quantize_int4_rows(rows, 32))
-            deq[name] = back if name == "embed" else np.ascontiguousarray(back.T)
+            deq[name] = back if name in ("embed", "lm_head") else np.ascontiguousarray(back.T)
     build_fused_decoder(spec, deq, tmp_path / "deq.onnx")
 
     def run(path):

@@ -11,8 +11,8 @@ ops instead:
 - only the last position's logits (`Gemm` against the [vocab, hidden] weight, so a tied lm_head needs no
   transposed copy);
 - with `quant="int4"`: every weight matmul as `MatMulNBits` (block-wise symmetric INT4, accuracy level 4),
-  the lm_head included, and the embedding as `GatherBlockQuantized` over the *same* INT4 tensor when the
-  embedding is tied (no float copy of the vocabulary matrix is kept at all).
+  the lm_head included, and the embedding as `GatherBlockQuantized` (over the *same* INT4 tensor as the
+  lm_head when the embedding is tied: no float copy of the vocabulary matrix is kept at all).
 
 Torch-free (numpy + onnx): `locpath export` feeds it weights taken from the PyTorch model, and `locpath build`
 re-reads those weights from the fp32 fused graph's named initializers to write the INT4 variant.
@@ -181,20 +181,24 @@ class _Builder:
         return outs[0], outs[3]
 
     def embedding(self, ids: str) -> str:
+        """Gather, or with INT4 GatherBlockQuantized: over the lm_head's own INT4 tensor when tied (one copy
+        serves both), over its own INT4 tensor when not (the fp32 vocabulary matrix is the largest weight)."""
         s = self.s
         embed = np.asarray(self.w["embed"], np.float32)
-        if self.quant == "int4" and s.tied_embeddings:
-            packed, scale, _ = quantize_int4_rows(embed, self.block)
-            self._lm_int4 = (self.g.init("embed.int4", packed), self.g.init("embed.scales", scale.reshape(-1)))
-            data = self.g.node("Reshape", ["embed.int4", self.g.const_i64([s.vocab, -1])], name="embed.reshape")
-            scales = self.g.node("Reshape", ["embed.scales", self.g.const_i64([s.vocab, -1])], name="embed.scales2d")
-            self.quantized.append("embed")
-            h = self.g.node("GatherBlockQuantized", [data, ids, scales], domain=MS, name="embed", bits=4,
-                            block_size=self.block, gather_axis=0, quantize_axis=1)
-            if packed.shape[1] * self.block != s.hidden:  # rows padded to whole blocks
-                h = self.g.node("Slice", [h, self.g.const_i64([0]), self.g.const_i64([s.hidden]), self.g.const_i64([-1])])
-            return h
-        return self.g.node("Gather", [self.g.init("embed", embed), ids], name="embed")
+        if self.quant != "int4":
+            return self.g.node("Gather", [self.g.init("embed", embed), ids], name="embed")
+        packed, scale, _ = quantize_int4_rows(embed, self.block)
+        data, scales = self.g.init("embed.int4", packed), self.g.init("embed.scales", scale.reshape(-1))
+        if s.tied_embeddings:
+            self._lm_int4 = (data, scales)
+        data = self.g.node("Reshape", [data, self.g.const_i64([s.vocab, -1])], name="embed.reshape")
+        scales = self.g.node("Reshape", [scales, self.g.const_i64([s.vocab, -1])], name="embed.scales2d")
+        self.quantized.append("embed")
+        h = self.g.node("GatherBlockQuantized", [data, ids, scales], domain=MS, name="embed", bits=4,
+                        block_size=self.block, gather_axis=0, quantize_axis=1)
+        if packed.shape[1] * self.block != s.hidden:  # rows padded to whole blocks
+            h = self.g.node("Slice", [h, self.g.const_i64([0]), self.g.const_i64([s.hidden]), self.g.const_i64([-1])])
+        return h
 
     def lm_head(self, x2d: str) -> str:
         s = self.s
@@ -331,8 +335,8 @@ def build_fused_decoder(spec: FusedDecoderSpec, weights: dict[str, np.ndarray], 
             "int4_weights": len(b.quantized) if quant == "int4" else 0,
             "float_matmul_weights": b.float_matmuls, "block_size": block_size if quant == "int4" else None,
             "accuracy_level": accuracy_level if quant == "int4" else None,
-            "embedding": ("GatherBlockQuantized (shared with lm_head)" if quant == "int4" and spec.tied_embeddings
-                          else "Gather fp32")}
+            "embedding": ("Gather fp32" if quant != "int4" else "GatherBlockQuantized (shared with lm_head)"
+                          if spec.tied_embeddings else "GatherBlockQuantized")}
 
 
 def weights_from_fused_onnx(path: str | os.PathLike, spec: FusedDecoderSpec) -> dict[str, np.ndarray]:

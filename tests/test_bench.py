@@ -56,3 +56,21 @@ def test_decoder_05b_ratios_are_like_for_like():
     assert t["value"] == pytest.approx(1.0) and t["met"] is False
     md = "\n".join(decoder_05b_lines(d05))
     assert "| locpath_fused_int4_block128 | 180 | 58.0 |" in md and "| onnxruntime_genai_int4 | 310 | 46.0 |" in md
+
+
+def test_encoder_vit_b_target_takes_the_fastest_accurate_variant():
+    from locpath.bench.output import encoder_vitb_lines
+    from locpath.bench.runner import _ratios_and_targets
+
+    def v(tps, cos):
+        return {"tiles_per_s": tps, "cosine_mean": cos, "cosine_min": cos, "vs_ort_fp32": tps / 7.0,
+                "vs_pytorch_bf16": tps / 30.0}
+
+    vb = {"shape": "ViT-B/16", "batch": 16, "variants": {
+        "ort_fp32": v(7.0, 1.0), "openvino_bf16": v(31.0, 0.99996), "openvino_nncf_int8": v(45.0, 0.998),
+        "ort_int8_dynamic": v(22.0, 0.9999), "pytorch_fp32": v(7.0, 1.0), "pytorch_bf16": v(30.0, 0.99996)}}
+    rep = {"ratios": {}, "targets": {}, "skipped": {}, "baselines": {"encoder_vit_b": vb}}
+    _ratios_and_targets(rep)
+    t = rep["targets"]["encoder_vit_b_1.2x_pytorch_bf16_at_cosine_0.999"]
+    assert t["variant"] == "openvino_bf16" and t["value"] == pytest.approx(31 / 30) and t["met"] is False  # INT8 is below 0.999
+    assert "| openvino_nncf_int8 | 45.0 | 6.43 | 1.50 | 0.99800 / 0.99800 |" in "\n".join(encoder_vitb_lines(vb))

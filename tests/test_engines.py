@@ -190,9 +190,12 @@ def test_openvino_nncf_int8_encoder(ref_bundle, eval_slide, tmp_path, calibratio
     enc = m.components["tile_encoder"]
     assert (enc.backend, enc.precision, enc.file) == ("openvino", "int8", "tile_encoder.openvino-int8.xml")
     assert set(enc.data_files) == {"tile_encoder.openvino-int8.bin"} and enc.quantization["calibration_tiles"] == 24
+    hint = enc.quantization["ov_hint"]  # measured at build time, used at run time
+    assert hint == max(enc.quantization["ov_hint_tiles_per_s"], key=enc.quantization["ov_hint_tiles_per_s"].get)
     assert m.components["resampler"].precision == "bf16"
     fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
     pipe = Pipeline.from_bundle(out, use_cache=False)
+    assert pipe.runners["tile_encoder"].hint == hint
     a, b = fp32._encode(calibration.tiles()), pipe._encode(calibration.tiles())
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.mean() >= 0.995

@@ -313,7 +313,8 @@ def cmd_bench(args) -> int:
     cfg = BenchConfig(bundle=bundle, slide=Path(args.slide) if args.slide else None,
                       tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                       repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
-                      baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b)
+                      baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
+                      encoder_vitb=args.encoder_vitb)
     check_inputs(cfg)
     report = run_bench(cfg)
     if args.json:
@@ -458,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--decoder-0.5b", dest="decoder_05b", action="store_true",
                     help="also compare the decoder alone on a Qwen2.5-0.5B shape with onnxruntime-genai INT4 and "
                          "transformers eager (first run builds and exports it: minutes)")
+    be.add_argument("--encoder-vit-b", dest="encoder_vitb", action="store_true",
+                    help="also compare the tile-encoder recipes (ORT fp32/INT8, OpenVINO bf16/NNCF INT8, PyTorch) on a "
+                         "ViT-B/16 shape (first run exports and quantizes it: minutes)")
     be.add_argument("--json", default=None, help="write the JSON report here")
     be.add_argument("--markdown", default=None, help="write the Markdown summary here")
     be.add_argument("--plots", default=None, help="write PNG plots into this folder")

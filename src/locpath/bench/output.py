@@ -29,6 +29,16 @@ def decoder_05b_lines(d05: dict) -> list[str]:
     return lines + [""]
 
 
+def encoder_vitb_lines(vb: dict) -> list[str]:
+    lines = [f"## Tile encoder recipes, {vb['shape']}, batch {vb['batch']}", "",
+             "| variant | tiles/s | vs ORT fp32 | vs PyTorch bf16 | cosine mean / min |", "|---|---|---|---|---|"]
+    for k, v in vb["variants"].items():
+        lines.append(f"| {k} | {v['tiles_per_s']:.1f} | {v['vs_ort_fp32']:.2f} | {v['vs_pytorch_bf16']:.2f} | "
+                     f"{v['cosine_mean']:.5f} / {v['cosine_min']:.5f} |")
+    lines += [f"- {k}: skipped ({why})" for k, why in vb.get("skipped", {}).items()]
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
     m, c, thr = report["machine"], report["ceilings"], report["throughput"]
     lines = [f"# locpath bench: {report['bundle']['path']}", "",
@@ -59,6 +69,9 @@ def markdown(report: dict) -> str:
     d05 = report.get("baselines", {}).get("decoder_0.5b")
     if d05:
         lines += decoder_05b_lines(d05)
+    vb = report.get("baselines", {}).get("encoder_vit_b")
+    if vb:
+        lines += encoder_vitb_lines(vb)
     if report.get("ratios"):
         lines += ["## Ratios (>1: locpath / LoC-Path ahead)", "", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]

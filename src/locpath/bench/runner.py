@@ -12,7 +12,9 @@
                prefix: {ttft_ms, kv_bytes} | {skipped}}]
   baselines  {pytorch_encoder_fp32/bf16: {tiles_per_s, cosine}, pytorch_decoder_fp32: {tokens_per_s},
               bundle_encoder/decoder: {...}, decoder_0.5b: {locpath_fused_int4, locpath_int4, onnxruntime_genai_int4,
-              transformers_eager_fp32: {prefill_ms, tokens_per_s}} (with --decoder-0.5b)}
+              transformers_eager_fp32: {prefill_ms, tokens_per_s}} (with --decoder-0.5b),
+              encoder_vit_b: {variants: {ort_fp32, ort_int8_dynamic, ort_int8_static, openvino_bf16,
+              openvino_nncf_int8, pytorch_fp32, pytorch_bf16: {tiles_per_s, cosine_mean, ...}}} (with --encoder-vit-b)}
   ratios     name -> value (>1 means locpath's bundle or LoC-Path is better)
   targets    name -> {target, value, met}
   skipped    name -> reason
@@ -43,6 +45,7 @@ class BenchConfig:
     question: str = "What is the diagnosis?"
     progress: bool = True
     decoder_05b: bool = False
+    encoder_vitb: bool = False
 
 
 def spread(values: list[float]) -> dict:
@@ -338,6 +341,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     else:
         report["skipped"]["decoder_0.5b"] = ("pass --decoder-0.5b (and install torch and onnxruntime-genai) for the "
                                              "Qwen2.5-0.5B-shaped decoder against onnxruntime-genai and transformers")
+    if cfg.encoder_vitb and torch_version:
+        from .encoder_vitb import bench_encoder_vitb
+
+        report["baselines"]["encoder_vit_b"] = bench_encoder_vitb(cfg.workdir / "encoder-vit-b", log)
+    else:
+        report["skipped"]["encoder_vit_b"] = ("pass --encoder-vit-b (with torch installed) for the tile-encoder recipes "
+                                              "at a ViT-B/16 shape")
     report["machine"]["peak_rss_mb_whole_bench"] = peak_rss_mb()  # baselines included
     _ratios_and_targets(report)
     pipe.release()
@@ -372,6 +382,15 @@ def _ratios_and_targets(report: dict) -> None:
                                      "met": r[f"ttft_prefix_over_locpath_at_{n}"] >= 20}
             t[f"kv_50x_at_{n}"] = {"target": 50, "value": r[f"kv_prefix_over_locpath_at_{n}"],
                                    "met": r[f"kv_prefix_over_locpath_at_{n}"] >= 50}
+    vb = b.get("encoder_vit_b")
+    if vb:
+        ok = {k: v for k, v in vb["variants"].items() if not k.startswith("pytorch") and v["cosine_mean"] >= 0.999}
+        best = max(ok, key=lambda k: ok[k]["tiles_per_s"])
+        r["encoder_vit_b_best_vs_pytorch_bf16"] = ok[best]["vs_pytorch_bf16"]
+        r["encoder_vit_b_best_vs_ort_fp32"] = ok[best]["vs_ort_fp32"]
+        t["encoder_vit_b_1.2x_pytorch_bf16_at_cosine_0.999"] = {
+            "target": 1.2, "value": ok[best]["vs_pytorch_bf16"], "variant": best,
+            "met": ok[best]["vs_pytorch_bf16"] >= 1.2}
     d05 = b.get("decoder_0.5b")
     if d05 and "tokens_per_s" in d05.get("onnxruntime_genai_int4", {}):
         ours = d05["locpath_fused_int4"]["tokens_per_s"]

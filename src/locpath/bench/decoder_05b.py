@@ -54,23 +54,27 @@ def _text_only_model(folder: Path):
     return LocPathModel(cfg).eval()
 
 
-def _locpath_fused(folder: Path, work: Path, max_positions: int, log, block_size: int = 32):
-    """The fused graph from the same LLM's weights, INT4 the way `locpath build` makes it."""
+def _locpath_fused(model, folder: Path, work: Path, max_positions: int, log, block_sizes=(32, 128)):
+    """The fused graph from the LLM's weights, INT4 the way `locpath build` makes it, per block size (cached);
+    the weights are copied out of the model only when a variant is missing."""
     from ..engines.fused_graph import build_fused_decoder
-    from ..export.fused import fused_decoder_inputs, fused_templates
+    from ..export.fused import fused_spec, fused_templates, fused_weights
 
     out = work / "locpath-0.5b"
-    int4 = out / ("decoder_fused.int4.onnx" if block_size == 32 else f"decoder_fused.int4-b{block_size}.onnx")
-    model = _text_only_model(folder)
-    spec, weights = fused_decoder_inputs(model, max_positions)
-    if not int4.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        log(f"building the 0.5B-shaped fused decoder (INT4, block {block_size})")
-        build_fused_decoder(spec, weights, int4, quant="int4", block_size=block_size, source=str(folder))
-    return int4, fused_templates(spec)
+    spec = fused_spec(model, max_positions)
+    paths = {b: out / ("decoder_fused.int4.onnx" if b == 32 else f"decoder_fused.int4-b{b}.onnx") for b in block_sizes}
+    weights = None
+    for b, int4 in paths.items():
+        if not int4.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            if weights is None:
+                weights = fused_weights(model, spec)
+            log(f"building the 0.5B-shaped fused decoder (INT4, block {b})")
+            build_fused_decoder(spec, weights, int4, quant="int4", block_size=b, source=str(folder))
+    return paths, fused_templates(spec)
 
 
-def _locpath_decoder(folder: Path, work: Path, log):
+def _locpath_decoder(model, work: Path, log):
     """Our exporter on the same LLM (no CARA layers: the plain decoder), then our INT4 recipe."""
     from ..engines import quantize_ort as q
     from ..export.configs import decoder_config
@@ -78,7 +82,6 @@ def _locpath_decoder(folder: Path, work: Path, log):
 
     out = work / "locpath-0.5b"
     int4 = out / "decoder.int4.onnx"
-    model = _text_only_model(folder)
     ec = decoder_config(model)
     if not int4.exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -193,9 +196,11 @@ def bench_decoder_05b(work: Path, log, prompt_len: int = 64, new: int = 64) -> d
     work.mkdir(parents=True, exist_ok=True)
     folder = _hf_folder(work, log)
     prompt = [int(x) for x in np.random.default_rng(0).integers(100, 400, prompt_len)]
-    fused, fused_t = _locpath_fused(folder, work, 2048, log)
-    fused128, _ = _locpath_fused(folder, work, 2048, log, block_size=128)
-    int4, plain_t = _locpath_decoder(folder, work, log)
+    model = _text_only_model(folder)
+    fused_paths, fused_t = _locpath_fused(model, folder, work, 2048, log)
+    fused, fused128 = fused_paths[32], fused_paths[128]
+    int4, plain_t = _locpath_decoder(model, work, log)
+    del model
     res: dict = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": prompt_len, "new_tokens": new,
                  "threads": threads}
     runs = {"locpath_fused_int4": _ours(fused, fused_t, prompt, new, threads),

@@ -9,11 +9,12 @@ variants are cached under the work folder.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from ..engines.report import _median_time, row_cosines
 
 
 def _tiles(n: int, seed: int = 5) -> np.ndarray:
@@ -28,18 +29,8 @@ def _tiles(n: int, seed: int = 5) -> np.ndarray:
     return np.stack(out)
 
 
-def _speed(run, x: np.ndarray, repeats: int) -> float:
-    run(x)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(x)
-        ts.append(time.perf_counter() - t0)
-    return len(x) / float(np.median(ts))
-
-
 def _cos(a: np.ndarray, b: np.ndarray) -> dict:
-    c = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    c = row_cosines(a, b)
     return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
 
 
@@ -107,7 +98,8 @@ def bench_encoder_vitb(work: Path, log, batch: int = 16, calib: int = 64, repeat
         log(f"timing {len(runs)} encoders back to back, batch {batch}")
         for _ in range(2):  # alternating rounds spread machine noise
             for k, run in runs.items():
-                res[k].setdefault("tiles_per_s_runs", []).append(round(_speed(run, x, repeats), 2))
+                tps = len(x) / _median_time(lambda run=run: run(x), warmup=1, repeats=repeats)
+                res[k].setdefault("tiles_per_s_runs", []).append(round(tps, 2))
     for v in res.values():
         v["tiles_per_s"] = float(np.median(v["tiles_per_s_runs"]))
     for v in res.values():

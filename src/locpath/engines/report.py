@@ -20,8 +20,13 @@ def _median_time(fn, warmup: int = 2, repeats: int = 5) -> float:
     return float(np.median(ts))
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of a with the same row of b (feature vectors per tile)."""
+    return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
+
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)))
+    return float(np.mean(row_cosines(a, b)))
 
 
 def encoder_speed(pipe, tiles: np.ndarray, batch: int = 32) -> float:
@@ -67,8 +72,7 @@ def build_report(reference: str | Path, built: dict[str, str | Path], tiles: np.
     ref_feats = pipes["fp32"]._encode(tiles)
     rows: dict[str, dict] = {}
     for name, pipe in pipes.items():
-        f = pipe._encode(tiles)
-        cos = np.sum(f * ref_feats, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(ref_feats, axis=1) + 1e-12)
+        cos = row_cosines(pipe._encode(tiles), ref_feats)
         rows[name] = {"feature_cosine_mean": float(cos.mean()), "feature_cosine_min": float(cos.min())}
     # speeds back to back, alternating so machine noise spreads evenly
     for _ in range(2):

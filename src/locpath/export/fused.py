@@ -19,8 +19,12 @@ def _np(t) -> np.ndarray:
 
 
 def fused_decoder_inputs(model, max_positions: int) -> tuple[FusedDecoderSpec, dict[str, np.ndarray]]:
-    import torch
+    spec = fused_spec(model, max_positions)
+    return spec, fused_weights(model, spec)
 
+
+def fused_spec(model, max_positions: int) -> FusedDecoderSpec:
+    """The graph's sizes, or a LocpathError naming what the fused builder does not support."""
     llm, c = model.llm, model.llm.config
     rope = dict(getattr(c, "rope_parameters", None) or {})
     rope_type = rope.get("rope_type", "default")
@@ -42,24 +46,31 @@ def fused_decoder_inputs(model, max_positions: int) -> tuple[FusedDecoderSpec, d
     cara_ffn = model.cara.blocks[str(cara_ids[0])].ffn.fc1.out_features if cara_ids else 0
     tied = bool(getattr(c, "tie_word_embeddings", False)) and \
         llm.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()
-    spec = FusedDecoderSpec(
+    return FusedDecoderSpec(
         num_layers=c.num_hidden_layers, hidden=c.hidden_size, num_heads=c.num_attention_heads,
         num_kv_heads=c.num_key_value_heads, head_dim=hd, intermediate=c.intermediate_size, vocab=c.vocab_size,
         rms_eps=float(c.rms_norm_eps), max_positions=int(max_positions), tied_embeddings=tied, qkv_bias=qkv_bias,
         cara_layers=cara_ids, cara_heads=model.cfg.cara.num_heads if cara_ids else 0, cara_ffn=cara_ffn,
         cara_eps=float(model.cara.blocks[str(cara_ids[0])].norm.eps) if cara_ids else 1e-6,
     )
+
+
+def fused_weights(model, spec: FusedDecoderSpec) -> dict[str, np.ndarray]:
+    """The weights in the graph's layout (float32 copies of the model's parameters)."""
+    import torch
+
+    llm, tied, qkv_bias = model.llm, spec.tied_embeddings, spec.qkv_bias
     with torch.no_grad():
         rot = llm.model.rotary_emb
         inv = rot.inv_freq.double().cpu().numpy()
         scale = float(getattr(rot, "attention_scaling", 1.0))
-        freqs = np.arange(max_positions, dtype=np.float64)[:, None] * inv[None, :]
+        freqs = np.arange(spec.max_positions, dtype=np.float64)[:, None] * inv[None, :]
         w = {"embed": _np(llm.model.embed_tokens.weight), "norm": _np(llm.model.norm.weight),
              "rope.cos_cache": (np.cos(freqs) * scale).astype(np.float32),
              "rope.sin_cache": (np.sin(freqs) * scale).astype(np.float32)}
         if not tied:
             w["lm_head"] = _np(llm.lm_head.weight)
-        for j, layer in enumerate(layers):
+        for j, layer in enumerate(llm.model.layers):
             a, m, p = layer.self_attn, layer.mlp, f"layers.{j}."
             w[p + "ln1"] = _np(layer.input_layernorm.weight)
             w[p + "ln2"] = _np(layer.post_attention_layernorm.weight)
@@ -69,7 +80,7 @@ def fused_decoder_inputs(model, max_positions: int) -> tuple[FusedDecoderSpec, d
             w[p + "o.weight"] = _np(a.o_proj.weight).T
             w[p + "gate_up.weight"] = np.concatenate([_np(m.gate_proj.weight), _np(m.up_proj.weight)]).T
             w[p + "down.weight"] = _np(m.down_proj.weight).T
-        for i in cara_ids:
+        for i in spec.cara_layers:
             blk, p = model.cara.blocks[str(i)], f"cara.{i}."
             w.update({p + "norm": _np(blk.norm.weight), p + "q.weight": _np(blk.q_proj.weight).T,
                       p + "o.weight": _np(blk.o_proj.weight).T, p + "router.weight": _np(blk.router.weight).T,
@@ -77,8 +88,7 @@ def fused_decoder_inputs(model, max_positions: int) -> tuple[FusedDecoderSpec, d
                       p + "ffn_norm": _np(blk.ffn_norm.weight), p + "fc1.weight": _np(blk.ffn.fc1.weight).T,
                       p + "fc1.bias": _np(blk.ffn.fc1.bias), p + "fc2.weight": _np(blk.ffn.fc2.weight).T,
                       p + "fc2.bias": _np(blk.ffn.fc2.bias), p + "ffn_scale": _np(torch.tanh(blk.ffn_gate))})
-    w = {k: np.array(v, dtype=np.float32, order="C") for k, v in w.items()}
-    return spec, w
+    return {k: np.array(v, dtype=np.float32, order="C") for k, v in w.items()}
 
 
 def fused_templates(spec: FusedDecoderSpec) -> dict:

@@ -77,7 +77,7 @@ class FusedDecoderState(DecoderState):
     def step(self, input_ids: np.ndarray, cache: SharedKVCache, mask: np.ndarray, cross: dict[str, np.ndarray]) -> np.ndarray:
         b, s = input_ids.shape
         p = cache.length
-        cache.reserve(s)
+        cache.check_room(p + s)
         feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
                  "attention_mask": np.ascontiguousarray(mask, np.int64)}
         feeds.update(cross)

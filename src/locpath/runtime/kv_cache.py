@@ -13,19 +13,35 @@ import numpy as np
 from ..errors import LocpathError
 
 
-class KVCache:
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
-                 dtype=np.float32):
+class _KVBuffers:
+    """What both caches share: one buffer per layer and kind of the capped max length, the filled length, and
+    the "cache full" refusal."""
+
+    def __init__(self, alloc, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype):
         self.num_layers = num_layers
         self.max_length = max_length
         shape = (batch, kv_heads, max_length, head_dim)
-        self.keys = [np.zeros(shape, dtype) for _ in range(num_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(num_layers)]
+        self.keys = [alloc(shape, dtype) for _ in range(num_layers)]
+        self.values = [alloc(shape, dtype) for _ in range(num_layers)]
+        self.nbytes = 2 * num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.length = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values))
+    def check_room(self, total: int) -> None:
+        if total > self.max_length:
+            raise LocpathError(f"KV cache full: {total} positions exceed the cap of {self.max_length} "
+                               "(shorten the question or lower max_new_tokens)")
+
+    def advance(self, new_length: int) -> None:
+        self.length = new_length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class KVCache(_KVBuffers):
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
+                 dtype=np.float32):
+        super().__init__(np.zeros, num_layers, batch, kv_heads, head_dim, max_length, dtype)
 
     def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         n = self.length
@@ -34,42 +50,17 @@ class KVCache:
     def append(self, layer: int, present_k: np.ndarray, present_v: np.ndarray) -> None:
         """Store the new positions of a present tensor (length P+S) after position P."""
         total = present_k.shape[2]
-        if total > self.max_length:
-            raise LocpathError(f"KV cache full: {total} positions exceed the cap of {self.max_length} "
-                               "(shorten the question or lower max_new_tokens)")
+        self.check_room(total)
         self.keys[layer][:, :, self.length : total] = present_k[:, :, self.length :]
         self.values[layer][:, :, self.length : total] = present_v[:, :, self.length :]
 
-    def advance(self, new_length: int) -> None:
-        self.length = new_length
 
-    def reset(self) -> None:
-        self.length = 0
-
-
-class SharedKVCache:
-    """The fused decoder's self-attention K/V: one buffer per layer and kind, of the capped max length, bound as
-    both the graph's past and present (GroupQueryAttention writes the new positions in place). Nothing is copied
-    between steps. The buffers come from the runner (`new_buffer`), so a device runner could keep them in device
-    memory; today the fused graph runs on the CPU provider only."""
+class SharedKVCache(_KVBuffers):
+    """The fused decoder's self-attention K/V, bound as both the graph's past and present (GroupQueryAttention
+    writes the new positions in place). Nothing is copied between steps. The buffers come from the runner
+    (`new_buffer`), so a device runner could keep them in device memory; today the fused graph runs on the CPU
+    provider only."""
 
     def __init__(self, runner, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
                  dtype=np.float32):
-        self.num_layers = num_layers
-        self.max_length = max_length
-        shape = (batch, kv_heads, max_length, head_dim)
-        self.keys = [runner.new_buffer(shape, dtype) for _ in range(num_layers)]
-        self.values = [runner.new_buffer(shape, dtype) for _ in range(num_layers)]
-        self.nbytes = 2 * num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
-        self.length = 0
-
-    def reserve(self, new: int) -> None:
-        if self.length + new > self.max_length:
-            raise LocpathError(f"KV cache full: {self.length + new} positions exceed the cap of {self.max_length} "
-                               "(shorten the question or lower max_new_tokens)")
-
-    def advance(self, new_length: int) -> None:
-        self.length = new_length
-
-    def reset(self) -> None:
-        self.length = 0
+        super().__init__(runner.new_buffer, num_layers, batch, kv_heads, head_dim, max_length, dtype)

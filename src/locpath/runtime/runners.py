@@ -60,9 +60,9 @@ class Runner(ABC):
         raise RunnerError(f"{self.name}: the {type(self).__name__} backend has no in-place buffers "
                           "(the fused decoder graph runs on ONNX Runtime only)")
 
-    def run_inplace(self, feeds: dict[str, np.ndarray], state: dict, outputs: list[str]) -> dict[str, np.ndarray]:
-        """Run with `state` = {input name: (buffer, output name)}: each buffer is bound as that input and as that
-        output, so the graph updates it in place; only `outputs` come back as numpy arrays."""
+    def binder(self, state: dict, out_buffers: dict[str, np.ndarray]):
+        """A binding kept across calls: `state` = {input name: (buffer, output name)} bound as that input and
+        that output, so the graph updates it in place; `out_buffers` are written by pointer."""
         raise RunnerError(f"{self.name}: the {type(self).__name__} backend cannot run a graph in place")
 
     def __enter__(self):
@@ -149,23 +149,6 @@ class OrtRunner(Runner):
         if self.device == "cpu":
             return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # the OrtValue keeps the array alive
         return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
-
-    def run_inplace(self, feeds, state, outputs):
-        sess = self.session
-        b = sess.io_binding()
-        try:
-            for name in outputs:  # bound first: get_outputs() lists them first, state buffers after
-                b.bind_output(name, "cpu")
-            for name, arr in feeds.items():
-                b.bind_cpu_input(name, arr)
-            for name, (buf, out_name) in state.items():
-                b.bind_ortvalue_input(name, buf)
-                b.bind_ortvalue_output(out_name, buf)
-            sess.run_with_iobinding(b)
-            got = b.get_outputs()
-            return {name: got[i].numpy() for i, name in enumerate(outputs)}
-        except Exception as exc:
-            raise RunnerError(f"{self.name}: inference failed ({str(exc).splitlines()[0][:300]})") from exc
 
     def binder(self, state: dict, out_buffers: dict[str, np.ndarray]) -> "OrtBinder":
         return OrtBinder(self, state, out_buffers)

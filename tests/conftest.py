@@ -81,3 +81,21 @@ def eval_slide(tmp_path_factory) -> Path:
 
     spec = make_spec(4242, diagnosis="squamous cell carcinoma", grade="high grade", organ="colon", necrosis=True)
     return write_slide(spec, tmp_path_factory.mktemp("evalslide") / "case.svs")
+
+
+def reseal(bundle: Path, mutate=None) -> dict:
+    """Edit a bundle's manifest.json (mutate(dict) in place) and rewrite SHA256SUMS to match, as someone with write
+    access to the bundle folder could: what integrity alone cannot catch, validation or a signature must."""
+    import hashlib
+    import json
+
+    mf_path = bundle / "manifest.json"
+    mf = json.loads(mf_path.read_text())
+    if mutate is not None:
+        mutate(mf)
+    mf_path.write_text(json.dumps(mf, indent=2))
+    sums = bundle / "SHA256SUMS"
+    lines = [ln for ln in sums.read_text().splitlines() if not ln.endswith("  manifest.json")]
+    digest = hashlib.sha256(mf_path.read_bytes()).hexdigest()
+    sums.write_text("\n".join([f"{digest}  manifest.json", *lines]) + "\n")
+    return mf

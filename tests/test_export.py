@@ -4,9 +4,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import reseal
 
 from locpath.cli import main
-from locpath.engines.manifest import SCHEMA_VERSION, BundleError, load_manifest
+from locpath.bundle.integrity import verify_bundle as load_manifest
+from locpath.bundle.manifest import SCHEMA_VERSION, BundleError
 from locpath.export.configs import export_configs
 from locpath.export.exporter import ValidationError, export_component, validate_component
 
@@ -49,8 +51,11 @@ def test_unknown_schema_and_missing_files_are_refused(ref_bundle, tmp_path):
     mf = json.loads((b / "manifest.json").read_text())
     mf["schema_version"] = 99
     (b / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(BundleError, match="manifest.json: checksum mismatch with SHA256SUMS"):
+        load_manifest(b)  # any edit of the manifest is caught by the checksum list first
+    reseal(b)
     with pytest.raises(BundleError, match="unknown schema version 99"):
-        load_manifest(b)
+        load_manifest(b)  # and a consistent one by the schema check
     shutil.copytree(ref_bundle, tmp_path / "c")
     (tmp_path / "c" / "tis.onnx").unlink()
     with pytest.raises(BundleError, match="tis.onnx: listed in the manifest but missing"):

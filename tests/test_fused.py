@@ -5,7 +5,7 @@ import pytest
 
 from locpath.engines.fused_graph import (FusedDecoderSpec, build_fused_decoder, dequantize_int4_rows,
                                          quantize_int4_rows, weights_from_fused_onnx)
-from locpath.engines.manifest import ComponentEntry, load_manifest
+from locpath.bundle.integrity import verify_bundle as load_manifest
 from locpath.errors import LocpathError
 from locpath.runtime.pipeline import Pipeline
 
@@ -62,9 +62,9 @@ def test_fused_graph_matches_pytorch_step_by_step(arch, tied, tmp_path):
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
 def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(arch, tied, tmp_path):
     """MatMulNBits and GatherBlockQuantized read our packing as we wrote it (zero point 8, low nibble first)."""
-    from locpath.export.fused import fused_decoder_inputs, fused_templates
-    from locpath.runtime.generator import FusedDecoderState
-    from locpath.runtime.runners import OrtRunner
+    from locpath.export.fused import fused_decoder_inputs
+    from locpath.runtime.decoder_state import FusedDecoderState
+    from locpath.runtime.ort_runner import OrtRunner
 
     model = _model(arch, tied, cara=(1,))
     spec, w = fused_decoder_inputs(model, 32)
@@ -81,7 +81,7 @@ def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(arch, tied, tmp
     build_fused_decoder(spec, deq, tmp_path / "deq.onnx")
 
     def run(path):
-        st = FusedDecoderState(OrtRunner(path, "d"), ComponentEntry(file="x", sha256="", templates=fused_templates(spec)))
+        st = FusedDecoderState(OrtRunner(path, "d"), spec.contract())
         cache = st.new_cache(1, 12)
         cross = {k: np.random.default_rng(1).normal(size=(1, 4, 16, 32)).astype(np.float32)
                  for k in ("cross_key.1", "cross_value.1")}
@@ -94,13 +94,14 @@ def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(arch, tied, tmp
 
 
 def test_shared_buffers_are_written_in_place_and_capped(ref_bundle):
-    from locpath.runtime.generator import FusedDecoderState
-    from locpath.runtime.runners import OrtRunner
+    from locpath.runtime.decoder_state import FusedDecoderState
+    from locpath.runtime.ort_runner import OrtRunner
 
-    e = load_manifest(ref_bundle).components["decoder_fused"]
-    st = FusedDecoderState(OrtRunner(ref_bundle / e.file, "decoder_fused"), e)
+    m = load_manifest(ref_bundle)
+    e = m.components["decoder_fused"]
+    st = FusedDecoderState(OrtRunner(ref_bundle / e.file, "decoder_fused"), m.decoder_contract("decoder_fused"))
     cache = st.new_cache(1, 6)
-    cross = {f"cross_{k}.{i}": np.zeros((1, 4, 16, 32), np.float32) for i in st.cara_layers for k in ("key", "value")}
+    cross = {n: np.zeros((1, 4, 16, 32), np.float32) for i in st.contract.cara_layers for n in st.contract.cross(i)}
     st.step(np.asarray([[5, 6, 7, 8]]), cache, np.ones((1, 4), np.int64), cross)
     keys = cache.keys[0].numpy()  # the host buffer itself
     assert np.abs(keys[:, :, :4]).sum() > 0 and np.abs(keys[:, :, 4:]).sum() == 0
@@ -139,7 +140,7 @@ def test_decoder_choice_errors(ref_bundle, tmp_path):
 
 def test_weights_are_checked_by_name_and_shape(ref_bundle, tmp_path):
     e = load_manifest(ref_bundle).components["decoder_fused"]
-    spec = FusedDecoderSpec.from_dict(e.templates["spec"])
+    spec = FusedDecoderSpec.from_templates(e.templates)
     w = weights_from_fused_onnx(ref_bundle / e.file, spec)
     bad = dict(w)
     bad.pop("layers.2.down.weight")

@@ -10,7 +10,8 @@ from locpath.errors import ConfigError, LocpathError
 from locpath.runtime.detok import StreamingDetokenizer
 from locpath.runtime.kv_cache import KVCache
 from locpath.runtime.pipeline import Pipeline
-from locpath.runtime.runners import OrtRunner, RunnerError
+from locpath.runtime.ort_runner import OrtRunner
+from locpath.runtime.runner import RunnerError
 from locpath.runtime.sampler import Sampler, SamplingParams
 
 
@@ -48,7 +49,7 @@ def test_second_question_reads_no_tile(ref_bundle, eval_slide, tmp_path, monkeyp
 
 def test_streaming_pieces_make_the_answer(ref_bundle, eval_slide, tmp_path):
     pipe = Pipeline.from_bundle(ref_bundle, cache_dir=tmp_path)
-    stream = pipe.ask(eval_slide, "What is the diagnosis?", stream=True)
+    stream = pipe.stream(eval_slide, "What is the diagnosis?")
     pieces = list(stream)
     assert "".join(pieces).strip() == stream.result.answer
     assert stream.result.timings_ms["time_to_first_token"] > 0
@@ -88,13 +89,16 @@ def test_ask_cli_json(ref_bundle, eval_slide, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     rep = json.loads(out)
-    assert rep["answer"] and rep["peak_rss_mb"] > 0
+    assert rep["schema"] == "locpath-answers/1" and len(rep["answers"]) == 1  # a list, even for one question
+    one = rep["answers"][0]
+    assert one["answer"] and one["peak_rss_mb"] > 0 and rep["peak_rss_mb"] == one["peak_rss_mb"]
     for stage in ("tiles_encode", "stm", "resampler", "tis", "cross_kv", "prefill", "time_to_first_token"):
-        assert stage in rep["timings_ms"]
+        assert stage in one["timings_ms"]
     code = main(["ask", str(ref_bundle), str(eval_slide), "What is the diagnosis?", "Is necrosis present?", "--json",
                  "--cache-dir", str(tmp_path)])
     rep = json.loads(capsys.readouterr().out)
-    assert code == 0 and len(rep["results"]) == 2 and all(r["slide"]["cache_hit"] for r in rep["results"])
+    assert code == 0 and len(rep["answers"]) == 2 and all(r["slide"]["cache_hit"] for r in rep["answers"])
+    assert [a["question"] for a in rep["answers"]] == ["What is the diagnosis?", "Is necrosis present?"]
 
 
 def test_ask_cli_bad_slide(ref_bundle, tmp_path, capsys):
@@ -116,10 +120,12 @@ def test_sampler():
     assert len(set(draws)) > 1  # sampling samples
     again = [Sampler(SamplingParams(do_sample=True, temperature=5.0, seed=s))(logits, []) for s in range(40)]
     assert draws == again  # seeded
-    with pytest.raises(ConfigError, match="top_p"):
-        SamplingParams(top_p=0).validate()
-    with pytest.raises(ConfigError, match="temperature"):
-        SamplingParams(temperature=0).validate()
+    for bad, field in ((dict(top_p=0), "top_p"), (dict(temperature=0), "temperature"),
+                       (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(seed=-1), "seed"),
+                       (dict(top_k=-2), "top_k"), (dict(max_new_tokens=0), "max_new_tokens")):
+        with pytest.raises(ConfigError, match=field):
+            SamplingParams(**bad).validate()
 
 
 def test_streaming_detokenizer_never_emits_broken_characters(tokenizer):
@@ -132,13 +138,21 @@ def test_streaming_detokenizer_never_emits_broken_characters(tokenizer):
     assert len(ids) > len(text.split())  # multi-byte characters really were split across tokens
 
 
-def test_kv_cache_is_capped():
-    c = KVCache(num_layers=1, batch=1, kv_heads=2, head_dim=4, max_length=5)
-    c.append(0, np.ones((1, 2, 3, 4)), np.ones((1, 2, 3, 4)))
-    c.advance(3)
-    assert c.past(0)[0].shape == (1, 2, 3, 4)
-    with pytest.raises(LocpathError, match="KV cache full"):
-        c.append(0, np.ones((1, 2, 6, 4)), np.ones((1, 2, 6, 4)))
+def test_plain_kv_cache_swaps_present_into_past_and_is_capped():
+    from locpath.bundle.decoder_io import DecoderContract
+
+    contract = DecoderContract("plain", num_layers=2, num_kv_heads=2, head_dim=4, vocab=10, cara_layers=(),
+                               cara_heads=0, cara_head_dim=0)
+    c = KVCache(contract, batch=1, max_length=5)
+    assert c.past["past_key.1"].shape == (1, 2, 0, 4) and c.nbytes == 0
+    present = {n: np.full((1, 2, 3, 4), j, np.float32) for j, n in enumerate(
+        ["present_key.0", "present_value.0", "present_key.1", "present_value.1"])}
+    c.update(present, 3)
+    assert c.past["past_value.1"] is present["present_value.1"]  # no copy: the output becomes the next input
+    assert c.length == 3 and c.nbytes == 4 * 3 * 2 * 4 * 4
+    c.check_room(5)
+    with pytest.raises(LocpathError, match="KV cache full: 6 positions exceed the cap of 5"):
+        c.check_room(6)
 
 
 def test_unavailable_provider_is_a_clear_error(ref_bundle):
@@ -177,7 +191,7 @@ def test_ask_rejects_empty_questions_and_bad_sampling_before_output(ref_bundle, 
     assert code == 2 and out == "" and "question 1 is empty" in err
     code = main(["ask", str(ref_bundle), str(eval_slide), "What is the diagnosis?", "--top-p", "2", "--no-cache"])
     out, err = capsys.readouterr()
-    assert code == 2 and out == "" and "top_p must be in (0, 1]" in err
+    assert code == 2 and out == "" and "top_p must be a finite number > 0 and <= 1, got 2.0" in err
 
 
 def test_slide_cache_keys_on_mpp_override(ref_bundle, eval_slide, tmp_path):

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
+import os
 import sys
 from pathlib import Path
 
 from .errors import LocpathError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the rule for every bad input), pointing at --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"locpath: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _positive_float(text: str) -> float:
@@ -15,8 +25,18 @@ def _positive_float(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number: {text!r}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
     return v
 
 
@@ -132,7 +152,7 @@ def cmd_eval(args) -> int:
 
         ckpt = Path(args.bundle)
         res = evaluate_bundle(ckpt, args.seed, args.count, keep_dir=args.keep_slides, progress=not args.json,
-                              device=args.device)
+                              device=args.device, trusted_keys=args.trusted_keys)
     else:
         from .eval import evaluate_checkpoint
 
@@ -168,8 +188,8 @@ def cmd_export(args) -> int:
 def _pipeline(args):
     from .runtime.pipeline import Pipeline
 
-    return Pipeline.from_bundle(args.bundle, device=args.device, threads=args.threads, cache_dir=args.cache_dir,
-                                use_cache=not args.no_cache, decoder=args.decoder)
+    return Pipeline.from_bundle(args.bundle, trusted_keys=args.trusted_keys, device=args.device, threads=args.threads,
+                                cache_dir=args.cache_dir, use_cache=not args.no_cache, decoder=args.decoder)
 
 
 def _sampling(args) -> dict:
@@ -189,46 +209,84 @@ def _timing_lines(ans) -> list[str]:
             f"{ans.generation['new_tokens']} new tokens; peak RSS {ans.peak_rss_mb:.0f} MB"]
 
 
+ANSWERS_SCHEMA = "locpath-answers/1"
+
+
+def _answers_json(answers: list, error: str | None = None) -> str:
+    """`ask --json`: one schema for one or many questions, and for a failure (with the answers given before it)."""
+    out: dict = {"schema": ANSWERS_SCHEMA, "answers": [a.to_dict() for a in answers]}
+    if answers:
+        out["peak_rss_mb"] = round(max(a.peak_rss_mb for a in answers), 1)
+    if error is not None:
+        out["error"] = error
+    return json.dumps(out)
+
+
+def _check_questions(pipe, questions: list[str], params) -> None:
+    for i, q in enumerate(questions, 1):
+        try:
+            pipe.check_question(q, params)
+        except LocpathError as exc:
+            raise LocpathError(f"question {i}: {exc}") from None
+
+
 def cmd_ask(args) -> int:
-    empty = [i + 1 for i, q in enumerate(args.questions) if not q.strip()]
-    if empty:
-        raise LocpathError(f"question {empty[0]} is empty")
+    for i, q in enumerate(args.questions, 1):
+        if not q.strip():
+            raise LocpathError(f"question {i} is empty")
     pipe = _pipeline(args)
-    pipe._params(_sampling(args))  # bad sampling options fail before any output
-    results = []
+    params = pipe.sampling(**_sampling(args))
+    _check_questions(pipe, args.questions, params)  # every question fits before any output
+    args.answers = []  # what main() reports beside a failure under --json
     for q in args.questions:
         if args.json:
-            results.append(pipe.ask(args.slide, q, mpp_override=args.mpp_override, **_sampling(args)))
+            args.answers.append(pipe.ask(args.slide, q, mpp_override=args.mpp_override, **_sampling(args)))
             continue
+        stream = pipe.stream(args.slide, q, mpp_override=args.mpp_override, progress=None, **_sampling(args))
         print(f"Q: {q}\nA: ", end="", flush=True)
-        stream = pipe.ask(args.slide, q, stream=True, mpp_override=args.mpp_override, progress=None, **_sampling(args))
         for piece in stream:
             print(piece, end="", flush=True)
         print()
         for line in _timing_lines(stream.result):
             print(line)
-        results.append(stream.result)
+        args.answers.append(stream.result)
     if args.json:
-        if len(results) == 1:
-            print(json.dumps(results[0].to_dict()))
-        else:
-            print(json.dumps({"results": [r.to_dict() for r in results],
-                              "peak_rss_mb": round(max(r.peak_rss_mb for r in results), 1)}))
+        print(_answers_json(args.answers))
     return 0
+
+
+def _stdin_lines():
+    """Questions from stdin, one per line, as bytes decoded one line at a time: a line that is not UTF-8 is
+    refused on its own and the session goes on."""
+    source = getattr(sys.stdin, "buffer", None) or sys.stdin  # bytes from a terminal or pipe; text when embedded
+    for raw in source:
+        try:
+            line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            line.encode("utf-8")  # text streams carry undecodable bytes as surrogates
+            yield line.strip(), None
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            yield None, "that line is not valid UTF-8 text"
 
 
 def cmd_chat(args) -> int:
     pipe = _pipeline(args)
+    params = pipe.sampling(**_sampling(args))
     print(f"preparing {args.slide} ...", file=sys.stderr, flush=True)
     ctx = pipe.prepare(args.slide, mpp_override=args.mpp_override)
     print(f"ready: {ctx.tiles} tiles, {ctx.tokens} tokens after STM ({'cached' if ctx.cache_hit else 'encoded'}). "
           "Ask a question; an empty line or 'exit' ends.", file=sys.stderr, flush=True)
-    for line in sys.stdin:
-        q = line.strip()
-        if not q or q.lower() in ("exit", "quit"):
+    for q, problem in _stdin_lines():
+        if problem is None and (not q or q.lower() in ("exit", "quit")):
             break
+        try:
+            if problem is not None:
+                raise LocpathError(problem)
+            pipe.check_question(q, params)
+        except LocpathError as exc:
+            print(f"locpath: error: {exc}; ask again", file=sys.stderr, flush=True)
+            continue
         print("A: ", end="", flush=True)
-        stream = pipe.ask(args.slide, q, stream=True, mpp_override=args.mpp_override, **_sampling(args))
+        stream = pipe.stream(args.slide, q, mpp_override=args.mpp_override, **_sampling(args))
         for piece in stream:
             print(piece, end="", flush=True)
         print()
@@ -256,8 +314,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .engines.build import build_bundle
-
     log = (lambda m: None) if args.json else print
     cal = None
     if args.calibration:
@@ -268,11 +324,19 @@ def cmd_build(args) -> int:
         from .calibration.sets import build_calibration
 
         cal = build_calibration(args.bundle, args.slides, log=log)
-    out = build_bundle(args.bundle, args.out, args.precision, backend=args.backend, calibration=cal,
-                       overwrite=args.overwrite, log=log, int4_block_size=args.int4_block_size)
+    if args.precision == "auto":  # a measurement on this machine, then a build (bench/auto.py)
+        from .bench.auto import build_auto
+
+        out = build_auto(Path(args.bundle), Path(args.out), cal, overwrite=args.overwrite, log=log,
+                         int4_block_size=args.int4_block_size)
+    else:
+        from .engines.build import build_bundle
+
+        out = build_bundle(args.bundle, args.out, args.precision, backend=args.backend, calibration=cal,
+                           overwrite=args.overwrite, log=log, int4_block_size=args.int4_block_size)
     summary = {"bundle": str(out), "precision": args.precision, "backend": args.backend}
     if args.report:
-        from .engines.report import build_report
+        from .bench.report import build_report
 
         tiles = cal.tiles() if cal is not None else _report_tiles(args)
         summary["report"] = build_report(args.bundle, {args.precision: out}, tiles, args.seed, args.count, log=log)
@@ -292,11 +356,42 @@ def _report_tiles(args):
     import numpy as np
 
     from .synth import make_spec
-    from .train.data import render_tile, split_seed, tissue_tiles
+    from .synth.seeds import split_seed
+    from .train.data import render_tile, tissue_tiles
 
     spec = make_spec(split_seed(args.seed + 1000, "eval", 0))
     tt = tissue_tiles(spec)
     return np.stack([render_tile(spec, c, r) for c, r in tt.grid[:96]])
+
+
+# -- bundle trust -------------------------------------------------------------------
+def cmd_verify(args) -> int:
+    from .bundle.integrity import TrustedKeys, is_signed, verify_bundle
+
+    keys = TrustedKeys.from_setting(args.trusted_keys)
+    m = verify_bundle(args.bundle, trusted_keys=keys)
+    info = {"bundle": str(args.bundle), "ok": True, "files": len(m.files) + 1, "signed": is_signed(args.bundle),
+            "signature_checked": keys is not None, "components": sorted(m.components)}
+    print(json.dumps(info) if args.json else
+          f"{args.bundle}: OK ({info['files']} files checked{', signature verified' if keys else ''}"
+          f"{'' if keys or not info['signed'] else '; signed, signature not checked without --trusted-keys'})")
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from .bundle.integrity import sign_bundle
+
+    kid = sign_bundle(args.bundle, args.key)
+    print(f"{args.bundle}: signed with Ed25519 key {kid} (SHA256SUMS.sig)")
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from .bundle.integrity import generate_keypair
+
+    priv, pub, kid = generate_keypair(args.prefix)
+    print(f"key {kid}: private {priv} (keep it secret), public {pub} (give it to the runtimes as --trusted-keys)")
+    return 0
 
 
 # -- bench --------------------------------------------------------------------------
@@ -307,9 +402,9 @@ def cmd_bench(args) -> int:
     if args.bundle:
         bundle = Path(args.bundle)
     else:
-        from .demo import _ensure_bundle, _workdir
+        from .demo import _workdir, default_bundle
 
-        bundle = _ensure_bundle(_workdir(None))
+        bundle = default_bundle(_workdir(None))
     cfg = BenchConfig(bundle=bundle, slide=Path(args.slide) if args.slide else None,
                       tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                       repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
@@ -336,18 +431,26 @@ def _add_runtime_args(p, sampling: bool = True):
     p.add_argument("--mpp-override", type=_positive_float, default=None)
     p.add_argument("--decoder", choices=("auto", "fused", "plain"), default="auto",
                    help="decoder graph: fused (GroupQueryAttention, ONNX Runtime) when the bundle has one, or plain")
+    _add_trust_arg(p)
     if sampling:
-        p.add_argument("--max-new-tokens", type=_positive_int, default=None)
+        p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                       help="answer length cap (default: the bundle's; must fit the KV cache with the prompt)")
         p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-        p.add_argument("--temperature", type=_positive_float, default=None)
-        p.add_argument("--top-k", type=int, default=None)
-        p.add_argument("--top-p", type=_positive_float, default=None)
-        p.add_argument("--repetition-penalty", type=_positive_float, default=None)
-        p.add_argument("--seed", type=int, default=None, help="sampling seed")
+        p.add_argument("--temperature", type=_positive_float, default=None, help="with --sample; (0, 100]")
+        p.add_argument("--top-k", type=_non_negative_int, default=None, help="with --sample; 0 = off")
+        p.add_argument("--top-p", type=_positive_float, default=None, help="with --sample; (0, 1]")
+        p.add_argument("--repetition-penalty", type=_positive_float, default=None, help="(0, 100]; 1 = off")
+        p.add_argument("--seed", type=_non_negative_int, default=None, help="sampling seed (>= 0)")
+
+
+def _add_trust_arg(p):
+    p.add_argument("--trusted-keys", default=None, metavar="PEM_OR_DIR",
+                   help="run only bundles signed by one of these Ed25519 public keys (default: $LOCPATH_TRUSTED_KEYS; "
+                        "unset = signatures not required)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="locpath", description=__doc__)
+    p = _Parser(prog="locpath", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("tiles", help="tissue statistics and tile grid of a slide")
@@ -392,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped reference)")
     e.add_argument("--bundle", default=None, help="evaluate an exported bundle through the torch-free runtime")
     e.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    _add_trust_arg(e)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--count", type=_positive_int, default=20)
     e.add_argument("--json", action="store_true")
@@ -471,18 +575,87 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="export the shipped model (once), write a synthetic slide, ask every question type")
     d.add_argument("--workdir", default=None, help="where the bundle, slides and cache live (default ~/.cache/locpath/demo)")
     d.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    d.add_argument("--bundle", default=None, help="run the demo with this bundle (default: the shipped reference "
+                                                  "bundle; exported again from the checkpoint only if it is absent)")
+    _add_trust_arg(d)
     d.set_defaults(func=cmd_demo)
+
+    v = sub.add_parser("verify", help="check a bundle's checksums (and signature) without running it")
+    v.add_argument("bundle")
+    _add_trust_arg(v)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    sg = sub.add_parser("sign", help="sign a bundle's SHA256SUMS with an Ed25519 private key")
+    sg.add_argument("bundle")
+    sg.add_argument("--key", required=True, help="PEM private key (from `locpath keygen` or openssl genpkey -algorithm "
+                                                 "ed25519); an encrypted key reads its password from $LOCPATH_KEY_PASSWORD")
+    sg.set_defaults(func=cmd_sign)
+
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: PREFIX.key and PREFIX.pub")
+    kg.add_argument("prefix", help="path prefix of the two files (the private key is written with mode 0600)")
+    kg.set_defaults(func=cmd_keygen)
     return p
+
+
+class _WarningLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        first = record.getMessage().strip().splitlines()
+        return f"locpath: warning: {first[0] if first else ''}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (embedding programs and tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _setup_logging() -> None:
+    """Library warnings (locpath's own and the slide libraries' routed through it) as one line each."""
+    log = logging.getLogger("locpath")
+    if not any(getattr(h, "_locpath_cli", False) for h in log.handlers):
+        h = _StderrHandler()
+        h.setFormatter(_WarningLine())
+        h._locpath_cli = True
+        log.addHandler(h)
+        log.propagate = False
+        log.setLevel(logging.WARNING)
+
+
+def _fail(args, message: str) -> int:
+    """One stderr line, exit 2; under `ask --json` also the JSON error object (with the answers given so far)."""
+    message = " ".join(message.split())
+    if getattr(args, "json", False) is True and args.func is cmd_ask:
+        print(_answers_json(getattr(args, "answers", []), error=message), flush=True)
+    print(f"locpath: error: {message}", file=sys.stderr, flush=True)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging()
     try:
         return int(args.func(args) or 0)
     except LocpathError as exc:
-        print(f"locpath: error: {exc}", file=sys.stderr)
+        return _fail(args, str(exc))
+    except BrokenPipeError:  # `locpath ask ... | head`: the reader left; no traceback, nothing more to stdout
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        print("locpath: error: the output pipe was closed by its reader; stopped", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the command had to write or read: permission, full disk, ...
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(args, f"{where}{exc.strerror or exc}")
     except KeyboardInterrupt:
         print("locpath: interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,10 @@
 """`locpath demo`: the README's main job, end to end on the shipped reference model.
 
-First run: export the shipped checkpoint to a bundle (cached in the work folder; needs the training extra),
-write three synthetic slides, ask every question type about each with the torch-free runtime, print each
-streamed answer beside the ground truth, and a timing report. Later runs reuse the bundle, the slides and
-the slide cache, so answers start within seconds.
+It runs the prebuilt reference bundle shipped inside the package (so a runtime-only install, without torch,
+runs it), writes three synthetic slides, asks every question type about each with the torch-free runtime, and
+prints each streamed answer beside the ground truth with a timing report. Later runs reuse the slides and the
+slide cache, so answers start within seconds. Where the shipped bundle is missing (a source checkout that
+removed it), the shipped checkpoint is exported once into the work folder (needs the training extra).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .checkpoints import shipped_checkpoint
-from .engines.manifest import BundleError, load_manifest, sha256_file
+from .bundle.integrity import verify_bundle
+from .bundle.manifest import BundleError
+from .bundle.paths import sha256_file
+from .checkpoints import shipped_bundle, shipped_checkpoint
 from .errors import LocpathError
 from .synth.qa import normalize_answer
 
@@ -31,18 +34,20 @@ def _workdir(arg: str | None) -> Path:
     return Path(arg) if arg else cache_root() / "demo"
 
 
-def _ensure_bundle(work: Path) -> Path:
+def default_bundle(work: Path) -> Path:
+    """The shipped prebuilt bundle when it is intact, else an export of the shipped checkpoint into `work`."""
+    try:
+        verify_bundle(shipped_bundle())
+        return shipped_bundle()
+    except BundleError as exc:
+        print(f"bundle: the shipped bundle cannot be used ({exc}); exporting the shipped checkpoint instead")
     bundle = work / "reference-bundle"
     weights = shipped_checkpoint("reference") / "model.safetensors"
     if not weights.exists():
         raise LocpathError(f"{weights}: the shipped reference checkpoint is missing from this install")
     try:
-        m = load_manifest(bundle, verify=True)
-        if m.source.get("weights_sha256") != sha256_file(weights):
-            print("bundle: the shipped checkpoint changed; exporting again")
-        elif m.locpath_version != __version__ or "decoder_fused" not in m.components:
-            print(f"bundle: exported by locpath {m.locpath_version or '?'} without the fused decoder; exporting again")
-        else:
+        m = verify_bundle(bundle)
+        if m.source.get("weights_sha256") == sha256_file(weights) and m.locpath_version == __version__:
             print(f"bundle: {bundle} (cached)")
             return bundle
     except BundleError:
@@ -50,8 +55,8 @@ def _ensure_bundle(work: Path) -> Path:
     try:
         from .export.bundle import export_bundle
     except ImportError as exc:
-        raise LocpathError(f"the first demo run exports the model and needs torch (pip install 'locpath[train]'): {exc}") from exc
-    print(f"bundle: exporting the shipped reference model to {bundle} (first run only) ...", flush=True)
+        raise LocpathError(f"exporting the model needs torch (pip install 'locpath[train]'): {exc}") from exc
+    print(f"bundle: exporting the shipped reference model to {bundle} ...", flush=True)
     export_bundle(shipped_checkpoint("reference"), bundle, overwrite=True, log=lambda m: print("  " + m, flush=True))
     return bundle
 
@@ -78,10 +83,12 @@ def run_demo(args) -> int:
     t0 = time.perf_counter()
     work = _workdir(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    bundle = _ensure_bundle(work)
+    bundle = Path(args.bundle) if args.bundle else default_bundle(work)
     slides = _ensure_slides(work)
-    pipe = Pipeline.from_bundle(bundle, device=args.device, cache_dir=work / "slide-cache")
-    print(f"runtime ready after {time.perf_counter() - t0:.1f} s (torch not used from here on)\n")
+    pipe = Pipeline.from_bundle(bundle, trusted_keys=args.trusted_keys, device=args.device,
+                                cache_dir=work / "slide-cache")
+    print(f"bundle: {bundle}")
+    print(f"runtime ready after {time.perf_counter() - t0:.1f} s (torch not used)\n")
     correct = total = 0
     first_ttft = []
     for path in slides:
@@ -89,7 +96,7 @@ def run_demo(args) -> int:
         print(f"== {path.name}: {truth['organ']}, {truth['diagnosis']}, {truth['grade']}, necrosis {truth['necrosis']}")
         for k, q in enumerate(truth["questions"]):
             print(f"Q: {q['question']}\nA: ", end="", flush=True)
-            stream = pipe.ask(path, q["question"], stream=True)
+            stream = pipe.stream(path, q["question"])
             for piece in stream:
                 print(piece, end="", flush=True)
             a = stream.result

@@ -19,3 +19,10 @@ class CheckpointError(LocpathError):
 
 class ConfigError(LocpathError):
     """A configuration value is invalid."""
+
+
+def warn(message: str) -> None:
+    """A recoverable problem, one line: the CLI prints `locpath: warning: ...`; a service logs it."""
+    import logging
+
+    logging.getLogger("locpath").warning(message)

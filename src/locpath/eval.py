@@ -16,7 +16,7 @@ import numpy as np
 from .synth.qa import QUESTION_TYPES, normalize_answer, questions_for
 from .synth.world import make_spec
 from .synth.writer import write_slide
-from .train.data import split_seed
+from .synth.seeds import split_seed
 from .wsi import open_slide
 from .wsi.extract import extract_features, plan_tiles
 
@@ -108,13 +108,14 @@ def evaluate_checkpoint(checkpoint: str | Path, seed: int, count: int, keep_dir:
 
 
 def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | Path | None = None,
-                    progress: bool = False, device: str = "cpu", decoder: str = "auto") -> EvalResult:
+                    progress: bool = False, device: str = "cpu", decoder: str = "auto",
+                    trusted_keys=None) -> EvalResult:
     """The same held-out slides and questions as `evaluate_checkpoint`, answered by the torch-free runtime."""
     from .runtime.pipeline import Pipeline
 
     t0 = time.time()
     records = []
-    pipe = Pipeline.from_bundle(bundle, device=device, use_cache=False, decoder=decoder)
+    pipe = Pipeline.from_bundle(bundle, trusted_keys=trusted_keys, device=device, use_cache=False, decoder=decoder)
     with tempfile.TemporaryDirectory(prefix="locpath-eval-") as tmp:
         work = Path(keep_dir) if keep_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

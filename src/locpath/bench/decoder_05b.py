@@ -58,7 +58,7 @@ def _locpath_fused(model, folder: Path, work: Path, max_positions: int, log, blo
     """The fused graph from the LLM's weights, INT4 the way `locpath build` makes it, per block size (cached);
     the weights are copied out of the model only when a variant is missing."""
     from ..engines.fused_graph import build_fused_decoder
-    from ..export.fused import fused_spec, fused_templates, fused_weights
+    from ..export.fused import fused_spec, fused_weights
 
     out = work / "locpath-0.5b"
     spec = fused_spec(model, max_positions)
@@ -71,13 +71,13 @@ def _locpath_fused(model, folder: Path, work: Path, max_positions: int, log, blo
                 weights = fused_weights(model, spec)
             log(f"building the 0.5B-shaped fused decoder (INT4, block {b})")
             build_fused_decoder(spec, weights, int4, quant="int4", block_size=b, source=str(folder))
-    return paths, fused_templates(spec)
+    return paths, spec.contract()
 
 
 def _locpath_decoder(model, work: Path, log):
     """Our exporter on the same LLM (no CARA layers: the plain decoder), then our INT4 recipe."""
     from ..engines import quantize_ort as q
-    from ..export.configs import decoder_config
+    from ..export.configs import decoder_config, plain_decoder_contract
     from ..export.exporter import export_component
 
     out = work / "locpath-0.5b"
@@ -89,7 +89,7 @@ def _locpath_decoder(model, work: Path, log):
         rep = export_component(ec, model, out)
         log("quantizing it to INT4 (MatMulNBits, tied lm_head folded)")
         q.decoder_int4(out / rep.file, int4)
-    return int4, ec.templates
+    return int4, plain_decoder_contract(model)
 
 
 def _genai_model(folder: Path, work: Path, threads: int, log, block_size: int = 32) -> Path | None:
@@ -111,14 +111,12 @@ def _genai_model(folder: Path, work: Path, threads: int, log, block_size: int = 
     return out
 
 
-def _ours(int4: Path, templates: dict, prompt: list[int], new: int, threads: int):
+def _ours(int4: Path, contract, prompt: list[int], new: int, threads: int):
     """One timed generation with locpath's decoder state, spinning on as the Pipeline runs its decoder."""
-    from ..engines.manifest import ComponentEntry
-    from ..runtime.generator import decoder_state
-    from ..runtime.runners import OrtRunner
+    from ..runtime.decoder_state import decoder_state
+    from ..runtime.ort_runner import OrtRunner
 
-    entry = ComponentEntry(file=int4.name, sha256="", templates=templates)
-    st = decoder_state(OrtRunner(int4, "decoder", threads=threads, spin=True), entry)
+    st = decoder_state(OrtRunner(int4, "decoder", threads=threads, spin=True), contract)
 
     def run():
         cache = st.new_cache(1, len(prompt) + new + 1)

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..engines.report import _median_time, row_cosines
+from .report import _median_time, row_cosines
 
 
 def _tiles(n: int, seed: int = 5) -> np.ndarray:
@@ -39,12 +39,13 @@ def bench_encoder_vitb(work: Path, log, batch: int = 16, calib: int = 64, repeat
 
     from ..config import TileEncoderConfig
     from ..engines import quantize_ort as q
-    from ..engines.build import _fastest_hint, _nncf_int8
+    from ..engines.build import fastest_ov_hint, nncf_int8
     from ..export.configs import tile_encoder_config
     from ..export.exporter import export_component
     from ..models.vit import VisionTransformer
-    from ..runtime.openvino_runner import OpenVinoRunner, openvino_version
-    from ..runtime.runners import OrtRunner
+    from ..runtime.machine import openvino_version
+    from ..runtime.openvino_runner import OpenVinoRunner
+    from ..runtime.ort_runner import OrtRunner
 
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -74,8 +75,8 @@ def bench_encoder_vitb(work: Path, log, batch: int = 16, calib: int = 64, repeat
         try:
             if not xml.exists():
                 log("OpenVINO NNCF INT8")
-                _nncf_int8(fp32, work, "tile_encoder", SimpleNamespace(tiles=lambda: cal))
-            hint = _fastest_hint(xml, "enc", cal)["ov_hint"]  # as `locpath build` decides it
+                nncf_int8(fp32, work, "tile_encoder", SimpleNamespace(tiles=lambda: cal))
+            hint = fastest_ov_hint(xml, "enc", cal)["ov_hint"]  # as `locpath build` decides it
             variants["openvino_nncf_int8"] = OpenVinoRunner(xml, "enc", precision="int8", hint=hint)
         except Exception as exc:  # NNCF missing or failing: the other rows still stand
             skipped["openvino_nncf_int8"] = str(exc).splitlines()[0][:200]

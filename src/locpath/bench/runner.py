@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.names import DECODER, DECODER_FUSED
 from ..errors import LocpathError
 
 
@@ -69,11 +70,10 @@ def vit_flops_per_tile(tc) -> float:
 # -- stages on one slide ------------------------------------------------------------------
 def bench_stages(pipe, slide: Path, cfg: BenchConfig) -> tuple[dict, dict]:
     from ..wsi import TileReader, open_slide
-    from ..wsi.extract import plan_tiles
 
     slide_runs, q_runs, read_s = [], [], []
     for i in range(cfg.warmup + cfg.repeats):
-        pipe._memory.clear()
+        pipe.forget_slides()
         ctx = pipe.prepare(slide)
         if i >= cfg.warmup:
             slide_runs.append(ctx.timings_ms)
@@ -82,7 +82,7 @@ def bench_stages(pipe, slide: Path, cfg: BenchConfig) -> tuple[dict, dict]:
         if i >= cfg.warmup:
             q_runs.append(a.timings_ms)
     with open_slide(slide) as s:
-        plan = plan_tiles(s)
+        plan = pipe.plan_tiles(s)
         for _ in range(cfg.repeats):
             t0 = time.perf_counter()
             n = sum(len(b.tiles) for b in TileReader(s, plan.grid))
@@ -139,39 +139,41 @@ def kv_bytes_locpath(mcfg, text_tokens: int) -> int:
 
 
 def bench_scaling(pipe, cfg: BenchConfig, prefix, log) -> list[dict]:
-    from ..text import format_prompt
     from ..wsi import open_slide
-    from ..wsi.extract import extract_features, plan_tiles
+    from ..wsi.extract import extract_features
 
     rows = []
-    prompt = pipe.tokenizer.encode(format_prompt(cfg.question), add_special_tokens=False).ids
-    text_tokens = len(prompt) + pipe.manifest.generation.max_new_tokens
-    st = pipe.decoder_state
+    prompt = pipe.prompt_ids(cfg.question)
+    params = pipe.sampling()
+    text_tokens = len(prompt) + params.max_new_tokens
     for n in cfg.tiles:
         path = scaling_slide(cfg.workdir, n, log)
         t0 = time.perf_counter()
         with open_slide(path) as s:
-            plan = plan_tiles(s)
-            ff, _ = extract_features(s, pipe._encode, plan, pipe.cfg.tile_encoder.name, progress=cfg.progress)
+            plan = pipe.plan_tiles(s)
+            ff, _ = extract_features(s, pipe.encode_tiles, plan, pipe.cfg.tile_encoder.name, progress=cfg.progress)
         read_encode = time.perf_counter() - t0
         log(f"N={n}: {len(ff.features)} tiles read and encoded in {read_encode:.1f} s")
 
         def locpath_ttft():
+            """STM, resampler, TIS, cross-KV and prefill; memory = the self-attention cache it allocated (for the
+            prompt and the answer) plus the question's cross K/V, as measured."""
             t = time.perf_counter()
-            lat, n_tok = pipe._compress(ff, {})
-            cross = pipe._question_kv(lat, cfg.question, {})
-            cache = st.new_cache(1, len(prompt) + 1)
-            st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), cross)
-            return (time.perf_counter() - t) * 1000, n_tok
+            lat, n_tok = pipe.compress(ff)
+            qkv = pipe.question_kv(lat, cfg.question)
+            gen = pipe.generator(qkv, cfg.question, params)
+            ms = (time.perf_counter() - t) * 1000
+            return ms, n_tok, gen.stats.kv_cache_bytes + sum(int(a.nbytes) for a in qkv.cross.values())
 
         runs = [locpath_ttft() for _ in range(cfg.warmup + cfg.repeats)][cfg.warmup:]
         row = {"n_target": n, "tiles": int(len(ff.features)), "tokens_after_stm": runs[0][1],
                "read_encode_s": round(read_encode, 2),
-               "locpath": {"ttft_ms": spread([r[0] for r in runs]), "kv_bytes": kv_bytes_locpath(pipe.cfg, text_tokens)}}
+               "locpath": {"ttft_ms": spread([r[0] for r in runs]), "kv_bytes": runs[0][2],
+                           "kv_bytes_formula": kv_bytes_locpath(pipe.cfg, text_tokens)}}
         if prefix is None:
             row["prefix"] = {"skipped": "torch or the prefix checkpoint is not available"}
         else:
-            row["prefix"] = prefix_ttft(prefix, ff, plan.grid.grid_index, cfg, text_tokens)
+            row["prefix"] = prefix_ttft(prefix, ff, ff.grid_index, cfg, text_tokens)
         rows.append(row)
         log(f"N={n}: LoC-Path time to first token {row['locpath']['ttft_ms']['median']:.1f} ms"
             + (f", prefix {row['prefix']['ttft_ms']['median']:.1f} ms" if "ttft_ms" in row["prefix"] else ""))
@@ -207,7 +209,7 @@ def prefix_ttft(prefix, ff, grid, cfg: BenchConfig, text_tokens: int) -> dict:
 def torch_baselines(pipe, checkpoint: Path, tiles: np.ndarray, cfg: BenchConfig) -> dict:
     import torch
 
-    from ..engines.report import _median_time, decode_speed, encoder_speed, mean_cosine
+    from .report import _median_time, decode_speed, encoder_speed, mean_cosine
     from ..models.checkpoint import load_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -224,11 +226,11 @@ def torch_baselines(pipe, checkpoint: Path, tiles: np.ndarray, cfg: BenchConfig)
         out["pytorch_encoder_bf16"] = {"tiles_per_s": len(x) / t, "cosine": mean_cosine(b16, f32)}
         model.tile_encoder.float()
         out["pytorch_decoder_fp32"] = {"tokens_per_s": _torch_decode_speed(model, tok, cfg.question)}
-    ours = pipe._encode(tiles[:32])
+    ours = pipe.encode_tiles(tiles[:32])
     out["bundle_encoder"] = {"tiles_per_s": encoder_speed(pipe, tiles), "cosine": mean_cosine(ours, f32)}
     out["bundle_decoder"] = {"tokens_per_s": decode_speed(pipe, cfg.question), "graph": pipe.decoder_component}
-    if pipe.decoder_component != "decoder":  # the plain graph of the same bundle, back to back
-        from ..runtime.pipeline import Pipeline
+    if pipe.decoder_component == DECODER_FUSED and DECODER in pipe.manifest.components:
+        from ..runtime.pipeline import Pipeline  # the plain graph of the same bundle, back to back
 
         plain = Pipeline(pipe.bundle_dir, pipe.manifest, use_cache=False, decoder="plain")
         out["bundle_decoder_plain"] = {"tokens_per_s": decode_speed(plain, cfg.question), "graph": "decoder"}
@@ -275,7 +277,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         torch_version = metadata.version("torch")
     except metadata.PackageNotFoundError:
         torch_version = None
-    from ..engines.engine_config import cpu_name
+    from ..runtime.machine import cpu_name
 
     report["machine"] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                          "onnxruntime": ort.__version__, "torch": torch_version}
@@ -320,11 +322,9 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     if cfg.baselines and torch_version and checkpoint is not None:
         from ..wsi import TileReader, open_slide
-        from ..wsi.extract import plan_tiles
 
         with open_slide(slide) as s:
-            plan = plan_tiles(s)
-            tiles = next(iter(TileReader(s, plan.grid, batch_size=64))).tiles
+            tiles = next(iter(TileReader(s, pipe.plan_tiles(s).grid, batch_size=64))).tiles
         log("PyTorch eager baselines (fp32, bf16) for the encoder and the decoder")
         report["baselines"] = torch_baselines(pipe, checkpoint, tiles, cfg)
     elif cfg.baselines:
@@ -355,8 +355,20 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _source_checkpoint(pipe) -> Path | None:
+    """The checkpoint the bundle was exported from: the recorded folder when it is still there, else the shipped
+    checkpoint whose weights have the recorded sha256 (a prebuilt bundle records the machine it was built on)."""
+    from ..bundle.paths import sha256_file
+    from ..checkpoints import shipped_checkpoint
+
     p = pipe.manifest.source.get("checkpoint")
-    return Path(p) if p and (Path(p) / "model.safetensors").exists() else None
+    if p and (Path(p) / "model.safetensors").exists():
+        return Path(p)
+    want = pipe.manifest.source.get("weights_sha256")
+    for name in ("reference",):
+        w = shipped_checkpoint(name) / "model.safetensors"
+        if want and w.exists() and sha256_file(w) == want:
+            return w.parent
+    return None
 
 
 def _ratios_and_targets(report: dict) -> None:
@@ -365,12 +377,12 @@ def _ratios_and_targets(report: dict) -> None:
         r["encoder_vs_pytorch_fp32"] = b["bundle_encoder"]["tiles_per_s"] / b["pytorch_encoder_fp32"]["tiles_per_s"]
         r["encoder_vs_pytorch_bf16"] = b["bundle_encoder"]["tiles_per_s"] / b["pytorch_encoder_bf16"]["tiles_per_s"]
         r["decoder_vs_pytorch_fp32"] = b["bundle_decoder"]["tokens_per_s"] / b["pytorch_decoder_fp32"]["tokens_per_s"]
-    if "bundle_decoder_plain" in b:
-        fused = float(np.median([b["bundle_decoder"]["tokens_per_s"], b["bundle_decoder"]["tokens_per_s_again"]]))
-        r["decoder_fused_vs_plain"] = fused / b["bundle_decoder_plain"]["tokens_per_s"]
         t["encoder_1.2x_pytorch_bf16_at_cosine_0.999"] = {
             "target": 1.2, "value": r["encoder_vs_pytorch_bf16"], "cosine": b["bundle_encoder"]["cosine"],
             "met": r["encoder_vs_pytorch_bf16"] >= 1.2 and b["bundle_encoder"]["cosine"] >= 0.999}
+    if "bundle_decoder_plain" in b:
+        fused = float(np.median([b["bundle_decoder"]["tokens_per_s"], b["bundle_decoder"]["tokens_per_s_again"]]))
+        r["decoder_fused_vs_plain"] = fused / b["bundle_decoder_plain"]["tokens_per_s"]
     for row in report.get("scaling", []):
         if "ttft_ms" in row["prefix"]:
             n = row["n_target"]

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engines.manifest import load_manifest, sha256_file
+from ..bundle.integrity import verify_bundle
+from ..bundle.paths import sha256_file
 from ..errors import LocpathError
 from ..fsutil import atomic_file
 from ..synth.qa import TEMPLATES
-from ..text import format_prompt
+from ..wsi.slide import check_slide_file
 
 
 @dataclass
@@ -53,7 +54,7 @@ class CalibrationSet:
 
 
 def calibration_key(bundle: Path, slides: list[Path], tiles_per_slide: int, seed: int) -> str:
-    m = load_manifest(bundle, verify=False)
+    m = verify_bundle(bundle, check_files=False)
     parts = [m.components[c].sha256 for c in sorted(m.components)]
     parts += [sha256_file(s) for s in slides]
     parts += [str(tiles_per_slide), str(seed)]
@@ -64,16 +65,16 @@ def build_calibration(bundle: str | os.PathLike, slides: list[str | os.PathLike]
                       seed: int = 0, out: str | os.PathLike | None = None, log=print) -> CalibrationSet:
     """Sample tissue tiles from each slide and run them through the fp32 bundle to collect every graph's inputs."""
     from ..runtime.pipeline import Pipeline
+    from ..stm import merge_tokens
     from ..wsi import TileReader, open_slide
-    from ..wsi.extract import extract_features, plan_tiles
+    from ..wsi.extract import extract_features
 
     bundle = Path(bundle)
     slides = [Path(s) for s in slides]
     if not slides:
         raise LocpathError("calibration needs at least one slide (--slides)")
     for s in slides:
-        if not s.exists():
-            raise LocpathError(f"{s}: file not found")
+        check_slide_file(s)
     key = calibration_key(bundle, slides, tiles_per_slide, seed)
     path = Path(out) if out else bundle / "calibration" / f"{key}.npz"
     if path.exists():
@@ -87,28 +88,25 @@ def build_calibration(bundle: str | os.PathLike, slides: list[str | os.PathLike]
     qi = 0
     for si, sp in enumerate(slides):
         with open_slide(sp) as s:
-            plan = plan_tiles(s)
+            plan = pipe.plan_tiles(s)
             reader = TileReader(s, plan.grid)
             pick = np.sort(rng.choice(len(plan.grid), min(tiles_per_slide, len(plan.grid)), replace=False))
             for i in pick:
                 x, y = plan.grid.coords[i]
                 tiles.append(reader.read_tile(s, int(x), int(y)))
-            ff, _ = extract_features(s, pipe._encode, plan, pipe.cfg.tile_encoder.name)
-        from ..stm import merge_tokens
-
+            ff, _ = extract_features(s, pipe.encode_tiles, plan, pipe.cfg.tile_encoder.name)
         stm = pipe.manifest.preprocessing.stm
-        merged = merge_tokens(ff.features, plan.grid.grid_index, stm["window"], stm["threshold"], stm["enabled"])
+        merged = merge_tokens(ff.features, ff.grid_index, stm["window"], stm["threshold"], stm["enabled"])
         arrays[f"resampler.tokens.{si}"] = merged.features[None]
         arrays[f"resampler.positions.{si}"] = merged.positions[None]
         arrays[f"resampler.counts.{si}"] = merged.counts[None]
-        lat, _ = pipe._compress(ff, {})
+        lat, _ = pipe.compress(ff)
         for qtype, qs in TEMPLATES.items():
             q = qs[rng.integers(len(qs))]
-            ids = pipe.tokenizer.encode(q, add_special_tokens=False).ids
+            ids = pipe.question_ids(q)
             arrays[f"tis.latents.{qi}"] = lat
             arrays[f"tis.question_ids.{qi}"] = np.asarray([ids], np.int64)
-            arrays[f"decoder.prompt.{qi}"] = np.asarray(
-                pipe.tokenizer.encode(format_prompt(q), add_special_tokens=False).ids, np.int64)
+            arrays[f"decoder.prompt.{qi}"] = np.asarray(pipe.prompt_ids(q), np.int64)
             qi += 1
         log(f"calibrate: {sp.name}: {len(pick)} tiles of {len(plan.grid)}, {len(merged)} STM tokens")
     arrays["tile_encoder.tiles"] = np.stack(tiles)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle.decoder_io import DecoderContract, cross_names, past_names, present_names
 from ..errors import LocpathError
 
 MS = "com.microsoft"
@@ -59,6 +60,25 @@ class FusedDecoderSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "FusedDecoderSpec":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @classmethod
+    def from_templates(cls, templates: dict) -> "FusedDecoderSpec":
+        if not isinstance(templates.get("spec"), dict):
+            raise LocpathError("fused decoder templates carry no graph spec; re-export the bundle")
+        return cls.from_dict(templates["spec"])
+
+    def contract(self) -> DecoderContract:
+        """The graph's I/O as the runtime sees it (bundle/decoder_io.py)."""
+        return DecoderContract(kind="fused", num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                               head_dim=self.head_dim, vocab=self.vocab, cara_layers=tuple(self.cara_layers),
+                               cara_heads=self.cara_heads,
+                               cara_head_dim=self.hidden // self.cara_heads if self.cara_heads else 0,
+                               max_positions=self.max_positions)
+
+    def templates(self) -> dict:
+        """The manifest templates of a fused decoder entry: the contract, plus the spec `locpath build` rebuilds
+        the INT4 graph from."""
+        return dict(self.contract().to_templates(), spec=self.to_dict())
 
     def expected_weights(self) -> dict[str, tuple]:
         """Name -> shape of every weight the graph is built from (MatMul weights as [in, out])."""
@@ -220,7 +240,7 @@ class _Builder:
         s, p = self.s, f"cara.{i}."
         x, _ = self.rms(h, p + "norm", s.cara_eps)
         q = self.matmul(x, p + "q.weight")
-        att = self.g.node("MultiHeadAttention", [q, f"cross_key.{i}", f"cross_value.{i}"], domain=MS,
+        att = self.g.node("MultiHeadAttention", [q, *cross_names(i)], domain=MS,
                           name=p + "cross_attention", num_heads=s.cara_heads)
         route = self.g.node("Sigmoid", [self.g.node("Add", [self.matmul(x, p + "router.weight"),
                                                              self.g.init(p + "router.bias", self.w[p + "router.bias"])])])
@@ -266,9 +286,8 @@ class _Builder:
             if s.qkv_bias:
                 qkv = g.node("Add", [qkv, g.init(p + "qkv.bias", np.asarray(self.w[p + "qkv.bias"], np.float32))])
             q, k, v = g.node("Split", [qkv, split_qkv], n_out=3, axis=-1, name=p + "qkv.split")
-            att = g.node("GroupQueryAttention", [q, k, v, f"past_key.{j}", f"past_value.{j}", seqlens, total, cos, sin],
-                         domain=MS, name=p + "attention", outputs=[p + "attention/out0", f"present_key.{j}",
-                                                                    f"present_value.{j}"],
+            att = g.node("GroupQueryAttention", [q, k, v, *past_names(j), seqlens, total, cos, sin],
+                         domain=MS, name=p + "attention", outputs=[p + "attention/out0", *present_names(j)],
                          num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0)
             o = self.matmul(att, p + "o.weight")
             x, h = self.rms(o, p + "ln2", s.rms_eps, skip=h)
@@ -286,18 +305,10 @@ class _Builder:
         logits2d = self.lm_head(x2d)
         g.node("Reshape", [logits2d, g.const_i64([-1, 1, s.vocab])], name="logits.reshape", outputs=["logits"])
 
-        f32 = TensorProto.FLOAT
-        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
-        outputs = [helper.make_tensor_value_info("logits", f32, ["batch", 1, s.vocab])]
-        for j in range(s.num_layers):
-            for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"past_{kind}.{j}", f32, ["batch", s.num_kv_heads, "max_length", hd]))
-                outputs.append(helper.make_tensor_value_info(f"present_{kind}.{j}", f32, ["batch", s.num_kv_heads, "max_length", hd]))
-        ch = s.hidden // s.cara_heads if s.cara_heads else 0
-        for i in s.cara_layers:
-            for kind in ("key", "value"):
-                inputs.append(helper.make_tensor_value_info(f"cross_{kind}.{i}", f32, ["batch", s.cara_heads, "selected", ch]))
+        types = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
+        contract = s.contract()
+        inputs = [helper.make_tensor_value_info(d.name, types[d.dtype], list(d.shape)) for d in contract.inputs()]
+        outputs = [helper.make_tensor_value_info(d.name, types[d.dtype], list(d.shape)) for d in contract.outputs()]
         graph = helper.make_graph(g.nodes, "locpath_fused_decoder", inputs, outputs, list(g.inits.values()))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
                                   producer_name="locpath.fused_graph")

@@ -1,7 +1,8 @@
 """`locpath export`: a trained checkpoint -> a validated, versioned bundle that needs no torch to run.
 
 The bundle is assembled in a temporary folder beside OUT_DIR and renamed into place only when every
-component exported and validated, so a failed export leaves nothing behind.
+component exported and validated, so a failed export leaves nothing behind. Every file is listed in the
+manifest (sha256 and size) and SHA256SUMS covers the manifest and the files.
 """
 
 from __future__ import annotations
@@ -14,27 +15,31 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..engines.manifest import (ComponentEntry, GenerationDefaults, IOSpec, Manifest, Preprocessing, TokenizerEntry,
-                                sha256_file)
+from ..bundle import names
+from ..bundle.integrity import write_manifest
+from ..bundle.manifest import (ComponentEntry, GenerationDefaults, IOSpec, Manifest, Preprocessing, TokenizerEntry)
+from ..bundle.paths import sha256_file
 from ..errors import LocpathError
 from ..fsutil import atomic_dir
 from ..text import CHAT_TEMPLATE, IM_END, IM_START, PAD
 from .configs import export_configs
 from .exporter import ComponentReport, export_component, validate_component
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
-def _profiles(component: str, cfg_axes: set[str], model) -> dict:
-    """min/opt/max per symbolic axis: what a TensorRT optimisation profile is built from."""
+
+def _profiles(component: str, cfg_axes: set[str], model, max_length: int) -> dict:
+    """min/opt/max per symbolic axis: what a TensorRT optimisation profile is built from. The decoder's cover
+    the whole KV capacity (`generation.max_length`), so no prompt the runtime accepts falls outside them."""
     c = model.cfg
-    max_len = 4 * c.max_answer_tokens + 128
     table = {
-        "batch": [1, 32, 64] if component == "tile_encoder" else [1, 1, 16],  # the runtime encodes 32 tiles a call
+        "batch": [1, 32, 64] if component == names.TILE_ENCODER else [1, 1, 16],  # the runtime encodes 32 tiles a call
         "tokens": [1, 2048, 65536],
         "question_len": [1, 16, 128],
         "selected": [c.tis.top_m] * 3,
-        "sequence": [1, 32, max_len],
-        "past": [0, 32, max_len],
-        "total": [1, 64, max_len],
+        "sequence": [1, 32, max_length],
+        "past": [0, 32, max_length],
+        "total": [1, 64, max_length],
     }
     return {a: table[a] for a in sorted(cfg_axes) if a in table}
 
@@ -43,7 +48,7 @@ def export_fused_decoder(model, tmp: Path, max_length: int, validate: bool, log)
     """The fused decoder graph beside the plain one: faster on ONNX Runtime, which the runtime prefers. A model
     the fused builder does not support (rope variant, MLP kind) keeps only the plain graph, with a message."""
     from ..engines.fused_graph import build_fused_decoder
-    from .fused import fused_decoder_inputs, fused_io, fused_templates, validate_fused
+    from .fused import fused_decoder_inputs, validate_fused
 
     t0 = time.time()
     try:
@@ -51,18 +56,18 @@ def export_fused_decoder(model, tmp: Path, max_length: int, validate: bool, log)
     except LocpathError as exc:
         log(f"export: no fused decoder ({exc})")
         return None
-    name = "decoder_fused.onnx"
+    name = f"{names.DECODER_FUSED}.onnx"
     info = build_fused_decoder(spec, weights, tmp / name, quant="fp32", source="the checkpoint")
     diff = {"logits": validate_fused(tmp / name, model, spec)} if validate else {}
-    rep = ComponentReport(component="decoder_fused", file=name, nodes=info["nodes"], seconds=time.time() - t0,
+    rep = ComponentReport(component=names.DECODER_FUSED, file=name, nodes=info["nodes"], seconds=time.time() - t0,
                           max_abs_diff=diff)
-    log(f"export: decoder_fused -> {name} ({info['nodes']} nodes, {rep.seconds:.1f} s"
+    log(f"export: {names.DECODER_FUSED} -> {name} ({info['nodes']} nodes, {rep.seconds:.1f} s"
         + (f", max abs diff {diff['logits']:.2e})" if diff else ")"))
-    ins, outs = fused_io(spec)
+    contract = spec.contract()
     entry = ComponentEntry(
         file=name, sha256=sha256_file(tmp / name), precision="fp32", backend="onnxruntime",
-        inputs=[IOSpec.from_dict(d) for d in ins], outputs=[IOSpec.from_dict(d) for d in outs],
-        templates=fused_templates(spec),
+        inputs=[IOSpec.from_decl(d) for d in contract.inputs()], outputs=[IOSpec.from_decl(d) for d in contract.outputs()],
+        templates=spec.templates(),
         description="the decoder as ONNX Runtime contrib ops: GroupQueryAttention (rotary inside, past/present "
                     "share one max-length buffer), SkipSimplifiedLayerNormalization, last-position logits",
         profiles={})
@@ -87,6 +92,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
         raise LocpathError(f"{checkpoint}: only LoC-Path (fusion 'cara') checkpoints export to a bundle so far")
     cfg = model.cfg
     cfg.llm = sync_llm_config(cfg.llm, model.llm)  # record the loaded LLM's real sizes
+    max_length = min(cfg.llm.max_position_embeddings, 512)
     with atomic_dir(out) as tmp:
         components: dict[str, ComponentEntry] = {}
         reports: dict[str, ComponentReport] = {}
@@ -101,14 +107,14 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
                 file=rep.file, sha256=sha256_file(tmp / rep.file), precision="fp32", backend="onnxruntime",
                 inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
                 outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
-                templates=ec.templates, description=ec.description, profiles=_profiles(ec.component, ec.axes(), model),
+                templates=ec.templates, description=ec.description,
+                profiles=_profiles(ec.component, ec.axes(), model, max_length),
             )
-        max_length = min(cfg.llm.max_position_embeddings, 512)
         fused = export_fused_decoder(model, tmp, max_length, validate, log)
         if fused is not None:
-            components["decoder_fused"], reports["decoder_fused"] = fused
+            components[names.DECODER_FUSED], reports[names.DECODER_FUSED] = fused
         tok.save(str(tmp / "tokenizer.json"))
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        (tmp / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE)
         weights = Path(checkpoint) / "model.safetensors"
         manifest = Manifest(
             fusion=cfg.fusion,
@@ -118,8 +124,8 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
                 tile_size=cfg.tile_encoder.img_size, target_mpp=cfg.target_mpp, mean=list(cfg.tile_encoder.mean),
                 std=list(cfg.tile_encoder.std), stm=dataclasses.asdict(cfg.stm),
             ),
-            tokenizer=TokenizerEntry(file="tokenizer.json", sha256=sha256_file(tmp / "tokenizer.json"),
-                                     chat_template=CHAT_TEMPLATE, pad=PAD, im_start=IM_START, im_end=IM_END),
+            tokenizer=TokenizerEntry(file="tokenizer.json", chat_template=CHAT_TEMPLATE_FILE, pad=PAD,
+                                     im_start=IM_START, im_end=IM_END),
             generation=GenerationDefaults(max_new_tokens=cfg.max_answer_tokens, stop_tokens=[IM_END],
                                           max_length=max_length),
             locpath_version=__version__,
@@ -128,10 +134,11 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
             export={"torch": torch.__version__, "exporter": "torch.onnx dynamo", "seconds": round(time.time() - t_start, 1),
                     "validation": {k: r.max_abs_diff for k, r in reports.items()}},
         )
-        manifest.save(tmp)
+        for name in manifest.referenced_files():
+            manifest.record_file(tmp, name)
+        write_manifest(tmp, manifest)
     size = sum(p.stat().st_size for p in out.iterdir())
     summary = {"bundle": str(out), "seconds": round(time.time() - t_start, 1), "bytes": size,
                "max_abs_diff": {k: r.max_abs_diff for k, r in reports.items()}}
     log(f"export: bundle {out} ({size / 1e6:.1f} MB) in {summary['seconds']} s")
-    (out / "export_report.json").write_text(json.dumps(summary, indent=2))
     return out, summary

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..bundle import names
+from ..bundle.decoder_io import DecoderContract
 from ..models.slide_llm import LocPathModel
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
@@ -25,6 +27,10 @@ class TensorSpec:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_decl(cls, d) -> "TensorSpec":
+        return cls(d.name, d.dtype, tuple(d.shape))
 
 
 @dataclass
@@ -62,10 +68,6 @@ class ExportConfig:
     def axes(self) -> set[str]:
         return {d for s in self.inputs + self.outputs for d in s.shape if isinstance(d, str)}
 
-    def to_manifest(self) -> dict:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs],
-                "templates": self.templates, "description": self.description}
-
 
 # -- tile encoder -----------------------------------------------------------------
 class _TileEncoder(nn.Module):
@@ -85,7 +87,7 @@ class TileEncoderExport(ExportConfig):
 def tile_encoder_config(model: LocPathModel) -> ExportConfig:
     c = model.cfg.tile_encoder
     return TileEncoderExport(
-        component="tile_encoder",
+        component=names.TILE_ENCODER,
         inputs=[TensorSpec("tiles", "uint8", ("batch", c.img_size, c.img_size, 3))],
         outputs=[TensorSpec("features", "float32", ("batch", c.out_dim))],
         sample_dims={"batch": 2},
@@ -124,7 +126,7 @@ class ResamplerExport(ExportConfig):
 def resampler_config(model: LocPathModel) -> ExportConfig:
     cfg = model.cfg
     return ResamplerExport(
-        component="resampler",
+        component=names.RESAMPLER,
         inputs=[
             TensorSpec("tokens", "float32", ("batch", "tokens", cfg.feature_dim)),
             TensorSpec("positions", "float32", ("batch", "tokens", 2)),
@@ -164,7 +166,7 @@ class TISExport(ExportConfig):
 def tis_config(model: LocPathModel) -> ExportConfig:
     cfg = model.cfg
     return TISExport(
-        component="tis",
+        component=names.TIS,
         inputs=[
             TensorSpec("latents", "float32", ("batch", cfg.resampler.num_latents, cfg.resampler.dim)),
             TensorSpec("question_ids", "int64", ("batch", "question_len")),
@@ -198,16 +200,11 @@ class CrossKVExport(ExportConfig):
 
 def cross_kv_config(model: LocPathModel) -> ExportConfig:
     cfg = model.cfg
-    h = cfg.cara.num_heads
-    hd = model.hidden // h
-    outs = []
-    for i in model.cara.layer_ids:
-        outs += [TensorSpec(f"cross_key.{i}", "float32", ("batch", h, "selected", hd)),
-                 TensorSpec(f"cross_value.{i}", "float32", ("batch", h, "selected", hd))]
+    contract = plain_decoder_contract(model)
     return CrossKVExport(
-        component="cross_kv",
+        component=names.CROSS_KV,
         inputs=[TensorSpec("selected_latents", "float32", ("batch", "selected", cfg.resampler.dim))],
-        outputs=outs,
+        outputs=[TensorSpec.from_decl(d) for d in contract.cross_outputs()],
         sample_dims={"batch": 2, "selected": cfg.tis.top_m},
         check_dims=[{"batch": 1, "selected": cfg.tis.top_m}, {"batch": 3, "selected": cfg.tis.top_m}],
         description="the M selected latents -> cross keys/values of every CARA layer, once per question",
@@ -266,39 +263,29 @@ class DecoderExport(ExportConfig):
         return out
 
 
-def decoder_config(model: LocPathModel) -> ExportConfig:
+def plain_decoder_contract(model: LocPathModel) -> DecoderContract:
     c = model.llm.config
-    kvh = c.num_key_value_heads
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    ins = [TensorSpec("input_ids", "int64", ("batch", "sequence")),
-           TensorSpec("attention_mask", "int64", ("batch", "total")),
-           TensorSpec("position_ids", "int64", ("batch", "sequence"))]
-    outs = [TensorSpec("logits", "float32", ("batch", "sequence", c.vocab_size))]
-    for j in range(c.num_hidden_layers):
-        ins += [TensorSpec(f"past_key.{j}", "float32", ("batch", kvh, "past", hd)),
-                TensorSpec(f"past_value.{j}", "float32", ("batch", kvh, "past", hd))]
-        outs += [TensorSpec(f"present_key.{j}", "float32", ("batch", kvh, "total", hd)),
-                 TensorSpec(f"present_value.{j}", "float32", ("batch", kvh, "total", hd))]
     ch = model.cfg.cara.num_heads
-    for i in model.cara.layer_ids:
-        ins += [TensorSpec(f"cross_key.{i}", "float32", ("batch", ch, "selected", model.hidden // ch)),
-                TensorSpec(f"cross_value.{i}", "float32", ("batch", ch, "selected", model.hidden // ch))]
+    return DecoderContract(kind="plain", num_layers=c.num_hidden_layers, num_kv_heads=c.num_key_value_heads,
+                           head_dim=hd, vocab=c.vocab_size, cara_layers=tuple(model.cara.layer_ids), cara_heads=ch,
+                           cara_head_dim=model.hidden // ch)
+
+
+def decoder_config(model: LocPathModel) -> ExportConfig:
+    contract = plain_decoder_contract(model)
     m = model.cfg.tis.top_m
     return DecoderExport(
-        component="decoder",
-        inputs=ins,
-        outputs=outs,
+        component=names.DECODER,
+        inputs=[TensorSpec.from_decl(d) for d in contract.inputs()],
+        outputs=[TensorSpec.from_decl(d) for d in contract.outputs()],
         sample_dims={"batch": 2, "sequence": 3, "past": 5, "total": 8, "selected": m},
         check_dims=[{"batch": 1, "sequence": 9, "past": 0, "total": 9, "selected": m},
                     {"batch": 1, "sequence": 1, "past": 12, "total": 13, "selected": m},
                     {"batch": 3, "sequence": 1, "past": 4, "total": 5, "selected": m},
                     {"batch": 2, "sequence": 4, "past": 6, "total": 10, "selected": m}],
         description="one graph for prefill (past 0) and decode; self K/V in and out; cross K/V fixed per question",
-        templates={"past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
-                   "present_key": "present_key.{layer}", "present_value": "present_value.{layer}",
-                   "cross_key": "cross_key.{layer}", "cross_value": "cross_value.{layer}",
-                   "num_layers": c.num_hidden_layers, "cara_layers": list(model.cara.layer_ids),
-                   "num_kv_heads": kvh, "head_dim": hd},
+        templates=contract.to_templates(),
         fixed_args=3,
     )
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..bundle import names
 from ..engines.fused_graph import FusedDecoderSpec
 from ..errors import LocpathError
 
@@ -91,43 +92,14 @@ def fused_weights(model, spec: FusedDecoderSpec) -> dict[str, np.ndarray]:
     return {k: np.array(v, dtype=np.float32, order="C") for k, v in w.items()}
 
 
-def fused_templates(spec: FusedDecoderSpec) -> dict:
-    """The manifest templates of a fused decoder entry (what `runtime.generator.FusedDecoderState` reads)."""
-    return {"kind": "fused", "spec": spec.to_dict(), "logits": "last position only",
-            "past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
-            "present_key": "present_key.{layer}", "present_value": "present_value.{layer}",
-            "cross_key": "cross_key.{layer}", "cross_value": "cross_value.{layer}",
-            "num_layers": spec.num_layers, "cara_layers": list(spec.cara_layers),
-            "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim}
-
-
-def fused_io(spec: FusedDecoderSpec) -> tuple[list, list]:
-    """Input and output specs of the fused graph, as manifest dicts."""
-    ins = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
-           {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total"]}]
-    outs = [{"name": "logits", "dtype": "float32", "shape": ["batch", 1, spec.vocab]}]
-    kv = ["batch", spec.num_kv_heads, "max_length", spec.head_dim]
-    for j in range(spec.num_layers):
-        ins += [{"name": f"past_key.{j}", "dtype": "float32", "shape": kv},
-                {"name": f"past_value.{j}", "dtype": "float32", "shape": kv}]
-        outs += [{"name": f"present_key.{j}", "dtype": "float32", "shape": kv},
-                 {"name": f"present_value.{j}", "dtype": "float32", "shape": kv}]
-    for i in spec.cara_layers:
-        cross = ["batch", spec.cara_heads, "selected", spec.hidden // spec.cara_heads]
-        ins += [{"name": f"cross_key.{i}", "dtype": "float32", "shape": cross},
-                {"name": f"cross_value.{i}", "dtype": "float32", "shape": cross}]
-    return ins, outs
-
-
 def validate_fused(path, model, spec: FusedDecoderSpec, prompt_len: int = 9, steps: int = 4, seed: int = 0,
                    atol: float = 1e-4) -> float:
     """Prefill + single-token steps through the runtime's FusedDecoderState against the PyTorch model's full
     forward; returns the max abs logit difference (relative to the logits' scale), raises ValidationError."""
     import torch
 
-    from ..engines.manifest import ComponentEntry
-    from ..runtime.generator import FusedDecoderState
-    from ..runtime.runners import OrtRunner
+    from ..runtime.decoder_state import FusedDecoderState
+    from ..runtime.ort_runner import OrtRunner
     from .exporter import ValidationError
 
     g = torch.Generator().manual_seed(seed)
@@ -142,8 +114,8 @@ def validate_fused(path, model, spec: FusedDecoderSpec, prompt_len: int = 9, ste
             cross[f"cross_key.{i}"], cross[f"cross_value.{i}"] = k.numpy(), v.numpy()
     with torch.no_grad(), model.cara.visual_context(cross_t or None):
         ref = model.llm(input_ids=ids).logits[0].numpy()
-    runner = OrtRunner(path, "decoder_fused")
-    st = FusedDecoderState(runner, ComponentEntry(file=str(path), sha256="", templates=fused_templates(spec)))
+    runner = OrtRunner(path, names.DECODER_FUSED)
+    st = FusedDecoderState(runner, spec.contract())
     cache = st.new_cache(1, total)
     ids_np = ids.numpy()
     got = [st.step(ids_np[:, :prompt_len], cache, np.ones((1, prompt_len), np.int64), cross)[0, -1].copy()]
@@ -153,6 +125,7 @@ def validate_fused(path, model, spec: FusedDecoderSpec, prompt_len: int = 9, ste
     want = ref[prompt_len - 1:]
     diff = float(np.abs(np.stack(got) - want).max())
     scale = max(1.0, float(np.abs(want).max()))
-    if diff > atol * scale:
-        raise ValidationError(f"{path}: fused decoder differs from PyTorch by {diff:.3e} (logits up to {scale:.1f})")
+    if not diff <= atol * scale:
+        raise ValidationError(names.DECODER_FUSED, {"prompt": prompt_len, "steps": steps}, {"logits": diff},
+                              atol * scale)
     return diff

@@ -1,27 +1,22 @@
-"""Streaming detokenisation that never emits a broken character.
-
-Byte-level BPE tokens can split one UTF-8 character across tokens. Text is decoded from the first
-not-yet-emitted token each time; a decoded tail ending in U+FFFD (an incomplete sequence) is held back
-until the next token completes it.
-"""
+"""Streaming detokenisation that never emits a broken character: tokenizers' own DecodeStream (it keeps a small
+window of pending ids, so each step costs O(1), and holds back a UTF-8 character split across tokens)."""
 
 from __future__ import annotations
 
 
 class StreamingDetokenizer:
     def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the full decode already emitted
+        self._stream = DecodeStream(skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
+        """The text this token completes ('' while a character is still incomplete)."""
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        out = text[self.emitted :]
-        self.emitted = len(text)
-        return out
+        return self._stream.step(self.tok, int(token_id)) or ""
 
     def text(self) -> str:
+        """The whole answer, decoded once."""
         return self.tok.decode(self.ids, skip_special_tokens=True)

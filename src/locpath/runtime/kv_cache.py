@@ -1,29 +1,25 @@
-"""The self-attention KV cache: one buffer per layer, preallocated to a capped max length.
+"""Self-attention K/V caches, one per decoder graph kind (bundle/decoder_io.py):
 
-The exported decoder takes past K/V of length P and returns present K/V of length P+S (concat inside the
-graph). The cache keeps the authoritative copy in its buffers and writes only the S new positions back, so
-memory is allocated once per question, never grown; a prompt plus answer beyond the cap is an error.
-Cross-attention K/V are not here: they are fixed per question and passed unchanged every step.
+- `KVCache` (plain graph): the graph takes past K/V of length P and returns present K/V of length P+S (the concat
+  happens inside the graph). The present arrays simply become the next step's past: no copy on our side.
+- `SharedKVCache` (fused graph): one buffer per layer and kind, preallocated to the capped max length and bound
+  once as both past and present through an IOBinding the cache owns; GroupQueryAttention writes the new
+  positions in place, so a step moves nothing.
+Either refuses a prompt plus answer beyond its cap ("KV cache full"); cross-attention K/V are not here (fixed per
+question, passed unchanged every step).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..bundle.decoder_io import DecoderContract
 from ..errors import LocpathError
 
 
-class _KVBuffers:
-    """What both caches share: one buffer per layer and kind of the capped max length, the filled length, and
-    the "cache full" refusal."""
-
-    def __init__(self, alloc, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int, dtype):
-        self.num_layers = num_layers
+class _Capped:
+    def __init__(self, max_length: int):
         self.max_length = max_length
-        shape = (batch, kv_heads, max_length, head_dim)
-        self.keys = [alloc(shape, dtype) for _ in range(num_layers)]
-        self.values = [alloc(shape, dtype) for _ in range(num_layers)]
-        self.nbytes = 2 * num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.length = 0
 
     def check_room(self, total: int) -> None:
@@ -31,36 +27,43 @@ class _KVBuffers:
             raise LocpathError(f"KV cache full: {total} positions exceed the cap of {self.max_length} "
                                "(shorten the question or lower max_new_tokens)")
 
-    def advance(self, new_length: int) -> None:
+
+class KVCache(_Capped):
+    def __init__(self, contract: DecoderContract, batch: int, max_length: int, dtype=np.float32):
+        super().__init__(max_length)
+        self.contract = contract
+        empty = np.zeros((batch, contract.num_kv_heads, 0, contract.head_dim), dtype)
+        self.past = {n: empty for j in range(contract.num_layers) for n in contract.past(j)}
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.past.values()))
+
+    def update(self, outputs: dict[str, np.ndarray], new_length: int) -> None:
+        """Take the graph's present K/V as the past of the next step."""
+        for j in range(self.contract.num_layers):
+            for past, present in zip(self.contract.past(j), self.contract.present(j)):
+                self.past[past] = outputs[present]
         self.length = new_length
 
-    def reset(self) -> None:
-        self.length = 0
 
+class SharedKVCache(_Capped):
+    """Buffers come from the runner (`new_buffer`: host memory on the CPU provider, device memory elsewhere)."""
 
-class KVCache(_KVBuffers):
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
-                 dtype=np.float32):
-        super().__init__(np.zeros, num_layers, batch, kv_heads, head_dim, max_length, dtype)
+    def __init__(self, runner, contract: DecoderContract, batch: int, max_length: int, dtype=np.float32):
+        super().__init__(max_length)
+        shape = (batch, contract.num_kv_heads, max_length, contract.head_dim)
+        self.keys = [runner.new_buffer(shape, dtype) for _ in range(contract.num_layers)]
+        self.values = [runner.new_buffer(shape, dtype) for _ in range(contract.num_layers)]
+        self.nbytes = 2 * contract.num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.logits = np.zeros((batch, 1, contract.vocab), np.float32)
+        state = {}
+        for j in range(contract.num_layers):
+            (pk, pv), (ok, ov) = contract.past(j), contract.present(j)
+            state[pk], state[pv] = (self.keys[j], ok), (self.values[j], ov)
+        self.binder = runner.binder(state, {"logits": self.logits})  # bound once per answer
 
-    def past(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.length
-        return (np.ascontiguousarray(self.keys[layer][:, :, :n]), np.ascontiguousarray(self.values[layer][:, :, :n]))
-
-    def append(self, layer: int, present_k: np.ndarray, present_v: np.ndarray) -> None:
-        """Store the new positions of a present tensor (length P+S) after position P."""
-        total = present_k.shape[2]
-        self.check_room(total)
-        self.keys[layer][:, :, self.length : total] = present_k[:, :, self.length :]
-        self.values[layer][:, :, self.length : total] = present_v[:, :, self.length :]
-
-
-class SharedKVCache(_KVBuffers):
-    """The fused decoder's self-attention K/V, bound as both the graph's past and present (GroupQueryAttention
-    writes the new positions in place). Nothing is copied between steps. The buffers come from the runner
-    (`new_buffer`), so a device runner could keep them in device memory; today the fused graph runs on the CPU
-    provider only."""
-
-    def __init__(self, runner, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_length: int,
-                 dtype=np.float32):
-        super().__init__(runner.new_buffer, num_layers, batch, kv_heads, head_dim, max_length, dtype)
+    def run(self, feeds: dict[str, np.ndarray], new_length: int) -> np.ndarray:
+        logits = self.binder.run(feeds)["logits"]
+        self.length = new_length
+        return logits

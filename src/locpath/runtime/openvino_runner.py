@@ -8,15 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runners import Runner, RunnerError
-
-
-def openvino_version() -> str | None:
-    try:
-        import openvino as ov
-    except ImportError:
-        return None
-    return ov.get_version().split("-")[0]
+from .runner import Runner, RunnerError, first_line
 
 
 class OpenVinoRunner(Runner):
@@ -49,7 +41,7 @@ class OpenVinoRunner(Runner):
         try:
             self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", cfg)
         except Exception as exc:
-            raise RunnerError(f"{self.path}: OpenVINO cannot compile the graph ({str(exc).splitlines()[0][:300]})") from exc
+            raise RunnerError(f"{self.path}: OpenVINO cannot compile the graph ({first_line(exc)})") from exc
         self._req = self._compiled.create_infer_request()
         self._outputs = {o.get_any_name(): o for o in self._compiled.outputs}
         return self
@@ -67,7 +59,7 @@ class OpenVinoRunner(Runner):
         try:
             res = self._req.infer(feeds)
         except Exception as exc:
-            raise RunnerError(f"{self.name}: OpenVINO inference failed ({str(exc).splitlines()[0][:300]})") from exc
+            raise RunnerError(f"{self.name}: OpenVINO inference failed ({first_line(exc)})") from exc
         names = outputs or list(self._outputs)
         # the request reuses its buffers: copy what leaves
         return {n: np.array(res[self._outputs[n]]) for n in names}

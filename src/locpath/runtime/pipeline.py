@@ -1,11 +1,18 @@
-"""The torch-free pipeline: slide -> tiles -> encoder -> STM -> resampler -> (per question) TIS -> cross-KV ->
-prefill -> decode loop. Per-slide features and latents are cached on disk, so a second question about the
-same slide reads no tile and runs no encoder.
+"""The torch-free pipeline and its public stage API.
 
-    pipe = Pipeline.from_bundle("bundle/")
-    ans = pipe.ask("slide.svs", "What is the diagnosis?")          # Answer
-    for piece in pipe.ask("slide.svs", "Is necrosis present?", stream=True):
-        print(piece, end="")                                          # StreamedAnswer
+    pipe = Pipeline.from_bundle("bundle/")          # verifies SHA256SUMS, manifest, every file (and signature)
+    ans = pipe.ask("slide.svs", "What is the diagnosis?")           # Answer
+    for piece in (s := pipe.stream("slide.svs", "Is necrosis present?")):
+        print(piece, end="")                                          # then s.result is the Answer
+
+The stages, for callers that drive them one by one (calibration, build measurements, the bench, services):
+    encode_tiles(uint8 NHWC) -> features          tile encoder graph
+    compress(FeatureFile) -> (latents, tokens)    STM (numpy) + resampler graph
+    prepare(slide) -> SlideContext                the two above over a slide, through the slide cache and memory
+    question_kv(latents, question) -> QuestionKV  TIS graph, top-M, cross-KV graph
+    generator(qkv, question, params) -> Generator prefill done; sample with .tokens(), or force .append_tokens()
+Per-slide latents are kept on disk (slide cache) and in a bounded in-memory LRU, so a second question about the
+same slide reads no tile and runs no encoder.
 """
 
 from __future__ import annotations
@@ -15,30 +22,40 @@ import json
 import os
 import resource
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..engines.manifest import Manifest, load_manifest
-from ..errors import LocpathError
+from ..bundle import names
+from ..bundle.engine_config import EngineConfig, check_engine_config
+from ..bundle.integrity import TrustedKeys, verify_bundle
+from ..bundle.manifest import BundleError, Manifest
+from ..errors import ConfigError, LocpathError
 from ..stm import merge_tokens
-from ..text import format_prompt, load_tokenizer
+from ..text import load_tokenizer
 from ..wsi import GridConfig, TissueConfig, open_slide
-from ..wsi.extract import extract_features, plan_tiles
+from ..wsi.extract import TilePlan, extract_features, plan_tiles
 from ..wsi.features import FeatureFile, read_features
+from ..wsi.slide import check_slide_file
+from .backends import make_runner
+from .decoder_state import DecoderState, decoder_state
 from .detok import StreamingDetokenizer
-from .generator import GenerationStats, Generator, decoder_state
-from .runners import Runner, make_runner
+from .generator import GenerationStats, Generator
+from .machine import describe_machine
+from .prompt import ChatTemplate
+from .runner import Runner
 from .sampler import SamplingParams
-from .slide_cache import SlideCache, default_cache_dir
+from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
+
+DECODER_CHOICES = ("auto", "fused", "plain")
+MAX_QUESTION_CHARS = 8192
 
 
 def check_engines(bundle_dir: Path, manifest: Manifest, device: str) -> None:
     """Refuse built components whose engine config does not fit this machine, runtime or ONNX (a "rebuild")."""
-    from ..engines.engine_config import EngineConfig, check_engine_config, describe_machine
-
     machines: dict[str, dict] = {}
     for entry in manifest.components.values():
         if not entry.engine_config:
@@ -49,26 +66,26 @@ def check_engines(bundle_dir: Path, manifest: Manifest, device: str) -> None:
         check_engine_config(cfg, machines[cfg.backend], entry.parent_sha256, entry.sha256, str(bundle_dir / entry.file))
 
 
-FUSED = "decoder_fused"
-DECODER_CHOICES = ("auto", "fused", "plain")
-
-
 def choose_decoder(manifest: Manifest, choice: str, bundle_dir: Path, device: str = "cpu") -> str:
     """Which decoder graph runs: the fused one (GroupQueryAttention, ONNX Runtime CPU) when the bundle has it
     and `choice` is auto or fused; the plain graph otherwise. The fused graph is fp32, and ONNX Runtime's CUDA
     GroupQueryAttention takes fp16/bf16 only, so GPUs run the plain graph."""
     if choice not in DECODER_CHOICES:
         raise LocpathError(f"unknown decoder {choice!r} (choose from {', '.join(DECODER_CHOICES)})")
-    fused = manifest.components.get(FUSED)
-    if choice == "fused" and fused is None:
+    has_fused, has_plain = names.DECODER_FUSED in manifest.components, names.DECODER in manifest.components
+    if choice == "fused" and not has_fused:
         raise LocpathError(f"{bundle_dir}: this bundle has no fused decoder (re-export it with this version of "
                            "locpath, or use --decoder plain)")
     if choice == "fused" and device != "cpu":
         raise LocpathError(f"{bundle_dir}: the fused decoder is an fp32 CPU graph; on --device {device} use "
                            "--decoder plain (or auto)")
-    if choice == "plain" or fused is None or device != "cpu":
-        return "decoder"
-    return FUSED
+    if choice == "plain" and not has_plain:
+        raise LocpathError(f"{bundle_dir}: this bundle has no plain decoder graph (use --decoder fused or auto)")
+    if has_plain and (choice == "plain" or not has_fused or device != "cpu"):
+        return names.DECODER
+    if not has_plain and device != "cpu":
+        raise LocpathError(f"{bundle_dir}: this bundle holds only the fused CPU decoder; it cannot run on --device {device}")
+    return names.DECODER_FUSED
 
 
 def _ov_hint(entry) -> dict:
@@ -79,6 +96,10 @@ def _ov_hint(entry) -> dict:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)
 
 
 @dataclass
@@ -92,6 +113,15 @@ class SlideContext:
     cache_hit: bool
     tiles_read: int
     timings_ms: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuestionKV:
+    """One question's view of a slide: the CARA layers' cross K/V of the top-M latents the TIS picked."""
+
+    cross: dict[str, np.ndarray]
+    selected: np.ndarray  # latent indices, in latent order
+    scores: np.ndarray  # TIS score of every latent (L,)
 
 
 @dataclass
@@ -120,37 +150,43 @@ class StreamedAnswer:
         self.result = yield from self._gen
 
 
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 2)
-
-
 class Pipeline:
     def __init__(self, bundle_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                 tile_batch: int = 32, reader_workers: int = 2, decoder: str = "auto", decoder_spin: bool = True):
+                 tile_batch: int = 32, reader_workers: int = 2, decoder: str = "auto", decoder_spin: bool = True,
+                 memory_slides: int = 8):
+        """`manifest` must come from `verify_bundle` (as `from_bundle` does); `memory_slides` bounds the slides
+        whose latents stay in memory (least recently used go first; the disk cache keeps the rest)."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.cfg = manifest.model_config
         if manifest.fusion != "cara":
             raise LocpathError(f"{self.bundle_dir}: fusion {manifest.fusion!r} bundles are not runnable yet")
-        self.tokenizer = load_tokenizer(self.bundle_dir / manifest.tokenizer.file)
+        tok_entry = manifest.tokenizer
+        self.tokenizer = load_tokenizer(self.bundle_dir / tok_entry.file)
+        self.chat_template = ChatTemplate.from_file(self.bundle_dir / tok_entry.chat_template)
         check_engines(self.bundle_dir, manifest, device)
         self.decoder_component = choose_decoder(manifest, decoder, self.bundle_dir, device)
-        skip = {"decoder", FUSED} - {self.decoder_component}  # the other decoder graph is never loaded
+        skip = set(names.DECODERS) - {self.decoder_component}  # the other decoder graph is never loaded
         self.runners: dict[str, Runner] = {
             name: make_runner(c.backend, self.bundle_dir / c.file, name, precision=c.precision, device=device,
                               threads=threads, **self._spin(name, c, decoder_spin), **_ov_hint(c))
             for name, c in manifest.components.items() if name not in skip
         }
-        self.decoder_state = decoder_state(self.runners[self.decoder_component],
-                                           manifest.components[self.decoder_component])
-        stop_ids = [self.tokenizer.token_to_id(t) for t in manifest.generation.stop_tokens]
-        self.generator = Generator(self.decoder_state, manifest.generation.max_length, [i for i in stop_ids if i is not None])
+        self.decoder_state: DecoderState = decoder_state(self.runners[self.decoder_component],
+                                                         manifest.decoder_contract(self.decoder_component))
+        self.stop_ids = self._stop_ids()
+        self.max_length = self.decoder_state.capacity(manifest.generation.max_length)
         self.tile_batch = tile_batch
         self.reader_workers = reader_workers
-        self.cache = SlideCache(cache_dir or default_cache_dir(), self.bundle_key()) if use_cache else None
-        self._memory: dict[str, SlideContext] = {}
-        self.tiles_read_total = 0
+        self.cache = None
+        if use_cache:
+            expected = Expected(self.cfg.resampler.num_latents, self.cfg.resampler.dim, self.cfg.feature_dim)
+            self.cache = SlideCache(cache_dir or default_cache_dir(), self.bundle_key(), expected)
+        if not isinstance(memory_slides, int) or memory_slides < 0:
+            raise ConfigError(f"memory_slides must be a non-negative integer, got {memory_slides!r}")
+        self.memory_slides = memory_slides
+        self._memory: OrderedDict[str, SlideContext] = OrderedDict()
 
     def _spin(self, name: str, entry, decoder_spin: bool) -> dict:
         """Intra-op spinning only for the decoder: it alone runs hundreds of back-to-back calls, where waking
@@ -160,34 +196,49 @@ class Pipeline:
             return {}
         return {"spin": bool(decoder_spin)}
 
+    def _stop_ids(self) -> list[int]:
+        ids = []
+        for t in self.manifest.generation.stop_tokens:
+            i = self.tokenizer.token_to_id(t)
+            if i is None:
+                raise BundleError(f"{self.bundle_dir / 'manifest.json'}: generation.stop_tokens: {t!r} is not a token "
+                                  f"of {self.manifest.tokenizer.file}")
+            ids.append(i)
+        return ids
+
     @classmethod
-    def from_bundle(cls, bundle_dir: str | os.PathLike, **kw) -> "Pipeline":
-        return cls(bundle_dir, load_manifest(bundle_dir, verify=True), **kw)
+    def from_bundle(cls, bundle_dir: str | os.PathLike, trusted_keys: TrustedKeys | str | os.PathLike | None = None,
+                    **kw) -> "Pipeline":
+        """Verify the bundle (and its signature, when trusted keys are given or $LOCPATH_TRUSTED_KEYS is set)."""
+        keys = trusted_keys if isinstance(trusted_keys, TrustedKeys) else TrustedKeys.from_setting(trusted_keys)
+        return cls(bundle_dir, verify_bundle(bundle_dir, trusted_keys=keys), **kw)
 
     def bundle_key(self) -> str:
         """What the slide cache depends on: tile encoder, resampler and preprocessing."""
         m = self.manifest
-        parts = [m.components["tile_encoder"].sha256, m.components["resampler"].sha256,
+        parts = [m.components[names.TILE_ENCODER].sha256, m.components[names.RESAMPLER].sha256,
                  json.dumps(m.preprocessing.__dict__, sort_keys=True, default=str)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def release(self) -> None:
         for r in self.runners.values():
             r.release()
+        self._memory.clear()
 
     # -- per slide ---------------------------------------------------------------------
-    def _encode(self, tiles: np.ndarray) -> np.ndarray:
-        return self.runners["tile_encoder"].run({"tiles": tiles}, ["features"])["features"]
+    def encode_tiles(self, tiles: np.ndarray) -> np.ndarray:
+        """uint8 (B, H, W, 3) tiles at the bundle's tile size -> float32 (B, F) features."""
+        return self.runners[names.TILE_ENCODER].run({"tiles": tiles}, ["features"])["features"]
 
-    def _compress(self, ff: FeatureFile, timings: dict) -> tuple[np.ndarray, int]:
+    def compress(self, ff: FeatureFile, timings: dict | None = None) -> tuple[np.ndarray, int]:
+        """STM over the tile grid, then the resampler: (latents (1, L, D), tokens after STM)."""
+        timings = timings if timings is not None else {}
         stm = self.manifest.preprocessing.stm
-        stride = ff.patch_size_level0  # no overlap in locpath grids; TRIDENT files record it too
-        grid = np.asarray(ff.coords) // max(stride, 1)
         t0 = time.perf_counter()
-        merged = merge_tokens(ff.features, grid, stm.get("window", 2), stm.get("threshold", 0.95), stm.get("enabled", True))
+        merged = merge_tokens(ff.features, ff.grid_index, stm["window"], stm["threshold"], stm["enabled"])
         timings["stm"] = _ms(t0)
         t0 = time.perf_counter()
-        lat = self.runners["resampler"].run({
+        lat = self.runners[names.RESAMPLER].run({
             "tokens": merged.features[None].astype(np.float32),
             "positions": merged.positions[None].astype(np.float32),
             "counts": merged.counts[None].astype(np.float32),
@@ -196,99 +247,161 @@ class Pipeline:
         timings["resampler"] = _ms(t0)
         return lat, len(merged)
 
+    def read_feature_file(self, path: str | os.PathLike) -> FeatureFile:
+        """A TRIDENT/CLAM feature file, checked against this bundle's encoder (name and width)."""
+        ff = read_features(path, expect_dim=self.cfg.feature_dim)
+        expect = self.cfg.tile_encoder.name
+        if ff.encoder != expect:
+            raise LocpathError(f"{path}: features come from encoder {ff.encoder!r}; this bundle needs {expect!r}")
+        return ff
+
     def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None,
                 progress: bool | None = None) -> SlideContext:
-        """Latents for a slide file or a TRIDENT/CLAM feature file (.h5), from cache when possible."""
+        """Latents for a slide file or a TRIDENT/CLAM feature file (.h5), from memory or cache when possible."""
         path = Path(slide)
         timings: dict[str, float] = {}
         if path.suffix.lower() in (".h5", ".hdf5"):
-            ff = read_features(path)
-            expect = self.cfg.tile_encoder.name
-            if ff.encoder != expect:
-                raise LocpathError(f"{path}: features come from encoder {ff.encoder!r}; this bundle needs {expect!r}")
-            lat, n_tok = self._compress(ff, timings)
+            ff = self.read_feature_file(path)
+            lat, n_tok = self.compress(ff, timings)
             return SlideContext(str(path), lat, len(ff.features), n_tok, False, 0, timings)
         t0 = time.perf_counter()
-        if not path.exists():
-            raise LocpathError(f"{path}: file not found")
-        digest = self.cache.content_hash(path) if self.cache else None
-        if digest and mpp_override is not None:
-            digest = f"{digest}-mpp{mpp_override:g}"  # another mpp is another tile grid
+        check_slide_file(path)
+        fprint = fingerprint(path)
+        digest = self.cache.memo_digest(path) if self.cache else None
+        key = f"{file_identity(path)}|{fprint}|{mpp_override!r}"
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            ctx = self._memory[key]
+            return SlideContext(ctx.source, ctx.latents, ctx.tiles, ctx.tokens, True, 0, {"hash": _ms(t0)})
+        hit = self.cache.get(entry_name(digest, mpp_override), fprint) if digest else None
+        if hit is None and self.cache:
+            digest = self.cache.content_hash(path)  # a memo miss, or a memo the entry does not confirm
+            hit = self.cache.get(entry_name(digest, mpp_override), fprint)
         timings["hash"] = _ms(t0)
-        mem_key = f"{digest or path.resolve()}|{mpp_override}"
-        if mem_key in self._memory:
-            ctx = self._memory[mem_key]
-            return SlideContext(ctx.source, ctx.latents, ctx.tiles, ctx.tokens, True, 0, {"hash": timings["hash"]})
+        if hit is not None:
+            timings["cache_read"] = timings["hash"]
+            ctx = SlideContext(str(path), hit.latents, hit.meta["tiles"], hit.meta["tokens"], True, 0, timings)
+            return self._remember(key, ctx)
+        ff, tiles, timings = self._encode_slide(path, mpp_override, progress, timings)
+        lat, n_tok = self.compress(ff, timings)
+        ctx = SlideContext(str(path), lat, tiles, n_tok, False, tiles, timings)
         if self.cache:
-            t0 = time.perf_counter()
-            hit = self.cache.get(digest)
-            if hit is not None:
-                timings["cache_read"] = _ms(t0)
-                ctx = SlideContext(str(path), hit.latents, hit.meta["tiles"], hit.meta["tokens"], True, 0, timings)
-                self._memory[mem_key] = ctx
-                return ctx
+            self.cache.put(entry_name(digest, mpp_override), fprint, ff, lat,
+                           {"tiles": tiles, "tokens": n_tok, "slide": str(path)})
+        return self._remember(key, ctx)
+
+    def plan_tiles(self, slide) -> TilePlan:
+        """Tissue and tile grid of an open slide at this bundle's tile size and resolution."""
         pp = self.manifest.preprocessing
+        return plan_tiles(slide, GridConfig(target_mpp=pp.target_mpp, tile_size=pp.tile_size, min_tissue=pp.min_tissue),
+                          TissueConfig(mask_mpp=pp.tissue_mask_mpp))
+
+    def _encode_slide(self, path: Path, mpp_override, progress, timings: dict) -> tuple[FeatureFile, int, dict]:
         t0 = time.perf_counter()
         with open_slide(path, mpp_override=mpp_override) as s:
             timings["open"] = _ms(t0)
-            plan = plan_tiles(s, GridConfig(target_mpp=pp.target_mpp, tile_size=pp.tile_size, min_tissue=pp.min_tissue),
-                              TissueConfig(mask_mpp=pp.tissue_mask_mpp))
+            plan = self.plan_tiles(s)
             timings["tissue_grid"] = round(plan.seconds * 1000, 2)
             t0 = time.perf_counter()
-            ff, st = extract_features(s, self._encode, plan, self.cfg.tile_encoder.name, batch_size=self.tile_batch,
-                                      workers=self.reader_workers, progress=progress)
+            ff, st = extract_features(s, self.encode_tiles, plan, self.cfg.tile_encoder.name,
+                                      batch_size=self.tile_batch, workers=self.reader_workers, progress=progress)
             timings["tiles_encode"] = _ms(t0)
             timings["tile_read_wait"] = round(st.read_s * 1000, 2)
             timings["encode"] = round(st.encode_s * 1000, 2)
-        self.tiles_read_total += st.tiles
-        lat, n_tok = self._compress(ff, timings)
-        ctx = SlideContext(str(path), lat, st.tiles, n_tok, False, st.tiles, timings)
-        if self.cache:
-            self.cache.put(digest, ff, lat, {"tiles": st.tiles, "tokens": n_tok, "slide": str(path)})
-        self._memory[mem_key] = ctx
+        return ff, st.tiles, timings
+
+    def _remember(self, key: str, ctx: SlideContext) -> SlideContext:
+        if self.memory_slides:
+            self._memory[key] = ctx
+            self._memory.move_to_end(key)
+            while len(self._memory) > self.memory_slides:
+                self._memory.popitem(last=False)
         return ctx
 
+    def forget_slides(self) -> None:
+        """Drop every slide held in memory (the disk cache is untouched)."""
+        self._memory.clear()
+
     # -- per question ------------------------------------------------------------------
-    def _question_kv(self, latents: np.ndarray, question: str, timings: dict) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(question.strip(), add_special_tokens=False).ids
+    def question_ids(self, question: str) -> list[int]:
+        """The TIS graph's view of the question: its tokens without the chat template."""
+        return self.tokenizer.encode(question.strip(), add_special_tokens=False).ids
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The decoder's prompt: the question through the bundle's chat template."""
+        return self.tokenizer.encode(self.chat_template.render(question), add_special_tokens=False).ids
+
+    def question_kv(self, latents: np.ndarray, question: str, timings: dict | None = None) -> QuestionKV:
+        timings = timings if timings is not None else {}
+        ids = self.question_ids(question)
         if not ids:
             raise LocpathError("the question is empty")
         t0 = time.perf_counter()
-        scores = self.runners["tis"].run({"latents": latents, "question_ids": np.asarray([ids], np.int64),
-                                          "question_mask": np.ones((1, len(ids)), np.int64)}, ["scores"])["scores"]
+        scores = self.runners[names.TIS].run({"latents": latents, "question_ids": np.asarray([ids], np.int64),
+                                              "question_mask": np.ones((1, len(ids)), np.int64)}, ["scores"])["scores"]
         m = self.cfg.tis.top_m
         # top-M in the runtime (not in the graph): highest scores, kept in latent order, scaled by sigmoid(score)
         idx = np.sort(np.argsort(-scores[0], kind="stable")[:m])
         sel = latents[:, idx] * (1.0 / (1.0 + np.exp(-scores[:, idx])))[..., None]
         timings["tis"] = _ms(t0)
         t0 = time.perf_counter()
-        cross = self.runners["cross_kv"].run({"selected_latents": sel.astype(np.float32)})
+        cross = self.runners[names.CROSS_KV].run({"selected_latents": sel.astype(np.float32)})
         timings["cross_kv"] = _ms(t0)
-        return cross
+        return QuestionKV(cross, idx, scores[0])
 
-    def _params(self, overrides: dict) -> SamplingParams:
+    def sampling(self, **overrides) -> SamplingParams:
+        """The bundle's generation defaults with `overrides` (None = keep), validated."""
         g = self.manifest.generation
         base = dict(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample, temperature=g.temperature, top_k=g.top_k,
                     top_p=g.top_p, repetition_penalty=g.repetition_penalty)
+        unknown = set(overrides) - set(SamplingParams.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown sampling options {sorted(unknown)}")
         base.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**base).validate()
 
-    def _answer_stream(self, ctx: SlideContext, question: str, params: SamplingParams, t_start: float):
+    def check_question(self, question: str, params: SamplingParams) -> list[int]:
+        """The prompt ids, or a LocpathError before anything runs: not text, empty, too long for the KV cache."""
+        if not isinstance(question, str):
+            raise LocpathError(f"a question must be text, got {type(question).__name__}")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LocpathError("the question is not valid UTF-8 text") from None
+        if not question.strip():
+            raise LocpathError("the question is empty")
+        if len(question) > MAX_QUESTION_CHARS:
+            raise LocpathError(f"the question is {len(question)} characters long; at most {MAX_QUESTION_CHARS}")
+        prompt = self.prompt_ids(question)
+        room = self.max_length - len(prompt)
+        if room < 1:
+            raise LocpathError(f"the question's prompt is {len(prompt)} tokens; the decoder holds {self.max_length} "
+                               "positions in all: shorten the question")
+        if params.max_new_tokens > room:
+            raise LocpathError(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt takes {len(prompt)} of "
+                               f"the decoder's {self.max_length} positions, so at most {room} new tokens")
+        return prompt
+
+    def generator(self, qkv: QuestionKV, question: str, params: SamplingParams,
+                  stats: GenerationStats | None = None) -> Generator:
+        """A Generator for this question with the prompt prefilled."""
+        prompt = self.check_question(question, params)
+        gen = Generator(self.decoder_state, qkv.cross, params, self.max_length, self.stop_ids, stats)
+        gen.append_tokens(prompt)
+        return gen
+
+    def _answer(self, ctx: SlideContext, question: str, params: SamplingParams, t_start: float):
         timings = dict(ctx.timings_ms)
-        cross = self._question_kv(ctx.latents, question, timings)
-        prompt = self.tokenizer.encode(format_prompt(question), add_special_tokens=False).ids
+        qkv = self.question_kv(ctx.latents, question, timings)
         stats = GenerationStats()
+        gen = self.generator(qkv, question, params, stats)
         detok = StreamingDetokenizer(self.tokenizer)
         first = None
-        for tok in self.generator.generate(prompt, cross, params, stats):
-            if first is None:
-                first = time.perf_counter()
+        for tok in gen.tokens():
+            first = first or time.perf_counter()
             piece = detok.push(tok)
             if piece:
                 yield piece
-        tail = detok.text()[detok.emitted:]
-        if tail:
-            yield tail
         timings["prefill"] = round(stats.prefill_ms, 2)
         timings["decode_per_token"] = round(stats.decode_ms_per_token, 3)
         timings["decode_total"] = round(float(np.sum(stats.decode_ms)), 2)
@@ -304,19 +417,25 @@ class Pipeline:
                         "decoder": self.decoder_component, "params": params.__dict__},
         )
 
-    def ask(self, slide, question: str, stream: bool = False, mpp_override: float | None = None,
-            progress: bool | None = None, **sampling):
+    def stream(self, slide, question: str, mpp_override: float | None = None, progress: bool | None = None,
+               **sampling) -> StreamedAnswer:
+        """Text pieces as they are decoded; the question and options are checked before the slide is touched."""
         t_start = time.perf_counter()
-        params = self._params(sampling)
+        params = self.sampling(**sampling)
+        self.check_question(question, params)
         ctx = self.prepare(slide, mpp_override=mpp_override, progress=progress)
-        gen = self._answer_stream(ctx, question, params, t_start)
-        if stream:
-            return StreamedAnswer(gen)
-        s = StreamedAnswer(gen)
+        return StreamedAnswer(self._answer(ctx, question, params, t_start))
+
+    def ask(self, slide, question: str, mpp_override: float | None = None, progress: bool | None = None,
+            **sampling) -> Answer:
+        s = self.stream(slide, question, mpp_override=mpp_override, progress=progress, **sampling)
         for _ in s:
             pass
         return s.result
 
     def ask_many(self, slide, questions: list[str], mpp_override: float | None = None, **sampling) -> list[Answer]:
         """Several questions about one slide: tiles are read and encoded at most once."""
+        params = self.sampling(**sampling)
+        for q in questions:
+            self.check_question(q, params)
         return [self.ask(slide, q, mpp_override=mpp_override, **sampling) for q in questions]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,16 +21,26 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> "SamplingParams":
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        """Refuse what would silently give garbage (infinite or NaN temperature, a negative seed, ...)."""
+        def number(name, v, lo, hi, lo_open=True):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < lo or (lo_open and v == lo) or v > hi:
+                side = f"{'>' if lo_open else '>='} {lo:g} and <= {hi:g}"
+                raise ConfigError(f"{name} must be a finite number {side}, got {v!r}")
+
+        def integer(name, v, lo, hi=None):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+                raise ConfigError(f"{name} must be an integer >= {lo}" + (f" and <= {hi}" if hi else "") + f", got {v!r}")
+
+        integer("max_new_tokens", self.max_new_tokens, 1)
+        number("temperature", self.temperature, 0.0, 100.0)
+        integer("top_k", self.top_k, 0)
+        number("top_p", self.top_p, 0.0, 1.0)
+        number("repetition_penalty", self.repetition_penalty, 0.0, 100.0)
+        if self.seed is not None:
+            integer("seed", self.seed, 0, 2**63 - 1)
+        if not isinstance(self.do_sample, bool):
+            raise ConfigError(f"do_sample must be true or false, got {self.do_sample!r}")
         return self
 
 

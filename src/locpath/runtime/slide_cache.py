@@ -1,23 +1,41 @@
 """Per-slide cache of features and latents, keyed by the slide file's content hash and the bundle.
 
-<root>/<bundle_key>/<content_sha256>/{features.h5, latents.npy, meta.json}, each entry written into a
-temporary folder and renamed, so a crash never leaves a half entry. Content hashes are memoised by
-(path, size, mtime) in <root>/hashes.json so a multi-GB slide is hashed once.
+<root>/<bundle_key>/<entry>/{features.h5, latents.npy, meta.json}, each entry written into a temporary folder and
+renamed, so a crash never leaves a half entry. <entry> is the slide's sha256 (or, with an mpp override, the
+sha256 of the digest and the override): always 64 hex digits computed here, never a string read from a file.
+
+Hashing a multi-GB slide takes seconds, so digests are memoised in <root>/hashes.json by (real path, device,
+inode, size, mtime, ctime). The memo is a hint, not a trust anchor: a cache folder may be shared by several users,
+so every entry records a fingerprint of its slide (size and 1 MiB sampled across the file) that must match the
+file being asked about, a miss or a mismatch re-hashes the whole file, and new entries are always written under
+a digest computed from the file itself. Entries are validated (meta keys, latents shape/dtype/finite values,
+feature file) before use; a damaged one is dropped with one warning and recomputed. A cache that cannot be
+written (read-only folder, full disk) is switched off with one warning; the answer is still given.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..engines.manifest import sha256_file
+from ..bundle.paths import check_sha256, confined, is_sha256, read_bounded, sha256_file
+from ..errors import FeatureFileError, LocpathError, warn
 from ..fsutil import atomic_dir, atomic_file
 from ..wsi.features import FeatureFile, read_features, write_features
+
+CACHE_VERSION = 2
+MEMO = "hashes.json"
+MEMO_MAX_BYTES = 16 << 20
+MEMO_MAX_ENTRIES = 20000
+FINGERPRINT_CHUNK = 64 << 10
+FINGERPRINT_CHUNKS = 16
 
 
 def cache_root() -> Path:
@@ -30,6 +48,42 @@ def default_cache_dir() -> Path:
     return cache_root() / "slides"
 
 
+def fingerprint(path: str | os.PathLike) -> str:
+    """sha256 of the size and up to 1 MiB read at evenly spaced offsets (first and last chunk included)."""
+    size = os.stat(path).st_size
+    h = hashlib.sha256(size.to_bytes(8, "little"))
+    with open(path, "rb") as f:
+        span = max(size - FINGERPRINT_CHUNK, 0)
+        offsets = sorted({round(span * i / (FINGERPRINT_CHUNKS - 1)) for i in range(FINGERPRINT_CHUNKS)})
+        for off in offsets:
+            f.seek(off)
+            h.update(f.read(FINGERPRINT_CHUNK))
+    return h.hexdigest()
+
+
+def file_identity(path: str | os.PathLike) -> str:
+    """This exact state of a file: real path, device, inode, size, mtime and ctime (any write changes ctime)."""
+    st = os.stat(path)
+    return f"{Path(path).resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
+
+
+def entry_name(digest: str, mpp_override: float | None) -> str:
+    """The cache folder of a slide: its digest, or for an mpp override (another tile grid) a digest of both."""
+    check_sha256(digest, "slide digest")
+    if mpp_override is None:
+        return digest
+    return hashlib.sha256(f"{digest}|mpp={float(mpp_override)!r}".encode()).hexdigest()
+
+
+@dataclass
+class Expected:
+    """What a valid entry of this bundle holds."""
+
+    num_latents: int
+    latent_dim: int
+    feature_dim: int
+
+
 @dataclass
 class CachedSlide:
     features: FeatureFile
@@ -38,46 +92,130 @@ class CachedSlide:
 
 
 class SlideCache:
-    def __init__(self, root: str | os.PathLike, bundle_key: str):
+    def __init__(self, root: str | os.PathLike, bundle_key: str, expected: Expected):
+        if not re.fullmatch(r"[0-9a-f]{16,64}", bundle_key):
+            raise LocpathError(f"slide cache: bad bundle key {bundle_key!r}")
         self.root = Path(root)
         self.bundle_key = bundle_key
-        self.dir = self.root / bundle_key
+        self.expected = expected
+        self.writable = True
 
-    def content_hash(self, slide_path: str | os.PathLike) -> str:
-        p = Path(slide_path).resolve()
-        st = p.stat()
-        memo_file = self.root / "hashes.json"
-        key = f"{p}|{st.st_size}|{st.st_mtime_ns}"
-        memo = {}
-        if memo_file.exists():
-            try:
-                memo = json.loads(memo_file.read_text())
-            except (json.JSONDecodeError, OSError):
-                memo = {}
-        if key in memo:
-            return memo[key]
-        digest = sha256_file(p)
-        memo = {k: v for k, v in memo.items() if not k.startswith(f"{p}|")}
-        memo[key] = digest
-        with atomic_file(memo_file) as tmp:
-            tmp.write_text(json.dumps(memo))
+    @property
+    def dir(self) -> Path:
+        return self.root / self.bundle_key
+
+    # -- content hashes -------------------------------------------------------------------------
+    def _memo_key(self, path: Path) -> str:
+        return file_identity(path)
+
+    def _read_memo(self) -> dict[str, str]:
+        p = self.root / MEMO
+        if not p.exists():
+            return {}
+        try:
+            obj = json.loads(read_bounded(p, MEMO_MAX_BYTES, "hash memo").decode("utf-8"))
+        except (LocpathError, ValueError, UnicodeDecodeError):
+            return {}
+        entries = obj.get("entries") if isinstance(obj, dict) and obj.get("version") == CACHE_VERSION else None
+        if not isinstance(entries, dict):
+            return {}
+        return {k: v for k, v in entries.items() if isinstance(k, str) and is_sha256(v)}
+
+    def memo_digest(self, path: Path) -> str | None:
+        """The memoised digest of this exact file state, or None (a hint: entries are verified by fingerprint)."""
+        return self._read_memo().get(self._memo_key(path))
+
+    def content_hash(self, path: Path) -> str:
+        """The slide's sha256, computed from the file, and memoised."""
+        digest = sha256_file(path)
+        key = self._memo_key(path)
+        if self.writable:
+            memo = self._read_memo()
+            prefix = key.split("|", 1)[0] + "|"
+            memo = {k: v for k, v in memo.items() if not k.startswith(prefix)}
+            memo[key] = digest
+            if len(memo) > MEMO_MAX_ENTRIES:
+                memo = dict(list(memo.items())[-MEMO_MAX_ENTRIES:])
+            self._write(lambda: self._write_memo(memo))
         return digest
 
-    def get(self, digest: str) -> CachedSlide | None:
-        d = self.dir / digest
-        if not (d / "latents.npy").exists() or not (d / "features.h5").exists():
+    def _write_memo(self, memo: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with atomic_file(confined(self.root, MEMO)) as tmp:
+            tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": memo}))
+
+    # -- entries ------------------------------------------------------------------------------------
+    def _entry(self, name: str) -> Path:
+        check_sha256(name, "slide cache entry")
+        return confined(self.root, self.bundle_key, name)
+
+    def get(self, name: str, fprint: str) -> CachedSlide | None:
+        """The entry if present, valid and made from a file with this fingerprint; None otherwise."""
+        d = self._entry(name)
+        if not d.is_dir():
             return None
         try:
-            meta = json.loads((d / "meta.json").read_text())
-            return CachedSlide(read_features(d / "features.h5"), np.load(d / "latents.npy"), meta)
-        except Exception:
-            shutil.rmtree(d, ignore_errors=True)  # a damaged entry is recomputed, not trusted
+            return self._load(d, fprint)
+        except _Stale:
+            return None  # another file state (an edited slide, a poisoned memo): not ours, recomputed elsewhere
+        except (LocpathError, OSError, ValueError, KeyError, TypeError) as exc:
+            warn(f"{d}: damaged slide-cache entry dropped and recomputed ({str(exc)[:200]})")
+            self._drop(d)
             return None
 
-    def put(self, digest: str, features: FeatureFile, latents: np.ndarray, meta: dict) -> Path:
-        final = self.dir / digest
-        with atomic_dir(final) as tmp:
-            write_features(tmp / "features.h5", features)
-            np.save(tmp / "latents.npy", latents)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        return final
+    def _load(self, d: Path, fprint: str) -> CachedSlide:
+        meta = json.loads(read_bounded(d / "meta.json", 1 << 20, "cache meta").decode("utf-8"))
+        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
+            raise ValueError("meta.json is not a version-2 cache record")
+        for key in ("tiles", "tokens"):
+            if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 1:
+                raise ValueError(f"meta.json: {key} must be a positive integer")
+        if not is_sha256(meta.get("fingerprint")):
+            raise ValueError("meta.json: no fingerprint")
+        if meta["fingerprint"] != fprint:
+            raise _Stale()
+        e = self.expected
+        lat = np.load(d / "latents.npy", allow_pickle=False)
+        if lat.dtype != np.float32 or lat.shape != (1, e.num_latents, e.latent_dim):
+            raise ValueError(f"latents {lat.dtype} {lat.shape}, want float32 (1, {e.num_latents}, {e.latent_dim})")
+        if not np.isfinite(lat).all():
+            raise ValueError("latents hold NaN or inf")
+        ff = read_features(d / "features.h5", expect_dim=e.feature_dim)
+        if len(ff.features) != meta["tiles"]:
+            raise ValueError(f"features.h5 holds {len(ff.features)} tiles, meta.json says {meta['tiles']}")
+        return CachedSlide(ff, lat, meta)
+
+    def put(self, name: str, fprint: str, features: FeatureFile, latents: np.ndarray, meta: dict) -> Path | None:
+        d = self._entry(name)
+        record = dict(meta, version=CACHE_VERSION, fingerprint=check_sha256(fprint, "fingerprint"))
+
+        def write():
+            with atomic_dir(d) as tmp:
+                write_features(tmp / "features.h5", features)
+                np.save(tmp / "latents.npy", np.ascontiguousarray(latents, np.float32))
+                (tmp / "meta.json").write_text(json.dumps(record, indent=2))
+
+        return d if self._write(write) else None
+
+    def _write(self, fn) -> bool:
+        """Run a cache write; on a filesystem error switch the cache's writes off with one warning."""
+        if not self.writable:
+            return False
+        try:
+            fn()
+            return True
+        except (OSError, FeatureFileError) as exc:
+            self.writable = False
+            why = getattr(exc, "strerror", None) or str(exc)
+            warn(f"{self.root}: slide cache cannot be written ({why}); continuing without caching")
+            return False
+
+    def _drop(self, d: Path) -> None:
+        try:
+            shutil.rmtree(confined(self.root, self.bundle_key, d.name))
+        except OSError:
+            pass
+
+
+class _Stale(Exception):
+    """A cache entry made from another file state than the one being asked about."""

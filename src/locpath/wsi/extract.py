@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,7 +41,6 @@ class ExtractStats:
     tiles: int = 0
     read_s: float = 0.0  # time the consumer waited for tiles
     encode_s: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def extract_features(

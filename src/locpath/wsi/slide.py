@@ -6,16 +6,18 @@ alpha channel composited onto white, so transparent (unscanned) areas read as ba
 
 from __future__ import annotations
 
+import errno
 import math
 import os
-import threading
+import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import SlideError
+from ..errors import SlideError, warn
+from .liblog import collecting
 
 WHITE = 255
 
@@ -58,6 +60,7 @@ class Slide(ABC):
     def __init__(self, path: str | os.PathLike, mpp_override: float | None = None):
         self.path = str(path)
         self._mpp_override = mpp_override
+        self.library_messages: list[str] = []  # what tifffile/tiffslide logged while reading this slide
 
     # -- what each backend provides -------------------------------------------------
     @property
@@ -93,7 +96,15 @@ class Slide(ABC):
         return self
 
     def close(self) -> None:
-        pass
+        self.report_library_messages()
+
+    def report_library_messages(self) -> None:
+        """One warning line for whatever the slide library complained about while this slide was read."""
+        if self.library_messages:
+            n = len(self.library_messages)
+            warn(f"{self.path}: the slide library reported {n} problem{'s' if n > 1 else ''} reading this file "
+                 f"({self.library_messages[0]}{'; ...' if n > 1 else ''}); the pixels it could read were used")
+            self.library_messages = []
 
     # -- shared behaviour -----------------------------------------------------------
     @property
@@ -142,7 +153,8 @@ class Slide(ABC):
         if w <= 0 or h <= 0:
             raise SlideError(f"{self.path}: empty region {w}x{h}")
         try:
-            out = self._read(level, int(x), int(y), int(w), int(h))
+            with collecting(self.library_messages):
+                out = self._read(level, int(x), int(y), int(w), int(h))
         except SlideError:
             raise
         except Exception as exc:  # the libraries raise many types; name the file and the problem
@@ -194,7 +206,9 @@ class Slide(ABC):
     def __enter__(self) -> "Slide":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.library_messages = []  # the error being raised says what went wrong, in one line
         self.close()
 
 
@@ -258,7 +272,6 @@ class OpenSlideSlide(Slide):
         import openslide
 
         self._osr = openslide.OpenSlide(self.path)
-        self._local = threading.local()
 
     @property
     def level_dimensions(self):
@@ -298,6 +311,7 @@ class OpenSlideSlide(Slide):
 
     def close(self):
         self._osr.close()
+        super().close()
 
 
 class TiffSlideSlide(Slide):
@@ -309,7 +323,10 @@ class TiffSlideSlide(Slide):
         super().__init__(path, mpp_override)
         import tiffslide
 
-        self._ts = tiffslide.TiffSlide(self.path)
+        with collecting(self.library_messages):
+            self._ts = tiffslide.TiffSlide(self.path)
+            # tiffslide parses lazily: parse now, so what tifffile says about the file is collected here
+            self._ts.properties, self._ts.level_dimensions, self._ts.level_downsamples
 
     @property
     def level_dimensions(self):
@@ -342,11 +359,15 @@ class TiffSlideSlide(Slide):
         return _rgba_to_rgb(np.asarray(arr))
 
     def reopen(self):
-        # tiffslide shares a file handle between calls; each reader thread gets its own.
-        return TiffSlideSlide(self.path, self._mpp_override)
+        # tiffslide shares a file handle between calls; each reader thread gets its own, reporting to this slide
+        with collecting(self.library_messages):
+            other = TiffSlideSlide(self.path, self._mpp_override)
+        other.library_messages = self.library_messages
+        return other
 
     def close(self):
         self._ts.close()
+        super().close()
 
 
 class ArraySlide(Slide):
@@ -404,12 +425,7 @@ def open_slide(
         raise SlideError(f"{p}: unknown slide backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if mpp_override is not None and not (_positive_float(mpp_override)):
         raise SlideError(f"{p}: --mpp-override must be a positive number, got {mpp_override!r}")
-    if not p.exists():
-        raise SlideError(f"{p}: file not found")
-    if p.is_dir():
-        raise SlideError(f"{p}: is a directory, not a slide file")
-    if p.stat().st_size == 0:
-        raise SlideError(f"{p}: file is empty")
+    check_slide_file(p)
 
     order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
     reasons = []
@@ -417,10 +433,16 @@ def open_slide(
     for name in order:
         try:
             slide = OpenSlideSlide(p, mpp_override) if name == "openslide" else TiffSlideSlide(p, mpp_override)
-            _probe(slide)
-            break
         except Exception as exc:  # each library has its own error types
             reasons.append(f"{name}: {_one_line(exc)}")
+            continue
+        try:
+            _probe(slide)
+            break
+        except Exception as exc:
+            reasons.append(f"{name}: {_one_line(exc)}")
+            slide.library_messages = []  # the error line says it; no warning on top
+            slide.close()  # the handle opened, the pixels did not: do not leak it
             slide = None
     if slide is None:
         raise SlideError(f"{p}: not a readable slide ({'; '.join(reasons)})")
@@ -428,9 +450,40 @@ def open_slide(
         try:
             slide.require_mpp()
         except SlideError:
+            slide.library_messages = []
             slide.close()
             raise
     return slide
+
+
+def check_slide_file(p: Path) -> None:
+    """A slide path must name a readable regular file: one clear SlideError otherwise (missing, a symlink loop,
+    a folder, a device or FIFO, empty, no permission)."""
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        if os.path.islink(p):
+            raise SlideError(f"{p}: broken symbolic link (its target does not exist)") from None
+        raise SlideError(f"{p}: file not found") from None
+    except PermissionError:
+        raise SlideError(f"{p}: permission denied") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SlideError(f"{p}: symbolic link loop") from None
+        raise SlideError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SlideError(f"{p}: is a directory, not a slide file")
+    if not stat.S_ISREG(st.st_mode):
+        raise SlideError(f"{p}: not a regular file")
+    if st.st_size == 0:
+        raise SlideError(f"{p}: file is empty")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except PermissionError:
+        raise SlideError(f"{p}: permission denied (the file cannot be read)") from None
+    except OSError as exc:
+        raise SlideError(f"{p}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _probe(slide: Slide) -> None:
@@ -440,7 +493,8 @@ def _probe(slide: Slide) -> None:
         raise ValueError(f"invalid dimensions {w}x{h}")
     last = slide.level_count - 1
     lw, lh = slide.level_dimensions[last]
-    slide._read(last, 0, 0, min(lw, 64), min(lh, 64))
+    with collecting(slide.library_messages):
+        slide._read(last, 0, 0, min(lw, 64), min(lh, 64))
 
 
 def _one_line(exc: Exception) -> str:

@@ -1,6 +1,4 @@
-"""One runner interface for every backend (in the manner of Polygraphy): load, run by tensor name, release.
-
-OrtRunner drives ONNX Runtime. Session options are set deliberately:
+"""OrtRunner drives ONNX Runtime behind the Runner interface. Session options are set deliberately:
 - intra-op threads default to the machine's physical cores (2 here); inter-op 1 (graphs are sequential);
 - graph optimisation ORT_ENABLE_ALL (constant folding, fusions such as attention/GELU/LayerNorm on CPU);
 - CPU memory arena on, memory-pattern planning on (shapes repeat: decode steps, encoder batches);
@@ -12,69 +10,15 @@ OrtRunner drives ONNX Runtime. Session options are set deliberately:
 
 from __future__ import annotations
 
-import os
-from abc import ABC, abstractmethod
-from pathlib import Path
-
 import numpy as np
 
-from ..errors import LocpathError
+from .runner import Runner, RunnerError, default_threads, first_line
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-
-
-class RunnerError(LocpathError):
-    """A backend cannot load or run a graph."""
-
-
-class Runner(ABC):
-    """Load lazily, run by tensor name, release explicitly."""
-
-    def __init__(self, path: str | os.PathLike, name: str):
-        self.path = Path(path)
-        self.name = name
-
-    @abstractmethod
-    def load(self) -> "Runner": ...
-
-    @abstractmethod
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
-
-    @abstractmethod
-    def release(self) -> None: ...
-
-    @property
-    @abstractmethod
-    def input_names(self) -> list[str]: ...
-
-    @property
-    @abstractmethod
-    def output_names(self) -> list[str]: ...
-
-    def new_buffer(self, shape, dtype=np.float32):
-        """A tensor the graph can read and write in place (fused decoders' shared K/V buffers)."""
-        raise RunnerError(f"{self.name}: the {type(self).__name__} backend has no in-place buffers "
-                          "(the fused decoder graph runs on ONNX Runtime only)")
-
-    def binder(self, state: dict, out_buffers: dict[str, np.ndarray]):
-        """A binding kept across calls: `state` = {input name: (buffer, output name)} bound as that input and
-        that output, so the graph updates it in place; `out_buffers` are written by pointer."""
-        raise RunnerError(f"{self.name}: the {type(self).__name__} backend cannot run a graph in place")
-
-    def __enter__(self):
-        return self.load()
-
-    def __exit__(self, *exc):
-        self.release()
-
-
-def default_threads() -> int:
-    n = os.cpu_count() or 1
-    return max(1, min(n, 8))
 
 
 class OrtRunner(Runner):
@@ -95,6 +39,7 @@ class OrtRunner(Runner):
             return self
         import onnxruntime as ort
 
+        ort.set_default_logger_severity(3)
         available = ort.get_available_providers()
         wanted = PROVIDERS[self.device]
         if wanted[0] not in available:
@@ -112,13 +57,13 @@ class OrtRunner(Runner):
         }[self.opt_level]
         so.enable_mem_pattern = True
         so.enable_cpu_mem_arena = True
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures come back as one RunnerError line, not ORT's coloured log as well
         so.enable_profiling = self.profile
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
             self._sess = ort.InferenceSession(str(self.path), so, providers=[p for p in wanted if p in available])
         except Exception as exc:
-            raise RunnerError(f"{self.path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0][:300]})") from exc
+            raise RunnerError(f"{self.path}: ONNX Runtime cannot load the graph ({first_line(exc)})") from exc
         return self
 
     @property
@@ -138,7 +83,7 @@ class OrtRunner(Runner):
         try:
             res = self.session.run(names, feeds)
         except Exception as exc:
-            raise RunnerError(f"{self.name}: inference failed ({str(exc).splitlines()[0][:300]})") from exc
+            raise RunnerError(f"{self.name}: inference failed ({first_line(exc)})") from exc
         return dict(zip(names, res))
 
     def new_buffer(self, shape, dtype=np.float32):
@@ -181,19 +126,5 @@ class OrtBinder:
                 self.binding.bind_cpu_input(name, arr)
             self.runner.session.run_with_iobinding(self.binding)
         except Exception as exc:
-            raise RunnerError(f"{self.runner.name}: inference failed ({str(exc).splitlines()[0][:300]})") from exc
+            raise RunnerError(f"{self.runner.name}: inference failed ({first_line(exc)})") from exc
         return self.out_buffers
-
-
-def make_runner(backend: str, path, name: str, precision: str = "fp32", **kw) -> Runner:
-    if backend in ("onnxruntime", "ort"):
-        return OrtRunner(path, name, **kw)
-    if backend == "openvino":
-        from .openvino_runner import OpenVinoRunner
-
-        return OpenVinoRunner(path, name, precision=precision, **kw)
-    if backend == "tensorrt":
-        from ..engines.tensorrt import TrtRunner
-
-        return TrtRunner(path, name, **kw)
-    raise RunnerError(f"{path}: backend {backend!r} is not available in this runtime")

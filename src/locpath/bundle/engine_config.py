@@ -7,6 +7,9 @@ major version. ONNX Runtime models are portable across CPUs, but are refused on 
 fp16 build on a CPU runtime) and on an older onnxruntime than the one that built them (contrib ops such as
 MatMulNBits appear over versions); OpenVINO-compiled components likewise on an older or missing OpenVINO.
 All are refused when their source ONNX is not the bundle's.
+
+The machine is described by the caller (`runtime.machine.describe_machine`), so this format module probes
+nothing and imports no runtime library.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,12 +53,16 @@ class EngineConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EngineConfig":
+        from .paths import read_bounded
+
         p = Path(path)
         if not p.exists():
             raise EngineMismatchError(f"{p}: engine config missing; rebuild the engine")
         try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
+            d = json.loads(read_bounded(p, 1 << 20, "engine config").decode("utf-8"))
+            if not isinstance(d, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
             raise EngineMismatchError(f"{p}: unreadable engine config ({exc}); rebuild the engine") from exc
         if d.get("version") != ENGINE_CONFIG_VERSION:
             raise EngineMismatchError(f"{p}: engine config version {d.get('version')!r} is not {ENGINE_CONFIG_VERSION}; rebuild")
@@ -66,45 +72,12 @@ class EngineConfig:
             raise EngineMismatchError(f"{p}: malformed engine config ({exc}); rebuild the engine") from exc
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _version_tuple(v: str) -> tuple:
     out = []
     for part in v.split("+")[0].split("."):
         digits = "".join(ch for ch in part if ch.isdigit())
         out.append(int(digits) if digits else 0)
     return tuple(out)
-
-
-def describe_machine(backend: str, device_kind: str = "cpu") -> dict:
-    """What this machine offers the given backend: {device: {...}, libraries: {...}}."""
-    libs: dict = {}
-    dev: dict = {"kind": device_kind}
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-
-        libs["onnxruntime"] = ort.__version__
-        dev["name"] = cpu_name() if device_kind == "cpu" else None
-    elif backend == "openvino":
-        from ..runtime.openvino_runner import openvino_version
-
-        libs["openvino"] = openvino_version()
-        dev["name"] = cpu_name()
-    elif backend == "tensorrt":
-        from .tensorrt import gpu_description, tensorrt_version
-
-        libs["tensorrt"] = tensorrt_version()
-        dev.update(gpu_description())
-        libs["cuda"] = dev.pop("cuda_runtime", None)
-    return {"device": dev, "libraries": libs}
 
 
 def check_engine_config(cfg: EngineConfig, machine: dict, onnx_sha256: str | None, artifact_sha256: str | None,

@@ -31,24 +31,22 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def encoder_speed(pipe, tiles: np.ndarray, batch: int = 32) -> float:
     x = np.ascontiguousarray(tiles[:batch])
-    return len(x) / _median_time(lambda: pipe._encode(x))
+    return len(x) / _median_time(lambda: pipe.encode_tiles(x))
 
 
 def decode_speed(pipe, question: str = "What is the diagnosis?", steps: int = 32) -> float:
-    """Decoder tokens/s over `steps` single-token steps after a prompt (greedy path, cross K/V fixed)."""
-    from ..text import format_prompt
+    """Decoder tokens/s over `steps` forced single-token steps after the prompt (cross K/V fixed)."""
+    from ..runtime.sampler import SamplingParams
 
-    st = pipe.decoder_state
     lat = np.random.default_rng(0).normal(size=(1, pipe.cfg.resampler.num_latents, pipe.cfg.resampler.dim)).astype(np.float32)
-    cross = pipe._question_kv(lat, question, {})
-    prompt = pipe.tokenizer.encode(format_prompt(question), add_special_tokens=False).ids
+    qkv = pipe.question_kv(lat, question)
+    params = SamplingParams(max_new_tokens=steps + 1)
 
     def run():
-        cache = st.new_cache(1, len(prompt) + steps + 1)
-        st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), cross)
+        gen = pipe.generator(qkv, question, params)  # prefill
         t0 = time.perf_counter()
         for _ in range(steps):
-            st.step(np.asarray([[7]]), cache, np.ones((1, cache.length + 1), np.int64), cross)
+            gen.append_tokens([7])
         return time.perf_counter() - t0
 
     run()
@@ -59,20 +57,21 @@ def build_report(reference: str | Path, built: dict[str, str | Path], tiles: np.
                  log=print) -> dict:
     """Compare each built bundle with the fp32 `reference` bundle (and, when the reference has a fused decoder,
     with its plain decoder graph too: row `fp32-plain`)."""
+    from ..bundle.names import DECODER_FUSED
     from ..eval import evaluate_bundle
-    from ..runtime.pipeline import FUSED, Pipeline
+    from ..runtime.pipeline import Pipeline
 
     pipes = {"fp32": Pipeline.from_bundle(reference, use_cache=False)}
     sources = {"fp32": (reference, "auto")}
-    if pipes["fp32"].decoder_component == FUSED:
+    if pipes["fp32"].decoder_component == DECODER_FUSED:
         pipes["fp32-plain"] = Pipeline.from_bundle(reference, use_cache=False, decoder="plain")
         sources["fp32-plain"] = (reference, "plain")
     pipes.update({k: Pipeline.from_bundle(v, use_cache=False) for k, v in built.items()})
     sources.update({k: (v, "auto") for k, v in built.items()})
-    ref_feats = pipes["fp32"]._encode(tiles)
+    ref_feats = pipes["fp32"].encode_tiles(tiles)
     rows: dict[str, dict] = {}
     for name, pipe in pipes.items():
-        cos = row_cosines(pipe._encode(tiles), ref_feats)
+        cos = row_cosines(pipe.encode_tiles(tiles), ref_feats)
         rows[name] = {"feature_cosine_mean": float(cos.mean()), "feature_cosine_min": float(cos.min())}
     # speeds back to back, alternating so machine noise spreads evenly
     for _ in range(2):

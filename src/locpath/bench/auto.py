@@ -23,24 +23,22 @@ MIN_COSINE = 0.995
 
 
 def _answers(pipe, cal) -> list[list[int]]:
-    from ..runtime.sampler import SamplingParams
-    from ..text import format_prompt
-
+    """Greedy answers (8 tokens at most) to the calibration set's questions about its slides' latents."""
+    params = pipe.sampling(max_new_tokens=8, do_sample=False)
     out = []
     lats, qids = cal.samples("tis", "latents"), cal.samples("tis", "question_ids")
     for lat, ids in zip(lats, qids):
         q = pipe.tokenizer.decode([int(i) for i in ids[0]])
-        cross = pipe._question_kv(lat.astype(np.float32), q, {})
-        prompt = pipe.tokenizer.encode(format_prompt(q), add_special_tokens=False).ids
-        out.append(list(pipe.generator.generate(prompt, cross, SamplingParams(max_new_tokens=8))))
+        gen = pipe.generator(pipe.question_kv(lat.astype(np.float32), q), q, params)
+        out.append(list(gen.tokens()))
     return out
 
 
 def choose(src: Path, cal, log=print, int4_block_size: int = 32) -> dict:
     """Measure every candidate; return {'encoder': name, 'decoder': name, 'recipe': (backend, precision), ...}."""
-    from ..runtime.openvino_runner import openvino_version
+    from ..engines.build import build_bundle
+    from ..runtime.machine import openvino_version
     from ..runtime.pipeline import Pipeline
-    from .build import build_bundle
     from .report import decode_speed, encoder_speed, mean_cosine
 
     tiles = cal.tiles()
@@ -59,7 +57,7 @@ def choose(src: Path, cal, log=print, int4_block_size: int = 32) -> dict:
                 b = build_bundle(src, Path(tmp) / "ovint8", "int8", backend="openvino", calibration=cal,
                                  log=lambda m: None)
                 cands["openvino-int8"] = Pipeline.from_bundle(b, use_cache=False)
-        ref_feats = cands["ort-fp32"]._encode(tiles)
+        ref_feats = cands["ort-fp32"].encode_tiles(tiles)
         ref_answers = _answers(cands["ort-fp32"], cal)
         enc, dec = {}, {}
         for _ in range(2):  # two rounds, alternating, so machine noise spreads over every candidate
@@ -70,7 +68,7 @@ def choose(src: Path, cal, log=print, int4_block_size: int = 32) -> dict:
                 dec.setdefault(key, {"tokens_per_s": []})["tokens_per_s"].append(decode_speed(cands[name]))
         for name, p in cands.items():
             enc[name]["tiles_per_s"] = float(np.median(enc[name]["tiles_per_s"]))
-            enc[name]["cosine"] = mean_cosine(p._encode(tiles), ref_feats)
+            enc[name]["cosine"] = mean_cosine(p.encode_tiles(tiles), ref_feats)
         for key in dec:
             dec[key]["tokens_per_s"] = float(np.median(dec[key]["tokens_per_s"]))
         dec["ort-fp32"]["agreement"] = 1.0
@@ -80,34 +78,38 @@ def choose(src: Path, cal, log=print, int4_block_size: int = 32) -> dict:
         dec["ort-int4"]["agreement"] = float(np.mean([a == b for a, b in zip(int4, ref_answers)]))
         for p in cands.values():
             p.release()
-    ok_enc = {k: v for k, v in enc.items() if v["cosine"] >= MIN_COSINE}
-    ok_dec = {k: v for k, v in dec.items() if v["agreement"] == 1.0}
-    best_enc = max(ok_enc, key=lambda k: ok_enc[k]["tiles_per_s"])
-    best_dec = max(ok_dec, key=lambda k: ok_dec[k]["tokens_per_s"])
-    recipe = {("ort-fp32", "ort-fp32"): ("ort", "fp32"), ("ort-fp32", "ort-int4"): ("ort", "int4"),
-              ("ort-int8", "ort-int4"): ("ort", "int8"), ("ort-int8", "ort-fp32"): ("ort", "int8-encoder"),
-              ("openvino-bf16", "ort-fp32"): ("openvino", "bf16"),
-              ("openvino-bf16", "ort-int4"): ("openvino", "bf16+int4"),
-              ("openvino-int8", "ort-fp32"): ("openvino", "int8"),
-              ("openvino-int8", "ort-int4"): ("openvino", "int8+int4")}[(best_enc, best_dec)]
+    best_enc, best_dec, recipe = decide(enc, dec)
     log(f"auto: encoder {best_enc} ({enc[best_enc]['tiles_per_s']:.0f} tiles/s), decoder {best_dec} "
         f"({dec[best_dec]['tokens_per_s']:.0f} tok/s) -> {recipe[0]} {recipe[1]}")
     return {"encoder": best_enc, "decoder": best_dec, "recipe": list(recipe), "encoder_candidates": enc,
             "decoder_candidates": dec, "min_cosine": MIN_COSINE}
 
 
-def build_auto(src: Path, out: Path, cal, overwrite: bool, log=print, int4_block_size: int = 32) -> Path:
-    from .build import build_bundle
-    from .manifest import load_manifest
+RECIPES = {("ort-fp32", "ort-fp32"): ("ort", "fp32"), ("ort-fp32", "ort-int4"): ("ort", "int4"),
+           ("ort-int8", "ort-int4"): ("ort", "int8"), ("ort-int8", "ort-fp32"): ("ort", "int8-encoder"),
+           ("openvino-bf16", "ort-fp32"): ("openvino", "bf16"), ("openvino-bf16", "ort-int4"): ("openvino", "bf16+int4"),
+           ("openvino-int8", "ort-fp32"): ("openvino", "int8"), ("openvino-int8", "ort-int4"): ("openvino", "int8+int4")}
+
+
+def decide(enc: dict, dec: dict) -> tuple[str, str, tuple[str, str]]:
+    """The fastest encoder whose features keep cosine >= MIN_COSINE against fp32 and the fastest decoder whose
+    greedy answers equal fp32's, and the build recipe that pairs them. fp32 always qualifies."""
+    ok_enc = {k: v for k, v in enc.items() if v["cosine"] >= MIN_COSINE}
+    ok_dec = {k: v for k, v in dec.items() if v["agreement"] == 1.0}
+    best_enc = max(ok_enc, key=lambda k: ok_enc[k]["tiles_per_s"])
+    best_dec = max(ok_dec, key=lambda k: ok_dec[k]["tokens_per_s"])
+    return best_enc, best_dec, RECIPES[(best_enc, best_dec)]
+
+
+def build_auto(src: Path, out: Path, cal, overwrite: bool = False, log=print, int4_block_size: int = 32) -> Path:
+    """Measure, then build the winning recipe; the decision and every measurement go into the manifest."""
+    from ..engines.build import build_bundle
 
     if cal is None:
         raise LocpathError("--precision auto measures candidates on a calibration set: pass --calibration or --slides")
+    if Path(out).exists() and not overwrite:
+        raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
     decision = choose(src, cal, log, int4_block_size)
     backend, precision = decision["recipe"]
-    out = build_bundle(src, out, precision, backend=backend, calibration=cal, overwrite=overwrite, log=log,
-                       int4_block_size=int4_block_size)
-    m = load_manifest(out, verify=False)
-    m.export.setdefault("build", {})["auto"] = json.loads(json.dumps(decision))
-    m.save(out)
-    load_manifest(out, verify=True)
-    return out
+    return build_bundle(src, out, precision, backend=backend, calibration=cal, overwrite=overwrite, log=log,
+                        int4_block_size=int4_block_size, record={"auto": json.loads(json.dumps(decision))})

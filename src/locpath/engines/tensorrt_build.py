@@ -1,0 +1,111 @@
+"""TensorRT 10 plans, thin and written to the documented API (TensorRT cannot be installed on the machines this
+project is developed on: everything here that needs it is imported lazily, and everything around it -
+optimisation profiles derived from the manifest, engine-config checks - is plain Python and tested).
+
+Build: strongly typed networks (precision comes from the graph: an fp16 ONNX for FP16, Q/DQ nodes for INT8/FP8;
+never the deprecated implicit INT8 calibrators), one optimisation profile per shape regime (encoder batch;
+decoder prefill and decode), a persistent timing cache beside the plans, and an EngineConfig per plan.
+The runner that executes the plans is `runtime/tensorrt_runner.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..bundle.manifest import ComponentEntry
+from ..bundle.names import DECODER
+from ..errors import LocpathError
+from ..fsutil import atomic_dir, atomic_file
+from ..runtime.cuda import tensorrt_module as _trt
+from ..runtime.machine import describe_machine
+from .bundle_edit import BundleEdit
+
+TRT_PRECISIONS = ("fp32", "fp16")
+
+
+# -- profiles (pure) ------------------------------------------------------------------
+def shape_ranges(entry: ComponentEntry, axes: dict[str, list[int]]) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """min/opt/max shape of every input, symbolic axes taken from `axes` (axis -> [min, opt, max])."""
+    out = {}
+    for spec in entry.inputs:
+        dims = []
+        for d in spec.shape:
+            if isinstance(d, int):
+                dims.append((d, d, d))
+            elif d in axes:
+                dims.append(tuple(axes[d]))
+            else:
+                raise LocpathError(f"input {spec.name}: no profile range for axis {d!r}")
+        out[spec.name] = tuple(tuple(x[i] for x in dims) for i in range(3))
+    return out
+
+
+def optimization_profiles(component: str, entry: ComponentEntry) -> list[dict]:
+    """Profiles for one component: one for most graphs; the decoder gets prefill (empty past) and decode (one
+    new token) profiles, because their shape regimes differ and one wide profile tunes both badly."""
+    p = {k: list(v) for k, v in entry.profiles.items()}
+    if component != DECODER:
+        return [shape_ranges(entry, p)]
+    seq, past = p["sequence"], p["past"]
+    prefill = dict(p, sequence=seq, past=[0, 0, 0], total=list(seq))
+    decode = dict(p, sequence=[1, 1, 1], past=[1, max(1, past[1]), past[2] - 1], total=[2, max(1, past[1]) + 1, past[2]])
+    return [shape_ranges(entry, prefill), shape_ranges(entry, decode)]
+
+
+# -- build --------------------------------------------------------------------------
+def build_plan(onnx_path: Path, profiles: list[dict], timing_cache: Path, workspace_gb: float = 4.0) -> bytes:
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise LocpathError(f"{onnx_path}: TensorRT cannot parse the graph ({errors[:500]})")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for ranges in profiles:
+        prof = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in ranges.items():
+            prof.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(prof)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise LocpathError(f"{onnx_path}: TensorRT failed to build a plan (see the log above)")
+    with atomic_file(timing_cache) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+def build_tensorrt_bundle(src: Path, out: Path, manifest, precision: str, log=print, **extra) -> Path:
+    from . import quantize_ort as q
+
+    if precision not in TRT_PRECISIONS:
+        raise LocpathError(f"TensorRT precision must be one of {', '.join(TRT_PRECISIONS)} (strongly typed networks "
+                           f"take INT8/FP8 from Q/DQ graphs, not from a flag)")
+    machine = describe_machine("tensorrt", "cuda")
+    with atomic_dir(out) as tmp:
+        edit = BundleEdit(src, tmp, manifest, log)
+        edit.drop_fused()  # GroupQueryAttention is an ONNX Runtime contrib op: TensorRT runs the plain graph
+        timing_cache = tmp / "timing.cache"
+        for comp, entry in list(manifest.components.items()):
+            onnx_in = edit.source(comp)
+            if precision == "fp16":
+                onnx_in = tmp / f"{comp}.fp16.onnx"
+                q.to_fp16(edit.source(comp), onnx_in)
+            plan = tmp / f"{comp}.{precision}.plan"
+            t0 = time.time()
+            profiles = optimization_profiles(comp, entry)
+            plan.write_bytes(build_plan(onnx_in, profiles, timing_cache))
+            if onnx_in.parent == tmp:
+                onnx_in.unlink()
+            info = {"strongly_typed": True, "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
+                    "seconds": round(time.time() - t0, 1)}
+            edit.replace(comp, "tensorrt", precision, plan.name, machine, info)
+            log(f"build: {comp} -> {plan.name} ({info['seconds']} s)")
+        timing_cache.unlink(missing_ok=True)
+        edit.finish(precision, "tensorrt", **extra)
+    return out

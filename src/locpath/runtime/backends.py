@@ -1,0 +1,22 @@
+"""The runner factory: one manifest entry's backend -> its Runner. Sits above every backend module, so the
+backends never import it (or each other)."""
+
+from __future__ import annotations
+
+from .runner import Runner, RunnerError
+
+
+def make_runner(backend: str, path, name: str, precision: str = "fp32", **kw) -> Runner:
+    if backend in ("onnxruntime", "ort"):
+        from .ort_runner import OrtRunner
+
+        return OrtRunner(path, name, **kw)
+    if backend == "openvino":
+        from .openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(path, name, precision=precision, **kw)
+    if backend == "tensorrt":
+        from .tensorrt_runner import TrtRunner
+
+        return TrtRunner(path, name, **kw)
+    raise RunnerError(f"{path}: backend {backend!r} is not available in this runtime")

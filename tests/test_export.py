@@ -109,8 +109,16 @@ def test_export_from_a_local_hf_llama_folder(tmp_path, tokenizer):
 
     h5 = write_features(tmp_path / "f.h5", FeatureFile(feats, np.stack([np.arange(20) * 224, np.zeros(20, int)], 1),
                                                         224, 224, 0.5, 0.5, cfg.tile_encoder.name))
-    ans = Pipeline.from_bundle(bundle, use_cache=False).ask(h5, "What is the diagnosis?", max_new_tokens=3)
-    assert ans.generation["new_tokens"] <= 3
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    ans = pipe.ask(h5, "What is the diagnosis?", max_new_tokens=3)
+    # random weights: any tokens, but exactly as PyTorch greedy-decodes them from the same latents
+    assert ans.generation["decoder"] == "decoder_fused" and ans.slide["tiles"] == 20
+    assert ans.generation["new_tokens"] == len(ans.token_ids) >= 1
+    assert ans.generation["stop_reason"] in ("stop_token", "max_new_tokens")
+    lat, _ = pipe.compress(pipe.read_feature_file(h5))
+    with torch.no_grad():
+        want = model.answer_tokens(tokenizer, torch.from_numpy(lat), ["What is the diagnosis?"], max_new=3)[0]
+    assert ans.token_ids == want
 
 
 def test_export_refuses_to_overwrite_without_flag(ref_bundle, capsys):

@@ -59,6 +59,24 @@ def test_fused_graph_matches_pytorch_step_by_step(arch, tied, tmp_path):
     assert validate_fused(tmp_path / "d.onnx", model, spec) < 5e-5
 
 
+def test_fused_validation_fails_on_a_perturbed_weight(tmp_path):
+    """Validation compares against PyTorch for real: a graph built before a weight changed must be refused."""
+    import torch
+
+    from locpath.export.exporter import ValidationError
+    from locpath.export.fused import fused_decoder_inputs, validate_fused
+
+    model = _model("qwen2", True, cara=(1,))
+    spec, w = fused_decoder_inputs(model, 32)
+    build_fused_decoder(spec, w, tmp_path / "d.onnx")
+    assert validate_fused(tmp_path / "d.onnx", model, spec) < 5e-5
+    with torch.no_grad():
+        model.llm.model.layers[2].mlp.down_proj.weight.mul_(1.05)
+    with pytest.raises(ValidationError, match=r"decoder_fused: .*logits: \d") as exc:
+        validate_fused(tmp_path / "d.onnx", model, spec)
+    assert exc.value.diffs["logits"] > 1e-4
+
+
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
 def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(arch, tied, tmp_path):
     """MatMulNBits and GatherBlockQuantized read our packing as we wrote it (zero point 8, low nibble first)."""

@@ -115,7 +115,8 @@ def test_bad_inputs_fail_with_one_line(tmp_path, capsys, small_svs):
     data = small_svs.read_bytes()
     truncated.write_bytes(data[: len(data) // 3])
     overlay = tmp_path / "out.png"
-    _assert_one_line_error(_run_cli(capsys, "tiles", str(truncated), "--overlay", str(overlay)), truncated, "")
+    _assert_one_line_error(_run_cli(capsys, "tiles", str(truncated), "--overlay", str(overlay)), truncated,
+                           "cannot read region at level 0")
     assert not overlay.exists() and not any(p.name.startswith(".out.png") for p in tmp_path.iterdir())
 
 

@@ -44,7 +44,7 @@ class ComponentReport:
     nodes: int = 0
 
 
-def _dynamic_shapes(cfg: ExportConfig, example: dict):
+def _dynamic_shapes(cfg: ExportConfig):
     from torch.export import Dim
 
     dims: dict[str, object] = {}
@@ -98,7 +98,7 @@ def export_component(cfg: ExportConfig, model, out_dir: Path) -> ComponentReport
                 tuple(example[n] for n in names_in),
                 input_names=names_in,
                 output_names=names_out,
-                dynamic_shapes=_nest(cfg, [_dynamic_shapes(cfg, example)[n] for n in names_in]),
+                dynamic_shapes=_nest(cfg, [_dynamic_shapes(cfg)[n] for n in names_in]),
                 dynamo=True,
                 external_data=False,
                 optimize=True,

@@ -7,6 +7,7 @@ Writes go to a temporary file in the same folder and are renamed into place.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,10 @@ def write_features(path: str | os.PathLike, ff: FeatureFile) -> Path:
         raise FeatureFileError(
             f"{path}: features must be (N, D) and coords (N, 2); got {feats.shape} and {coords.shape}"
         )
-    with atomic_file(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as f:
+    # HDF5 is built in memory and written by Python: a failing disk (full, quota, read-only) then raises one
+    # OSError here, where HDF5's own writes fail at close and can crash the process when its objects are freed
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
         d = f.create_dataset("features", data=feats)
         d.attrs["encoder"] = ff.encoder
         c = f.create_dataset("coords", data=coords.astype(np.int64))
@@ -69,6 +73,8 @@ def write_features(path: str | os.PathLike, ff: FeatureFile) -> Path:
         c.attrs["target_mpp"] = float(ff.target_mpp)
         c.attrs["overlap"] = int(ff.overlap)
         c.attrs["name"] = ff.name
+    with atomic_file(path, suffix=".h5") as tmp, open(tmp, "wb") as out:
+        out.write(buf.getbuffer())
     return path
 
 

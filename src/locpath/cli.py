@@ -30,6 +30,13 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _jpeg_quality(text: str) -> int:
+    v = _non_negative_int(text)
+    if not 1 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"must be 1-100: {text!r}")
+    return v
+
+
 def _non_negative_int(text: str) -> int:
     try:
         v = int(text)
@@ -481,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--diagnosis", choices=("benign", "adenocarcinoma", "squamous cell carcinoma"))
     s.add_argument("--grade", choices=("low grade", "high grade"))
     s.add_argument("--necrosis", choices=("yes", "no"))
-    s.add_argument("--quality", type=int, default=85)
+    s.add_argument("--quality", type=_jpeg_quality, default=85, help="JPEG quality of the tiles (1-100)")
     s.set_defaults(func=cmd_synth)
 
     tr = sub.add_parser("train", help="train the reference model and the prefix baseline")
@@ -557,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--tiles", type=_positive_int, nargs="+", default=None,
                     help="tissue-tile counts of the synthetic scaling slides (default 1000 10000)")
     be.add_argument("--repeats", type=_positive_int, default=3)
-    be.add_argument("--warmup", type=int, default=1)
+    be.add_argument("--warmup", type=_non_negative_int, default=1)
     be.add_argument("--workdir", default="runs/bench", help="where the synthetic bench slides are kept")
     be.add_argument("--no-baselines", action="store_true", help="skip the PyTorch and prefix baselines")
     be.add_argument("--decoder-0.5b", dest="decoder_05b", action="store_true",

@@ -54,7 +54,10 @@ def _is_abandoned(lock_file: Path) -> bool:
 
 def _reserve(target: Path, suffix: str) -> tuple[Path, int, Path]:
     """A locked `<temp>.lock` beside `target` and the temporary name it guards (not created yet)."""
-    fd, lock_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + LOCK_SUFFIX, dir=target.parent)
+    try:
+        fd, lock_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + LOCK_SUFFIX, dir=target.parent)
+    except OSError as exc:  # name what the user asked to write, not our temporary
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
     os.close(fd)
     lock_path = Path(lock_name)
     return lock_path, _lock(lock_path), lock_path.with_name(lock_path.name[: -len(LOCK_SUFFIX)])

@@ -1,0 +1,48 @@
+"""The prebuilt reference bundle shipped in the package, and the demo a runtime-only install runs with it."""
+
+import subprocess
+import sys
+
+from locpath.bundle.integrity import verify_bundle
+from locpath.bundle.paths import sha256_file
+from locpath.checkpoints import shipped_bundle, shipped_checkpoint
+from locpath.runtime.pipeline import Pipeline
+
+BLOCK_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'transformers', 'timm', 'torchvision', 'peft'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from locpath.cli import main
+code = main(sys.argv[1:])
+bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'timm')]
+assert not bad, bad
+sys.exit(code)
+"""
+
+
+def test_shipped_bundle_is_an_export_of_the_shipped_checkpoint(ref_bundle, eval_slide):
+    m = verify_bundle(shipped_bundle())
+    assert m.source["weights_sha256"] == sha256_file(shipped_checkpoint("reference") / "model.safetensors"), \
+        "the shipped checkpoint changed: re-export src/locpath/checkpoints/bundles/reference"
+    assert set(m.components) == {"tile_encoder", "resampler", "tis", "cross_kv", "decoder", "decoder_fused"}
+    shipped = Pipeline.from_bundle(shipped_bundle(), use_cache=False)
+    fresh = Pipeline.from_bundle(ref_bundle, use_cache=False)
+    for q in ("What is the diagnosis?", "Is necrosis present?", "Which organ is this?", "What is the tumor grade?"):
+        assert shipped.ask(eval_slide, q).token_ids == fresh.ask(eval_slide, q).token_ids
+
+
+def test_demo_runs_without_torch_and_reuses_everything(tmp_path):
+    work = tmp_path / "demo"
+    run = lambda: subprocess.run([sys.executable, "-c", BLOCK_TORCH, "demo", "--workdir", str(work)],  # noqa: E731
+                                 capture_output=True, text=True, timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert str(shipped_bundle()) in first.stdout and "accuracy" in first.stdout
+    assert "tiles read and encoded" in first.stdout and "exporting" not in first.stdout
+    second = run()
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "from cache, no tile read" in second.stdout and "writing" not in second.stdout
+    assert first.stderr == second.stderr == ""

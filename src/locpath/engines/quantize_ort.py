@@ -6,7 +6,9 @@
 - Decoder INT4: weight-only MatMulNBits (block 32, symmetric, accuracy level 4 = int8 compute on CPU). A tied
   lm_head appears as MatMul(x, Transpose(embedding)) and escapes the quantizer; the transpose is folded into an
   initializer of its own first, so the lm_head is quantized too.
-- FP16 (for GPUs): float16 weights and compute, float32 inputs/outputs kept.
+- FP16 (for GPUs): float16 weights and compute, float32 inputs/outputs kept; RMSNorm's statistics (x^2, its mean,
+  rsqrt and the scaling by it) stay float32, because real LLM activations reach the thousands and x^2 overflows
+  float16; the converted graph is topologically sorted again (the converter appends its Casts at the end).
 """
 
 from __future__ import annotations
@@ -98,13 +100,45 @@ def decoder_int4(src: Path, dst: Path, block_size: int = 32) -> dict:
             "accuracy_level": 4, "folded_transposes": folded, "matmul_nbits": n4, "float_matmuls_with_weights": left}
 
 
+RMSNORM_CHAIN = ("Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Mul")
+
+
+def rmsnorm_statistics_nodes(model) -> list[str]:
+    """Names of the nodes of every RMSNorm's x^2 -> mean -> +eps -> sqrt -> 1/. -> x * rsqrt chain."""
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    names = []
+    for n in model.graph.node:
+        if n.op_type != "Pow":
+            continue
+        chain, cur = [n], n
+        for op in RMSNORM_CHAIN[1:]:
+            nxt = [c for c in consumers.get(cur.output[0], []) if c.op_type == op]
+            if len(nxt) != 1:
+                break
+            chain.append(nxt[0])
+            cur = nxt[0]
+        if len(chain) == len(RMSNORM_CHAIN):
+            names += [c.name for c in chain]
+    return names
+
+
 def to_fp16(src: Path, dst: Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
-    return {"method": "float16 weights and compute", "io": "float32 kept"}
+    model = onnx.load(str(src))
+    keep = rmsnorm_statistics_nodes(model)
+    model = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    om = OnnxModel(model)
+    om.topological_sort()
+    onnx.checker.check_model(om.model)
+    onnx.save(om.model, str(dst))
+    return {"method": "float16 weights and compute", "io": "float32 kept",
+            "float32_nodes": len(keep), "float32_why": "RMSNorm statistics (x^2 overflows float16)"}
 
 
 def file_size(p: str | os.PathLike) -> int:

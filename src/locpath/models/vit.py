@@ -114,8 +114,9 @@ class VisionTransformer(nn.Module):
         return self.head(self.fc_norm(x))
 
     def forward_uint8(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC tiles, as the tile reader yields them -> features. Normalisation inside the graph."""
-        x = tiles.permute(0, 3, 1, 2).to(self.pos_embed.dtype)
+        """uint8 NHWC tiles, as the tile reader yields them -> features. Normalisation inside the graph. The cast
+        comes first: TensorRT's ONNX parser takes UINT8 only as a network input, not through a Transpose."""
+        x = tiles.to(self.pos_embed.dtype).permute(0, 3, 1, 2)
         return self.forward((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 

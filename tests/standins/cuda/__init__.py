@@ -1,0 +1,1 @@
+"""Stand-in for cuda-python (tests only): see cuda/bindings/runtime.py."""

@@ -124,7 +124,7 @@ def test_onnxruntime_engine_config_rules():
 
 
 def test_tensorrt_profiles_come_from_the_manifest(ref_bundle):
-    from locpath.engines.tensorrt_build import optimization_profiles
+    from locpath.bundle.profiles import optimization_profiles
 
     m = load_manifest(ref_bundle)
     enc = optimization_profiles("tile_encoder", m.components["tile_encoder"])

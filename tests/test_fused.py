@@ -152,7 +152,7 @@ def test_decoder_choice_errors(ref_bundle, tmp_path):
         choose_decoder(m, "fused", tmp_path)
     full = load_manifest(ref_bundle)
     assert choose_decoder(full, "auto", tmp_path, "cuda") == "decoder"  # CUDA GQA takes fp16/bf16 only
-    with pytest.raises(LocpathError, match="the fused decoder is an fp32 CPU graph; on --device cuda"):
+    with pytest.raises(LocpathError, match="fused decoder does not run on --device cuda"):
         choose_decoder(full, "fused", tmp_path, "cuda")
 
 
@@ -185,9 +185,10 @@ def test_int4_build_quantizes_the_fused_decoder_and_keeps_answers(ref_bundle, re
         assert q.ask(real_svs, question).answer == fp32.ask(real_svs, question).answer
 
 
-def test_fp16_build_drops_the_fused_decoder(ref_bundle, tmp_path):
+def test_fp16_build_rebuilds_the_fused_decoder_in_fp16(ref_bundle, tmp_path):
     from locpath.engines.build import build_bundle
 
     out = build_bundle(ref_bundle, tmp_path / "fp16", "fp16", log=lambda m: None)
     m = load_manifest(out)
-    assert "decoder_fused" not in m.components and not (out / "decoder_fused.onnx").exists()
+    assert m.components["decoder_fused"].file == "decoder_fused.fp16-fused.onnx"
+    assert not (out / "decoder_fused.onnx").exists() and "decoder_fused.onnx" not in m.files

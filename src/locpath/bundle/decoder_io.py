@@ -7,7 +7,8 @@ and the manifest templates the runtime reads back. The plain export (export/conf
   length `total` = past + sequence.
 - fused (`decoder_fused`, ONNX Runtime contrib ops): input_ids, attention_mask, past K/V buffers of length
   `max_length` bound as past *and* present (GroupQueryAttention writes the new positions in place), cross K/V
-  -> logits of the last position [batch, 1, vocab].
+  -> logits of the last position [batch, 1, vocab] (float32). Its K/V are float16 in the build for CUDA
+  (`kv_dtype`), float32 otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import LocpathError
 
 KINDS = ("plain", "fused")
+KV_DTYPES = ("float32", "float16")
 
 
 def past_names(layer: int) -> tuple[str, str]:
@@ -52,6 +54,7 @@ class DecoderContract:
     cara_heads: int
     cara_head_dim: int
     max_positions: int = 0  # fused: the K/V buffers' capacity (rows of its rotary caches); plain: 0 (unbounded)
+    kv_dtype: str = "float32"  # self and cross K/V ("float16" for the fused graph built for CUDA)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -66,6 +69,8 @@ class DecoderContract:
             raise LocpathError("decoder with CARA layers needs positive cara_heads and cara_head_dim")
         if self.kind == "fused" and self.max_positions < 2:
             raise LocpathError(f"fused decoder max_positions must be >= 2, got {self.max_positions!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise LocpathError(f"decoder kv_dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}")
 
     # -- names ---------------------------------------------------------------------------------
     def past(self, layer: int) -> tuple[str, str]:
@@ -80,7 +85,7 @@ class DecoderContract:
     def cross_outputs(self) -> list[TensorDecl]:
         """What the cross-KV graph produces and the decoder consumes, once per question."""
         shape = ("batch", self.cara_heads, "selected", self.cara_head_dim)
-        return [TensorDecl(n, "float32", shape) for i in self.cara_layers for n in self.cross(i)]
+        return [TensorDecl(n, self.kv_dtype, shape) for i in self.cara_layers for n in self.cross(i)]
 
     # -- graph I/O ------------------------------------------------------------------------------
     def inputs(self) -> list[TensorDecl]:
@@ -91,7 +96,7 @@ class DecoderContract:
             out.append(TensorDecl("position_ids", "int64", ("batch", "sequence")))
         kv = ("batch", self.num_kv_heads, kv_len, self.head_dim)
         for j in range(self.num_layers):
-            out += [TensorDecl(n, "float32", kv) for n in self.past(j)]
+            out += [TensorDecl(n, self.kv_dtype, kv) for n in self.past(j)]
         return out + self.cross_outputs()
 
     def outputs(self) -> list[TensorDecl]:
@@ -102,7 +107,7 @@ class DecoderContract:
             out = [TensorDecl("logits", "float32", ("batch", 1, self.vocab))]
             kv = ("batch", self.num_kv_heads, "max_length", self.head_dim)
         for j in range(self.num_layers):
-            out += [TensorDecl(n, "float32", kv) for n in self.present(j)]
+            out += [TensorDecl(n, self.kv_dtype, kv) for n in self.present(j)]
         return out
 
     # -- manifest --------------------------------------------------------------------------------
@@ -110,7 +115,7 @@ class DecoderContract:
         return {"contract": "locpath-decoder/1", "kind": self.kind, "num_layers": self.num_layers,
                 "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim, "vocab": self.vocab,
                 "cara_layers": list(self.cara_layers), "cara_heads": self.cara_heads,
-                "cara_head_dim": self.cara_head_dim, "max_positions": self.max_positions,
+                "cara_head_dim": self.cara_head_dim, "max_positions": self.max_positions, "kv_dtype": self.kv_dtype,
                 "past_key": "past_key.{layer}", "past_value": "past_value.{layer}",
                 "present_key": "present_key.{layer}", "present_value": "present_value.{layer}",
                 "cross_key": "cross_key.{layer}", "cross_value": "cross_value.{layer}"}
@@ -123,7 +128,7 @@ class DecoderContract:
             return cls(kind=t["kind"], num_layers=t["num_layers"], num_kv_heads=t["num_kv_heads"],
                        head_dim=t["head_dim"], vocab=t["vocab"], cara_layers=tuple(t["cara_layers"]),
                        cara_heads=t["cara_heads"], cara_head_dim=t["cara_head_dim"],
-                       max_positions=t.get("max_positions", 0))
+                       max_positions=t.get("max_positions", 0), kv_dtype=t.get("kv_dtype", "float32"))
         except (KeyError, TypeError) as exc:
             raise LocpathError(f"{where}: malformed decoder templates ({type(exc).__name__}: {exc})") from None
         except LocpathError as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle.integrity import verify_bundle
+from ..bundle.manifest import IOSpec
 from ..bundle.names import DECODER, DECODER_FUSED, TILE_ENCODER
 from ..errors import LocpathError
 from ..fsutil import atomic_dir
@@ -29,10 +30,9 @@ ORT_RECIPES = {
     "int8-static": {"tile_encoder": "int8-static", "decoder": "int4", FUSED: "int4-fused"},
     "int4": {"decoder": "int4", FUSED: "int4-fused"},
     "int8-encoder": {"tile_encoder": "int8-dynamic"},
-    "fp16": {c: "fp16" for c in ("tile_encoder", "resampler", "tis", "cross_kv", "decoder")},
+    "fp16": dict({c: "fp16" for c in ("tile_encoder", "resampler", "tis", "cross_kv", "decoder")},
+                 **{FUSED: "fp16-fused"}),
 }
-# the fused decoder is an fp32 ONNX Runtime graph with CPU-tuned contrib ops: recipes for other devices drop it
-DROP_FUSED = ("fp16",)
 PRECISIONS = tuple(ORT_RECIPES)
 
 
@@ -73,8 +73,6 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
     machine = describe_machine("onnxruntime", "cuda" if precision == "fp16" else "cpu")
     with atomic_dir(out) as tmp:
         edit = BundleEdit(src, tmp, manifest, log)
-        if precision in DROP_FUSED:
-            edit.drop_fused()
         for comp, how in recipe.items():
             if comp in manifest.components:  # bundles without a fused decoder have none to rebuild
                 _quantize(edit, comp, how, calibration, machine, log, int4_block_size)
@@ -98,23 +96,33 @@ def _quantize(edit: BundleEdit, comp: str, how: str, calibration, machine: dict,
     elif how == "fp16":
         info = q.to_fp16(fp32, built)
     elif how == "int4-fused":
-        info = _fused_int4(fp32, built, edit.manifest.decoder_contract(comp), entry, int4_block_size)
+        info = _fused_rebuild(fp32, built, entry, "int4", int4_block_size)
+    elif how == "fp16-fused":
+        info = _fused_rebuild(fp32, built, entry, "fp16")
     else:  # pragma: no cover - recipes are fixed above
         raise LocpathError(f"unknown recipe {how!r}")
     info["seconds"] = round(time.time() - t0, 1)
     info["bytes"] = {"fp32": q.file_size(fp32), "built": q.file_size(built)}
     edit.replace(comp, "onnxruntime", how, built.name, machine, info)
+    if how == "fp16-fused":  # its K/V (and cross K/V) are float16: the manifest's contract says so
+        from .fused_graph import FusedDecoderSpec
+
+        contract = FusedDecoderSpec.from_templates(entry.templates).contract("float16")
+        entry.templates = dict(entry.templates, **contract.to_templates())
+        entry.inputs = [IOSpec.from_decl(d) for d in contract.inputs()]
+        entry.outputs = [IOSpec.from_decl(d) for d in contract.outputs()]
     log(f"build: {comp} -> {built.name} ({how}, {info['bytes']['fp32'] / 1e6:.1f} -> "
         f"{info['bytes']['built'] / 1e6:.1f} MB, {info['seconds']} s)")
 
 
-def _fused_int4(fp32: Path, built: Path, contract, entry, block_size: int = 32) -> dict:
-    """Rebuild the fused decoder from its own fp32 weights with INT4 MatMulNBits everywhere (lm_head included)
-    and, for a tied embedding, GatherBlockQuantized over the same INT4 tensor."""
+def _fused_rebuild(fp32: Path, built: Path, entry, quant: str, block_size: int = 32) -> dict:
+    """Rebuild the fused decoder from its own fp32 weights: `int4` (MatMulNBits everywhere, lm_head included, and
+    for a tied embedding GatherBlockQuantized over the same INT4 tensor) or `fp16` (for the CUDA provider, whose
+    GroupQueryAttention takes fp16; RMSNorm statistics stay fp32 inside SimplifiedLayerNormalization)."""
     from .fused_graph import FusedDecoderSpec, build_fused_decoder, weights_from_fused_onnx
 
     spec = FusedDecoderSpec.from_templates(entry.templates)
-    return build_fused_decoder(spec, weights_from_fused_onnx(fp32, spec), built, quant="int4", block_size=block_size,
+    return build_fused_decoder(spec, weights_from_fused_onnx(fp32, spec), built, quant=quant, block_size=block_size,
                                source=str(fp32))
 
 

@@ -67,18 +67,18 @@ class FusedDecoderSpec:
             raise LocpathError("fused decoder templates carry no graph spec; re-export the bundle")
         return cls.from_dict(templates["spec"])
 
-    def contract(self) -> DecoderContract:
+    def contract(self, kv_dtype: str = "float32") -> DecoderContract:
         """The graph's I/O as the runtime sees it (bundle/decoder_io.py)."""
         return DecoderContract(kind="fused", num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                                head_dim=self.head_dim, vocab=self.vocab, cara_layers=tuple(self.cara_layers),
                                cara_heads=self.cara_heads,
                                cara_head_dim=self.hidden // self.cara_heads if self.cara_heads else 0,
-                               max_positions=self.max_positions)
+                               max_positions=self.max_positions, kv_dtype=kv_dtype)
 
-    def templates(self) -> dict:
+    def templates(self, kv_dtype: str = "float32") -> dict:
         """The manifest templates of a fused decoder entry: the contract, plus the spec `locpath build` rebuilds
-        the INT4 graph from."""
-        return dict(self.contract().to_templates(), spec=self.to_dict())
+        the INT4 and fp16 graphs from."""
+        return dict(self.contract(kv_dtype).to_templates(), spec=self.to_dict())
 
     def expected_weights(self) -> dict[str, tuple]:
         """Name -> shape of every weight the graph is built from (MatMul weights as [in, out])."""
@@ -151,7 +151,7 @@ class _Graph:
         self.helper, self.numpy_helper = helper, numpy_helper
         self.nodes, self.inits, self._n = [], {}, 0
 
-    def init(self, name: str, arr: np.ndarray) -> str:
+    def init(self, name: str, arr: np.ndarray) -> str:  # noqa: D401
         if name not in self.inits:
             self.inits[name] = self.numpy_helper.from_array(np.array(arr, order="C"), name)
         return name
@@ -172,9 +172,14 @@ class _Graph:
 class _Builder:
     def __init__(self, spec: FusedDecoderSpec, weights: dict, quant: str, block: int, accuracy_level: int):
         self.s, self.w, self.quant, self.block, self.acc = spec, weights, quant, block, accuracy_level
+        self.ft = np.float16 if quant == "fp16" else np.float32  # activations, float weights, K/V
         self.g = _Graph()
         self.quantized: list[str] = []
         self.float_matmuls: list[str] = []
+
+    def f(self, wname: str) -> np.ndarray:
+        """A float weight in the graph's float type."""
+        return np.asarray(self.w[wname], self.ft)
 
     # weights [in, out] as a MatMul, quantized or not
     def matmul(self, x: str, wname: str, min_k: int = 16) -> str:
@@ -188,11 +193,11 @@ class _Builder:
             return self.g.node("MatMulNBits", [x, b, sc], domain=MS, name=wname.replace(".weight", ""), K=k, N=n,
                                bits=4, block_size=self.block, accuracy_level=self.acc)
         self.float_matmuls.append(wname)
-        return self.g.node("MatMul", [x, self.g.init(wname, w)], name=wname.replace(".weight", ""))
+        return self.g.node("MatMul", [x, self.g.init(wname, w.astype(self.ft))], name=wname.replace(".weight", ""))
 
     def rms(self, x: str, wname: str, eps: float, skip: str | None = None) -> tuple[str, str]:
         """RMSNorm(x [+ skip]) -> (normed, residual sum)."""
-        gamma = self.g.init(wname, np.asarray(self.w[wname], np.float32))
+        gamma = self.g.init(wname, self.f(wname))
         if skip is None:
             return self.g.node("SimplifiedLayerNormalization", [x, gamma], name=wname, axis=-1, epsilon=eps,
                                stash_type=1), x
@@ -206,6 +211,7 @@ class _Builder:
         s = self.s
         embed = np.asarray(self.w["embed"], np.float32)
         if self.quant != "int4":
+            embed = embed.astype(self.ft)
             return self.g.node("Gather", [self.g.init("embed", embed), ids], name="embed")
         packed, scale, _ = quantize_int4_rows(embed, self.block)
         data, scales = self.g.init("embed.int4", packed), self.g.init("embed.scales", scale.reshape(-1))
@@ -233,7 +239,7 @@ class _Builder:
                                block_size=self.block, accuracy_level=self.acc)
         wname = "embed" if s.tied_embeddings else "lm_head"
         self.float_matmuls.append(wname)
-        return self.g.node("Gemm", [x2d, self.g.init(wname, np.asarray(self.w[wname], np.float32))], name="lm_head",
+        return self.g.node("Gemm", [x2d, self.g.init(wname, self.f(wname))], name="lm_head",
                            transB=1)
 
     def cara(self, h: str, i: int) -> str:
@@ -243,14 +249,14 @@ class _Builder:
         att = self.g.node("MultiHeadAttention", [q, *cross_names(i)], domain=MS,
                           name=p + "cross_attention", num_heads=s.cara_heads)
         route = self.g.node("Sigmoid", [self.g.node("Add", [self.matmul(x, p + "router.weight"),
-                                                             self.g.init(p + "router.bias", self.w[p + "router.bias"])])])
-        gate = self.g.node("Mul", [route, self.g.init(p + "attn_scale", np.asarray(self.w[p + "attn_scale"], np.float32))])
+                                                             self.g.init(p + "router.bias", self.f(p + "router.bias"))])])
+        gate = self.g.node("Mul", [route, self.g.init(p + "attn_scale", self.f(p + "attn_scale"))])
         h = self.g.node("Add", [h, self.g.node("Mul", [gate, self.matmul(att, p + "o.weight")])], name=p + "attn_residual")
         y, _ = self.rms(h, p + "ffn_norm", s.cara_eps)
-        y = self.g.node("Add", [self.matmul(y, p + "fc1.weight"), self.g.init(p + "fc1.bias", self.w[p + "fc1.bias"])])
+        y = self.g.node("Add", [self.matmul(y, p + "fc1.weight"), self.g.init(p + "fc1.bias", self.f(p + "fc1.bias"))])
         y = self.g.node("Gelu", [y], domain=MS)
-        y = self.g.node("Add", [self.matmul(y, p + "fc2.weight"), self.g.init(p + "fc2.bias", self.w[p + "fc2.bias"])])
-        y = self.g.node("Mul", [y, self.g.init(p + "ffn_scale", np.asarray(self.w[p + "ffn_scale"], np.float32))])
+        y = self.g.node("Add", [self.matmul(y, p + "fc2.weight"), self.g.init(p + "fc2.bias", self.f(p + "fc2.bias"))])
+        y = self.g.node("Mul", [y, self.g.init(p + "ffn_scale", self.f(p + "ffn_scale"))])
         return self.g.node("Add", [h, y], name=p + "ffn_residual")
 
     def build(self):
@@ -259,8 +265,8 @@ class _Builder:
         from onnx import TensorProto
 
         hd, qd, kvd = s.head_dim, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        cos = g.init("rope.cos_cache", np.asarray(self.w["rope.cos_cache"], np.float32))
-        sin = g.init("rope.sin_cache", np.asarray(self.w["rope.sin_cache"], np.float32))
+        cos = g.init("rope.cos_cache", self.f("rope.cos_cache"))
+        sin = g.init("rope.sin_cache", self.f("rope.sin_cache"))
         # attention mask -> GroupQueryAttention's seqlens_k (valid length - 1) and total length
         msum = g.node("ReduceSum", ["attention_mask", g.const_i64([1])], keepdims=0, name="mask.sum")
         seqlens = g.node("Cast", [g.node("Sub", [msum, g.const_i64(1)])], to=TensorProto.INT32, name="seqlens_k")
@@ -284,7 +290,7 @@ class _Builder:
                 x, h = self.rms(pending[0], p + "ln1", s.rms_eps, skip=pending[1])
             qkv = self.matmul(x, p + "qkv.weight")
             if s.qkv_bias:
-                qkv = g.node("Add", [qkv, g.init(p + "qkv.bias", np.asarray(self.w[p + "qkv.bias"], np.float32))])
+                qkv = g.node("Add", [qkv, g.init(p + "qkv.bias", self.f(p + "qkv.bias"))])
             q, k, v = g.node("Split", [qkv, split_qkv], n_out=3, axis=-1, name=p + "qkv.split")
             att = g.node("GroupQueryAttention", [q, k, v, *past_names(j), seqlens, total, cos, sin],
                          domain=MS, name=p + "attention", outputs=[p + "attention/out0", *present_names(j)],
@@ -303,10 +309,12 @@ class _Builder:
         x, _ = self.rms(last_out, "norm", s.rms_eps, skip=last_res)
         x2d = g.node("Reshape", [x, g.const_i64([-1, s.hidden])], name="last.flatten")
         logits2d = self.lm_head(x2d)
+        if self.ft == np.float16:  # the sampler reads float32 logits
+            logits2d = g.node("Cast", [logits2d], name="logits.float32", to=TensorProto.FLOAT)
         g.node("Reshape", [logits2d, g.const_i64([-1, 1, s.vocab])], name="logits.reshape", outputs=["logits"])
 
-        types = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64}
-        contract = s.contract()
+        types = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
+        contract = s.contract("float16" if self.ft == np.float16 else "float32")
         inputs = [helper.make_tensor_value_info(d.name, types[d.dtype], list(d.shape)) for d in contract.inputs()]
         outputs = [helper.make_tensor_value_info(d.name, types[d.dtype], list(d.shape)) for d in contract.outputs()]
         graph = helper.make_graph(g.nodes, "locpath_fused_decoder", inputs, outputs, list(g.inits.values()))
@@ -324,8 +332,8 @@ def build_fused_decoder(spec: FusedDecoderSpec, weights: dict[str, np.ndarray], 
 
     from ..fsutil import atomic_file
 
-    if quant not in ("fp32", "int4"):
-        raise LocpathError(f"fused decoder precision must be fp32 or int4, not {quant!r}")
+    if quant not in ("fp32", "int4", "fp16"):
+        raise LocpathError(f"fused decoder precision must be fp32, int4 or fp16, not {quant!r}")
     if spec.head_dim % 2:
         raise LocpathError(f"{source}: rotary needs an even head_dim, got {spec.head_dim}")
     spec.check_weights(weights, source)

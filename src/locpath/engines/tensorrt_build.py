@@ -15,8 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from ..bundle.manifest import ComponentEntry
-from ..bundle.names import DECODER
+from ..bundle.profiles import optimization_profiles
 from ..errors import LocpathError
 from ..fsutil import atomic_dir, atomic_file
 from ..runtime.cuda import tensorrt_module as _trt
@@ -24,35 +23,6 @@ from ..runtime.machine import describe_machine
 from .bundle_edit import BundleEdit
 
 TRT_PRECISIONS = ("fp32", "fp16")
-
-
-# -- profiles (pure) ------------------------------------------------------------------
-def shape_ranges(entry: ComponentEntry, axes: dict[str, list[int]]) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """min/opt/max shape of every input, symbolic axes taken from `axes` (axis -> [min, opt, max])."""
-    out = {}
-    for spec in entry.inputs:
-        dims = []
-        for d in spec.shape:
-            if isinstance(d, int):
-                dims.append((d, d, d))
-            elif d in axes:
-                dims.append(tuple(axes[d]))
-            else:
-                raise LocpathError(f"input {spec.name}: no profile range for axis {d!r}")
-        out[spec.name] = tuple(tuple(x[i] for x in dims) for i in range(3))
-    return out
-
-
-def optimization_profiles(component: str, entry: ComponentEntry) -> list[dict]:
-    """Profiles for one component: one for most graphs; the decoder gets prefill (empty past) and decode (one
-    new token) profiles, because their shape regimes differ and one wide profile tunes both badly."""
-    p = {k: list(v) for k, v in entry.profiles.items()}
-    if component != DECODER:
-        return [shape_ranges(entry, p)]
-    seq, past = p["sequence"], p["past"]
-    prefill = dict(p, sequence=seq, past=[0, 0, 0], total=list(seq))
-    decode = dict(p, sequence=[1, 1, 1], past=[1, max(1, past[1]), past[2] - 1], total=[2, max(1, past[1]) + 1, past[2]])
-    return [shape_ranges(entry, prefill), shape_ranges(entry, decode)]
 
 
 # -- build --------------------------------------------------------------------------

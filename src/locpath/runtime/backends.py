@@ -6,11 +6,13 @@ from __future__ import annotations
 from .runner import Runner, RunnerError
 
 
-def make_runner(backend: str, path, name: str, precision: str = "fp32", **kw) -> Runner:
+def make_runner(backend: str, path, name: str, precision: str = "fp32", entry=None, engine_cache=None,
+                **kw) -> Runner:
+    """`entry` (the manifest entry) and `engine_cache` matter to ONNX Runtime's TensorRT provider only."""
     if backend in ("onnxruntime", "ort"):
         from .ort_runner import OrtRunner
 
-        return OrtRunner(path, name, **kw)
+        return OrtRunner(path, name, entry=entry, engine_cache=engine_cache, **kw)
     if backend == "openvino":
         from .openvino_runner import OpenVinoRunner
 

@@ -22,6 +22,11 @@ class DecoderState:
         """The most positions (prompt + answer) one answer may use."""
         return max_length
 
+    def prepare_cross(self, cross: dict[str, np.ndarray]) -> dict:
+        """The question's cross K/V as every step will feed them (once per answer): in the graph's K/V dtype."""
+        dt = np.dtype(self.contract.kv_dtype)
+        return {k: np.ascontiguousarray(v, dt) for k, v in cross.items()}
+
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         return KVCache(self.contract, batch, max_length)
 
@@ -60,5 +65,37 @@ class FusedDecoderState(DecoderState):
         return cache.run(feeds, p + s)
 
 
+class BoundDecoderState(DecoderState):
+    """The plain graph with its K/V left where the runner computes them (device memory under the CUDA provider):
+    each step binds the previous step's present OrtValues as its past through an IOBinding, and the cross K/V
+    are placed on the device once per answer, so a decode step moves only ids, mask, positions and logits across
+    the bus. On the CPU provider the same code runs with host OrtValues (how the tests check it)."""
+
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        cache = KVCache(self.contract, batch, max_length)
+        cache.past = {n: self.runner.to_device(a) for n, a in cache.past.items()}
+        return cache
+
+    def prepare_cross(self, cross: dict[str, np.ndarray]) -> dict:
+        return {k: self.runner.to_device(v) for k, v in super().prepare_cross(cross).items()}
+
+    def step(self, input_ids: np.ndarray, cache: KVCache, mask: np.ndarray, cross: dict) -> np.ndarray:
+        b, s = input_ids.shape
+        p = cache.length
+        cache.check_room(p + s)
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
+                 "attention_mask": np.ascontiguousarray(mask, np.int64),
+                 "position_ids": np.arange(p, p + s, dtype=np.int64)[None, :].repeat(b, 0)}
+        feeds.update(cache.past)
+        feeds.update(cross)
+        out = self.runner.run_bound(feeds, host_outputs=["logits"], device_outputs=self.outputs[1:])
+        cache.update(out, p + s)
+        return out["logits"]
+
+
 def decoder_state(runner: Runner, contract: DecoderContract) -> DecoderState:
-    return FusedDecoderState(runner, contract) if contract.kind == "fused" else DecoderState(runner, contract)
+    if contract.kind == "fused":
+        return FusedDecoderState(runner, contract)
+    if getattr(runner, "device", "cpu") != "cpu" and hasattr(runner, "run_bound"):
+        return BoundDecoderState(runner, contract)
+    return DecoderState(runner, contract)

@@ -38,7 +38,7 @@ class Generator:
     def __init__(self, state: DecoderState, cross: dict[str, np.ndarray], params: SamplingParams, max_length: int,
                  stop_ids: list[int], stats: GenerationStats | None = None):
         self.state = state
-        self.cross = cross
+        self.cross = state.prepare_cross(cross)  # in the graph's K/V dtype, on its device: once per answer
         self.params = params
         self.max_length = max_length
         self.stop_ids = set(stop_ids)

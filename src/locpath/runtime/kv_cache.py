@@ -17,6 +17,16 @@ from ..bundle.decoder_io import DecoderContract
 from ..errors import LocpathError
 
 
+def _nbytes(a) -> int:
+    """Bytes of a numpy array or an ONNX Runtime OrtValue (device-resident K/V)."""
+    if isinstance(a, np.ndarray):
+        return a.nbytes
+    return int(np.prod(a.shape())) * _ORT_SIZES.get(a.data_type(), 4)
+
+
+_ORT_SIZES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2}
+
+
 class _Capped:
     def __init__(self, max_length: int):
         self.max_length = max_length
@@ -37,7 +47,7 @@ class KVCache(_Capped):
 
     @property
     def nbytes(self) -> int:
-        return int(sum(a.nbytes for a in self.past.values()))
+        return int(sum(_nbytes(a) for a in self.past.values()))
 
     def update(self, outputs: dict[str, np.ndarray], new_length: int) -> None:
         """Take the graph's present K/V as the past of the next step."""
@@ -50,8 +60,9 @@ class KVCache(_Capped):
 class SharedKVCache(_Capped):
     """Buffers come from the runner (`new_buffer`: host memory on the CPU provider, device memory elsewhere)."""
 
-    def __init__(self, runner, contract: DecoderContract, batch: int, max_length: int, dtype=np.float32):
+    def __init__(self, runner, contract: DecoderContract, batch: int, max_length: int):
         super().__init__(max_length)
+        dtype = np.dtype(contract.kv_dtype)
         shape = (batch, contract.num_kv_heads, max_length, contract.head_dim)
         self.keys = [runner.new_buffer(shape, dtype) for _ in range(contract.num_layers)]
         self.values = [runner.new_buffer(shape, dtype) for _ in range(contract.num_layers)]

@@ -5,7 +5,11 @@
 - intra-op thread spinning off by default: a bundle is five sessions (plus reader threads) sharing few cores, and
   idle pools spinning after their run steal the cores the next graph needs (measured on 2 cores: decode
   5.5 -> 0.9 ms/token, resampler 11.4 -> 5.8 ms, encode 4.2 -> 3.7 s for 1k tiles); `spin=True` restores it;
-- providers: "cpu" (default, everywhere), "cuda" and "tensorrt" when the installed onnxruntime has them.
+- providers: "cpu" (default, everywhere), "cuda" and "tensorrt" when the installed onnxruntime has them. A
+  session that silently dropped the requested provider is refused. CUDA runs with TF32 off (exact-token parity
+  with the CPU's fp32); the TensorRT provider gets the component's profile ranges from the manifest, fp16 for
+  fp16 graphs, and engine and timing caches under locpath's cache folder, so it builds its engine once instead
+  of whenever an input shape leaves the range seen so far (every decode step).
 """
 
 from __future__ import annotations
@@ -13,6 +17,33 @@ from __future__ import annotations
 import numpy as np
 
 from .runner import Runner, RunnerError, default_threads, first_line
+
+DEVICE_TYPES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
+
+
+def tensorrt_provider_options(entry, cache_dir, fp16: bool) -> dict:
+    """ONNX Runtime TensorRT provider options for one manifest entry: one profile covering every range the
+    manifest declares (TensorRT plans get a prefill and a decode profile; the provider's one wide profile is the
+    union), engine and timing caches in `cache_dir`."""
+    from ..bundle.profiles import union_ranges
+
+    lo, opt, hi = [], [], []
+    for name, (a, b, c) in union_ranges(entry).items():
+        lo.append(f"{name}:{'x'.join(map(str, a))}")
+        opt.append(f"{name}:{'x'.join(map(str, b))}")
+        hi.append(f"{name}:{'x'.join(map(str, c))}")
+    return {"trt_fp16_enable": "True" if fp16 else "False", "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": str(cache_dir), "trt_profile_min_shapes": ",".join(lo),
+            "trt_profile_opt_shapes": ",".join(opt), "trt_profile_max_shapes": ",".join(hi)}
+
+
+def check_providers(path, wanted: str, got: list[str]) -> None:
+    """ONNX Runtime falls back to the next provider when one fails to initialise (a missing CUDA library, a
+    driver mismatch): refuse that instead of running on the CPU unannounced."""
+    if not got or got[0] != wanted:
+        raise RunnerError(f"{path}: ONNX Runtime did not start {wanted} (it runs {', '.join(got) or 'nothing'}); "
+                          "check the CUDA/TensorRT libraries and the driver, or use --device cpu")
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -23,8 +54,13 @@ PROVIDERS = {
 
 class OrtRunner(Runner):
     def __init__(self, path, name: str, device: str = "cpu", threads: int | None = None,
-                 opt_level: str = "all", profile: bool = False, spin: bool = False):
+                 opt_level: str = "all", profile: bool = False, spin: bool = False, entry=None,
+                 engine_cache: str | None = None):
+        """`entry`: the component's manifest entry (profile ranges and precision for the TensorRT provider);
+        `engine_cache`: where that provider keeps its engines."""
         super().__init__(path, name)
+        self.entry = entry
+        self.engine_cache = engine_cache
         if device not in PROVIDERS:
             raise RunnerError(f"unknown device {device!r} (choose from {', '.join(PROVIDERS)})")
         self.device = device
@@ -61,10 +97,25 @@ class OrtRunner(Runner):
         so.enable_profiling = self.profile
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
-            self._sess = ort.InferenceSession(str(self.path), so, providers=[p for p in wanted if p in available])
+            self._sess = ort.InferenceSession(str(self.path), so, providers=self._providers(wanted, available))
         except Exception as exc:
             raise RunnerError(f"{self.path}: ONNX Runtime cannot load the graph ({first_line(exc)})") from exc
+        check_providers(self.path, wanted[0], self._sess.get_providers())
         return self
+
+    def _providers(self, wanted: list[str], available: list[str]) -> list:
+        out = []
+        for p in wanted:
+            if p not in available:
+                continue
+            if p == "CUDAExecutionProvider":
+                out.append((p, {"use_tf32": "0"}))
+            elif p == "TensorrtExecutionProvider" and self.entry is not None:
+                cache = self.engine_cache or "."
+                out.append((p, tensorrt_provider_options(self.entry, cache, self.entry.precision == "fp16")))
+            else:
+                out.append(p)
+        return out
 
     @property
     def session(self):
@@ -87,13 +138,39 @@ class OrtRunner(Runner):
         return dict(zip(names, res))
 
     def new_buffer(self, shape, dtype=np.float32):
-        """Zeroed host memory on CPU; device memory under the CUDA/TensorRT providers, so a shared K/V buffer
-        never crosses the bus between steps."""
+        """Zeroed memory where this runner computes (host on CPU, device under CUDA/TensorRT), so a shared K/V
+        buffer never crosses the bus between steps."""
+        return self.to_device(np.zeros(shape, dtype))
+
+    def to_device(self, arr: np.ndarray):
+        """An OrtValue holding `arr` on this runner's device (on the CPU it wraps and keeps the array)."""
         import onnxruntime as ort
 
-        if self.device == "cpu":
-            return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype))  # the OrtValue keeps the array alive
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, "cuda", 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(arr), DEVICE_TYPES[self.device], 0)
+
+    def run_bound(self, feeds: dict, host_outputs: list[str], device_outputs: list[str]) -> dict:
+        """One run through a fresh IOBinding: numpy feeds are copied in, OrtValue feeds bound where they are;
+        `host_outputs` come back as numpy arrays, `device_outputs` as OrtValues left on the device."""
+        binding = self.session.io_binding()
+        try:
+            for name, v in feeds.items():
+                if isinstance(v, np.ndarray):
+                    binding.bind_cpu_input(name, v)
+                else:
+                    binding.bind_ortvalue_input(name, v)
+            for name in host_outputs:
+                binding.bind_output(name, "cpu")
+            for name in device_outputs:
+                binding.bind_output(name, DEVICE_TYPES[self.device])
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise RunnerError(f"{self.name}: inference failed ({first_line(exc)})") from exc
+        values = binding.get_outputs()
+        names = list(host_outputs) + list(device_outputs)
+        out = dict(zip(names, values))
+        for name in host_outputs:
+            out[name] = out[name].numpy()
+        return out
 
     def binder(self, state: dict, out_buffers: dict[str, np.ndarray]) -> "OrtBinder":
         return OrtBinder(self, state, out_buffers)
@@ -122,8 +199,11 @@ class OrtBinder:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; the returned arrays are the preallocated buffers, overwritten by the next call."""
         try:
-            for name, arr in feeds.items():
-                self.binding.bind_cpu_input(name, arr)
+            for name, v in feeds.items():
+                if isinstance(v, np.ndarray):
+                    self.binding.bind_cpu_input(name, v)
+                else:
+                    self.binding.bind_ortvalue_input(name, v)  # already on the device (cross K/V, once per answer)
             self.runner.session.run_with_iobinding(self.binding)
         except Exception as exc:
             raise RunnerError(f"{self.runner.name}: inference failed ({first_line(exc)})") from exc

@@ -67,24 +67,29 @@ def check_engines(bundle_dir: Path, manifest: Manifest, device: str) -> None:
 
 
 def choose_decoder(manifest: Manifest, choice: str, bundle_dir: Path, device: str = "cpu") -> str:
-    """Which decoder graph runs: the fused one (GroupQueryAttention, ONNX Runtime CPU) when the bundle has it
-    and `choice` is auto or fused; the plain graph otherwise. The fused graph is fp32, and ONNX Runtime's CUDA
-    GroupQueryAttention takes fp16/bf16 only, so GPUs run the plain graph."""
+    """Which decoder graph runs: the fused one (GroupQueryAttention) when the bundle has one for this device and
+    `choice` is auto or fused, the plain graph otherwise. ONNX Runtime's CUDA GroupQueryAttention takes fp16/bf16
+    only, so CUDA runs a fused graph built with float16 K/V (`build --precision fp16`); the TensorRT provider and
+    plans take the plain graph (GroupQueryAttention is an ONNX Runtime contrib op)."""
     if choice not in DECODER_CHOICES:
         raise LocpathError(f"unknown decoder {choice!r} (choose from {', '.join(DECODER_CHOICES)})")
-    has_fused, has_plain = names.DECODER_FUSED in manifest.components, names.DECODER in manifest.components
-    if choice == "fused" and not has_fused:
+    fused = manifest.components.get(names.DECODER_FUSED)
+    has_plain = names.DECODER in manifest.components
+    fused_ok = fused is not None and (
+        device == "cpu" or (device == "cuda" and manifest.decoder_contract(names.DECODER_FUSED).kv_dtype == "float16"))
+    if choice == "fused" and fused is None:
         raise LocpathError(f"{bundle_dir}: this bundle has no fused decoder (re-export it with this version of "
                            "locpath, or use --decoder plain)")
-    if choice == "fused" and device != "cpu":
-        raise LocpathError(f"{bundle_dir}: the fused decoder is an fp32 CPU graph; on --device {device} use "
-                           "--decoder plain (or auto)")
+    if choice == "fused" and not fused_ok:
+        raise LocpathError(f"{bundle_dir}: this bundle's fused decoder does not run on --device {device} (CUDA "
+                           "needs the fp16 build, TensorRT the plain graph); use --decoder plain (or auto)")
     if choice == "plain" and not has_plain:
         raise LocpathError(f"{bundle_dir}: this bundle has no plain decoder graph (use --decoder fused or auto)")
-    if has_plain and (choice == "plain" or not has_fused or device != "cpu"):
+    if choice == "plain" or (choice == "auto" and not fused_ok):
+        if not has_plain:
+            raise LocpathError(f"{bundle_dir}: this bundle holds only a fused decoder, which does not run on "
+                               f"--device {device}")
         return names.DECODER
-    if not has_plain and device != "cpu":
-        raise LocpathError(f"{bundle_dir}: this bundle holds only the fused CPU decoder; it cannot run on --device {device}")
     return names.DECODER_FUSED
 
 
@@ -170,7 +175,8 @@ class Pipeline:
         skip = set(names.DECODERS) - {self.decoder_component}  # the other decoder graph is never loaded
         self.runners: dict[str, Runner] = {
             name: make_runner(c.backend, self.bundle_dir / c.file, name, precision=c.precision, device=device,
-                              threads=threads, **self._spin(name, c, decoder_spin), **_ov_hint(c))
+                              threads=threads, entry=c, engine_cache=self._engine_cache(c, device),
+                              **self._spin(name, c, decoder_spin), **_ov_hint(c))
             for name, c in manifest.components.items() if name not in skip
         }
         self.decoder_state: DecoderState = decoder_state(self.runners[self.decoder_component],
@@ -195,6 +201,15 @@ class Pipeline:
         if entry.backend not in ("onnxruntime", "ort") or name != self.decoder_component:
             return {}
         return {"spin": bool(decoder_spin)}
+
+    @staticmethod
+    def _engine_cache(entry, device: str) -> str | None:
+        """Where ONNX Runtime's TensorRT provider keeps the engines it builds for this graph (per graph sha256)."""
+        if device != "tensorrt":
+            return None
+        from .slide_cache import cache_root
+
+        return str(cache_root() / "engines" / "ort-tensorrt" / entry.sha256[:16])
 
     def _stop_ids(self) -> list[int]:
         ids = []

@@ -109,23 +109,21 @@ class _Fields:
             raise self.fail(key, "must be a list")
         return v
 
-    def sha(self, key: str, optional: bool = False) -> str | None:
+    def _checked(self, key: str, optional: bool, check) -> str | None:
         v = self.get(key, None if optional else dataclasses.MISSING)
         if optional and v is None:
             return None
         try:
-            return check_sha256(v, f"{self.where}: {self.section}.{key}")
+            return check(v, f"{self.where}: {self.section}.{key}")
         except LocpathError as exc:
             raise BundleError(str(exc)) from None
 
+    def sha(self, key: str, optional: bool = False) -> str | None:
+        return self._checked(key, optional, check_sha256)
+
     def name(self, key: str, optional: bool = False) -> str | None:
-        v = self.get(key, None if optional else dataclasses.MISSING)
-        if optional and v is None:
-            return None
-        try:
-            return check_member_name(v, f"{self.where}: {self.section}.{key}")
-        except LocpathError as exc:
-            raise BundleError(str(exc)) from None
+        """A file name, through the path policy."""
+        return self._checked(key, optional, check_member_name)
 
 
 @dataclass

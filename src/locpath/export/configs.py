@@ -13,24 +13,13 @@ import torch
 from torch import nn
 
 from ..bundle import names
-from ..bundle.decoder_io import DecoderContract
+from ..bundle.decoder_io import DecoderContract, TensorDecl
 from ..models.slide_llm import LocPathModel
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str
-    shape: tuple  # ints or symbolic axis names
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_decl(cls, d) -> "TensorSpec":
-        return cls(d.name, d.dtype, tuple(d.shape))
+TensorSpec = TensorDecl  # a graph input or output: name, dtype, shape (ints or symbolic axis names)
 
 
 @dataclass
@@ -204,7 +193,7 @@ def cross_kv_config(model: LocPathModel) -> ExportConfig:
     return CrossKVExport(
         component=names.CROSS_KV,
         inputs=[TensorSpec("selected_latents", "float32", ("batch", "selected", cfg.resampler.dim))],
-        outputs=[TensorSpec.from_decl(d) for d in contract.cross_outputs()],
+        outputs=contract.cross_outputs(),
         sample_dims={"batch": 2, "selected": cfg.tis.top_m},
         check_dims=[{"batch": 1, "selected": cfg.tis.top_m}, {"batch": 3, "selected": cfg.tis.top_m}],
         description="the M selected latents -> cross keys/values of every CARA layer, once per question",
@@ -277,8 +266,8 @@ def decoder_config(model: LocPathModel) -> ExportConfig:
     m = model.cfg.tis.top_m
     return DecoderExport(
         component=names.DECODER,
-        inputs=[TensorSpec.from_decl(d) for d in contract.inputs()],
-        outputs=[TensorSpec.from_decl(d) for d in contract.outputs()],
+        inputs=contract.inputs(),
+        outputs=contract.outputs(),
         sample_dims={"batch": 2, "sequence": 3, "past": 5, "total": 8, "selected": m},
         check_dims=[{"batch": 1, "sequence": 9, "past": 0, "total": 9, "selected": m},
                     {"batch": 1, "sequence": 1, "past": 12, "total": 13, "selected": m},

@@ -30,8 +30,8 @@ class DecoderState:
     def new_cache(self, batch: int, max_length: int) -> KVCache:
         return KVCache(self.contract, batch, max_length)
 
-    def step(self, input_ids: np.ndarray, cache: KVCache, mask: np.ndarray, cross: dict[str, np.ndarray]) -> np.ndarray:
-        """Logits [batch, S, vocab] of the S new tokens."""
+    def _feeds(self, input_ids: np.ndarray, cache: KVCache, mask: np.ndarray, cross: dict) -> dict:
+        """ids, mask, positions after the cached ones, the cache's past and the cross K/V (room checked)."""
         b, s = input_ids.shape
         p = cache.length
         cache.check_room(p + s)
@@ -40,8 +40,12 @@ class DecoderState:
                  "position_ids": np.arange(p, p + s, dtype=np.int64)[None, :].repeat(b, 0)}
         feeds.update(cache.past)
         feeds.update(cross)
-        out = self.runner.run(feeds, self.outputs)
-        cache.update(out, p + s)
+        return feeds
+
+    def step(self, input_ids: np.ndarray, cache: KVCache, mask: np.ndarray, cross: dict[str, np.ndarray]) -> np.ndarray:
+        """Logits [batch, S, vocab] of the S new tokens."""
+        out = self.runner.run(self._feeds(input_ids, cache, mask, cross), self.outputs)
+        cache.update(out, cache.length + input_ids.shape[1])
         return out["logits"]
 
 
@@ -80,16 +84,9 @@ class BoundDecoderState(DecoderState):
         return {k: self.runner.to_device(v) for k, v in super().prepare_cross(cross).items()}
 
     def step(self, input_ids: np.ndarray, cache: KVCache, mask: np.ndarray, cross: dict) -> np.ndarray:
-        b, s = input_ids.shape
-        p = cache.length
-        cache.check_room(p + s)
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
-                 "attention_mask": np.ascontiguousarray(mask, np.int64),
-                 "position_ids": np.arange(p, p + s, dtype=np.int64)[None, :].repeat(b, 0)}
-        feeds.update(cache.past)
-        feeds.update(cross)
-        out = self.runner.run_bound(feeds, host_outputs=["logits"], device_outputs=self.outputs[1:])
-        cache.update(out, p + s)
+        out = self.runner.run_bound(self._feeds(input_ids, cache, mask, cross), host_outputs=["logits"],
+                                    device_outputs=self.outputs[1:])
+        cache.update(out, cache.length + input_ids.shape[1])
         return out["logits"]
 
 

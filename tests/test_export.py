@@ -115,7 +115,7 @@ def test_export_from_a_local_hf_llama_folder(tmp_path, tokenizer):
     assert ans.generation["decoder"] == "decoder_fused" and ans.slide["tiles"] == 20
     assert ans.generation["new_tokens"] == len(ans.token_ids) >= 1
     assert ans.generation["stop_reason"] in ("stop_token", "max_new_tokens")
-    lat, _ = pipe.compress(pipe.read_feature_file(h5))
+    lat = pipe.compress(pipe.read_feature_file(h5)).latents
     with torch.no_grad():
         want = model.answer_tokens(tokenizer, torch.from_numpy(lat), ["What is the diagnosis?"], max_new=3)[0]
     assert ans.token_ids == want

@@ -241,6 +241,8 @@ def cmd_ask(args) -> int:
     for i, q in enumerate(args.questions, 1):
         if not q.strip():
             raise LocpathError(f"question {i} is empty")
+    if args.evidence is not None and args.evidence.suffix.lower() != ".png":
+        raise LocpathError(f"{args.evidence}: --evidence must name a .png file")
     pipe = _pipeline(args)
     params = pipe.sampling(**_sampling(args))
     _check_questions(pipe, args.questions, params)  # every question fits before any output
@@ -259,7 +261,23 @@ def cmd_ask(args) -> int:
         args.answers.append(stream.result)
     if args.json:
         print(_answers_json(args.answers))
+    if args.evidence is not None:
+        _write_evidence(args, args.answers[-1])
     return 0
+
+
+def _write_evidence(args, answer) -> None:
+    """The last answer's evidence as a heatmap over the slide's thumbnail (a slide file, not a feature file)."""
+    from .wsi import open_slide
+    from .wsi.overlay import write_evidence
+
+    ev = answer.evidence
+    if ev is None or Path(args.slide).suffix.lower() in (".h5", ".hdf5"):
+        raise LocpathError(f"{args.slide}: --evidence draws over a slide file's thumbnail; a feature file has none")
+    with open_slide(args.slide, mpp_override=args.mpp_override) as s:
+        out = write_evidence(s, ev.coords, ev.weights, ev.tile_size_level0, args.evidence)
+    print(f"evidence: {out} (the {len(ev.top(1000))} tiles that weighed most for the last question, in red)",
+          file=sys.stderr)
 
 
 def _stdin_lines():
@@ -401,6 +419,72 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+# -- serve --------------------------------------------------------------------------
+def _serve_config(args):
+    from .serve.config import ServeConfig
+
+    data = Path(args.data_dir) if args.data_dir else None
+    if data is None:
+        from .runtime.slide_cache import cache_root
+
+        data = cache_root() / "serve"
+    return ServeConfig(bundle=Path(args.bundle), data_dir=data, host=args.host, port=args.port,
+                       slide_roots=args.slide_root or [], database=args.database, cache_dir=args.cache_dir,
+                       device=args.device, threads=args.threads, dicomweb_url=args.dicomweb,
+                       max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
+                       ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
+                       trusted_keys=args.trusted_keys, log_json=not args.plain_logs)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serve import logs
+        from .serve.app import create_app
+    except ImportError as exc:
+        raise LocpathError(f"`locpath serve` needs the serve extra (pip install 'locpath[serve]'): {exc}") from exc
+    cfg = _serve_config(args)
+    logs.setup(cfg.log_json)
+    app = create_app(cfg)
+    print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
+          f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
+          flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from .serve import auth
+    from .serve.store import JobStore
+
+    data = Path(args.data_dir) if args.data_dir else None
+    if data is None:
+        from .runtime.slide_cache import cache_root
+
+        data = cache_root() / "serve"
+    data.mkdir(parents=True, exist_ok=True)
+    store = JobStore(args.database or f"sqlite:///{data / 'locpath.db'}")
+    if args.action == "add":
+        if not args.name:
+            raise LocpathError("keys add needs a NAME")
+        token = auth.new_token()
+        store.add_key(args.name, auth.token_hash(token), auth.parse_scopes(args.scopes))
+        print(token)
+        print(f"key {args.name!r} ({args.scopes}) added; the token above is shown once and stored only as its hash",
+              file=sys.stderr)
+    elif args.action == "list":
+        for k in store.keys():
+            state = "revoked" if k.revoked else "active"
+            print(f"{k.name}\t{k.scopes}\t{state}")
+    else:
+        if not args.name or not store.revoke_key(args.name):
+            raise LocpathError(f"no active key named {args.name!r}")
+        print(f"key {args.name!r} revoked")
+    store.close()
+    return 0
+
+
 # -- bench --------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from .bench.output import markdown, write_json, write_markdown, write_plots
@@ -523,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("slide", help="a slide file, or a TRIDENT/CLAM feature file (.h5)")
     a.add_argument("questions", nargs="+", help="one or more questions")
     a.add_argument("--json", action="store_true")
+    a.add_argument("--evidence", type=Path, default=None, metavar="OUT.png",
+                   help="draw the tiles that weighed most for the last question as a heatmap over the thumbnail")
     _add_runtime_args(a)
     a.set_defaults(func=cmd_ask)
 
@@ -598,6 +684,35 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--key", required=True, help="PEM private key (from `locpath keygen` or openssl genpkey -algorithm "
                                                  "ed25519); an encrypted key reads its password from $LOCPATH_KEY_PASSWORD")
     sg.set_defaults(func=cmd_sign)
+
+    sv = sub.add_parser("serve", help="the HTTP service: slides by path, upload or DICOMweb; questions as JSON, "
+                                      "server-sent events or OpenAI chat completions; a web page")
+    sv.add_argument("bundle")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
+    sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--data-dir", default=None, help="database, uploads, retrieved DICOM (default ~/.cache/locpath/serve)")
+    sv.add_argument("--database", default=None, help="SQLAlchemy URL (default: SQLite in the data folder)")
+    sv.add_argument("--slide-root", action="append", type=Path, help="a folder slides may be registered from by path "
+                                                                     "(repeatable; symlinks are resolved first)")
+    sv.add_argument("--dicomweb", default=None, metavar="URL", help="a DICOMweb server slides can be pulled from")
+    sv.add_argument("--cache-dir", default=None, help="slide cache folder (default ~/.cache/locpath/slides)")
+    sv.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
+    sv.add_argument("--threads", type=_positive_int, default=None)
+    sv.add_argument("--max-upload-mb", type=_positive_float, default=4096.0)
+    sv.add_argument("--question-queue", type=_positive_int, default=16, help="waiting questions before 429")
+    sv.add_argument("--ingest-queue", type=_positive_int, default=64, help="waiting slides before 429")
+    sv.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per question")
+    sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    _add_trust_arg(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    ks = sub.add_parser("keys", help="API keys of `locpath serve` (stored hashed in its database)")
+    ks.add_argument("action", choices=("add", "list", "revoke"))
+    ks.add_argument("name", nargs="?", default=None)
+    ks.add_argument("--scopes", default="read,submit", help="comma-separated: read, submit, admin")
+    ks.add_argument("--data-dir", default=None)
+    ks.add_argument("--database", default=None)
+    ks.set_defaults(func=cmd_keys)
 
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: PREFIX.key and PREFIX.pub")
     kg.add_argument("prefix", help="path prefix of the two files (the private key is written with mode 0600)")

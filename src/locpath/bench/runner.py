@@ -159,8 +159,9 @@ def bench_scaling(pipe, cfg: BenchConfig, prefix, log) -> list[dict]:
             """STM, resampler, TIS, cross-KV and prefill; memory = the self-attention cache it allocated (for the
             prompt and the answer) plus the question's cross K/V, as measured."""
             t = time.perf_counter()
-            lat, n_tok = pipe.compress(ff)
-            qkv = pipe.question_kv(lat, cfg.question)
+            comp = pipe.compress(ff)
+            n_tok = comp.tokens
+            qkv = pipe.question_kv(comp.latents, cfg.question)
             gen = pipe.generator(qkv, cfg.question, params)
             ms = (time.perf_counter() - t) * 1000
             return ms, n_tok, gen.stats.kv_cache_bytes + sum(int(a.nbytes) for a in qkv.cross.values())

@@ -21,7 +21,7 @@ from ..bundle.paths import sha256_file
 from ..errors import LocpathError
 from ..fsutil import atomic_file
 from ..synth.qa import TEMPLATES
-from ..wsi.slide import check_slide_file
+from ..wsi.factory import check_slide_file
 
 
 @dataclass
@@ -100,7 +100,7 @@ def build_calibration(bundle: str | os.PathLike, slides: list[str | os.PathLike]
         arrays[f"resampler.tokens.{si}"] = merged.features[None]
         arrays[f"resampler.positions.{si}"] = merged.positions[None]
         arrays[f"resampler.counts.{si}"] = merged.counts[None]
-        lat, _ = pipe.compress(ff)
+        lat = pipe.compress(ff).latents
         for qtype, qs in TEMPLATES.items():
             q = qs[rng.integers(len(qs))]
             ids = pipe.question_ids(q)

@@ -92,7 +92,7 @@ class _Resampler(nn.Module):
         self.r = m.resampler
 
     def forward(self, tokens, positions, counts, token_mask):
-        return self.r(tokens, positions, counts, token_mask)
+        return self.r(tokens, positions, counts, token_mask, with_attention=True)
 
 
 class ResamplerExport(ExportConfig):
@@ -122,10 +122,12 @@ def resampler_config(model: LocPathModel) -> ExportConfig:
             TensorSpec("counts", "float32", ("batch", "tokens")),
             TensorSpec("token_mask", "bool", ("batch", "tokens")),
         ],
-        outputs=[TensorSpec("latents", "float32", ("batch", cfg.resampler.num_latents, cfg.resampler.dim))],
+        outputs=[TensorSpec("latents", "float32", ("batch", cfg.resampler.num_latents, cfg.resampler.dim)),
+                 TensorSpec("attention", "float32", ("batch", cfg.resampler.num_latents, "tokens"))],
         sample_dims={"batch": 2, "tokens": 17},
         check_dims=[{"batch": 1, "tokens": 5}, {"batch": 1, "tokens": 300}, {"batch": 3, "tokens": 40}],
-        description="STM tokens (grid positions, member counts) -> L latents",
+        description="STM tokens (grid positions, member counts) -> L latents, and each latent's cross-attention over "
+                    "the tokens (mean over heads and blocks: the evidence trail back to tiles)",
     )
 
 

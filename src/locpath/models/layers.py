@@ -30,6 +30,14 @@ class MultiHeadAttention(nn.Module):
         self.v = nn.Linear(kv_dim, dim)
         self.o = nn.Linear(dim, dim)
 
+    def weights(self, x, ctx, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention probabilities forward() uses, averaged over heads: (B, Nq, Nk)."""
+        q, k = split_heads(self.q(x), self.heads), split_heads(self.k(ctx), self.heads)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        return logits.softmax(-1).mean(1)
+
     def forward(self, x, ctx, key_mask: torch.Tensor | None = None):
         """x (B, Nq, D) attends to ctx (B, Nk, Dk); key_mask (B, Nk) True where valid."""
         q, k, v = split_heads(self.q(x), self.heads), split_heads(self.k(ctx), self.heads), split_heads(self.v(ctx), self.heads)

@@ -26,8 +26,11 @@ class ResamplerBlock(nn.Module):
         self.norm_ff = nn.LayerNorm(d)
         self.ff = FeedForward(d, cfg.mlp_ratio)
 
-    def forward(self, lat, tok, mask):
-        lat = lat + self.cross(self.norm_lat(lat), self.norm_tok(tok), mask)
+    def forward(self, lat, tok, mask, attention: list | None = None):
+        q, kv = self.norm_lat(lat), self.norm_tok(tok)
+        if attention is not None:  # which tokens each latent read: the evidence trail back to tiles
+            attention.append(self.cross.weights(q, kv, mask))
+        lat = lat + self.cross(q, kv, mask)
         h = self.norm_self(lat)
         lat = lat + self.self_attn(h, h)
         return lat + self.ff(self.norm_ff(lat))
@@ -47,13 +50,18 @@ class Resampler(nn.Module):
         pe = sincos_2d(pos, self.cfg.dim).to(feats.dtype)  # positions stay float32 until here
         return self.in_proj(feats) + pe + self.count_proj(torch.log(counts.clamp_min(1.0)).unsqueeze(-1))
 
-    def forward(self, feats: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None = None):
-        """feats (B, N, F), pos (B, N, 2) grid units, counts (B, N), mask (B, N) True=valid -> (B, L, dim)."""
+    def forward(self, feats: torch.Tensor, pos: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None = None,
+                with_attention: bool = False):
+        """feats (B, N, F), pos (B, N, 2) grid units, counts (B, N), mask (B, N) True=valid -> (B, L, dim); with
+        `with_attention` also the cross-attention of every latent over the tokens, averaged over heads and
+        blocks (B, L, N)."""
         tok = self.embed_tokens(feats, pos, counts)
         lat = self.latents.unsqueeze(0).expand(feats.shape[0], -1, -1)
+        maps: list | None = [] if with_attention else None
         for blk in self.blocks:
-            lat = blk(lat, tok, mask)
-        return self.norm(lat)
+            lat = blk(lat, tok, mask, maps)
+        lat = self.norm(lat)
+        return (lat, torch.stack(maps).mean(0)) if with_attention else lat
 
 
 class MAEHead(nn.Module):

@@ -7,9 +7,10 @@
 
 The stages, for callers that drive them one by one (calibration, build measurements, the bench, services):
     encode_tiles(uint8 NHWC) -> features          tile encoder graph
-    compress(FeatureFile) -> (latents, tokens)    STM (numpy) + resampler graph
+    compress(FeatureFile) -> Compressed           STM (numpy) + resampler graph: latents, attention, STM assignment
     prepare(slide) -> SlideContext                the two above over a slide, through the slide cache and memory
     question_kv(latents, question) -> QuestionKV  TIS graph, top-M, cross-KV graph
+    evidence(ctx, qkv) -> Evidence                the tiles that weighed most for the question (evidence.py)
     generator(qkv, question, params) -> Generator prefill done; sample with .tokens(), or force .append_tokens()
 Per-slide latents are kept on disk (slide cache) and in a bounded in-memory LRU, so a second question about the
 same slide reads no tile and runs no encoder.
@@ -17,10 +18,12 @@ same slide reads no tile and runs no encoder.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import resource
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -39,10 +42,11 @@ from ..text import load_tokenizer
 from ..wsi import GridConfig, TissueConfig, open_slide
 from ..wsi.extract import TilePlan, extract_features, plan_tiles
 from ..wsi.features import FeatureFile, read_features
-from ..wsi.slide import check_slide_file
+from ..wsi.factory import check_slide_file
 from .backends import make_runner
 from .decoder_state import DecoderState, decoder_state
 from .detok import StreamingDetokenizer
+from .evidence import Evidence, tile_weights
 from .generator import GenerationStats, Generator
 from .machine import describe_machine
 from .prompt import ChatTemplate
@@ -108,6 +112,19 @@ def _ms(t0: float) -> float:
 
 
 @dataclass
+class Compressed:
+    """A slide after STM and the resampler."""
+
+    latents: np.ndarray  # (1, L, D)
+    attention: np.ndarray  # (L, T): what each latent read of the T STM tokens (mean over heads and blocks)
+    assignment: np.ndarray  # (N,): the STM token of each tile
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention.shape[1])
+
+
+@dataclass
 class SlideContext:
     """What every question about one slide shares."""
 
@@ -118,6 +135,14 @@ class SlideContext:
     cache_hit: bool
     tiles_read: int
     timings_ms: dict = field(default_factory=dict)
+    attention: np.ndarray | None = None  # (L, T)
+    assignment: np.ndarray | None = None  # (N,)
+    coords: np.ndarray | None = None  # (N, 2) level-0 x, y of each tile
+    tile_size_level0: int = 0
+
+    def again(self, timings: dict) -> "SlideContext":
+        """The same slide served from memory."""
+        return dataclasses.replace(self, cache_hit=True, tiles_read=0, timings_ms=timings)
 
 
 @dataclass
@@ -138,10 +163,14 @@ class Answer:
     peak_rss_mb: float
     slide: dict
     generation: dict
+    evidence: Evidence | None = None
 
-    def to_dict(self) -> dict:
-        return {"question": self.question, "answer": self.answer, "timings_ms": self.timings_ms,
-                "peak_rss_mb": round(self.peak_rss_mb, 1), "slide": self.slide, "generation": self.generation}
+    def to_dict(self, evidence_tiles: int = 16) -> dict:
+        d = {"question": self.question, "answer": self.answer, "timings_ms": self.timings_ms,
+             "peak_rss_mb": round(self.peak_rss_mb, 1), "slide": self.slide, "generation": self.generation}
+        if self.evidence is not None:
+            d["evidence"] = self.evidence.to_dict(evidence_tiles)
+        return d
 
 
 class StreamedAnswer:
@@ -193,6 +222,7 @@ class Pipeline:
             raise ConfigError(f"memory_slides must be a non-negative integer, got {memory_slides!r}")
         self.memory_slides = memory_slides
         self._memory: OrderedDict[str, SlideContext] = OrderedDict()
+        self._memory_lock = threading.Lock()  # a service prepares slides and answers questions in two threads
 
     def _spin(self, name: str, entry, decoder_spin: bool) -> dict:
         """Intra-op spinning only for the decoder: it alone runs hundreds of back-to-back calls, where waking
@@ -245,22 +275,27 @@ class Pipeline:
         """uint8 (B, H, W, 3) tiles at the bundle's tile size -> float32 (B, F) features."""
         return self.runners[names.TILE_ENCODER].run({"tiles": tiles}, ["features"])["features"]
 
-    def compress(self, ff: FeatureFile, timings: dict | None = None) -> tuple[np.ndarray, int]:
-        """STM over the tile grid, then the resampler: (latents (1, L, D), tokens after STM)."""
+    def compress(self, ff: FeatureFile, timings: dict | None = None) -> Compressed:
+        """STM over the tile grid, then the resampler (latents and their attention over the STM tokens)."""
         timings = timings if timings is not None else {}
         stm = self.manifest.preprocessing.stm
         t0 = time.perf_counter()
         merged = merge_tokens(ff.features, ff.grid_index, stm["window"], stm["threshold"], stm["enabled"])
         timings["stm"] = _ms(t0)
         t0 = time.perf_counter()
-        lat = self.runners[names.RESAMPLER].run({
+        out = self.runners[names.RESAMPLER].run({
             "tokens": merged.features[None].astype(np.float32),
             "positions": merged.positions[None].astype(np.float32),
             "counts": merged.counts[None].astype(np.float32),
             "token_mask": np.ones((1, len(merged)), bool),
-        }, ["latents"])["latents"]
+        }, ["latents", "attention"])
         timings["resampler"] = _ms(t0)
-        return lat, len(merged)
+        return Compressed(out["latents"], out["attention"][0], merged.assignment.astype(np.int64))
+
+    def _context(self, source: str, ff: FeatureFile, comp: Compressed, cache_hit: bool, tiles_read: int,
+                 timings: dict) -> SlideContext:
+        return SlideContext(source, comp.latents, len(ff.features), comp.tokens, cache_hit, tiles_read, timings,
+                            comp.attention, comp.assignment, np.asarray(ff.coords), int(ff.patch_size_level0))
 
     def read_feature_file(self, path: str | os.PathLike) -> FeatureFile:
         """A TRIDENT/CLAM feature file, checked against this bundle's encoder (name and width)."""
@@ -270,24 +305,24 @@ class Pipeline:
             raise LocpathError(f"{path}: features come from encoder {ff.encoder!r}; this bundle needs {expect!r}")
         return ff
 
-    def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None,
-                progress: bool | None = None) -> SlideContext:
-        """Latents for a slide file or a TRIDENT/CLAM feature file (.h5), from memory or cache when possible."""
+    def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None) -> SlideContext:
+        """Latents for a slide file, a DICOM series folder or a TRIDENT/CLAM feature file (.h5), from memory or cache
+        when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or callable(done, total)."""
         path = Path(slide)
         timings: dict[str, float] = {}
         if path.suffix.lower() in (".h5", ".hdf5"):
             ff = self.read_feature_file(path)
-            lat, n_tok = self.compress(ff, timings)
-            return SlideContext(str(path), lat, len(ff.features), n_tok, False, 0, timings)
+            return self._context(str(path), ff, self.compress(ff, timings), False, 0, timings)
         t0 = time.perf_counter()
         check_slide_file(path)
         fprint = fingerprint(path)
         digest = self.cache.memo_digest(path) if self.cache else None
         key = f"{file_identity(path)}|{fprint}|{mpp_override!r}"
-        if key in self._memory:
-            self._memory.move_to_end(key)
-            ctx = self._memory[key]
-            return SlideContext(ctx.source, ctx.latents, ctx.tiles, ctx.tokens, True, 0, {"hash": _ms(t0)})
+        with self._memory_lock:
+            known = self._memory.get(key)
+            if known is not None:
+                self._memory.move_to_end(key)
+                return known.again({"hash": _ms(t0)})
         hit = self.cache.get(entry_name(digest, mpp_override), fprint) if digest else None
         if hit is None and self.cache:
             digest = self.cache.content_hash(path)  # a memo miss, or a memo the entry does not confirm
@@ -295,15 +330,14 @@ class Pipeline:
         timings["hash"] = _ms(t0)
         if hit is not None:
             timings["cache_read"] = timings["hash"]
-            ctx = SlideContext(str(path), hit.latents, hit.meta["tiles"], hit.meta["tokens"], True, 0, timings)
-            return self._remember(key, ctx)
+            comp = Compressed(hit.latents, hit.attention, hit.assignment)
+            return self._remember(key, self._context(str(path), hit.features, comp, True, 0, timings))
         ff, tiles, timings = self._encode_slide(path, mpp_override, progress, timings)
-        lat, n_tok = self.compress(ff, timings)
-        ctx = SlideContext(str(path), lat, tiles, n_tok, False, tiles, timings)
+        comp = self.compress(ff, timings)
         if self.cache:
-            self.cache.put(entry_name(digest, mpp_override), fprint, ff, lat,
-                           {"tiles": tiles, "tokens": n_tok, "slide": str(path)})
-        return self._remember(key, ctx)
+            self.cache.put(entry_name(digest, mpp_override), fprint, ff, comp,
+                           {"tiles": tiles, "tokens": comp.tokens, "slide": str(path)})
+        return self._remember(key, self._context(str(path), ff, comp, False, tiles, timings))
 
     def plan_tiles(self, slide) -> TilePlan:
         """Tissue and tile grid of an open slide at this bundle's tile size and resolution."""
@@ -327,17 +361,24 @@ class Pipeline:
 
     def _remember(self, key: str, ctx: SlideContext) -> SlideContext:
         if self.memory_slides:
-            self._memory[key] = ctx
-            self._memory.move_to_end(key)
-            while len(self._memory) > self.memory_slides:
-                self._memory.popitem(last=False)
+            with self._memory_lock:
+                self._memory[key] = ctx
+                self._memory.move_to_end(key)
+                while len(self._memory) > self.memory_slides:
+                    self._memory.popitem(last=False)
         return ctx
 
     def forget_slides(self) -> None:
         """Drop every slide held in memory (the disk cache is untouched)."""
-        self._memory.clear()
+        with self._memory_lock:
+            self._memory.clear()
 
     # -- per question ------------------------------------------------------------------
+    def evidence(self, ctx: SlideContext, qkv: QuestionKV) -> Evidence:
+        """The tiles that weighed most for this question (runtime/evidence.py), over the slide's tile grid."""
+        return Evidence(ctx.coords, ctx.tile_size_level0,
+                        tile_weights(ctx.attention, qkv.selected, qkv.scores, ctx.assignment))
+
     def question_ids(self, question: str) -> list[int]:
         """The TIS graph's view of the question: its tokens without the chat template."""
         return self.tokenizer.encode(question.strip(), add_special_tokens=False).ids
@@ -424,7 +465,7 @@ class Pipeline:
         timings["total"] = _ms(t_start)
         return Answer(
             question=question, answer=detok.text().strip(), token_ids=list(detok.ids), timings_ms=timings,
-            peak_rss_mb=peak_rss_mb(),
+            peak_rss_mb=peak_rss_mb(), evidence=self.evidence(ctx, qkv),
             slide={"source": ctx.source, "tiles": ctx.tiles, "tokens_after_stm": ctx.tokens, "cache_hit": ctx.cache_hit,
                    "tiles_read": ctx.tiles_read},
             generation={"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,

@@ -1,6 +1,6 @@
 """Per-slide cache of features and latents, keyed by the slide file's content hash and the bundle.
 
-<root>/<bundle_key>/<entry>/{features.h5, latents.npy, meta.json}, each entry written into a temporary folder and
+<root>/<bundle_key>/<entry>/{features.h5, latents.npy, attention.npy, assignment.npy, meta.json}, each entry written into a temporary folder and
 renamed, so a crash never leaves a half entry. <entry> is the slide's sha256 (or, with an mpp override, the
 sha256 of the digest and the override): always 64 hex digits computed here, never a string read from a file.
 
@@ -30,7 +30,7 @@ from ..errors import FeatureFileError, LocpathError, warn
 from ..fsutil import atomic_dir, atomic_file
 from ..wsi.features import FeatureFile, read_features, write_features
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 MEMO = "hashes.json"
 MEMO_MAX_BYTES = 16 << 20
 MEMO_MAX_ENTRIES = 20000
@@ -48,8 +48,21 @@ def default_cache_dir() -> Path:
     return cache_root() / "slides"
 
 
+def _series(path) -> list[Path] | None:
+    """The DICOM files of a series folder, or None for a plain slide file."""
+    if Path(path).is_dir():
+        from ..wsi.dicom import dicom_files
+
+        return dicom_files(path)
+    return None
+
+
 def fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of the size and up to 1 MiB read at evenly spaced offsets (first and last chunk included)."""
+    """sha256 of the size and up to 1 MiB read at evenly spaced offsets (first and last chunk included); for a
+    DICOM series folder, of its files' names and fingerprints."""
+    files = _series(path)
+    if files is not None:
+        return hashlib.sha256("".join(f.name + fingerprint(f) for f in files).encode()).hexdigest()
     size = os.stat(path).st_size
     h = hashlib.sha256(size.to_bytes(8, "little"))
     with open(path, "rb") as f:
@@ -61,8 +74,21 @@ def fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a slide file, or of a DICOM series folder's (name, sha256) list."""
+    files = _series(path)
+    if files is not None:
+        return hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()
+    return sha256_file(path)
+
+
 def file_identity(path: str | os.PathLike) -> str:
-    """This exact state of a file: real path, device, inode, size, mtime and ctime (any write changes ctime)."""
+    """This exact state of a file: real path, device, inode, size, mtime and ctime (any write changes ctime); for a
+    DICOM series folder, the same of each of its files."""
+    if _series(path) is not None:
+        from ..wsi.dicom import folder_identity
+
+        return f"{Path(path).resolve()}|{folder_identity(Path(path))}"
     st = os.stat(path)
     return f"{Path(path).resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
@@ -87,7 +113,9 @@ class Expected:
 @dataclass
 class CachedSlide:
     features: FeatureFile
-    latents: np.ndarray
+    latents: np.ndarray  # (1, L, D)
+    attention: np.ndarray  # (L, T)
+    assignment: np.ndarray  # (N,)
     meta: dict
 
 
@@ -126,8 +154,8 @@ class SlideCache:
         return self._read_memo().get(self._memo_key(path))
 
     def content_hash(self, path: Path) -> str:
-        """The slide's sha256, computed from the file, and memoised."""
-        digest = sha256_file(path)
+        """The slide's sha256, computed from the file (or series), and memoised."""
+        digest = content_digest(path)
         key = self._memo_key(path)
         if self.writable:
             memo = self._read_memo()
@@ -165,8 +193,10 @@ class SlideCache:
 
     def _load(self, d: Path, fprint: str) -> CachedSlide:
         meta = json.loads(read_bounded(d / "meta.json", 1 << 20, "cache meta").decode("utf-8"))
-        if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
-            raise ValueError("meta.json is not a version-2 cache record")
+        if not isinstance(meta, dict):
+            raise ValueError("meta.json is not a JSON object")
+        if isinstance(meta.get("version"), int) and meta["version"] != CACHE_VERSION:
+            raise _Stale()  # written by another locpath version: recomputed and replaced, no warning
         for key in ("tiles", "tokens"):
             if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 1:
                 raise ValueError(f"meta.json: {key} must be a positive integer")
@@ -183,16 +213,25 @@ class SlideCache:
         ff = read_features(d / "features.h5", expect_dim=e.feature_dim)
         if len(ff.features) != meta["tiles"]:
             raise ValueError(f"features.h5 holds {len(ff.features)} tiles, meta.json says {meta['tiles']}")
-        return CachedSlide(ff, lat, meta)
+        att = np.load(d / "attention.npy", allow_pickle=False)
+        if att.dtype != np.float32 or att.shape != (e.num_latents, meta["tokens"]) or not np.isfinite(att).all():
+            raise ValueError(f"attention {att.dtype} {att.shape}, want finite float32 ({e.num_latents}, {meta['tokens']})")
+        asg = np.load(d / "assignment.npy", allow_pickle=False)
+        if asg.dtype.kind not in "iu" or asg.shape != (meta["tiles"],) or asg.min() < 0 or asg.max() >= meta["tokens"]:
+            raise ValueError("assignment.npy does not map every tile to a token")
+        return CachedSlide(ff, lat, att, asg.astype(np.int64), meta)
 
-    def put(self, name: str, fprint: str, features: FeatureFile, latents: np.ndarray, meta: dict) -> Path | None:
+    def put(self, name: str, fprint: str, features: FeatureFile, comp, meta: dict) -> Path | None:
+        """Store a slide's features and its `Compressed` (latents, attention, STM assignment)."""
         d = self._entry(name)
         record = dict(meta, version=CACHE_VERSION, fingerprint=check_sha256(fprint, "fingerprint"))
 
         def write():
             with atomic_dir(d) as tmp:
                 write_features(tmp / "features.h5", features)
-                np.save(tmp / "latents.npy", np.ascontiguousarray(latents, np.float32))
+                np.save(tmp / "latents.npy", np.ascontiguousarray(comp.latents, np.float32))
+                np.save(tmp / "attention.npy", np.ascontiguousarray(comp.attention, np.float32))
+                np.save(tmp / "assignment.npy", np.ascontiguousarray(comp.assignment, np.int32))
                 (tmp / "meta.json").write_text(json.dumps(record, indent=2))
 
         return d if self._write(write) else None

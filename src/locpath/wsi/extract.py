@@ -50,12 +50,16 @@ def extract_features(
     encoder_name: str,
     batch_size: int = 64,
     workers: int = 2,
-    progress: bool | None = None,
+    progress=None,
 ) -> tuple[FeatureFile, ExtractStats]:
-    """Run `encode` (uint8 NHWC batch -> (B, D) features) over every tissue tile of `plan`."""
+    """Run `encode` (uint8 NHWC batch -> (B, D) features) over every tissue tile of `plan`. `progress`: True/False/
+    None for a terminal bar (None: when on a terminal and the slide is large), or a callable(done, total) called
+    after each batch (a service's job progress)."""
     stats = ExtractStats()
     feats = []
-    reader = TileReader(slide, plan.grid, batch_size=batch_size, workers=workers, progress=progress, desc="encode")
+    report = progress if callable(progress) else None
+    reader = TileReader(slide, plan.grid, batch_size=batch_size, workers=workers,
+                        progress=None if report else progress, desc="encode")
     t_wait = time.perf_counter()
     for batch in reader:
         stats.read_s += time.perf_counter() - t_wait
@@ -63,6 +67,8 @@ def extract_features(
         feats.append(np.asarray(encode(batch.tiles), dtype=np.float32))
         stats.encode_s += time.perf_counter() - t0
         stats.tiles += len(batch.tiles)
+        if report is not None:
+            report(stats.tiles, len(plan.grid))
         t_wait = time.perf_counter()
     g = plan.grid
     ff = FeatureFile(

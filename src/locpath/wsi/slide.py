@@ -6,14 +6,10 @@ alpha channel composited onto white, so transparent (unscanned) areas read as ba
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import stat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from pathlib import Path
-
 import numpy as np
 
 from ..errors import SlideError, warn
@@ -405,98 +401,3 @@ class ArraySlide(Slide):
         if x1 > x0 and y1 > y0:
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = lv[y0:y1, x0:x1, :3]
         return out
-
-
-BACKENDS = ("auto", "openslide", "tiffslide")
-
-
-def open_slide(
-    path: str | os.PathLike,
-    mpp_override: float | None = None,
-    backend: str = "auto",
-    require_mpp: bool = True,
-) -> Slide:
-    """Open a slide file. `auto` tries OpenSlide first, then tiffslide for TIFFs OpenSlide rejects.
-
-    Raises SlideError with the file name and the reason on any failure.
-    """
-    p = Path(path)
-    if backend not in BACKENDS:
-        raise SlideError(f"{p}: unknown slide backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if mpp_override is not None and not (_positive_float(mpp_override)):
-        raise SlideError(f"{p}: --mpp-override must be a positive number, got {mpp_override!r}")
-    check_slide_file(p)
-
-    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
-    reasons = []
-    slide: Slide | None = None
-    for name in order:
-        try:
-            slide = OpenSlideSlide(p, mpp_override) if name == "openslide" else TiffSlideSlide(p, mpp_override)
-        except Exception as exc:  # each library has its own error types
-            reasons.append(f"{name}: {_one_line(exc)}")
-            continue
-        try:
-            _probe(slide)
-            break
-        except Exception as exc:
-            reasons.append(f"{name}: {_one_line(exc)}")
-            slide.library_messages = []  # the error line says it; no warning on top
-            slide.close()  # the handle opened, the pixels did not: do not leak it
-            slide = None
-    if slide is None:
-        raise SlideError(f"{p}: not a readable slide ({'; '.join(reasons)})")
-    if require_mpp:
-        try:
-            slide.require_mpp()
-        except SlideError:
-            slide.library_messages = []
-            slide.close()
-            raise
-    return slide
-
-
-def check_slide_file(p: Path) -> None:
-    """A slide path must name a readable regular file: one clear SlideError otherwise (missing, a symlink loop,
-    a folder, a device or FIFO, empty, no permission)."""
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        if os.path.islink(p):
-            raise SlideError(f"{p}: broken symbolic link (its target does not exist)") from None
-        raise SlideError(f"{p}: file not found") from None
-    except PermissionError:
-        raise SlideError(f"{p}: permission denied") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise SlideError(f"{p}: symbolic link loop") from None
-        raise SlideError(f"{p}: cannot be read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise SlideError(f"{p}: is a directory, not a slide file")
-    if not stat.S_ISREG(st.st_mode):
-        raise SlideError(f"{p}: not a regular file")
-    if st.st_size == 0:
-        raise SlideError(f"{p}: file is empty")
-    try:
-        with open(p, "rb") as f:
-            f.read(1)
-    except PermissionError:
-        raise SlideError(f"{p}: permission denied (the file cannot be read)") from None
-    except OSError as exc:
-        raise SlideError(f"{p}: cannot be read ({exc.strerror or exc})") from None
-
-
-def _probe(slide: Slide) -> None:
-    """Fail at open time, not mid-run, on files whose header parses but whose pixels do not."""
-    w, h = slide.dimensions
-    if w <= 0 or h <= 0:
-        raise ValueError(f"invalid dimensions {w}x{h}")
-    last = slide.level_count - 1
-    lw, lh = slide.level_dimensions[last]
-    with collecting(slide.library_messages):
-        slide._read(last, 0, 0, min(lw, 64), min(lh, 64))
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,546 @@
+"""The FastAPI application of `locpath serve`.
+
+    GET  /healthz /readyz /metrics              liveness, readiness (worker lanes alive), Prometheus
+    GET  /                                      the web page (static/)
+    GET  /v1/models                             the one model this service runs
+    POST /v1/slides                             register by path (under a slide root) or by DICOMweb study/series UID
+    POST /v1/slides/upload                      register by upload (streamed to disk, size-limited)
+    GET  /v1/slides, /v1/slides/{id}            slides with ingestion status and progress
+    GET  /v1/slides/{id}/thumbnail.png          thumbnail with tissue and tiles (?evidence=<job id> for a heatmap)
+    DELETE /v1/slides/{id}                      (admin)
+    POST /v1/slides/{id}/questions              an answer with timings and evidence, as JSON or server-sent events
+    POST /v1/chat/completions                   the same through OpenAI's chat-completions shape
+    GET  /v1/jobs, /v1/jobs/{id}                ingestion and question jobs
+Errors are JSON `{"error": {"type", "message"}}` with a 4xx status for what the client can fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import shutil
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette.sse import EventSourceResponse
+
+from ..errors import ConfigError, LocpathError
+from . import auth
+from .config import ServeConfig
+from .dicomweb import check_uid, retrieve_series
+from .limits import BodyLimit
+from .metrics import Metrics
+from .openai_api import chunk, completion, completion_id, parse_chat
+from .store import JobStore
+from .worker import IngestTask, QueueFull, QuestionTask, Worker
+
+log = logging.getLogger("locpath.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+MODEL = "locpath"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+
+# -- request bodies -------------------------------------------------------------------------------------------------
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DicomWebSource(_Body):
+    study: str
+    series: str
+
+
+class RegisterSlide(_Body):
+    path: str | None = None
+    dicomweb: DicomWebSource | None = None
+    name: str | None = Field(default=None, max_length=256)
+    client_key: str | None = Field(default=None, min_length=1, max_length=128)
+
+
+class Ask(_Body):
+    question: str = Field(min_length=1)
+    stream: bool = False
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    sample: bool = False
+    temperature: float | None = Field(default=None, gt=0, le=100)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
+    seed: int | None = Field(default=None, ge=0)
+    evidence_tiles: int = Field(default=32, ge=0, le=100000)
+    client_key: str | None = Field(default=None, min_length=1, max_length=128)
+
+    def sampling(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=self.sample or None, temperature=self.temperature,
+                    top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
+
+
+# -- the application --------------------------------------------------------------------------------------------------
+class Service:
+    """What the routes share: config, store, pipeline, worker, metrics."""
+
+    def __init__(self, cfg: ServeConfig, pipe=None):
+        from ..runtime.pipeline import Pipeline
+
+        self.cfg = cfg.validate()
+        self.store = JobStore(cfg.database_url)
+        self.auth_required = self.store.active_keys() > 0
+        if not cfg.loopback and not self.auth_required:
+            raise ConfigError(f"--host {cfg.host} is not a loopback address: add an API key first "
+                              f"(locpath keys add NAME --data-dir {cfg.data_dir}), or bind to 127.0.0.1")
+        self.pipe = pipe or Pipeline.from_bundle(cfg.bundle, trusted_keys=cfg.trusted_keys, device=cfg.device,
+                                                 threads=cfg.threads, cache_dir=cfg.cache_dir,
+                                                 memory_slides=cfg.memory_slides)
+        self.metrics = Metrics(self.store)
+        self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue)
+
+    def start(self) -> None:
+        self.worker.start()
+        cancelled = self.store.abandon_questions()
+        resumed = 0
+        for job in self.store.unfinished_ingestions():
+            slide = self.store.slide(job.slide_id)
+            if slide is None:
+                self.store.update_job(job.id, status="cancelled", error="slide deleted", finished=time.time())
+                continue
+            self.worker.submit_ingest(self.ingest_task(job.id, slide), force=True)
+            resumed += 1
+        log.info("service started", extra={"bundle": str(self.cfg.bundle), "resumed_ingestions": resumed,
+                                           "abandoned_questions": cancelled, "auth": self.auth_required})
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.pipe.release()
+        self.store.close()
+
+    def ingest_task(self, job_id: str, slide) -> IngestTask:
+        fetch = None
+        if slide.source_kind == "dicomweb":
+            study, series = slide.source.split("/", 1)
+            url = self.cfg.dicomweb_url
+
+            def fetch():
+                if not url:
+                    raise LocpathError("no DICOMweb server is configured (--dicomweb URL)")
+                return str(retrieve_series(url, study, series, self.cfg.data_dir))
+        return IngestTask(job_id, slide.id, slide.path, fetch)
+
+
+def create_app(cfg: ServeConfig, pipe=None) -> FastAPI:
+    svc = Service(cfg, pipe)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        svc.start()
+        try:
+            yield
+        finally:
+            svc.stop()
+
+    app = FastAPI(title="locpath", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.service = svc
+
+    def limit_for(path: str) -> int:
+        return cfg.max_upload_bytes if path == "/v1/slides/upload" else cfg.max_request_bytes
+
+    app.add_middleware(BodyLimit, limit_for=limit_for)
+
+    # -- errors and request logs ---------------------------------------------------------------------------------
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return JSONResponse({"error": {"type": exc.kind, "message": exc.message}}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid request")
+        return JSONResponse({"error": {"type": "invalid_request_error", "message": msg}}, 400)
+
+    @app.exception_handler(LocpathError)
+    async def _user_error(request, exc: LocpathError):
+        return JSONResponse({"error": {"type": "invalid_request_error", "message": " ".join(str(exc).split())}}, 400)
+
+    @app.middleware("http")
+    async def _log_requests(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        svc.metrics.requests.labels(name, str(response.status_code)).inc()
+        log.info("request", extra={"method": request.method, "route": name, "status": response.status_code,
+                                   "ms": round((time.perf_counter() - t0) * 1000, 1),
+                                   "key": getattr(request.state, "key_name", None)})
+        return response
+
+    # -- auth ---------------------------------------------------------------------------------------------------------
+    def require(scope: str):
+        async def check(request: Request, authorization: str | None = Header(default=None),
+                        x_api_key: str | None = Header(default=None)):
+            if not svc.auth_required:
+                return None
+            token = auth.bearer(authorization, x_api_key)
+            if not token:
+                raise ApiError(401, "authentication_error", "an API key is required (Authorization: Bearer <key>)",
+                               {"WWW-Authenticate": "Bearer"})
+            key = svc.store.key_by_hash(auth.token_hash(token))
+            if key is None or key.revoked is not None:
+                raise ApiError(401, "authentication_error", "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
+            if not auth.allows(key.scopes, scope):
+                raise ApiError(403, "permission_error", f"this key lacks the {scope!r} scope")
+            request.state.key_name = key.name
+            return key
+        return Depends(check)
+
+    read, submit, admin = require("read"), require("submit"), require("admin")
+
+    # -- health ---------------------------------------------------------------------------------------------------------
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        alive = all(t.is_alive() for t in svc.worker._threads)
+        body = {"status": "ready" if alive else "not ready", "question_queue": svc.worker.questions.qsize(),
+                "ingest_queue": svc.worker.ingests.qsize(), "ingesting": svc.worker.busy_ingest}
+        return JSONResponse(body, 200 if alive else 503)
+
+    @app.get("/metrics", dependencies=[read])
+    async def metrics():
+        svc.worker._gauge()
+        return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # -- page -------------------------------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static(name: str):
+        if name not in {"app.js", "style.css"}:
+            raise ApiError(404, "not_found", "no such file")
+        return FileResponse(STATIC / name)
+
+    @app.get("/v1/models", dependencies=[read])
+    async def models():
+        return {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0, "owned_by": "locpath",
+                                            "bundle": svc.cfg.bundle.name}]}
+
+    # -- slides ------------------------------------------------------------------------------------------------------------
+    def slide_or_404(slide_id: str):
+        s = svc.store.slide(slide_id) if re.fullmatch(r"[0-9a-f]{16}", slide_id or "") else None
+        if s is None:
+            raise ApiError(404, "not_found", f"no slide {slide_id!r}")
+        return s
+
+    def slide_view(s) -> dict:
+        d = s.to_dict()
+        d.pop("path", None)
+        d["thumbnail"] = f"/v1/slides/{s.id}/thumbnail.png"
+        return d
+
+    def register(name: str, kind: str, source: str, path: str, client_key: str | None) -> JSONResponse:
+        slide, created = svc.store.add_slide(name, kind, source, path, client_key)
+        if not created:
+            job = svc.store.jobs(slide.id, limit=1)
+            return JSONResponse({"slide": slide_view(slide), "job": job[0].to_dict() if job else None,
+                                 "existing": True}, 200)
+        job, _ = svc.store.add_job("ingest", slide.id, {"source_kind": kind, "source": source})
+        try:
+            svc.worker.submit_ingest(svc.ingest_task(job.id, svc.store.slide(slide.id)))
+        except QueueFull as exc:
+            svc.store.delete_slide(slide.id)  # nothing stored for a refused request
+            raise ApiError(429, "rate_limit_error", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        return JSONResponse({"slide": slide_view(svc.store.slide(slide.id)), "job": job.to_dict(), "existing": False},
+                            202)
+
+    @app.post("/v1/slides", dependencies=[submit])
+    async def register_slide(body: RegisterSlide):
+        if (body.path is None) == (body.dicomweb is None):
+            raise ApiError(400, "invalid_request_error", "give exactly one of 'path' or 'dicomweb'")
+        if body.path is not None:
+            path = resolve_under_roots(body.path, svc.cfg.slide_roots)
+            return register(body.name or path.name, "path", body.path, str(path), body.client_key)
+        if not svc.cfg.dicomweb_url:
+            raise ApiError(400, "invalid_request_error", "this service has no DICOMweb server (--dicomweb URL)")
+        study = check_uid(body.dicomweb.study, "dicomweb.study")
+        series = check_uid(body.dicomweb.series, "dicomweb.series")
+        from .dicomweb import series_folder
+
+        folder = series_folder(svc.cfg.data_dir, study, series)
+        return register(body.name or f"DICOM {series}", "dicomweb", f"{study}/{series}", str(folder), body.client_key)
+
+    @app.post("/v1/slides/upload", dependencies=[submit])
+    async def upload_slide(request: Request, filename: str, name: str | None = None, client_key: str | None = None):
+        safe = safe_filename(filename)
+        if client_key:
+            old = svc.store.slide_by_key(client_key)
+            if old is not None:
+                return JSONResponse({"slide": slide_view(old), "existing": True}, 200)
+        from ..fsutil import atomic_file
+
+        folder = svc.cfg.data_dir / "uploads" / auth.new_token()[3:19].replace("-", "x").replace("_", "y")
+        target = folder / safe
+        try:
+            with atomic_file(target, suffix=".part") as tmp:
+                with open(tmp, "wb") as out:
+                    async for chunk_ in request.stream():
+                        out.write(chunk_)
+                if tmp.stat().st_size == 0:
+                    raise ApiError(400, "invalid_request_error", "the upload is empty")
+                from ..wsi.factory import check_slide_file
+
+                check_slide_file(tmp)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return register(name or safe, "upload", safe, str(target), client_key)
+
+    @app.get("/v1/slides", dependencies=[read])
+    async def list_slides():
+        return {"slides": [slide_view(s) for s in svc.store.slides()]}
+
+    @app.get("/v1/slides/{slide_id}", dependencies=[read])
+    async def get_slide(slide_id: str):
+        return slide_view(slide_or_404(slide_id))
+
+    @app.delete("/v1/slides/{slide_id}", dependencies=[admin])
+    async def delete_slide(slide_id: str):
+        s = slide_or_404(slide_id)
+        svc.store.delete_slide(s.id)
+        if s.source_kind == "upload":
+            shutil.rmtree(Path(s.path).parent, ignore_errors=True)
+        (svc.cfg.data_dir / "thumbnails" / f"{s.id}.png").unlink(missing_ok=True)
+        return {"deleted": s.id}
+
+    @app.get("/v1/slides/{slide_id}/thumbnail.png", dependencies=[read])
+    async def thumbnail(slide_id: str, evidence: str | None = None):
+        s = slide_or_404(slide_id)
+        if s.status != "ready":
+            raise ApiError(409, "not_ready", f"slide {s.id} is {s.status}")
+        if evidence is not None:
+            job = svc.store.job(evidence) if re.fullmatch(r"[0-9a-f]{16}", evidence) else None
+            if job is None or job.slide_id != s.id or job.kind != "question" or job.status != "done":
+                raise ApiError(404, "not_found", f"no finished question {evidence!r} about slide {s.id}")
+            png = await asyncio.to_thread(evidence_png, svc, s, job.to_dict())
+            return Response(png, media_type="image/png")
+        png = await asyncio.to_thread(thumbnail_png, svc, s)
+        return Response(png, media_type="image/png")
+
+    # -- jobs ---------------------------------------------------------------------------------------------------------------
+    @app.get("/v1/jobs", dependencies=[read])
+    async def list_jobs(slide_id: str | None = None, limit: int = 100):
+        return {"jobs": [j.to_dict() for j in svc.store.jobs(slide_id, min(max(limit, 1), 1000))]}
+
+    @app.get("/v1/jobs/{job_id}", dependencies=[read])
+    async def get_job(job_id: str):
+        job = svc.store.job(job_id) if re.fullmatch(r"[0-9a-f]{16}", job_id) else None
+        if job is None:
+            raise ApiError(404, "not_found", f"no job {job_id!r}")
+        return job.to_dict()
+
+    # -- questions ------------------------------------------------------------------------------------------------------------
+    def ready_slide(slide_id: str):
+        s = slide_or_404(slide_id)
+        if s.status != "ready":
+            detail = f" ({s.progress:.0%})" if s.status == "ingesting" else (f": {s.error}" if s.error else "")
+            raise ApiError(409, "not_ready", f"slide {s.id} is {s.status}{detail}; ask when it is ready")
+        return s
+
+    def start_question(slide, question: str, sampling: dict, client_key: str | None, request_body: dict):
+        if len(question) > svc.cfg.max_question_chars:
+            raise ApiError(400, "invalid_request_error",
+                           f"the question is {len(question)} characters; at most {svc.cfg.max_question_chars}")
+        params = svc.pipe.sampling(**sampling)
+        svc.pipe.check_question(question, params)  # too long for the KV cache, bad options: 400 before queueing
+        job, created = svc.store.add_job("question", slide.id, request_body, client_key)
+        if not created:
+            return None, job
+        task = QuestionTask(job.id, slide.path, question, sampling, asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            svc.worker.submit_question(task)
+        except QueueFull as exc:
+            svc.store.update_job(job.id, status="cancelled", error="queue full", finished=time.time())
+            raise ApiError(429, "rate_limit_error", str(exc), {"Retry-After": str(exc.retry_after)}) from None
+        return task, job
+
+    async def next_event(task: QuestionTask, request: Request, deadline: float):
+        """The next event of a running question; cancels it when the client leaves or the deadline passes."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                task.cancelled.set()
+                raise ApiError(504, "timeout", f"no answer within {svc.cfg.question_timeout_s:g} s")
+            try:
+                return await asyncio.wait_for(task.events.get(), timeout=min(left, 0.5))
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    task.cancelled.set()
+                    raise ApiError(499, "cancelled", "the client went away") from None
+
+    async def whole_answer(task: QuestionTask, request: Request):
+        deadline = time.monotonic() + svc.cfg.question_timeout_s
+        while True:
+            kind, value = await next_event(task, request, deadline)
+            if kind == "done":
+                return value
+            if kind == "error":
+                raise ApiError(400, "invalid_request_error", value)
+
+    def stored_answer(job):
+        if job.status == "done":
+            return JSONResponse(job.to_dict()["result"])
+        raise ApiError(409, "conflict", f"a question with this client_key is {job.status} (job {job.id})")
+
+    @app.post("/v1/slides/{slide_id}/questions", dependencies=[submit])
+    async def ask(slide_id: str, body: Ask, request: Request):
+        slide = ready_slide(slide_id)
+        task, job = start_question(slide, body.question, body.sampling(), body.client_key,
+                                   body.model_dump(exclude={"client_key"}))
+        if task is None:
+            return stored_answer(job)
+        if not body.stream:
+            answer = await whole_answer(task, request)
+            return dict(answer.to_dict(body.evidence_tiles), job=job.id)
+
+        async def events():
+            deadline = time.monotonic() + svc.cfg.question_timeout_s
+            try:
+                while True:
+                    try:
+                        kind, value = await next_event(task, request, deadline)
+                    except ApiError as exc:
+                        yield {"event": "error", "data": json.dumps({"type": exc.kind, "message": exc.message})}
+                        return
+                    if kind == "piece":
+                        yield {"event": "piece", "data": json.dumps({"text": value})}
+                    elif kind == "done":
+                        yield {"event": "done", "data": json.dumps(dict(value.to_dict(body.evidence_tiles), job=job.id))}
+                        return
+                    else:
+                        yield {"event": "error", "data": json.dumps({"type": "invalid_request_error", "message": value})}
+                        return
+            finally:
+                task.cancelled.set()  # a no-op when finished; stops the decoder when the client left mid-answer
+
+        return EventSourceResponse(events(), ping=15)
+
+    @app.post("/v1/chat/completions", dependencies=[submit])
+    async def chat(request: Request):
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_request_error", "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_request_error", "the body must be a JSON object")
+        slide_id, question, sampling = parse_chat(body)
+        slide = ready_slide(slide_id)
+        task, job = start_question(slide, question, sampling, None, {"question": question, "openai": True, **sampling})
+        cid, model = completion_id(), body.get("model") or MODEL
+        if not body.get("stream"):
+            return completion(cid, model, await whole_answer(task, request))
+        created = int(time.time())
+
+        async def chunks():
+            deadline = time.monotonic() + svc.cfg.question_timeout_s
+            yield {"data": json.dumps(chunk(cid, model, created, {"role": "assistant", "content": ""}))}
+            try:
+                while True:
+                    try:
+                        kind, value = await next_event(task, request, deadline)
+                    except ApiError as exc:
+                        yield {"data": json.dumps({"error": {"type": exc.kind, "message": exc.message}})}
+                        return
+                    if kind == "piece":
+                        yield {"data": json.dumps(chunk(cid, model, created, {"content": value}))}
+                    elif kind == "done":
+                        from .openai_api import finish_reason
+
+                        yield {"data": json.dumps(chunk(cid, model, created, {},
+                                                        finish_reason(value.generation["stop_reason"])))}
+                        yield {"data": "[DONE]"}
+                        return
+                    else:
+                        yield {"data": json.dumps({"error": {"type": "invalid_request_error", "message": value}})}
+                        return
+            finally:
+                task.cancelled.set()
+
+        return EventSourceResponse(chunks(), ping=15)
+
+    return app
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------------------
+def resolve_under_roots(text: str, roots: list[Path]) -> Path:
+    """The slide path if, symlinks resolved, it lies under one of the configured slide roots; else 400/404."""
+    if not roots:
+        raise ApiError(400, "invalid_request_error", "registering slides by path is off (start with --slide-root DIR)")
+    if "\x00" in text:
+        raise ApiError(400, "invalid_request_error", "the path holds a NUL character")
+    try:
+        real = Path(text).resolve(strict=True)
+    except (FileNotFoundError, RuntimeError, OSError):
+        raise ApiError(404, "not_found", f"{text}: no such slide under the slide roots") from None
+    if not any(real == r.resolve() or r.resolve() in real.parents for r in roots):
+        raise ApiError(403, "permission_error", f"{text}: outside the slide roots")
+    from ..wsi.factory import check_slide_file
+
+    check_slide_file(real)
+    return real
+
+
+def safe_filename(name: str) -> str:
+    base = Path(name.replace("\\", "/")).name
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._")[:128]
+    if not base:
+        raise ApiError(400, "invalid_request_error", f"filename {name!r} has no usable characters")
+    return base
+
+
+def thumbnail_png(svc: Service, slide) -> bytes:
+    from ..wsi import open_slide
+    from ..wsi.overlay import overlay_image
+
+    cached = svc.cfg.data_dir / "thumbnails" / f"{slide.id}.png"
+    if cached.exists():
+        return cached.read_bytes()
+    with open_slide(slide.path) as s:
+        img, _ = overlay_image(s, svc.pipe.plan_tiles(s), max_size=768)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    from ..fsutil import atomic_file
+
+    with atomic_file(cached, suffix=".png") as tmp:
+        tmp.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def evidence_png(svc: Service, slide, job: dict) -> bytes:
+    """The heatmap of a finished question's evidence over the slide's thumbnail (recomputed from the cached
+    latents: the stored answer keeps only its top tiles)."""
+    from ..wsi import open_slide
+    from ..wsi.overlay import evidence_image
+
+    ctx = svc.pipe.prepare(slide.path)
+    qkv = svc.pipe.question_kv(ctx.latents, job["request"]["question"])
+    ev = svc.pipe.evidence(ctx, qkv)
+    with open_slide(slide.path) as s:
+        img = evidence_image(s, ev.coords, ev.weights, ev.tile_size_level0, max_size=768)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,72 @@
+"""The service's settings, validated once at start (a bad setting is one clear error before anything listens)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ServeConfig:
+    bundle: Path
+    data_dir: Path  # the database, uploads, DICOMweb retrievals, thumbnails
+    host: str = "127.0.0.1"
+    port: int = 8000
+    slide_roots: list[Path] = field(default_factory=list)  # where slides may be registered by path
+    database: str | None = None  # SQLAlchemy URL; default sqlite:///<data_dir>/locpath.db
+    cache_dir: Path | None = None  # the slide cache (default: locpath's)
+    device: str = "cpu"
+    threads: int | None = None
+    dicomweb_url: str | None = None  # a DICOMweb server slides can be pulled from by study/series UID
+    max_upload_bytes: int = 4 << 30
+    max_request_bytes: int = 64 << 10  # JSON bodies
+    max_question_chars: int = 2000
+    question_queue: int = 16  # questions waiting for the decoder; more get 429
+    ingest_queue: int = 64  # slides waiting to be ingested; more get 429
+    question_timeout_s: float = 120.0
+    memory_slides: int = 16
+    trusted_keys: str | None = None
+    log_json: bool = True
+
+    def __post_init__(self):
+        self.bundle = Path(self.bundle)
+        self.data_dir = Path(self.data_dir)
+        self.slide_roots = [Path(p) for p in self.slide_roots]
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.data_dir / 'locpath.db'}"
+
+    @property
+    def loopback(self) -> bool:
+        if self.host in ("localhost",):
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def validate(self) -> "ServeConfig":
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be 1-65535, got {self.port}")
+        for root in self.slide_roots:
+            if not root.is_dir():
+                raise ConfigError(f"{root}: --slide-root is not a folder")
+        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if not self.question_timeout_s > 0:
+            raise ConfigError("question timeout must be positive")
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            for sub in ("uploads", "dicomweb", "thumbnails"):
+                (self.data_dir / sub).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{self.data_dir}: cannot create the data folder ({exc.strerror or exc})") from None
+        if not os.access(self.data_dir, os.W_OK):
+            raise ConfigError(f"{self.data_dir}: the data folder is not writable")
+        return self

@@ -1,0 +1,165 @@
+// locpath's page: slides with thumbnails and ingestion progress, and a chat panel whose answers stream in (server-sent
+// events read from fetch), with timings and the evidence heatmap of the last answer. No build step.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let selected = null;
+
+function headers(extra) {
+  const h = Object.assign({}, extra || {});
+  const key = $("apikey").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = headers(opts.headers);
+  const r = await fetch(path, opts);
+  if (!r.ok) {
+    let msg = r.status + " " + r.statusText;
+    try { msg = (await r.json()).error.message; } catch (e) { /* not JSON */ }
+    throw new Error(msg);
+  }
+  return r;
+}
+
+async function imageURL(path) {  // thumbnails need the API key too: fetch them, show them as blobs
+  const r = await api(path);
+  return URL.createObjectURL(await r.blob());
+}
+
+function slideItem(s) {
+  const li = document.createElement("li");
+  li.dataset.id = s.id;
+  li.dataset.status = s.status;
+  if (selected && selected.id === s.id) li.classList.add("selected");
+  const img = document.createElement("img");
+  img.alt = s.name;
+  if (s.status === "ready") imageURL(s.thumbnail).then((u) => { img.src = u; }).catch(() => {});
+  const text = document.createElement("div");
+  text.innerHTML = "<div class='name'></div><div class='status'></div><div class='progress'><div></div></div>";
+  text.querySelector(".name").textContent = s.name;
+  text.querySelector(".status").textContent = s.status + (s.status === "ready" ? " - " + s.tiles + " tiles" :
+    s.status === "failed" ? ": " + (s.error || "") : " " + Math.round(100 * s.progress) + "%");
+  text.querySelector(".progress > div").style.width = Math.round(100 * s.progress) + "%";
+  li.append(img, text);
+  li.onclick = () => select(s);
+  return li;
+}
+
+async function refresh() {
+  try {
+    const r = await api("/v1/slides");
+    const slides = (await r.json()).slides;
+    const ul = $("slides");
+    ul.replaceChildren(...slides.map(slideItem));
+    if (selected) {
+      const now = slides.find((s) => s.id === selected.id);
+      if (now && now.status !== selected.status) select(now);
+    }
+    $("slides-error").textContent = "";
+  } catch (e) {
+    $("slides-error").textContent = e.message;
+  }
+}
+
+async function select(s) {
+  selected = s;
+  document.querySelectorAll("#slides li").forEach((li) => li.classList.toggle("selected", li.dataset.id === s.id));
+  $("chat-title").textContent = s.name + " (" + s.status + ")";
+  const ready = s.status === "ready";
+  $("question").disabled = !ready;
+  $("ask-button").disabled = !ready;
+  if (ready) $("view-image").src = await imageURL(s.thumbnail);
+}
+
+function sseEvents(text) {  // complete "event:/data:" blocks of a server-sent-event buffer, and the rest
+  const blocks = text.split(/\r?\n\r?\n/);
+  const rest = blocks.pop();
+  const events = blocks.map((b) => {
+    const ev = { event: "message", data: "" };
+    b.split(/\r?\n/).forEach((line) => {
+      if (line.startsWith("event:")) ev.event = line.slice(6).trim();
+      else if (line.startsWith("data:")) ev.data += line.slice(5).trim();
+    });
+    return ev;
+  });
+  return [events, rest];
+}
+
+async function ask(question) {
+  $("answer").textContent = "";
+  $("timings").textContent = "";
+  $("chat-error").textContent = "";
+  $("answer").dataset.state = "streaming";
+  const r = await api("/v1/slides/" + selected.id + "/questions", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ question: question, stream: true }),
+  });
+  const reader = r.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    const [events, rest] = sseEvents(buffer);
+    buffer = rest;
+    for (const ev of events) {
+      if (!ev.data) continue;
+      const data = JSON.parse(ev.data);
+      if (ev.event === "piece") $("answer").textContent += data.text;
+      else if (ev.event === "done") finish(question, data);
+      else if (ev.event === "error") throw new Error(data.message);
+    }
+  }
+}
+
+async function finish(question, data) {
+  const t = data.timings_ms;
+  $("answer").dataset.state = "done";
+  $("timings").textContent = "time to first token " + t.time_to_first_token.toFixed(0) + " ms, prefill " +
+    (t.prefill || 0).toFixed(1) + " ms, decode " + (t.decode_per_token || 0).toFixed(2) + " ms/token, total " +
+    t.total.toFixed(0) + " ms; " + (data.evidence ? data.evidence.top.length + " evidence tiles" : "");
+  const li = document.createElement("li");
+  li.textContent = question + " - " + data.answer;
+  $("history").prepend(li);
+  if (data.job) {
+    const img = $("view-image");
+    img.onload = () => { img.dataset.evidence = data.job; };
+    img.src = await imageURL(selected.thumbnail + "?evidence=" + data.job);
+  }
+}
+
+$("register-form").onsubmit = async (e) => {
+  e.preventDefault();
+  try {
+    await api("/v1/slides", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ path: $("register-path").value.trim() }) });
+    $("register-path").value = "";
+    refresh();
+  } catch (err) { $("slides-error").textContent = err.message; }
+};
+
+$("upload-form").onsubmit = async (e) => {
+  e.preventDefault();
+  const f = $("upload-file").files[0];
+  if (!f) return;
+  try {
+    await api("/v1/slides/upload?filename=" + encodeURIComponent(f.name), { method: "POST", body: f });
+    refresh();
+  } catch (err) { $("slides-error").textContent = err.message; }
+};
+
+$("ask-form").onsubmit = async (e) => {
+  e.preventDefault();
+  const q = $("question").value.trim();
+  if (!q || !selected) return;
+  try { await ask(q); } catch (err) { $("chat-error").textContent = err.message; $("answer").dataset.state = "error"; }
+};
+
+$("apikey").value = sessionStorage.getItem("locpath-key") || "";
+$("apikey").onchange = () => { sessionStorage.setItem("locpath-key", $("apikey").value); refresh(); };
+api("/v1/models").then((r) => r.json()).then((m) => { $("model").textContent = m.data[0].bundle; }).catch(() => {});
+refresh();
+setInterval(refresh, 2000);

@@ -99,3 +99,73 @@ def reseal(bundle: Path, mutate=None) -> dict:
     digest = hashlib.sha256(mf_path.read_bytes()).hexdigest()
     sums.write_text("\n".join([f"{digest}  manifest.json", *lines]) + "\n")
     return mf
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on a loopback port for the session (Debian package postgresql; skipped without it).
+    As root, the server runs as the `postgres` user, as PostgreSQL requires."""
+    import glob
+    import os
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    bindir = Path(bins[-1]).parent
+    root = os.geteuid() == 0
+    as_pg = ["runuser", "-u", "postgres", "--"] if root else []
+    d = Path(tempfile.mkdtemp(prefix="locpath-pg-"))
+    if root:
+        shutil.chown(d, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(as_pg + [str(bindir / "initdb"), "-D", str(d / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True, timeout=120)
+    log = d / "server.log"
+    proc = subprocess.Popen(as_pg + [str(bindir / "postgres"), "-D", str(d / "data"), "-p", str(port), "-h",
+                                     "127.0.0.1", "-k", str(d)], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    import psycopg
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True):
+                pass
+            break
+        except psycopg.OperationalError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"PostgreSQL did not start: {log.read_text()[-1000:]}")
+            time.sleep(0.3)
+    yield port
+    proc.terminate()
+    proc.wait(30)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server):
+    """Makes a fresh, empty database on the session's PostgreSQL server and returns its SQLAlchemy URL."""
+    import uuid
+
+    import psycopg
+
+    def make() -> str:
+        name = f"locpath_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(f"host=127.0.0.1 port={postgres_server} user=postgres dbname=postgres",
+                             autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://postgres@127.0.0.1:{postgres_server}/{name}"
+    return make
+
+
+@pytest.fixture
+def postgres_url(postgres_database):
+    """A fresh, empty database for one test."""
+    return postgres_database()

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = {"torch", "transformers", "timm", "onnx", "onnxruntime", "openvino", "nncf", "tensorrt", "cuda",
-         "onnxruntime_genai", "peft"}
+         "onnxruntime_genai", "peft", "ray", "fastapi", "sqlalchemy"}
 
 
 def _lint(src_root: Path, cwd: Path) -> subprocess.CompletedProcess:

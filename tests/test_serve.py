@@ -107,9 +107,21 @@ def roots(tmp_path_factory, eval_slide, real_svs):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(ref_bundle, roots, tmp_path_factory):
-    s = Server(ref_bundle, tmp_path_factory.mktemp("serve"), "--slide-root", roots).start()
+@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.slow)])
+def server(request, ref_bundle, roots, tmp_path_factory):
+    """The same API tests run against `locpath serve` and `locpath serve --ray` (two Ray Serve replicas on a local
+    cluster, the job store in PostgreSQL where it is installed, else SQLite)."""
+    extra = ["--slide-root", roots]
+    env = {}
+    if request.param == "ray":
+        pytest.importorskip("ray.serve")
+        extra += ["--ray", "--replicas", "2", "--cpus-per-replica", "0.5", "--threads", "1"]
+        env = {"RAY_USAGE_STATS_ENABLED": "0"}
+        try:
+            extra += ["--database", request.getfixturevalue("postgres_database")()]
+        except pytest.skip.Exception:
+            pass
+    s = Server(ref_bundle, tmp_path_factory.mktemp(f"serve-{request.param}"), *extra, env=env).start()
     yield s
     s.stop()
 
@@ -174,6 +186,7 @@ def test_bad_requests_get_a_clear_4xx_and_store_nothing(server, roots, tmp_path)
     link.symlink_to(outside)
     try:
         with server.client() as c:
+            ready = register(c, roots / "cmu.svs")
             before = c.get("/v1/slides").json()["slides"]
             uploads = sorted(p.name for p in (server.work / "data" / "uploads").iterdir())
             cases = [
@@ -194,7 +207,6 @@ def test_bad_requests_get_a_clear_4xx_and_store_nothing(server, roots, tmp_path)
             for resp, status, words in cases:
                 assert resp.status_code == status, (resp.status_code, resp.text)
                 assert words in resp.json()["error"]["message"], resp.text
-            ready = [s for s in before if s["status"] == "ready"][0]
             for body, words in (({"question": ""}, "question"), ({"question": Q, "top_p": 3}, "top_p"),
                                 ({"question": "word " * 1000}, "characters"), ({"question": Q, "max_new_tokens": 10**6},
                                                                                "does not fit")):
@@ -493,3 +505,30 @@ def test_concurrent_clients_while_slides_ingest(ref_bundle, roots, tmp_path):
         assert growth < 150, report
     finally:
         s.stop()
+
+
+# -- on Ray Serve -------------------------------------------------------------------------------------------------------
+def test_ray_replicas_share_the_job_store_and_the_slide_cache(server, roots, expected):
+    """Under `serve --ray` a slide ingested by one replica is answered by both, from the shared slide cache, and the
+    jobs are owned by the replicas in the shared database."""
+    if "--ray" not in server.extra:
+        pytest.skip("a Ray Serve deployment only")
+    with server.client() as c:
+        slide = register(c, roots / "case.svs")
+        seen = set()
+        for _ in range(12):
+            r = c.post(f"/v1/slides/{slide['id']}/questions", json={"question": Q})
+            assert r.status_code == 200, r.text
+            assert r.json()["answer"] == expected[Q]["answer"] and r.json()["slide"]["cache_hit"]
+            seen.add(r.headers["X-Locpath-Instance"])
+        deadline = time.time() + 30
+        while len(seen) < 2 and time.time() < deadline:
+            seen.add(c.get("/readyz").json()["instance"])
+        assert len(seen) == 2 and all(i.startswith("ray:") for i in seen), seen
+    import sqlalchemy as sa
+
+    url = server.extra[server.extra.index("--database") + 1] if "--database" in server.extra else \
+        f"sqlite:///{server.work / 'data' / 'locpath.db'}"
+    with sa.create_engine(url).connect() as conn:
+        owners = {row[0] for row in conn.execute(sa.text("SELECT owner FROM jobs WHERE owner IS NOT NULL"))}
+    assert owners and all(o.startswith("ray:") for o in owners)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -446,6 +447,13 @@ def cmd_serve(args) -> int:
         raise LocpathError(f"`locpath serve` needs the serve extra (pip install 'locpath[serve]'): {exc}") from exc
     cfg = _serve_config(args)
     logs.setup(cfg.log_json)
+    if args.ray or args.ray_address:
+        from .serve.ray_app import run_on_ray
+
+        print(f"locpath serve: {cfg.bundle} on Ray Serve ({args.replicas} replicas) at http://{cfg.host}:{cfg.port}",
+              file=sys.stderr, flush=True)
+        run_on_ray(cfg, args.replicas, args.ray_address, args.cpus_per_replica, args.gpus_per_replica)
+        return 0
     app = create_app(cfg)
     print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
           f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
@@ -482,6 +490,55 @@ def cmd_keys(args) -> int:
             raise LocpathError(f"no active key named {args.name!r}")
         print(f"key {args.name!r} revoked")
     store.close()
+    return 0
+
+
+# -- batch --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stdout_reserved(reserve: bool):
+    """With --json, stdout carries exactly one JSON document. Ray's raylet and some native libraries print to
+    file descriptor 1 from other threads; while the work runs, fd 1 points at stderr, and the document is written
+    to a saved copy of the real stdout afterwards."""
+    if not reserve:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with os.fdopen(os.dup(saved), "w") as real:
+            yield real
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def cmd_batch(args) -> int:
+    from .batch.runner import run_batch
+    from .batch.settings import BatchConfig
+    from .fsutil import atomic_file
+
+    cfg = BatchConfig(bundle=Path(args.bundle), slides=Path(args.slides), questions=Path(args.questions),
+                      out=Path(args.out), fmt=args.format, cache_dir=args.cache_dir, threads=args.threads,
+                      device=args.device, sampling={"max_new_tokens": args.max_new_tokens}, ray=args.ray,
+                      ray_address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                      gpus_per_worker=args.gpus_per_worker, progress=not args.quiet, trusted_keys=args.trusted_keys)
+    with _stdout_reserved(args.json) as real_stdout:
+        summary = run_batch(cfg)
+        with atomic_file(Path(args.out) / "summary.json") as tmp:
+            tmp.write_text(json.dumps(summary, indent=2))
+        if args.json:
+            real_stdout.write(json.dumps(summary) + "\n")
+            real_stdout.flush()
+    if not args.json:
+        print(f"batch: {summary['done']} slides done, {summary['skipped']} already done, {summary['failed']} failed in "
+              f"{summary['seconds']:.1f} s ({summary['slides_per_hour']:.0f} slides/hour, {summary['runner']}); "
+              f"{summary['records']} records in {summary['output']}")
+    if summary["failed"]:
+        first = summary["failures"][0]
+        raise LocpathError(f"{summary['failed']} of {summary['slides']} slides failed (first: {first['error']}); "
+                           f"see {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -703,8 +760,38 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ingest-queue", type=_positive_int, default=64, help="waiting slides before 429")
     sv.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per question")
     sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local cluster unless "
+                                                       "--ray-address)")
+    sv.add_argument("--ray-address", default=None, metavar="HOST:PORT")
+    sv.add_argument("--replicas", type=_positive_int, default=1, help="Ray Serve replicas (one per device)")
+    sv.add_argument("--cpus-per-replica", type=_positive_float, default=1.0)
+    sv.add_argument("--gpus-per-replica", type=float, default=0.0)
     _add_trust_arg(sv)
     sv.set_defaults(func=cmd_serve)
+
+    bt = sub.add_parser("batch", help="every slide of a folder or list asked every question: one record per slide, "
+                                      "resumable; in this process or on a Ray cluster")
+    bt.add_argument("bundle", help="a bundle folder (locpath export / build)")
+    bt.add_argument("--slides", required=True, help="a folder of slides (and DICOM series folders) or a list file")
+    bt.add_argument("--questions", required=True, help="a text file, one question per line (or a JSON list)")
+    bt.add_argument("--out", required=True, help="output folder: records/, features/, answers.jsonl, summary.json")
+    bt.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",
+                    help="the combined answers file (parquet needs pyarrow)")
+    bt.add_argument("--ray", action="store_true", help="run on a local Ray cluster started for this run")
+    bt.add_argument("--ray-address", default=None, metavar="HOST:PORT", help="run on this Ray cluster")
+    bt.add_argument("--workers", type=_positive_int, default=2, help="Ray: encoder actors (default 2)")
+    bt.add_argument("--cpus-per-worker", type=_positive_float, default=1.0,
+                    help="Ray: CPUs each worker reserves (and its intra-op threads, unless --threads)")
+    bt.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray: GPUs each worker reserves (with --device cuda)")
+    bt.add_argument("--cache-dir", default=None, help="slide cache (shared by all workers; default ~/.cache/locpath/slides)")
+    bt.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads per pipeline")
+    bt.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu",
+                    help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu)")
+    bt.add_argument("--max-new-tokens", type=_positive_int, default=None, help="cap on each answer's length")
+    bt.add_argument("--json", action="store_true", help="print the run's summary as one JSON object on stdout")
+    bt.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    _add_trust_arg(bt)
+    bt.set_defaults(func=cmd_batch)
 
     ks = sub.add_parser("keys", help="API keys of `locpath serve` (stored hashed in its database)")
     ks.add_argument("action", choices=("add", "list", "revoke"))

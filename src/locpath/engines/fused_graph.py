@@ -264,7 +264,7 @@ class _Builder:
         helper = g.helper
         from onnx import TensorProto
 
-        hd, qd, kvd = s.head_dim, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        qd, kvd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         cos = g.init("rope.cos_cache", self.f("rope.cos_cache"))
         sin = g.init("rope.sin_cache", self.f("rope.sin_cache"))
         # attention mask -> GroupQueryAttention's seqlens_k (valid length - 1) and total length

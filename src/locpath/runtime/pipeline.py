@@ -139,6 +139,7 @@ class SlideContext:
     assignment: np.ndarray | None = None  # (N,)
     coords: np.ndarray | None = None  # (N, 2) level-0 x, y of each tile
     tile_size_level0: int = 0
+    features: FeatureFile | None = None  # with prepare(keep_features=True): the tile features (never kept in memory)
 
     def again(self, timings: dict) -> "SlideContext":
         """The same slide served from memory."""
@@ -305,14 +306,17 @@ class Pipeline:
             raise LocpathError(f"{path}: features come from encoder {ff.encoder!r}; this bundle needs {expect!r}")
         return ff
 
-    def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None) -> SlideContext:
+    def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None,
+                keep_features: bool = False) -> SlideContext:
         """Latents for a slide file, a DICOM series folder or a TRIDENT/CLAM feature file (.h5), from memory or cache
-        when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or callable(done, total)."""
+        when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or callable(done, total).
+        `keep_features`: also return the tile features (a batch run writes them out)."""
         path = Path(slide)
         timings: dict[str, float] = {}
         if path.suffix.lower() in (".h5", ".hdf5"):
             ff = self.read_feature_file(path)
-            return self._context(str(path), ff, self.compress(ff, timings), False, 0, timings)
+            ctx = self._context(str(path), ff, self.compress(ff, timings), False, 0, timings)
+            return dataclasses.replace(ctx, features=ff) if keep_features else ctx
         t0 = time.perf_counter()
         check_slide_file(path)
         fprint = fingerprint(path)
@@ -320,7 +324,7 @@ class Pipeline:
         key = f"{file_identity(path)}|{fprint}|{mpp_override!r}"
         with self._memory_lock:
             known = self._memory.get(key)
-            if known is not None:
+            if known is not None and not keep_features:
                 self._memory.move_to_end(key)
                 return known.again({"hash": _ms(t0)})
         hit = self.cache.get(entry_name(digest, mpp_override), fprint) if digest else None
@@ -331,13 +335,15 @@ class Pipeline:
         if hit is not None:
             timings["cache_read"] = timings["hash"]
             comp = Compressed(hit.latents, hit.attention, hit.assignment)
-            return self._remember(key, self._context(str(path), hit.features, comp, True, 0, timings))
+            ctx = self._remember(key, self._context(str(path), hit.features, comp, True, 0, timings))
+            return dataclasses.replace(ctx, features=hit.features) if keep_features else ctx
         ff, tiles, timings = self._encode_slide(path, mpp_override, progress, timings)
         comp = self.compress(ff, timings)
         if self.cache:
             self.cache.put(entry_name(digest, mpp_override), fprint, ff, comp,
                            {"tiles": tiles, "tokens": comp.tokens, "slide": str(path)})
-        return self._remember(key, self._context(str(path), ff, comp, False, tiles, timings))
+        ctx = self._remember(key, self._context(str(path), ff, comp, False, tiles, timings))
+        return dataclasses.replace(ctx, features=ff) if keep_features else ctx
 
     def plan_tiles(self, slide) -> TilePlan:
         """Tissue and tile grid of an open slide at this bundle's tile size and resolution."""

@@ -22,7 +22,10 @@ import json
 import logging
 import re
 import shutil
+import socket
+import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -89,13 +92,19 @@ class Ask(_Body):
 
 
 # -- the application --------------------------------------------------------------------------------------------------
-class Service:
-    """What the routes share: config, store, pipeline, worker, metrics."""
+SWEEP_S = 15.0  # how often an instance says it is alive and looks for the work of lost ones
 
-    def __init__(self, cfg: ServeConfig, pipe=None):
+
+class Service:
+    """What the routes share: config, store, pipeline, worker, metrics. `owner` names this instance in the job
+    table (one per Ray Serve replica when several share a database)."""
+
+    def __init__(self, cfg: ServeConfig, pipe=None, owner: str | None = None):
         from ..runtime.pipeline import Pipeline
 
         self.cfg = cfg.validate()
+        # stable across restarts of the same server (its unfinished jobs resume at once), distinct between servers
+        self.owner = owner or f"{socket.gethostname()}:{cfg.port}"
         self.store = JobStore(cfg.database_url)
         self.auth_required = self.store.active_keys() > 0
         if not cfg.loopback and not self.auth_required:
@@ -105,45 +114,103 @@ class Service:
                                                  threads=cfg.threads, cache_dir=cfg.cache_dir,
                                                  memory_slides=cfg.memory_slides)
         self.metrics = Metrics(self.store)
-        self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue)
+        self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue, self.owner)
+        self.started = False
 
     def start(self) -> None:
+        if self.started:
+            return
+        self.started = True
         self.worker.start()
-        cancelled = self.store.abandon_questions()
-        resumed = 0
-        for job in self.store.unfinished_ingestions():
+        self.store.beat(self.owner)
+        cancelled = self.store.abandon_questions(self.owner, include_own=True)
+        resumed = self._resume(self.store.adopt_ingestions(self.owner, include_own=True))
+        self._stopping = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="locpath-sweep", daemon=True)
+        self._sweeper.start()
+        log.info("service started", extra={"bundle": str(self.cfg.bundle), "instance": self.owner,
+                                           "resumed_ingestions": resumed, "abandoned_questions": cancelled,
+                                           "auth": self.auth_required})
+
+    def _resume(self, jobs) -> int:
+        n = 0
+        for job in jobs:
             slide = self.store.slide(job.slide_id)
             if slide is None:
                 self.store.update_job(job.id, status="cancelled", error="slide deleted", finished=time.time())
                 continue
             self.worker.submit_ingest(self.ingest_task(job.id, slide), force=True)
-            resumed += 1
-        log.info("service started", extra={"bundle": str(self.cfg.bundle), "resumed_ingestions": resumed,
-                                           "abandoned_questions": cancelled, "auth": self.auth_required})
+            n += 1
+        return n
+
+    def _sweep(self) -> None:
+        """Every few seconds: say this instance is alive, take over the ingestions of instances that are gone
+        (a lost node or replica) and close their questions."""
+        while not self._stopping.wait(SWEEP_S):
+            try:
+                self.store.beat(self.owner)
+                self.store.abandon_questions(self.owner, include_own=False)
+                taken = self._resume(self.store.adopt_ingestions(self.owner))
+                if taken:
+                    log.warning("took over ingestions of a lost instance", extra={"jobs": taken})
+            except Exception:  # the database may be briefly unreachable; try again next round
+                log.exception("sweep failed")
 
     def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self._stopping.set()
+        self._sweeper.join(5)
         self.worker.stop()
         self.pipe.release()
         self.store.close()
 
     def ingest_task(self, job_id: str, slide) -> IngestTask:
-        fetch = None
-        if slide.source_kind == "dicomweb":
-            study, series = slide.source.split("/", 1)
-            url = self.cfg.dicomweb_url
+        if slide.source_kind != "dicomweb":
+            return IngestTask(job_id, slide.id, slide.path)
+        study, series = slide.source.split("/", 1)
+        url = self.cfg.dicomweb_url
 
-            def fetch():
-                if not url:
-                    raise LocpathError("no DICOMweb server is configured (--dicomweb URL)")
-                return str(retrieve_series(url, study, series, self.cfg.data_dir))
-        return IngestTask(job_id, slide.id, slide.path, fetch)
+        def retrieve():
+            if not url:
+                raise LocpathError("no DICOMweb server is configured (--dicomweb URL)")
+            return str(retrieve_series(url, study, series, self.cfg.data_dir))
+        return IngestTask(job_id, slide.id, slide.path, retrieve)
 
 
-def create_app(cfg: ServeConfig, pipe=None) -> FastAPI:
-    svc = Service(cfg, pipe)
+class ServiceRef:
+    """The routes reach the Service through this, so the Service can be built where the app runs: `locpath serve`
+    builds it before listening (a bad setting fails at once); a Ray Serve replica builds its own after the app was
+    shipped to it (ray_app.py)."""
+
+    def __init__(self, service: Service | None = None):
+        self._service = service
+
+    def set(self, service: Service) -> None:
+        self._service = service
+
+    @property
+    def ready(self) -> bool:
+        return self._service is not None
+
+    def __getattr__(self, name):
+        if name.startswith("__") or "_service" not in self.__dict__:
+            raise AttributeError(name)  # (un)pickling asks for dunders before __dict__ is filled
+        service = self.__dict__["_service"]
+        if service is None:
+            raise ApiError(503, "unavailable", "the service is starting")
+        return getattr(service, name)
+
+
+def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[[], str] | None = None) -> FastAPI:
+    """`owner`, called where the Service is built, names the instance (a Ray Serve replica names itself)."""
+    svc = ServiceRef(Service(cfg, pipe) if eager else None)
 
     @asynccontextmanager
     async def lifespan(app):
+        if not svc.ready:
+            svc.set(Service(cfg, pipe, owner=owner() if owner else None))
         svc.start()
         try:
             yield
@@ -180,6 +247,8 @@ def create_app(cfg: ServeConfig, pipe=None) -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
+        if svc.ready:
+            response.headers["X-Locpath-Instance"] = svc.owner  # which replica answered, for operators
         svc.metrics.requests.labels(name, str(response.status_code)).inc()
         log.info("request", extra={"method": request.method, "route": name, "status": response.status_code,
                                    "ms": round((time.perf_counter() - t0) * 1000, 1),
@@ -215,7 +284,7 @@ def create_app(cfg: ServeConfig, pipe=None) -> FastAPI:
     @app.get("/readyz")
     async def readyz():
         alive = all(t.is_alive() for t in svc.worker._threads)
-        body = {"status": "ready" if alive else "not ready", "question_queue": svc.worker.questions.qsize(),
+        body = {"status": "ready" if alive else "not ready", "instance": svc.owner, "question_queue": svc.worker.questions.qsize(),
                 "ingest_queue": svc.worker.ingests.qsize(), "ingesting": svc.worker.busy_ingest}
         return JSONResponse(body, 200 if alive else 503)
 
@@ -259,7 +328,8 @@ def create_app(cfg: ServeConfig, pipe=None) -> FastAPI:
             job = svc.store.jobs(slide.id, limit=1)
             return JSONResponse({"slide": slide_view(slide), "job": job[0].to_dict() if job else None,
                                  "existing": True}, 200)
-        job, _ = svc.store.add_job("ingest", slide.id, {"source_kind": kind, "source": source})
+        job, _ = svc.store.add_job("ingest", slide.id, {"source_kind": kind, "source": source},
+                                   owner=svc.owner)
         try:
             svc.worker.submit_ingest(svc.ingest_task(job.id, svc.store.slide(slide.id)))
         except QueueFull as exc:
@@ -367,7 +437,7 @@ def create_app(cfg: ServeConfig, pipe=None) -> FastAPI:
                            f"the question is {len(question)} characters; at most {svc.cfg.max_question_chars}")
         params = svc.pipe.sampling(**sampling)
         svc.pipe.check_question(question, params)  # too long for the KV cache, bad options: 400 before queueing
-        job, created = svc.store.add_job("question", slide.id, request_body, client_key)
+        job, created = svc.store.add_job("question", slide.id, request_body, client_key, owner=svc.owner)
         if not created:
             return None, job
         task = QuestionTask(job.id, slide.path, question, sampling, asyncio.get_running_loop(), asyncio.Queue())

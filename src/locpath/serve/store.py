@@ -51,6 +51,8 @@ JOBS = sa.Table(
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("started", sa.Float),
     sa.Column("finished", sa.Float),
+    sa.Column("owner", sa.String(128)),  # the service instance (replica) running it
+    sa.Column("heartbeat", sa.Float),  # last sign of life of that owner while running
 )
 KEYS = sa.Table(
     "api_keys", META,
@@ -60,6 +62,12 @@ KEYS = sa.Table(
     sa.Column("scopes", sa.String(64), nullable=False),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("revoked", sa.Float),
+)
+INSTANCES = sa.Table(
+    "instances", META,  # the service instances (replicas) sharing this database, and when each was last alive
+    sa.Column("owner", sa.String(128), primary_key=True),
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("seen", sa.Float, nullable=False),
 )
 MIGRATIONS_TABLE = sa.Table(
     "schema_migrations", META,
@@ -77,7 +85,21 @@ def _v2(conn) -> None:
     sa.Index("ix_jobs_slide_status", JOBS.c.slide_id, JOBS.c.status).create(conn, checkfirst=True)
 
 
-MIGRATIONS = [(1, _v1), (2, _v2)]
+def _v3(conn) -> None:
+    """Job ownership, so several service replicas share one queue of ingestion jobs (one claims each)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("jobs")}
+    for name, kind in (("owner", "VARCHAR(128)"), ("heartbeat", "FLOAT")):
+        if name not in have:
+            conn.execute(sa.text(f"ALTER TABLE jobs ADD COLUMN {name} {kind}"))
+
+
+def _v4(conn) -> None:
+    """Instance liveness, so a replica's queued jobs and questions are taken over or closed when it is gone."""
+    INSTANCES.create(conn, checkfirst=True)
+
+
+MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+STALE_AFTER_S = 60.0  # an instance (or a running job's owner) not heard of for this long is gone
 ACTIVE = ("queued", "running")
 
 
@@ -196,11 +218,13 @@ class JobStore:
             conn.execute(SLIDES.delete().where(SLIDES.c.id == slide_id))
 
     # -- jobs -------------------------------------------------------------------------------------------------------
-    def add_job(self, kind: str, slide_id: str, request: dict, client_key: str | None = None):
+    def add_job(self, kind: str, slide_id: str, request: dict, client_key: str | None = None,
+                owner: str | None = None):
+        """`owner`: the instance whose queue the job goes to (so another can adopt it if that instance is lost)."""
         return self._insert_once(JOBS, dict(id=new_id(), kind=kind, slide_id=slide_id, status="queued", progress=0.0,
                                             request=json.dumps(request), result=None, error=None,
                                             client_key=client_key, attempts=0, created=time.time(), started=None,
-                                            finished=None))
+                                            finished=None, owner=owner))
 
     def job(self, job_id: str) -> Record | None:
         return self._one(JOBS, id=job_id)
@@ -220,17 +244,80 @@ class JobStore:
                 q = q.where(JOBS.c.slide_id == slide_id)
             return [Record(dict(r)) for r in conn.execute(q).mappings()]
 
+    def claim(self, job_id: str, owner: str, stale_after: float = STALE_AFTER_S) -> bool:
+        """Take a job to run: it must be queued, or running under this same owner (a restart), or running under an
+        owner silent for `stale_after` seconds (a lost node). Atomic: of several replicas, one wins."""
+        now = time.time()
+        free = sa.or_(JOBS.c.status == "queued",
+                      sa.and_(JOBS.c.status == "running",
+                              sa.or_(JOBS.c.owner == owner, JOBS.c.owner.is_(None), JOBS.c.heartbeat.is_(None),
+                                     JOBS.c.heartbeat < now - stale_after)))
+        with self._lock, self.engine.begin() as conn:
+            res = conn.execute(JOBS.update().where(JOBS.c.id == job_id, free)
+                               .values(status="running", owner=owner, heartbeat=now, started=now,
+                                       attempts=JOBS.c.attempts + 1))
+            return res.rowcount == 1
+
+    def heartbeat(self, job_id: str, owner: str, **fields) -> None:
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(JOBS.update().where(JOBS.c.id == job_id, JOBS.c.owner == owner)
+                         .values(heartbeat=time.time(), **fields))
+
     def unfinished_ingestions(self) -> list[Record]:
-        """Ingestion jobs a stopped service left queued or running (oldest first): what a restart resumes."""
+        """Ingestion jobs left queued or running, by any instance (oldest first)."""
         with self.engine.connect() as conn:
             q = (sa.select(JOBS).where(JOBS.c.kind == "ingest", JOBS.c.status.in_(ACTIVE))
                  .order_by(JOBS.c.created))
             return [Record(dict(r)) for r in conn.execute(q).mappings()]
 
-    def abandon_questions(self) -> int:
-        """Questions in flight when the service stopped cannot be resumed (their client is gone): mark them."""
+    # -- instances (replicas sharing the database) -------------------------------------------------------------------
+    def beat(self, owner: str) -> None:
+        """This instance is alive (called at start and every few seconds)."""
+        now = time.time()
         with self._lock, self.engine.begin() as conn:
-            res = conn.execute(JOBS.update().where(JOBS.c.kind == "question", JOBS.c.status.in_(ACTIVE))
+            if conn.execute(INSTANCES.update().where(INSTANCES.c.owner == owner).values(seen=now)).rowcount == 0:
+                conn.execute(INSTANCES.insert().values(owner=owner, started=now, seen=now))
+
+    def live_owners(self, stale_after: float = STALE_AFTER_S) -> set[str]:
+        with self.engine.connect() as conn:
+            q = sa.select(INSTANCES.c.owner).where(INSTANCES.c.seen >= time.time() - stale_after)
+            return {r[0] for r in conn.execute(q)}
+
+    def _orphaned(self, kind: str, owner: str, include_own: bool, stale_after: float):
+        """Active jobs of `kind` whose owner is gone (no owner, or not seen for `stale_after`), and with
+        `include_own` this instance's own (a restart under the same name)."""
+        live = self.live_owners(stale_after) - ({owner} if include_own else set())
+        cond = [JOBS.c.kind == kind, JOBS.c.status.in_(ACTIVE),
+                sa.or_(JOBS.c.owner.is_(None), JOBS.c.owner.not_in(live) if live else sa.true())]
+        if not include_own:
+            cond.append(sa.or_(JOBS.c.owner.is_(None), JOBS.c.owner != owner))
+        return sa.and_(*cond)
+
+    def adopt_ingestions(self, owner: str, include_own: bool = False,
+                         stale_after: float = STALE_AFTER_S) -> list[Record]:
+        """Take over the ingestion jobs of lost instances (and with `include_own`, this instance's own after a
+        restart): each becomes this owner's, one row at a time and only if still orphaned, so of several
+        instances sweeping at once each job goes to one. Oldest first."""
+        where = self._orphaned("ingest", owner, include_own, stale_after)
+        adopted = []
+        with self.engine.connect() as conn:
+            rows = [Record(dict(r)) for r in conn.execute(sa.select(JOBS).where(where).order_by(JOBS.c.created))
+                    .mappings()]
+        for job in rows:
+            with self._lock, self.engine.begin() as conn:
+                same = JOBS.c.owner.is_(None) if job.owner is None else JOBS.c.owner == job.owner
+                res = conn.execute(JOBS.update().where(JOBS.c.id == job.id, same, JOBS.c.status.in_(ACTIVE))
+                                   .values(owner=owner, heartbeat=time.time()))
+            if res.rowcount == 1:
+                adopted.append(job)
+        return adopted
+
+    def abandon_questions(self, owner: str, include_own: bool = True, stale_after: float = STALE_AFTER_S) -> int:
+        """Questions in flight on an instance that stopped cannot be resumed (their client is gone): mark them.
+        Those of live instances are left alone."""
+        where = self._orphaned("question", owner, include_own, stale_after)
+        with self._lock, self.engine.begin() as conn:
+            res = conn.execute(JOBS.update().where(where)
                                .values(status="cancelled", error="the service stopped", finished=time.time()))
             return res.rowcount
 

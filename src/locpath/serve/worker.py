@@ -60,8 +60,9 @@ _STOP = object()
 
 
 class Worker:
-    def __init__(self, pipe, store, metrics, question_queue: int, ingest_queue: int):
-        self.pipe, self.store, self.metrics = pipe, store, metrics
+    def __init__(self, pipe, store, metrics, question_queue: int, ingest_queue: int, owner: str):
+        """`owner`: this service instance's name in the job table (one per replica when several share a database)."""
+        self.pipe, self.store, self.metrics, self.owner = pipe, store, metrics, owner
         self.questions: queue.Queue = queue.Queue(maxsize=question_queue)
         self.ingests: queue.Queue = queue.Queue(maxsize=ingest_queue)
         self._threads = [threading.Thread(target=self._question_lane, name="locpath-questions", daemon=True),
@@ -127,11 +128,9 @@ class Worker:
                 self.busy_ingest = None
 
     def _ingest(self, task: IngestTask) -> None:
-        job = self.store.job(task.job_id)
-        if job is None or job.status not in ("queued", "running"):
-            return  # deleted or already finished
+        if not self.store.claim(task.job_id, self.owner):
+            return  # deleted, finished, or running on another live replica
         t0 = time.perf_counter()
-        self.store.update_job(task.job_id, status="running", started=time.time(), attempts=(job.attempts or 0) + 1)
         self.store.update_slide(task.slide_id, status="ingesting", error=None)
         last = [0.0]
 
@@ -140,7 +139,7 @@ class Worker:
             if now - last[0] > 0.5 or done == total:
                 last[0] = now
                 frac = done / max(total, 1)
-                self.store.update_job(task.job_id, progress=frac)
+                self.store.heartbeat(task.job_id, self.owner, progress=frac)
                 self.store.update_slide(task.slide_id, progress=frac)
 
         try:

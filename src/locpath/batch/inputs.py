@@ -1,0 +1,69 @@
+"""What a batch runs on: slides (a folder of slide files and DICOM series folders, or a list file with one path per
+line) and questions (a text file, one per line, or a JSON list)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LocpathError
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
+                  ".h5", ".hdf5")
+
+
+def list_slides(source: str | Path) -> list[Path]:
+    """Absolute paths, sorted and without duplicates."""
+    from ..wsi.dicom import is_dicom_folder
+
+    p = Path(source)
+    if not p.exists():
+        raise LocpathError(f"{p}: --slides names no file or folder")
+    if p.is_dir():
+        found = []
+        for q in sorted(p.iterdir()):
+            if q.is_dir() and is_dicom_folder(q):
+                found.append(q)
+            elif q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES and not q.name.startswith("."):
+                found.append(q)
+        if not found:
+            raise LocpathError(f"{p}: no slide files in this folder ({', '.join(SLIDE_SUFFIXES[:6])}, ...)")
+    else:
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocpathError(f"{p}: cannot read the slide list ({exc})") from None
+        found = [Path(x.strip()) if Path(x.strip()).is_absolute() else p.parent / x.strip()
+                 for x in lines if x.strip() and not x.lstrip().startswith("#")]
+        if not found:
+            raise LocpathError(f"{p}: the slide list is empty")
+    out, seen = [], set()
+    for f in found:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            out.append(r)
+    return out
+
+
+def read_questions(path: str | Path) -> list[str]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LocpathError(f"{p}: questions file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LocpathError(f"{p}: cannot read the questions ({exc})") from None
+    if text.lstrip().startswith("["):
+        try:
+            qs = json.loads(text)
+        except ValueError as exc:
+            raise LocpathError(f"{p}: not a JSON list of questions ({exc})") from None
+        if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
+            raise LocpathError(f"{p}: a JSON questions file must be a list of strings")
+    else:
+        qs = [line for line in text.splitlines()]
+    qs = [q.strip() for q in qs if q.strip()]
+    if not qs:
+        raise LocpathError(f"{p}: no questions in it")
+    return qs

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import platform
 import sys
 import tempfile
@@ -176,7 +175,7 @@ def encoder_timings(work: Path, tiles: np.ndarray, device: str, batch: int, cloc
         log(f"encoder {name}: ORT fp16 {len(x) / t_ort:.0f} tiles/s, PyTorch bf16 {len(x) / t_torch:.0f} "
             f"({t_torch / t_ort:.2f}x), cosine min {cos.min():.5f}")
         runner.release()
-        del enc, enc_bf16
+        enc = enc_bf16 = None  # free the card before the next shape
     return out
 
 

@@ -72,15 +72,49 @@ def test_quick_training_run_writes_loadable_checkpoints(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_demo_runs_and_second_run_reuses_everything(ref_bundle, tmp_path, capsys):
-    import shutil
+def test_training_features_come_from_slide_files(monkeypatch, tmp_path):
+    """Training reads its tiles as `locpath eval` does: slide files (SVS, TIFF alternating), open_slide,
+    detected grid, TileReader; the files are gone afterwards."""
+    from locpath.config import preset
+    from locpath.models.vit import VisionTransformer
+    from locpath.synth import write_slide
+    from locpath.train import data, stages
+    from locpath.wsi import open_slide
+    from locpath.wsi.extract import extract_features, plan_tiles
 
-    work = tmp_path / "demo"
-    work.mkdir()
-    shutil.copytree(ref_bundle, work / "reference-bundle")  # the export is tested elsewhere
-    assert main(["demo", "--workdir", str(work)]) == 0
-    first = capsys.readouterr().out
-    assert "(cached)" in first and "accuracy" in first and "tiles read and encoded" in first
-    assert main(["demo", "--workdir", str(work)]) == 0
-    second = capsys.readouterr().out
-    assert "from cache, no tile read" in second and "writing" not in second
+    opened = []
+
+    def spy(path, *args, **kwargs):
+        opened.append(path)
+        return open_slide(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open_slide", spy)
+    torch.manual_seed(0)
+    enc = VisionTransformer(preset("tiny").tile_encoder).eval()
+    examples = stages.stage_features(enc, stages.TrainConfig(seed=0), "eval", 2, stages.Log(quiet=True))
+    assert [p.suffix for p in opened] == [".svs", ".tiff"]
+    assert not any(p.exists() for p in opened)
+
+    ex = examples[1]
+    with open_slide(write_slide(ex.spec, tmp_path / "again.tiff", fmt="tiff")) as slide:
+        plan = plan_tiles(slide)
+        ff, _ = extract_features(slide, lambda t: stages.encode_tiles(enc, t), plan, "vit")
+    np.testing.assert_array_equal(ex.slide.grid, plan.grid.grid_index)
+    np.testing.assert_allclose(ex.slide.features, ff.features, atol=1e-5)
+
+
+def test_file_slide_labels_follow_the_detected_grid():
+    """A detected tile's label shares are the spec's at that column/row (0.5 um/px: one grid cell a tile)."""
+    from locpath.train.data import file_slides
+
+    spec = make_spec(502, diagnosis="squamous cell carcinoma", grade="low grade", organ="lung", necrosis=True)
+    truth = tissue_tiles(spec)
+    by_cell = {tuple(g): f for g, f in zip(truth.grid, truth.class_frac)}
+    for fs in file_slides([spec]):
+        frac = fs.class_frac()
+        assert len(fs.grid) > 0.9 * len(truth.grid)
+        for g, f in zip(fs.grid, frac):
+            if tuple(g) in by_cell:
+                np.testing.assert_array_equal(f, by_cell[tuple(g)])
+        tumour = np.flatnonzero(frac[:, list(TUMOUR_CLASSES)].sum(1) > 0.5)
+        assert len(tumour) and fs.read(tumour).shape == (len(tumour), 224, 224, 3)

@@ -124,7 +124,7 @@ def _read_all(slide, grid, args) -> dict:
 # -- synth --------------------------------------------------------------------------
 def cmd_synth(args) -> int:
     from .synth import make_spec, write_slide
-    from .train.data import split_seed
+    from .synth.seeds import split_seed
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

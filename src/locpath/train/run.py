@@ -13,7 +13,8 @@ from .stages import Log, TrainConfig, train_all
 
 def quick_config(seed: int) -> TrainConfig:
     return TrainConfig(seed=seed, encoder_slides=6, encoder_epochs=1, train_slides=8, val_slides=2, batch_slides=4,
-                       llm_steps=4, mae_steps=4, align_steps=4, instruct_steps=4)
+                       llm_steps=4, mae_steps=4, align_steps=4, instruct_steps=4,
+                       prefix_align_steps=4, prefix_instruct_steps=4, slide_tiles=(8, 8))
 
 
 def run_training(args) -> dict:

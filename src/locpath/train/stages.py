@@ -1,13 +1,17 @@
 """The training recipe of the reference model, stage by stage, on a 2-core CPU.
 
   tokenizer  byte-level BPE on the world's questions and answers
-  encoder    tile encoder pretraining: soft tissue-class targets on rendered tiles (JPEG-augmented)
-  features   the frozen encoder over every tissue tile of the training slides (once)
+  encoder    tile encoder pretraining: soft tissue-class targets (from the label map) on tiles read from
+             slide files
+  features   the frozen encoder over every detected tissue tile of the training slides (once), through
+             open_slide -> plan_tiles -> extract_features, exactly as `locpath eval` does
   llm        text-only pretraining of the LLM on the chat format (answers drawn uniformly: no slide)
   mae        resampler MAE pretraining: reconstruct masked STM tokens from the latents
   align      LLM frozen: resampler + TIS + CARA learn to write the slide report
   instruct   TIS + CARA + LLM (+ resampler) on question answering
 and for the prefix baseline: align (projector only) and instruct (projector + LLM) on the same data.
+Slide files are written and deleted one at a time; training slides come in balanced cycles with benign
+twins of tumour slides (train/data.py).
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from ..models.slide_llm import LocPathModel, PrefixModel, SlideFeatures
 from ..models.vit import VisionTransformer
 from ..synth.qa import ANSWERS, QUESTION_TYPES, REPORT_PROMPT, TEMPLATES, corpus, normalize_answer
 from ..synth.textures import CLASS_NAMES
-from ..synth.world import BACKGROUND
+from ..synth.world import BACKGROUND, make_spec
 from ..text import train_tokenizer
-from .data import balanced_spec, jpeg_roundtrip, qa_pairs, render_tile, split_seed, tissue_tiles
+from ..wsi.extract import extract_features
+from ..synth.seeds import split_seed
+from .data import FileSlide, balanced_spec, file_slides, qa_pairs
 
 
 @dataclass
@@ -36,16 +42,19 @@ class TrainConfig:
     encoder_slides: int = 120
     encoder_normal_per_slide: int = 14
     encoder_epochs: int = 4
-    train_slides: int = 360
+    train_slides: int = 420  # 70 cycles of balanced_spec
     val_slides: int = 36
     batch_slides: int = 16
     llm_steps: int = 300
     mae_steps: int = 300
-    align_steps: int = 300
-    instruct_steps: int = 900
+    align_steps: int = 600  # benign twins leave only the sparse region to learn from: it takes longer
+    instruct_steps: int = 1800
+    prefix_align_steps: int = 300  # the baseline keeps its budget (a prefix step costs several reference steps)
+    prefix_instruct_steps: int = 900
     lr: float = 1e-3
     llm_lr: float = 5e-4
     threads: int = 2
+    slide_tiles: tuple[int, int] | None = None  # (columns, rows) of every slide; None: the world's 14..20 each way
     timings: dict = field(default_factory=dict)
 
 
@@ -78,21 +87,28 @@ def _soft_targets(class_frac: np.ndarray) -> np.ndarray:
     return t / np.maximum(t.sum(1, keepdims=True), 1e-6)
 
 
+def _encoder_pick(class_frac: np.ndarray, rng: np.random.Generator, n_normal: int) -> np.ndarray:
+    """Every tile with tumour or necrosis (they are rare) and `n_normal` ordinary ones."""
+    special = np.flatnonzero(1 - class_frac[:, BACKGROUND] - class_frac[:, 1:6].sum(1) > 0.05)
+    normal = np.setdiff1d(np.arange(len(class_frac)), special)
+    return np.concatenate([special, rng.choice(normal, min(len(normal), n_normal), replace=False)]).astype(np.int64)
+
+
+def _encoder_tiles(tc: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles read from the encoder split's slide files (JPEG as at eval) and their soft class targets."""
+    specs = (balanced_spec(tc.seed, "encoder", i, tc.slide_tiles) for i in range(tc.encoder_slides))
+    tiles, targets = [], []
+    for fs in file_slides(specs):
+        frac = fs.class_frac()
+        pick = _encoder_pick(frac, rng, tc.encoder_normal_per_slide)
+        tiles.append(fs.read(pick))
+        targets.append(_soft_targets(frac[pick]))
+    return np.concatenate(tiles), np.concatenate(targets).astype(np.float32)
+
+
 def stage_encoder(cfg: ModelConfig, tc: TrainConfig, log: Log) -> VisionTransformer:
     rng = np.random.default_rng([tc.seed, 11])
-    tiles, targets = [], []
-    for i in range(tc.encoder_slides):
-        spec = balanced_spec(split_seed(tc.seed, "encoder", i), i)
-        tt = tissue_tiles(spec)
-        special = np.flatnonzero(1 - tt.class_frac[:, BACKGROUND] - tt.class_frac[:, 1:6].sum(1) > 0.05)
-        normal = np.setdiff1d(np.arange(len(tt.grid)), special)
-        pick = np.concatenate([special, rng.choice(normal, min(len(normal), tc.encoder_normal_per_slide), replace=False)])
-        for j in pick:
-            t = render_tile(spec, *tt.grid[j])
-            tiles.append(jpeg_roundtrip(t, int(rng.integers(70, 96))))
-        targets.append(_soft_targets(tt.class_frac[pick]))
-    x = np.stack(tiles)
-    y = np.concatenate(targets).astype(np.float32)
+    x, y = _encoder_tiles(tc, rng)
     n_val = len(x) // 10
     log(f"encoder: {len(x)} tiles from {tc.encoder_slides} slides ({n_val} held out)")
     enc = VisionTransformer(cfg.tile_encoder)
@@ -146,26 +162,29 @@ class Example:
     slide: SlideFeatures
 
 
+def file_example(enc: VisionTransformer, fs: FileSlide) -> Example:
+    """The slide's features as `locpath eval` computes them: detected grid, TileReader, encoder callable."""
+    ff, _ = extract_features(fs.slide, lambda tiles: encode_tiles(enc, tiles), fs.plan, enc.cfg.name)
+    return Example(fs.spec, SlideFeatures(ff.features, fs.grid))
+
+
+def _split_spec(tc: TrainConfig, split: str, i: int):
+    """Training slides cycle through every answer (with benign twins); validation slides are drawn like eval's."""
+    if split == "train":
+        return balanced_spec(tc.seed, split, i, tc.slide_tiles)
+    return make_spec(split_seed(tc.seed, split, i), tc.slide_tiles)
+
+
 def stage_features(enc: VisionTransformer, tc: TrainConfig, split: str, count: int, log: Log) -> list[Example]:
     out = []
     t0 = time.time()
     n_tiles = 0
-    for i in range(count):
-        seed = split_seed(tc.seed, split, i)
-        spec = balanced_spec(seed, i) if split == "train" else _random_spec(seed)
-        tt = tissue_tiles(spec)
-        tiles = np.stack([render_tile(spec, c, r) for c, r in tt.grid])
-        out.append(Example(spec, SlideFeatures(encode_tiles(enc, tiles), tt.grid)))
-        n_tiles += len(tiles)
+    for i, fs in enumerate(file_slides(_split_spec(tc, split, i) for i in range(count))):
+        out.append(file_example(enc, fs))
+        n_tiles += len(fs.grid)
         if (i + 1) % 50 == 0:
             log(f"features[{split}]: {i + 1}/{count} slides, {n_tiles} tiles, {n_tiles / (time.time() - t0):.0f} tiles/s")
     return out
-
-
-def _random_spec(seed: int):
-    from ..synth.world import make_spec
-
-    return make_spec(seed)
 
 
 def _batches(rng, n, bs, steps):
@@ -248,16 +267,15 @@ def _qa_batch(rng, data, idx, with_report=True, report_only=False):
     return qs, ans, rows
 
 
-def _tuning(model, adapter_params: list, tc: TrainConfig, stage: str):
+def _tuning(model, adapter_params: list, tc: TrainConfig, stage: str, steps: int):
     """Optimizer and schedule for align (adapter only, LLM frozen) or instruct (adapter + LLM)."""
     groups = [{"params": adapter_params, "lr": tc.lr}]
-    steps = tc.align_steps if stage == "align" else tc.instruct_steps
     for p in model.llm.parameters():
         p.requires_grad_(stage == "instruct")
     if stage == "instruct":
         groups.append({"params": list(model.llm.parameters()), "lr": tc.llm_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    return opt, _scheduler(opt, steps), steps, [p for g in groups for p in g["params"]]
+    return opt, _scheduler(opt, steps), [p for g in groups for p in g["params"]]
 
 
 def _tuning_step(opt, sched, loss, params):
@@ -272,7 +290,8 @@ def stage_locpath_qa(model: LocPathModel, tok, data, tc: TrainConfig, log: Log, 
     rng = np.random.default_rng([tc.seed, 41 if stage == "align" else 51])
     merged = [ex.slide.merged(model.cfg) for ex in data]
     adapter = list(model.resampler.parameters()) + list(model.tis.parameters()) + list(model.cara.parameters())
-    opt, sched, steps, params = _tuning(model, adapter, tc, stage)
+    steps = tc.align_steps if stage == "align" else tc.instruct_steps
+    opt, sched, params = _tuning(model, adapter, tc, stage, steps)
     for step, idx in enumerate(_batches(rng, len(data), tc.batch_slides, steps)):
         lat = model.slide_latents([merged[i] for i in idx])
         qs, ans, rows = _qa_batch(rng, data, idx, report_only=stage == "align")
@@ -288,7 +307,8 @@ def stage_locpath_qa(model: LocPathModel, tok, data, tc: TrainConfig, log: Log, 
 
 def stage_prefix_qa(model: PrefixModel, tok, data, tc: TrainConfig, log: Log, stage: str):
     rng = np.random.default_rng([tc.seed, 61 if stage == "align" else 71])
-    opt, sched, steps, params = _tuning(model, list(model.projector.parameters()), tc, stage)
+    steps = tc.prefix_align_steps if stage == "align" else tc.prefix_instruct_steps
+    opt, sched, params = _tuning(model, list(model.projector.parameters()), tc, stage, steps)
     for step, idx in enumerate(_batches(rng, len(data), tc.batch_slides, steps)):
         qs, ans, rows = _qa_batch(rng, data, idx, report_only=stage == "align")
         if stage == "instruct":
@@ -307,7 +327,7 @@ def stage_prefix_qa(model: PrefixModel, tok, data, tc: TrainConfig, log: Log, st
 
 @torch.no_grad()
 def answer_examples(model, tok, examples: list[Example], rng_seed: int = 0) -> dict:
-    """Ask every question type about each example; accuracy overall and per type (in-memory features)."""
+    """Ask every question type about each example; accuracy overall and per type (precomputed features)."""
     from ..synth.qa import questions_for
 
     model.eval()
@@ -352,7 +372,7 @@ def train_all(tc: TrainConfig, log: Log) -> dict:
     mark("encoder", t0)
     t0 = time.time()
     train = stage_features(enc, tc, "train", tc.train_slides, log)
-    val = stage_features(enc, tc, "eval", tc.val_slides, log)  # in-memory check; `locpath eval` uses files
+    val = stage_features(enc, tc, "eval", tc.val_slides, log)  # slide files too, drawn as `locpath eval` draws
     mark("features", t0)
 
     t0 = time.time()
@@ -367,7 +387,7 @@ def train_all(tc: TrainConfig, log: Log) -> dict:
     stage_locpath_qa(ref, tok, train, tc, log, "instruct")
     mark("locpath", t0)
     ref_val = answer_examples(ref, tok, val)
-    log(f"reference: in-memory validation {ref_val}")
+    log(f"reference: validation on slide files {ref_val}")
 
     t0 = time.time()
     pcfg = preset(tc.preset, "prefix")
@@ -378,7 +398,7 @@ def train_all(tc: TrainConfig, log: Log) -> dict:
     stage_prefix_qa(pre, tok, train, tc, log, "instruct")
     mark("prefix", t0)
     pre_val = answer_examples(pre, tok, val)
-    log(f"prefix: in-memory validation {pre_val}")
+    log(f"prefix: validation on slide files {pre_val}")
     tc.timings["total_s"] = round(time.time() - t_start, 1)
     info = {"train_config": asdict(tc), "validation": {"reference": ref_val, "prefix": pre_val}}
     ref.eval()

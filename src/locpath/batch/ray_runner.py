@@ -12,6 +12,7 @@ whose record exists is skipped, so a retried or repeated slide is recorded once.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -46,18 +47,21 @@ def run_on_ray(cfg: BatchConfig, slides: list[Path], questions: list[str], out: 
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # our progress line instead; Ray Data's own log stays in the session folder
     ctx.verbose_progress = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     threads = cfg.threads or max(1, int(cfg.cpus_per_worker))
     ds = ray.data.from_items([{"path": str(p)} for p in slides], override_num_blocks=max(1, len(slides)))
     results = ds.map_batches(
-        SlideWorker, batch_size=1, concurrency=cfg.workers, num_cpus=cfg.cpus_per_worker,
+        SlideWorker, batch_size=1, num_cpus=cfg.cpus_per_worker,
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers, max_tasks_in_flight_per_actor=1),
         num_gpus=cfg.gpus_per_worker or None,
         fn_constructor_kwargs=dict(bundle=str(Path(cfg.bundle).resolve()), out=str(out.dir.resolve()),
                                    questions=questions, sampling=cfg.sampling,
                                    cache_dir=str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None,
-                                   threads=threads, device=cfg.device, trusted_keys=cfg.trusted_keys),
-        max_restarts=-1, max_task_retries=-1)  # a worker that dies is restarted and its slide retried
+                                   threads=threads, device=cfg.device, trusted_keys=cfg.trusted_keys))
+    # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a worker that dies is restarted
+    # and its slide retried (tests/test_batch.py kills one).
     prog = Progress(len(slides), cfg.progress)
     try:
         for row in results.iter_rows():

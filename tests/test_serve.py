@@ -432,6 +432,9 @@ def test_web_page_streams_an_answer_in_chromium(server, roots, expected, tmp_pat
             assert page.inner_text("#answer").strip() == expected[Q]["answer"]
             assert "time to first token" in page.inner_text("#timings")
             page.wait_for_selector("#view-image[data-evidence]", timeout=60000)  # the evidence heatmap loaded
+            page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(500)
+            assert page.get_attribute("#view-image", "data-evidence"), "a late thumbnail covered the heatmap"
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
             shots = os.environ.get("LOCPATH_SCREENSHOTS")
             if shots:

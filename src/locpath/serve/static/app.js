@@ -28,6 +28,35 @@ async function imageURL(path) {  // thumbnails need the API key too: fetch them,
   return URL.createObjectURL(await r.blob());
 }
 
+const thumbs = new Map();  // slide id -> promise of its thumbnail's object URL: fetched once, not at every refresh
+function thumbURL(s) {
+  if (!thumbs.has(s.id)) {
+    const p = imageURL(s.thumbnail);
+    p.catch(() => thumbs.delete(s.id));
+    thumbs.set(s.id, p);
+  }
+  return thumbs.get(s.id);
+}
+
+let viewSeq = 0;  // only the latest image asked for reaches the view (a slow thumbnail must not cover a heatmap)
+let viewBlob = null;  // the heatmap's object URL, released when replaced
+async function showView(urlPromise, evidenceJob) {
+  const seq = ++viewSeq;
+  const url = await urlPromise;
+  if (seq !== viewSeq) {
+    if (evidenceJob) URL.revokeObjectURL(url);
+    return;
+  }
+  const img = $("view-image");
+  if (viewBlob) URL.revokeObjectURL(viewBlob);
+  viewBlob = evidenceJob ? url : null;
+  img.onload = () => {
+    if (evidenceJob) img.dataset.evidence = evidenceJob;
+    else delete img.dataset.evidence;
+  };
+  img.src = url;
+}
+
 function slideItem(s) {
   const li = document.createElement("li");
   li.dataset.id = s.id;
@@ -35,7 +64,7 @@ function slideItem(s) {
   if (selected && selected.id === s.id) li.classList.add("selected");
   const img = document.createElement("img");
   img.alt = s.name;
-  if (s.status === "ready") imageURL(s.thumbnail).then((u) => { img.src = u; }).catch(() => {});
+  if (s.status === "ready") thumbURL(s).then((u) => { img.src = u; }).catch(() => {});
   const text = document.createElement("div");
   text.innerHTML = "<div class='name'></div><div class='status'></div><div class='progress'><div></div></div>";
   text.querySelector(".name").textContent = s.name;
@@ -70,7 +99,7 @@ async function select(s) {
   const ready = s.status === "ready";
   $("question").disabled = !ready;
   $("ask-button").disabled = !ready;
-  if (ready) $("view-image").src = await imageURL(s.thumbnail);
+  if (ready) await showView(thumbURL(s), null);
 }
 
 function sseEvents(text) {  // complete "event:/data:" blocks of a server-sent-event buffer, and the rest
@@ -124,11 +153,7 @@ async function finish(question, data) {
   const li = document.createElement("li");
   li.textContent = question + " - " + data.answer;
   $("history").prepend(li);
-  if (data.job) {
-    const img = $("view-image");
-    img.onload = () => { img.dataset.evidence = data.job; };
-    img.src = await imageURL(selected.thumbnail + "?evidence=" + data.job);
-  }
+  if (data.job) await showView(imageURL(selected.thumbnail + "?evidence=" + data.job), data.job);
 }
 
 $("register-form").onsubmit = async (e) => {

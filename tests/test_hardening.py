@@ -269,13 +269,13 @@ def test_broken_manifests(bundle):
         (lambda mf: mf["generation"].update(max_length=-4), "generation.max_length"),
         (lambda mf: mf["generation"].update(stop_tokens=["<|not-a-token|>"]), "'<|not-a-token|>' is not a token"),
         (lambda mf: mf["preprocessing"].update(target_mpp="fast"), "preprocessing.target_mpp"),
-        (lambda mf: mf["components"]["decoder"]["templates"].update(num_layers=0), "num_layers"),
+        (lambda mf: mf["components"]["decoder"]["templates"].update(num_layers=0), "manifest.json: components.decoder.templates"),
     ]
     pristine = (bundle / "manifest.json").read_text()
     for mutate, fragment in cases:
         (bundle / "manifest.json").write_text(pristine)
         reseal(bundle, mutate)
-        assert_refused(run("ask", bundle, "x.svs", Q, "--no-cache"), fragment)
+        assert_refused(run("ask", bundle, "x.svs", Q, "--no-cache"), fragment, str(bundle / "manifest.json"))
 
 
 def test_bad_questions_and_options_fail_before_any_output(ref_bundle, slide):
@@ -379,7 +379,7 @@ def test_a_deleted_slide_is_not_answered_from_the_cache(ref_bundle, slide, cache
 @pytest.mark.parametrize("case,fragment", [
     ("nan", "NaN or inf"), ("int8", "float16 or float32"), ("bool", "float16 or float32"),
     ("complex", "float16 or float32"), ("bytes", "float16 or float32"), ("width", "63 wide; this bundle's tile encoder gives 64"),
-    ("empty", "no tiles"), ("patch0", "patch_size_level0"), ("negative", "negative positions"),
+    ("empty", "no tiles"), ("patch0", "'patch_size_level0' must be an integer >= 1, got 0"), ("negative", "negative positions"),
     ("external", "link to another file"),
 ])
 def test_bad_feature_files(ref_bundle, tmp_path, case, fragment):

@@ -295,9 +295,9 @@ class Manifest:
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.model)
 
-    def decoder_contract(self, component: str) -> DecoderContract:
+    def decoder_contract(self, component: str, where: str = MANIFEST) -> DecoderContract:
         return DecoderContract.from_templates(self.components[component].templates,
-                                              f"{MANIFEST}: components.{component}.templates")
+                                              f"{where}: components.{component}.templates")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -370,7 +370,7 @@ class Manifest:
             if self.files[c.file].sha256 != c.sha256:
                 raise BundleError(f"{where}: components.{cname}.sha256 differs from files.{c.file}.sha256")
             if cname in names.DECODERS:
-                self.decoder_contract(cname)  # malformed decoder templates fail at load, not mid-answer
+                self.decoder_contract(cname, where)  # malformed decoder templates fail at load, not mid-answer
 
 
 def parse_manifest_bytes(data: bytes, where: str) -> Manifest:

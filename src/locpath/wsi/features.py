@@ -109,7 +109,7 @@ def _attr_int(attrs: dict, key: str, path: Path, default=None, lo: int = 1) -> i
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise FeatureFileError(f"{path}: coords attribute {key!r} must be an integer >= {lo}, got {v!r}")
+        raise FeatureFileError(f"{path}: coords attribute {key!r} must be an integer >= {lo}, got {_shown(v)!r}")
     return iv
 
 
@@ -121,8 +121,13 @@ def _attr_float(attrs: dict, key: str, path: Path) -> float:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise FeatureFileError(f"{path}: coords attribute {key!r} must be a positive finite number, got {v!r}")
+        raise FeatureFileError(f"{path}: coords attribute {key!r} must be a positive finite number, got {_shown(v)!r}")
     return fv
+
+
+def _shown(v):
+    """An attribute as a user wrote it: 0, not np.int64(0)."""
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def _text(v, path: Path, what: str) -> str:

@@ -24,13 +24,13 @@ def test_tile_weights_follow_the_selected_latents_through_the_merges():
 
 def test_evidence_points_at_the_tumour_of_synthetic_slides(ref_bundle, tmp_path):
     """On slides whose label maps are known, the tiles touching the tumour (~5 % of tissue) carry several times
-    their area's share of the evidence for the diagnosis. (The reference model's attention is broad: the tumour
-    gets about a third of the mass, not most of it; the closing note gives the numbers.)"""
+    their area's share of the evidence for the diagnosis, and on the median slide close to half of it (the shipped
+    reference: 0.47 here, from 0.19 to 0.72; the closing note of issue 14 gives the numbers on 12 slides)."""
     from locpath.synth import make_spec, write_slide
     from locpath.synth.world import CELLS_PER_TILE, TUMOUR_CLASSES
 
     pipe = Pipeline.from_bundle(ref_bundle, use_cache=False)
-    lifts, ratios = [], []
+    lifts, ratios, masses = [], [], []
     for i in range(6):
         spec = make_spec(3200 + i, diagnosis=("adenocarcinoma", "squamous cell carcinoma")[i % 2],
                          grade="high grade" if i % 3 else "low grade", necrosis=bool(i % 2))
@@ -40,9 +40,11 @@ def test_evidence_points_at_the_tumour_of_synthetic_slides(ref_bundle, tmp_path)
         tumour = frac[..., list(TUMOUR_CLASSES)].sum(-1)[ctx.coords[:, 1] // 224, ctx.coords[:, 0] // 224] > 0
         ev = pipe.evidence(ctx, pipe.question_kv(ctx.latents, "What is the diagnosis?"))
         assert ev.weights.sum() == pytest.approx(1.0) and len(ev.weights) == ctx.tiles
-        lifts.append(ev.weights[tumour].sum() / tumour.mean())
+        masses.append(ev.weights[tumour].sum())
+        lifts.append(masses[-1] / tumour.mean())
         ratios.append(ev.weights[tumour].mean() / ev.weights[~tumour].mean())
         top = ev.top(5)
         assert top and all(t["weight"] > 0 for t in top)
     assert np.median(lifts) >= 3.0, lifts  # mass on the tumour over its area share
     assert np.median(ratios) >= 4.0, ratios  # per-tile weight, tumour over the rest
+    assert np.median(masses) >= 0.4, masses  # share of all the evidence on the tumour

@@ -133,3 +133,32 @@ def test_batch_on_ray_survives_a_killed_worker_and_equals_embedded(ref_bundle, a
     assert answers(out) == expected  # every slide exactly once, the answers `locpath ask` gives
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and json.loads(again.stdout)["done"] == 0  # a rerun does no work
+
+
+def test_batch_inputs_one_slide_file_and_hostile_text_files(tmp_path):
+    """--slides takes a folder, a list or one slide file; list and questions files that are devices, huge or not
+    UTF-8 are refused with the file named (never read for ever)."""
+    from locpath.batch.inputs import TEXT_LIMIT, list_slides, read_questions
+    from locpath.errors import LocpathError
+
+    slide = tmp_path / "one.svs"
+    slide.write_bytes(b"II*\0")
+    assert list_slides(slide) == [slide.resolve()]
+    listed = tmp_path / "list.txt"
+    listed.write_text("# cohort\none.svs\n\none.svs\n")
+    assert list_slides(listed) == [slide.resolve()]
+    (tmp_path / "q.txt").write_text("What is the diagnosis?\n\n  Is necrosis present?  \n")
+    assert read_questions(tmp_path / "q.txt") == ["What is the diagnosis?", "Is necrosis present?"]
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"What\xff?\n")
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as f:
+        f.truncate(TEXT_LIMIT + 1)
+    for read, path, fragment in [(read_questions, bad, "not UTF-8"), (list_slides, bad, "not UTF-8"),
+                                 (read_questions, Path("/dev/zero"), "not a regular file"),
+                                 (list_slides, Path("/dev/zero"), "not a regular file"),
+                                 (read_questions, huge, "over the"), (list_slides, huge, "over the")]:
+        with pytest.raises(LocpathError) as err:
+            read(path)
+        assert str(err.value).startswith(str(path)) and fragment in str(err.value)

@@ -772,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt = sub.add_parser("batch", help="every slide of a folder or list asked every question: one record per slide, "
                                       "resumable; in this process or on a Ray cluster")
     bt.add_argument("bundle", help="a bundle folder (locpath export / build)")
-    bt.add_argument("--slides", required=True, help="a folder of slides (and DICOM series folders) or a list file")
+    bt.add_argument("--slides", required=True, help="a folder of slides (and DICOM series folders), a list file (one path per line) or one slide file")
     bt.add_argument("--questions", required=True, help="a text file, one question per line (or a JSON list)")
     bt.add_argument("--out", required=True, help="output folder: records/, features/, answers.jsonl, summary.json")
     bt.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl",

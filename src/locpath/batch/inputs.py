@@ -1,15 +1,25 @@
-"""What a batch runs on: slides (a folder of slide files and DICOM series folders, or a list file with one path per
-line) and questions (a text file, one per line, or a JSON list)."""
+"""What a batch runs on: slides (a folder of slide files and DICOM series folders, a list file with one path per
+line, or one slide file) and questions (a text file, one per line, or a JSON list)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from ..bundle.paths import read_bounded
 from ..errors import LocpathError
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
                   ".h5", ".hdf5")
+TEXT_LIMIT = 16 << 20  # a slide list or questions file larger than this is not one
+
+
+def _read_text(p: Path, what: str) -> str:
+    """A small UTF-8 text file, refusing devices, pipes and huge files (never read for ever)."""
+    try:
+        return read_bounded(p, TEXT_LIMIT, what).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LocpathError(f"{p}: the {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def list_slides(source: str | Path) -> list[Path]:
@@ -28,11 +38,10 @@ def list_slides(source: str | Path) -> list[Path]:
                 found.append(q)
         if not found:
             raise LocpathError(f"{p}: no slide files in this folder ({', '.join(SLIDE_SUFFIXES[:6])}, ...)")
+    elif p.suffix.lower() in SLIDE_SUFFIXES:
+        found = [p]  # one slide file
     else:
-        try:
-            lines = p.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LocpathError(f"{p}: cannot read the slide list ({exc})") from None
+        lines = _read_text(p, "slide list").splitlines()
         found = [Path(x.strip()) if Path(x.strip()).is_absolute() else p.parent / x.strip()
                  for x in lines if x.strip() and not x.lstrip().startswith("#")]
         if not found:
@@ -48,12 +57,7 @@ def list_slides(source: str | Path) -> list[Path]:
 
 def read_questions(path: str | Path) -> list[str]:
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LocpathError(f"{p}: questions file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LocpathError(f"{p}: cannot read the questions ({exc})") from None
+    text = _read_text(p, "questions file")
     if text.lstrip().startswith("["):
         try:
             qs = json.loads(text)

@@ -18,6 +18,7 @@ import socket
 from pathlib import Path
 
 from ..bundle.paths import check_sha256
+from ..errors import LocpathError
 from ..fsutil import atomic_file
 from ..wsi.features import write_features
 
@@ -31,8 +32,11 @@ class Output:
         self.features = self.dir / "features"
 
     def prepare(self) -> "Output":
-        self.records.mkdir(parents=True, exist_ok=True)
-        self.features.mkdir(parents=True, exist_ok=True)
+        try:
+            self.records.mkdir(parents=True, exist_ok=True)
+            self.features.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LocpathError(f"{self.dir}: cannot create the output folder ({exc.strerror or exc})") from None
         return self
 
     def record_path(self, digest: str) -> Path:

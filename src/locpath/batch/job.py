@@ -19,13 +19,16 @@ def run_slide(pipe, out: Output, path: Path, questions: list[str], sampling: dic
     row = {"slide": str(path), "digest": "", "status": "failed", "seconds": 0.0, "tiles": 0, "error": ""}
     try:
         check_slide_file(path)
-        digest = content_digest(path)
+        digest = pipe.cache.content_hash(path) if pipe.cache else content_digest(path)
         row["digest"] = digest
         if out.done(digest):
             row.update(status="skipped")
             return row
-        ctx = pipe.prepare(path, keep_features=True)
-        answers = [pipe.ask(path, q, **sampling) for q in questions]  # the slide is in memory: questions only
+        params = pipe.sampling(**sampling)
+        for q in questions:  # a question that cannot fit fails before the slide is tiled
+            pipe.check_question(q, params)
+        ctx = pipe.prepare(path, keep_features=True, digest=digest)
+        answers = [pipe.answer(ctx.again({}), q, **sampling) for q in questions]
         seconds = time.perf_counter() - t0
         out.write(digest, str(path), ctx, answers, seconds)
         row.update(status="done", tiles=ctx.tiles)

@@ -71,8 +71,8 @@ class Output:
                 continue  # never a half record (atomic writes); an unreadable one is left to the next run
         return sorted(out, key=lambda r: r["slide"])
 
-    def consolidate(self, fmt: str = "jsonl") -> Path:
-        records = self.all_records()
+    def consolidate(self, records: list[dict], fmt: str = "jsonl") -> Path:
+        """One answers file over `records` (all_records())."""
         if fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq

@@ -22,8 +22,9 @@ def run_batch(cfg: BatchConfig) -> dict:
         summary = run_on_ray(cfg, slides, questions, out)
     else:
         summary = run_embedded(cfg, slides, questions, out)
-    summary["output"] = str(out.consolidate(cfg.fmt))
-    summary["records"] = len(out.all_records())
+    records = out.all_records()
+    summary["output"] = str(out.consolidate(records, cfg.fmt))
+    summary["records"] = len(records)
     return summary
 
 

@@ -22,7 +22,7 @@ class BatchConfig:
     sampling: dict = field(default_factory=dict)
     ray: bool = False
     ray_address: str | None = None
-    workers: int = 1  # Ray: encoder actors
+    workers: int = 2  # Ray: encoder actors (the CLI's default)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     progress: bool = True

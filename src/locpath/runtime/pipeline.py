@@ -307,10 +307,12 @@ class Pipeline:
         return ff
 
     def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None,
-                keep_features: bool = False) -> SlideContext:
+                keep_features: bool = False, digest: str | None = None) -> SlideContext:
         """Latents for a slide file, a DICOM series folder or a TRIDENT/CLAM feature file (.h5), from memory or cache
         when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or callable(done, total).
-        `keep_features`: also return the tile features (a batch run writes them out)."""
+        `keep_features`: also return the tile features (a batch run writes them out). `digest`: the slide's content
+        digest when the caller has just computed it from the file (`SlideCache.content_hash`), so it is not read
+        a second time."""
         path = Path(slide)
         timings: dict[str, float] = {}
         if path.suffix.lower() in (".h5", ".hdf5"):
@@ -320,15 +322,17 @@ class Pipeline:
         t0 = time.perf_counter()
         check_slide_file(path)
         fprint = fingerprint(path)
-        digest = self.cache.memo_digest(path) if self.cache else None
+        computed = digest is not None
+        if not computed:
+            digest = self.cache.memo_digest(path) if self.cache else None
         key = f"{file_identity(path)}|{fprint}|{mpp_override!r}"
         with self._memory_lock:
             known = self._memory.get(key)
             if known is not None and not keep_features:
                 self._memory.move_to_end(key)
                 return known.again({"hash": _ms(t0)})
-        hit = self.cache.get(entry_name(digest, mpp_override), fprint) if digest else None
-        if hit is None and self.cache:
+        hit = self.cache.get(entry_name(digest, mpp_override), fprint) if digest and self.cache else None
+        if hit is None and self.cache and not computed:
             digest = self.cache.content_hash(path)  # a memo miss, or a memo the entry does not confirm
             hit = self.cache.get(entry_name(digest, mpp_override), fprint)
         timings["hash"] = _ms(t0)
@@ -487,6 +491,16 @@ class Pipeline:
         self.check_question(question, params)
         ctx = self.prepare(slide, mpp_override=mpp_override, progress=progress)
         return StreamedAnswer(self._answer(ctx, question, params, t_start))
+
+    def answer(self, ctx: SlideContext, question: str, **sampling) -> Answer:
+        """One question about a slide already prepared: prepare once, then answer each question from its context."""
+        t_start = time.perf_counter()
+        params = self.sampling(**sampling)
+        self.check_question(question, params)
+        s = StreamedAnswer(self._answer(ctx, question, params, t_start))
+        for _ in s:
+            pass
+        return s.result
 
     def ask(self, slide, question: str, mpp_override: float | None = None, progress: bool | None = None,
             **sampling) -> Answer:

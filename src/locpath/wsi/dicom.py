@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlideError
-from .slide import Slide, _rgba_to_rgb
+from .slide import Slide, _one_line, _rgba_to_rgb
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
@@ -66,7 +66,7 @@ class DicomSlide(Slide):
         try:
             self._wsi = WsiDicom.open(str(path))
         except Exception as exc:  # wsidicom raises its own error kinds for missing levels, bad files, ...
-            raise SlideError(f"{path}: not a readable DICOM WSI series ({str(exc).splitlines()[0][:200]})") from None
+            raise SlideError(f"{path}: not a readable DICOM WSI series ({_one_line(exc)})") from None
         self._levels = list(self._wsi.levels)
         base = self._levels[0].size
         self._dims = tuple((int(lv.size.width), int(lv.size.height)) for lv in self._levels)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import SlideError
 from .dicom import DicomSlide, is_dicom_folder
 from .liblog import collecting
-from .slide import OpenSlideSlide, Slide, TiffSlideSlide, _positive_float
+from .slide import OpenSlideSlide, Slide, TiffSlideSlide, _one_line, _positive_float
 
 BACKENDS = ("auto", "openslide", "tiffslide")  # a DICOM series folder always opens with wsidicom (dicom.py)
 
@@ -121,8 +121,3 @@ def _probe(slide: Slide) -> None:
     lw, lh = slide.level_dimensions[last]
     with collecting(slide.library_messages):
         slide._read(last, 0, 0, min(lw, 64), min(lh, 64))
-
-
-def _one_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

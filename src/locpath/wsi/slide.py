@@ -401,3 +401,9 @@ class ArraySlide(Slide):
         if x1 > x0 and y1 > y0:
             out[y0 - ly : y1 - ly, x0 - lx : x1 - lx] = lv[y0:y1, x0:x1, :3]
         return out
+
+
+def _one_line(exc: Exception) -> str:
+    """A library's exception as one line of a message (its type when it says nothing)."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -42,7 +42,7 @@ from .dicomweb import check_uid, retrieve_series
 from .limits import BodyLimit
 from .metrics import Metrics
 from .openai_api import chunk, completion, completion_id, parse_chat
-from .store import JobStore
+from .store import JobStore, new_id
 from .worker import IngestTask, QueueFull, QuestionTask, Worker
 
 log = logging.getLogger("locpath.serve")
@@ -157,12 +157,12 @@ class Service:
                 log.exception("sweep failed")
 
     def stop(self) -> None:
-        if not self.started:
-            return
-        self.started = False
-        self._stopping.set()
-        self._sweeper.join(5)
-        self.worker.stop()
+        """Stop the lanes and the sweeper when started; always free the pipeline's sessions and the database."""
+        if self.started:
+            self.started = False
+            self._stopping.set()
+            self._sweeper.join(5)
+            self.worker.stop()
         self.pipe.release()
         self.store.close()
 
@@ -290,7 +290,7 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
 
     @app.get("/metrics", dependencies=[read])
     async def metrics():
-        svc.worker._gauge()
+        svc.worker.publish_queue_depth()
         return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # -- page -------------------------------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
                 return JSONResponse({"slide": slide_view(old), "existing": True}, 200)
         from ..fsutil import atomic_file
 
-        folder = svc.cfg.data_dir / "uploads" / auth.new_token()[3:19].replace("-", "x").replace("_", "y")
+        folder = svc.cfg.data_dir / "uploads" / new_id()
         target = folder / safe
         try:
             with atomic_file(target, suffix=".part") as tmp:
@@ -584,20 +584,13 @@ def safe_filename(name: str) -> str:
 
 def thumbnail_png(svc: Service, slide) -> bytes:
     from ..wsi import open_slide
-    from ..wsi.overlay import overlay_image
+    from ..wsi.overlay import write_overlay
 
     cached = svc.cfg.data_dir / "thumbnails" / f"{slide.id}.png"
-    if cached.exists():
-        return cached.read_bytes()
-    with open_slide(slide.path) as s:
-        img, _ = overlay_image(s, svc.pipe.plan_tiles(s), max_size=768)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    from ..fsutil import atomic_file
-
-    with atomic_file(cached, suffix=".png") as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return buf.getvalue()
+    if not cached.exists():
+        with open_slide(slide.path) as s:
+            write_overlay(s, svc.pipe.plan_tiles(s), cached, max_size=768)
+    return cached.read_bytes()
 
 
 def evidence_png(svc: Service, slide, job: dict) -> bytes:

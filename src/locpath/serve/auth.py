@@ -6,7 +6,6 @@ or `X-API-Key`. Without any key the service runs open only when bound to a loopb
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 
@@ -44,7 +43,3 @@ def bearer(authorization: str | None, x_api_key: str | None) -> str | None:
         m = re.fullmatch(r"\s*Bearer\s+(\S+)\s*", authorization)
         return m.group(1) if m else None
     return None
-
-
-def same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a, b)

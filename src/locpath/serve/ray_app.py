@@ -40,7 +40,6 @@ def run_on_ray(cfg: ServeConfig, replicas: int, ray_address: str | None, cpus: f
         from ray import serve
     except ImportError:
         raise LocpathError("serve --ray needs Ray Serve (pip install 'locpath[cluster]')") from None
-    cfg.validate()
     Service(cfg).stop()  # check the settings, the bundle and the database here, where an error can be shown
     started = connect(ray_address, "serve --ray")
     app = create_app(cfg, eager=False, owner=_replica_name)

@@ -229,9 +229,6 @@ class JobStore:
     def job(self, job_id: str) -> Record | None:
         return self._one(JOBS, id=job_id)
 
-    def job_by_key(self, client_key: str) -> Record | None:
-        return self._one(JOBS, client_key=client_key)
-
     def update_job(self, job_id: str, **fields) -> None:
         if "result" in fields and not isinstance(fields["result"], (str, type(None))):
             fields["result"] = json.dumps(fields["result"])

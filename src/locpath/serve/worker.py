@@ -65,8 +65,10 @@ class Worker:
         self.pipe, self.store, self.metrics, self.owner = pipe, store, metrics, owner
         self.questions: queue.Queue = queue.Queue(maxsize=question_queue)
         self.ingests: queue.Queue = queue.Queue(maxsize=ingest_queue)
-        self._threads = [threading.Thread(target=self._question_lane, name="locpath-questions", daemon=True),
-                         threading.Thread(target=self._ingest_lane, name="locpath-ingest", daemon=True)]
+        self._threads = [threading.Thread(target=self._lane, args=(self.questions, self._run_question),
+                                          name="locpath-questions", daemon=True),
+                         threading.Thread(target=self._lane, args=(self.ingests, self._run_ingest),
+                                          name="locpath-ingest", daemon=True)]
         self.answer_seconds = 1.0  # running estimate, for Retry-After
         self.ingest_seconds = 10.0
         self.busy_ingest: str | None = None
@@ -85,7 +87,8 @@ class Worker:
         for t in self._threads:
             t.join(timeout)
 
-    def _gauge(self) -> None:
+    def publish_queue_depth(self) -> None:
+        """The queue-depth gauges, set when /metrics is scraped (not on every task)."""
         self.metrics.queue_depth.labels("questions").set(self.questions.qsize())
         self.metrics.queue_depth.labels("ingest").set(self.ingests.qsize())
 
@@ -96,7 +99,6 @@ class Worker:
         except queue.Full:
             self.metrics.rejected.labels("questions").inc()
             raise QueueFull("question", max(1, round(self.answer_seconds * self.questions.maxsize / 2))) from None
-        self._gauge()
 
     def submit_ingest(self, task: IngestTask, force: bool = False) -> None:
         """`force`: resuming jobs at start may exceed the bound (they were accepted before the restart)."""
@@ -108,24 +110,24 @@ class Worker:
         except queue.Full:
             self.metrics.rejected.labels("ingest").inc()
             raise QueueFull("ingestion", max(1, round(self.ingest_seconds))) from None
-        self._gauge()
 
     # -- the lanes -------------------------------------------------------------------------------------------------
-    def _ingest_lane(self) -> None:
-        while True:
-            task = self.ingests.get()
-            self._gauge()
-            if task is _STOP:
-                return
-            self.busy_ingest = task.slide_id
-            try:
-                self._ingest(task)
-            except Exception:  # a bug must not kill the lane: the job says what happened
-                log.exception("ingestion crashed", extra={"job": task.job_id})
-                self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
-                self.store.update_slide(task.slide_id, status="failed", error="internal error")
-            finally:
-                self.busy_ingest = None
+    @staticmethod
+    def _lane(tasks: queue.Queue, run) -> None:
+        """One lane: its tasks in order, until the stop marker."""
+        while (task := tasks.get()) is not _STOP:
+            run(task)
+
+    def _run_ingest(self, task: IngestTask) -> None:
+        self.busy_ingest = task.slide_id
+        try:
+            self._ingest(task)
+        except Exception:  # a bug must not kill the lane: the job says what happened
+            log.exception("ingestion crashed", extra={"job": task.job_id})
+            self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
+            self.store.update_slide(task.slide_id, status="failed", error="internal error")
+        finally:
+            self.busy_ingest = None
 
     def _ingest(self, task: IngestTask) -> None:
         if not self.store.claim(task.job_id, self.owner):
@@ -164,22 +166,17 @@ class Worker:
         log.info("ingested", extra={"job": task.job_id, "slide": task.slide_id, "tiles": ctx.tiles,
                                     "cache_hit": ctx.cache_hit, "seconds": round(seconds, 3)})
 
-    def _question_lane(self) -> None:
-        while True:
-            task = self.questions.get()
-            self._gauge()
-            if task is _STOP:
-                return
-            if task.cancelled.is_set():
-                self.store.update_job(task.job_id, status="cancelled", error="cancelled before it ran",
-                                      finished=time.time())
-                continue
-            try:
-                self._answer(task)
-            except Exception:
-                log.exception("question crashed", extra={"job": task.job_id})
-                self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
-                task.emit("error", "internal error")
+    def _run_question(self, task: QuestionTask) -> None:
+        if task.cancelled.is_set():
+            self.store.update_job(task.job_id, status="cancelled", error="cancelled before it ran",
+                                  finished=time.time())
+            return
+        try:
+            self._answer(task)
+        except Exception:  # a bug must not kill the lane: the job says what happened
+            log.exception("question crashed", extra={"job": task.job_id})
+            self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
+            task.emit("error", "internal error")
 
     def _answer(self, task: QuestionTask) -> None:
         self.store.update_job(task.job_id, status="running", started=time.time())

@@ -661,7 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ask", help="answer questions about a slide with a bundle (torch-free)")
     a.add_argument("bundle")
-    a.add_argument("slide", help="a slide file, or a TRIDENT/CLAM feature file (.h5)")
+    a.add_argument("slide", help="a slide file, a DICOM series folder, or a TRIDENT/CLAM feature file (.h5)")
     a.add_argument("questions", nargs="+", help="one or more questions")
     a.add_argument("--json", action="store_true")
     a.add_argument("--evidence", type=Path, default=None, metavar="OUT.png",

@@ -54,6 +54,12 @@ class Server:
             raise AssertionError("server did not become ready")
         return self
 
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self, sig=signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -219,23 +225,19 @@ def test_bad_requests_get_a_clear_4xx_and_store_nothing(server, roots, tmp_path)
 
 
 def test_oversized_upload_is_refused_and_leaves_nothing(ref_bundle, roots, tmp_path):
-    s = Server(ref_bundle, tmp_path, "--slide-root", roots, "--max-upload-mb", "0.5").start()
-    try:
-        with s.client() as c:
-            big = (roots / "cmu.svs").read_bytes()  # 1.9 MB
-            r = c.post("/v1/slides/upload", params={"filename": "big.svs"}, content=big)
-            assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
+    with Server(ref_bundle, tmp_path, "--slide-root", roots, "--max-upload-mb", "0.5") as s, s.client() as c:
+        big = (roots / "cmu.svs").read_bytes()  # 1.9 MB
+        r = c.post("/v1/slides/upload", params={"filename": "big.svs"}, content=big)
+        assert r.status_code == 413 and "exceeds" in r.json()["error"]["message"]
 
-            def chunks():  # no Content-Length: refused while it streams in
-                for i in range(0, len(big), 65536):
-                    yield big[i:i + 65536]
+        def chunks():  # no Content-Length: refused while it streams in
+            for i in range(0, len(big), 65536):
+                yield big[i:i + 65536]
 
-            r = c.post("/v1/slides/upload", params={"filename": "big.svs"}, content=chunks())
-            assert r.status_code == 413
-            assert c.get("/v1/slides").json()["slides"] == []
-            assert not [p for p in (tmp_path / "data" / "uploads").rglob("*") if p.is_file()]
-    finally:
-        s.stop()
+        r = c.post("/v1/slides/upload", params={"filename": "big.svs"}, content=chunks())
+        assert r.status_code == 413
+        assert c.get("/v1/slides").json()["slides"] == []
+        assert not [p for p in (tmp_path / "data" / "uploads").rglob("*") if p.is_file()]
 
 
 def test_api_keys_scopes_and_loopback_rule(ref_bundle, roots, tmp_path):
@@ -270,18 +272,14 @@ def test_api_keys_scopes_and_loopback_rule(ref_bundle, roots, tmp_path):
 
 
 def test_full_queue_answers_429_with_retry_after(ref_bundle, roots, tmp_path):
-    s = Server(ref_bundle, tmp_path, "--slide-root", roots, "--ingest-queue", "1").start()
-    try:
-        with s.client() as c:
-            codes = [c.post("/v1/slides", json={"path": str(roots / n)}) for n in ("cmu.svs", "case.svs", "cmu.svs")]
-            refused = [r for r in codes if r.status_code == 429]
-            assert refused, [r.status_code for r in codes]
-            assert int(refused[0].headers["Retry-After"]) >= 1
-            assert len(c.get("/v1/slides").json()["slides"]) == 3 - len(refused)  # nothing stored for a 429
-            metrics = c.get("/metrics").text
-            assert 'locpath_rejected_total{lane="ingest"}' in metrics
-    finally:
-        s.stop()
+    with Server(ref_bundle, tmp_path, "--slide-root", roots, "--ingest-queue", "1") as s, s.client() as c:
+        codes = [c.post("/v1/slides", json={"path": str(roots / n)}) for n in ("cmu.svs", "case.svs", "cmu.svs")]
+        refused = [r for r in codes if r.status_code == 429]
+        assert refused, [r.status_code for r in codes]
+        assert int(refused[0].headers["Retry-After"]) >= 1
+        assert len(c.get("/v1/slides").json()["slides"]) == 3 - len(refused)  # nothing stored for a 429
+        metrics = c.get("/metrics").text
+        assert 'locpath_rejected_total{lane="ingest"}' in metrics
 
 
 def test_restart_mid_ingestion_resumes_and_finishes(ref_bundle, tmp_path):
@@ -390,22 +388,18 @@ def test_register_by_dicomweb_uid(ref_bundle, roots, orthanc, tmp_path):
     from locpath.runtime.pipeline import Pipeline
 
     local = Pipeline.from_bundle(ref_bundle, use_cache=False).ask(tmp_path / "dicom", Q)  # the series read locally
-    s = Server(ref_bundle, tmp_path, "--dicomweb", orthanc + "/dicom-web").start()
-    try:
-        with s.client() as c:
-            bad = c.post("/v1/slides", json={"dicomweb": {"study": "../../etc", "series": series}})
-            assert bad.status_code == 400 and "DICOM UID" in bad.json()["error"]["message"]
-            r = c.post("/v1/slides", json={"dicomweb": {"study": study, "series": series}})
-            assert r.status_code == 202, r.text
-            slide = wait_ready(c, r.json()["slide"]["id"])
-            assert slide["status"] == "ready" and slide["tiles"] == local.slide["tiles"]
-            a = c.post(f"/v1/slides/{slide['id']}/questions", json={"question": Q}).json()
-            assert a["answer"] == local.answer
-            missing = c.post("/v1/slides", json={"dicomweb": {"study": study, "series": "1.2.3"}}).json()["slide"]
-            failed = wait_ready(c, missing["id"])
-            assert failed["status"] == "failed" and "cannot retrieve series 1.2.3" in failed["error"]
-    finally:
-        s.stop()
+    with Server(ref_bundle, tmp_path, "--dicomweb", orthanc + "/dicom-web") as s, s.client() as c:
+        bad = c.post("/v1/slides", json={"dicomweb": {"study": "../../etc", "series": series}})
+        assert bad.status_code == 400 and "DICOM UID" in bad.json()["error"]["message"]
+        r = c.post("/v1/slides", json={"dicomweb": {"study": study, "series": series}})
+        assert r.status_code == 202, r.text
+        slide = wait_ready(c, r.json()["slide"]["id"])
+        assert slide["status"] == "ready" and slide["tiles"] == local.slide["tiles"]
+        a = c.post(f"/v1/slides/{slide['id']}/questions", json={"question": Q}).json()
+        assert a["answer"] == local.answer
+        missing = c.post("/v1/slides", json={"dicomweb": {"study": study, "series": "1.2.3"}}).json()["slide"]
+        failed = wait_ready(c, missing["id"])
+        assert failed["status"] == "failed" and "cannot retrieve series 1.2.3" in failed["error"]
 
 
 # -- the page, in a real browser --------------------------------------------------------------------------------------

@@ -244,6 +244,8 @@ def cmd_ask(args) -> int:
             raise LocpathError(f"question {i} is empty")
     if args.evidence is not None and args.evidence.suffix.lower() != ".png":
         raise LocpathError(f"{args.evidence}: --evidence must name a .png file")
+    if args.evidence is not None and Path(args.slide).suffix.lower() in (".h5", ".hdf5", ".csv"):
+        raise LocpathError(f"{args.slide}: --evidence draws over a slide file's thumbnail; a feature file has none")
     pipe = _pipeline(args)
     params = pipe.sampling(**_sampling(args))
     _check_questions(pipe, args.questions, params)  # every question fits before any output
@@ -273,7 +275,7 @@ def _write_evidence(args, answer) -> None:
     from .wsi.overlay import write_evidence
 
     ev = answer.evidence
-    if ev is None or Path(args.slide).suffix.lower() in (".h5", ".hdf5"):
+    if ev is None or Path(args.slide).suffix.lower() in (".h5", ".hdf5", ".csv"):
         raise LocpathError(f"{args.slide}: --evidence draws over a slide file's thumbnail; a feature file has none")
     with open_slide(args.slide, mpp_override=args.mpp_override) as s:
         out = write_evidence(s, ev.coords, ev.weights, ev.tile_size_level0, args.evidence)
@@ -661,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("ask", help="answer questions about a slide with a bundle (torch-free)")
     a.add_argument("bundle")
-    a.add_argument("slide", help="a slide file, a DICOM series folder, or a TRIDENT/CLAM feature file (.h5)")
+    a.add_argument("slide", help="a slide file, a DICOM series folder, or a feature file: TRIDENT/CLAM .h5 (any "
+                   "alias of the bundle's encoder) or SlideChat .csv (no tile positions: no STM merges, no heatmap)")
     a.add_argument("questions", nargs="+", help="one or more questions")
     a.add_argument("--json", action="store_true")
     a.add_argument("--evidence", type=Path, default=None, metavar="OUT.png",

@@ -1,5 +1,8 @@
-"""What a batch runs on: slides (a folder of slide files and DICOM series folders, a list file with one path per
-line, or one slide file) and questions (a text file, one per line, or a JSON list)."""
+"""What a batch runs on: slides (a folder of slide files, feature files and DICOM series folders, a list file with one
+path per line, or one slide or feature file) and questions (a text file, one per line, or a JSON list).
+
+Feature files: TRIDENT/CLAM .h5 and SlideChat .csv. A .csv is a feature file when its second line is a row of
+numbers; otherwise (e.g. slides.csv, one path per line) it is a slide list."""
 
 from __future__ import annotations
 
@@ -12,6 +15,31 @@ from ..errors import LocpathError
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm",
                   ".h5", ".hdf5")
 TEXT_LIMIT = 16 << 20  # a slide list or questions file larger than this is not one
+SNIFF_BYTES = 1 << 20  # what is read of a .csv to tell a feature file from a slide list
+
+
+def is_feature_csv(p: Path) -> bool:
+    """A .csv whose second line (after a header) or first line is all numbers, comma-separated: a SlideChat feature
+    file. Reads at most SNIFF_BYTES."""
+    if p.suffix.lower() != ".csv" or not p.is_file():
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(SNIFF_BYTES).decode("utf-8", "replace").splitlines()[:2]
+    except OSError:
+        return False
+
+    def numbers(line: str) -> bool:
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) < 2:
+            return False
+        try:
+            [float(c) for c in cells if c]
+        except ValueError:
+            return False
+        return any(cells)
+
+    return any(numbers(ln) for ln in head[1:2] or head[:1])
 
 
 def _read_text(p: Path, what: str) -> str:
@@ -34,12 +62,13 @@ def list_slides(source: str | Path) -> list[Path]:
         for q in sorted(p.iterdir()):
             if q.is_dir() and is_dicom_folder(q):
                 found.append(q)
-            elif q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES and not q.name.startswith("."):
+            elif q.is_file() and not q.name.startswith(".") and (q.suffix.lower() in SLIDE_SUFFIXES
+                                                                   or is_feature_csv(q)):
                 found.append(q)
         if not found:
             raise LocpathError(f"{p}: no slide files in this folder ({', '.join(SLIDE_SUFFIXES[:6])}, ...)")
-    elif p.suffix.lower() in SLIDE_SUFFIXES:
-        found = [p]  # one slide file
+    elif p.suffix.lower() in SLIDE_SUFFIXES or is_feature_csv(p):
+        found = [p]  # one slide or feature file
     else:
         lines = _read_text(p, "slide list").splitlines()
         found = [Path(x.strip()) if Path(x.strip()).is_absolute() else p.parent / x.strip()

@@ -20,16 +20,26 @@ import numpy as np
 
 @dataclass
 class Evidence:
+    """Per-tile weights and where the tiles lie: level-0 top-left corners and the tiles' real side
+    (patch_size_level0, also when neighbouring tiles overlap and the grid stride is smaller). Without positions
+    (spatial False: a SlideChat CSV) a tile is named by its row in the feature file and no heatmap can be drawn."""
+
     coords: np.ndarray  # (N, 2) level-0 x, y of every tile
     tile_size_level0: int
     weights: np.ndarray  # (N,) sums to 1
+    spatial: bool = True
 
     def top(self, k: int = 32) -> list[dict]:
         order = np.argsort(-self.weights, kind="stable")[:k]
+        if not self.spatial:
+            return [{"tile": int(i), "weight": round(float(self.weights[i]), 6)} for i in order if self.weights[i] > 0]
         return [{"x": int(self.coords[i, 0]), "y": int(self.coords[i, 1]), "weight": round(float(self.weights[i]), 6)}
                 for i in order if self.weights[i] > 0]
 
     def to_dict(self, k: int = 32) -> dict:
+        if not self.spatial:
+            return {"tile_size_level0": None, "tiles": len(self.weights), "top": self.top(k),
+                    "positions": "unavailable: the feature file carries no tile coordinates (tiles are its rows)"}
         return {"tile_size_level0": int(self.tile_size_level0), "tiles": len(self.weights), "top": self.top(k)}
 
 

@@ -36,12 +36,12 @@ from ..bundle import names
 from ..bundle.engine_config import EngineConfig, check_engine_config
 from ..bundle.integrity import TrustedKeys, verify_bundle
 from ..bundle.manifest import BundleError, Manifest
-from ..errors import ConfigError, LocpathError
+from ..errors import ConfigError, LocpathError, warn
 from ..stm import merge_tokens
 from ..text import load_tokenizer
 from ..wsi import GridConfig, TissueConfig, open_slide
 from ..wsi.extract import TilePlan, extract_features, plan_tiles
-from ..wsi.features import FeatureFile, read_features
+from ..wsi.features import FEATURE_SUFFIXES, FeatureFile, read_features
 from ..wsi.factory import check_slide_file
 from .backends import make_runner
 from .decoder_state import DecoderState, decoder_state
@@ -140,6 +140,7 @@ class SlideContext:
     coords: np.ndarray | None = None  # (N, 2) level-0 x, y of each tile
     tile_size_level0: int = 0
     features: FeatureFile | None = None  # with prepare(keep_features=True): the tile features (never kept in memory)
+    spatial: bool = True  # False: the tiles' positions are unknown (a SlideChat CSV); coords are placeholders
 
     def again(self, timings: dict) -> "SlideContext":
         """The same slide served from memory."""
@@ -224,6 +225,7 @@ class Pipeline:
         self.memory_slides = memory_slides
         self._memory: OrderedDict[str, SlideContext] = OrderedDict()
         self._memory_lock = threading.Lock()  # a service prepares slides and answers questions in two threads
+        self._warned: set[str] = set()  # feature files already warned about (once per file)
 
     def _spin(self, name: str, entry, decoder_spin: bool) -> dict:
         """Intra-op spinning only for the decoder: it alone runs hundreds of back-to-back calls, where waking
@@ -281,7 +283,9 @@ class Pipeline:
         timings = timings if timings is not None else {}
         stm = self.manifest.preprocessing.stm
         t0 = time.perf_counter()
-        merged = merge_tokens(ff.features, ff.grid_index, stm["window"], stm["threshold"], stm["enabled"])
+        # tiles of unknown position (a SlideChat CSV) are never merged: their adjacency is unknown
+        merged = merge_tokens(ff.features, ff.grid_index, stm["window"], stm["threshold"],
+                              stm["enabled"] and ff.spatial)
         timings["stm"] = _ms(t0)
         t0 = time.perf_counter()
         out = self.runners[names.RESAMPLER].run({
@@ -296,26 +300,32 @@ class Pipeline:
     def _context(self, source: str, ff: FeatureFile, comp: Compressed, cache_hit: bool, tiles_read: int,
                  timings: dict) -> SlideContext:
         return SlideContext(source, comp.latents, len(ff.features), comp.tokens, cache_hit, tiles_read, timings,
-                            comp.attention, comp.assignment, np.asarray(ff.coords), int(ff.patch_size_level0))
+                            comp.attention, comp.assignment, np.asarray(ff.coords), int(ff.patch_size_level0),
+                            spatial=ff.spatial)
 
     def read_feature_file(self, path: str | os.PathLike) -> FeatureFile:
-        """A TRIDENT/CLAM feature file, checked against this bundle's encoder (name and width)."""
-        ff = read_features(path, expect_dim=self.cfg.feature_dim)
-        expect = self.cfg.tile_encoder.name
-        if ff.encoder != expect:
-            raise LocpathError(f"{path}: features come from encoder {ff.encoder!r}; this bundle needs {expect!r}")
+        """A TRIDENT/CLAM h5 or a SlideChat CSV, checked against this bundle's tile encoder before its data is read:
+        the name (any alias of a registered encoder: encoders.same_encoder; an h5 naming none is refused) and the
+        width. A file without tile positions (a SlideChat CSV) is answered from with one warning per file."""
+        ff = read_features(path, expect_dim=self.cfg.feature_dim, expect_encoder=self.cfg.tile_encoder.name)
+        if not ff.spatial and str(path) not in self._warned:
+            self._warned.add(str(path))
+            width = ff.features.shape[1]
+            unnamed = "" if ff.encoder else f"; it names no encoder: only its width ({width}) was checked"
+            warn(f"{path}: no tile coordinates in this file: STM merges no tiles (their adjacency is unknown) and the "
+                 f"evidence names rows of the file, not slide positions (no heatmap){unnamed}")
         return ff
 
     def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None,
                 keep_features: bool = False, digest: str | None = None) -> SlideContext:
-        """Latents for a slide file, a DICOM series folder or a TRIDENT/CLAM feature file (.h5), from memory or cache
-        when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or callable(done, total).
-        `keep_features`: also return the tile features (a batch run writes them out). `digest`: the slide's content
-        digest when the caller has just computed it from the file (`SlideCache.content_hash`), so it is not read
-        a second time."""
+        """Latents for a slide file, a DICOM series folder or a feature file (TRIDENT/CLAM .h5, SlideChat .csv), from
+        memory or cache when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or
+        callable(done, total). `keep_features`: also return the tile features (a batch run writes them out).
+        `digest`: the slide's content digest when the caller has just computed it from the file
+        (`SlideCache.content_hash`), so it is not read a second time."""
         path = Path(slide)
         timings: dict[str, float] = {}
-        if path.suffix.lower() in (".h5", ".hdf5"):
+        if path.suffix.lower() in FEATURE_SUFFIXES:
             ff = self.read_feature_file(path)
             ctx = self._context(str(path), ff, self.compress(ff, timings), False, 0, timings)
             return dataclasses.replace(ctx, features=ff) if keep_features else ctx
@@ -387,7 +397,7 @@ class Pipeline:
     def evidence(self, ctx: SlideContext, qkv: QuestionKV) -> Evidence:
         """The tiles that weighed most for this question (runtime/evidence.py), over the slide's tile grid."""
         return Evidence(ctx.coords, ctx.tile_size_level0,
-                        tile_weights(ctx.attention, qkv.selected, qkv.scores, ctx.assignment))
+                        tile_weights(ctx.attention, qkv.selected, qkv.scores, ctx.assignment), spatial=ctx.spatial)
 
     def question_ids(self, question: str) -> list[int]:
         """The TIS graph's view of the question: its tokens without the chat template."""

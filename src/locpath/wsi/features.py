@@ -1,12 +1,20 @@
-"""Per-slide feature files compatible with TRIDENT and CLAM: h5 with `features` and `coords`.
+"""Per-slide feature files: TRIDENT/CLAM h5 (`features` and `coords`) and SlideChat CSVs.
 
-Attributes follow TRIDENT (on `coords`: patch_size, patch_size_level0, level0_magnification,
-target_magnification, overlap, name) plus mpp values and the encoder name on `features`.
-Writes go to a temporary file in the same folder and are renamed into place.
+h5, as TRIDENT writes it (mahmoodlab/TRIDENT `trident/IO.py` save_h5/coords_to_h5, `trident/wsi_objects/WSI.py`
+extract_patch_features): `features` (N, D) float32/float16 with attributes name (the slide), savetodir and, in current
+TRIDENT, encoder (the patch encoder's enc_name, e.g. conch_v1, uni_v2; the string 'None' when it had none); `coords`
+(N, 2) int64 level-0 x, y with patch_size, patch_size_level0, level0_magnification, target_magnification, overlap,
+name, savetodir (and level0_width/height). Older TRIDENT names the encoder only in its folder, features_<enc_name>.
+CLAM's extract_features_fp writes no attributes at all. locpath writes TRIDENT's layout plus mpp values and the
+encoder on `features`. Writes go to a temporary file in the same folder and are renamed into place.
+
+SlideChat (uni-medical/SlideChat) feeds CONCH v1 features as one CSV per slide, read with pandas' defaults: a header
+row, no index column, the first 512 columns the features, one row per 224 px patch, no coordinates.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from dataclasses import dataclass
@@ -14,30 +22,49 @@ from pathlib import Path
 
 import numpy as np
 
+from ..encoders import same_encoder
 from ..errors import FeatureFileError
 from ..fsutil import atomic_file
+
+FEATURE_SUFFIXES = (".h5", ".hdf5", ".csv")  # what `ask`, `chat` and `batch` read as a feature file, not a slide
 
 
 @dataclass
 class FeatureFile:
     features: np.ndarray  # float (N, D)
-    coords: np.ndarray  # int (N, 2), level-0 x, y
+    coords: np.ndarray  # int (N, 2), level-0 x, y (zeros when spatial is False)
     patch_size: int  # tile side at target resolution
     patch_size_level0: int
     level0_mpp: float
     target_mpp: float
-    encoder: str
+    encoder: str  # "" when the file names none
     name: str = ""
     overlap: int = 0  # pixels at the target resolution shared by neighbouring tiles (TRIDENT's attribute)
+    spatial: bool = True  # False: the tiles' positions are unknown (a SlideChat CSV), coords mean nothing
+    encoder_from: str = ""  # where the encoder name was found (attribute, folder, format)
 
     @property
     def stride_level0(self) -> int:
-        """Level-0 pixels between neighbouring tiles: what turns coordinates into tile-grid positions (STM)."""
-        return max(1, round(self.patch_size_level0 * (self.patch_size - self.overlap) / self.patch_size))
+        """Level-0 pixels between neighbouring tiles, (patch_size - overlap) at the target resolution, rounded as
+        TRIDENT's patcher rounds it (patch and overlap scaled to level 0 separately)."""
+        return max(1, self.patch_size_level0 - round(self.overlap * self.patch_size_level0 / self.patch_size))
 
     @property
     def grid_index(self) -> np.ndarray:
-        return np.asarray(self.coords) // self.stride_level0
+        """(N, 2) column/row of each tile on its grid: what STM uses for adjacency (all zeros when not spatial).
+
+        Without overlap, coords // stride. With overlap, TRIDENT's patcher places column k >= 1 at
+        k * patch - (k - 1) * overlap (level 0): the first step is a whole patch, later ones patch - overlap; its own
+        inverse is 0 below one patch, else (x - patch) // stride + 1, used when every coordinate sits on that grid.
+        Other grids with overlap (k * stride) are coords // stride."""
+        n = len(self.features)
+        if not self.spatial:
+            return np.zeros((n, 2), np.int64)
+        c = np.asarray(self.coords, np.int64).reshape(-1, 2)
+        s, p0 = self.stride_level0, self.patch_size_level0
+        if self.overlap > 0 and s < p0 and _on_trident_grid(c, p0, s):
+            return np.where(c < p0, 0, (c - p0) // s + 1)
+        return c // s
 
     @property
     def level0_magnification(self) -> float:
@@ -46,6 +73,13 @@ class FeatureFile:
     @property
     def target_magnification(self) -> float:
         return round(10.0 / self.target_mpp, 2)
+
+
+def _on_trident_grid(c: np.ndarray, p0: int, stride: int) -> bool:
+    """Every coordinate is 0 or patch + k * stride, and none lies strictly between 0 and one patch (a grid of
+    k * stride puts its second column there)."""
+    v = c.ravel()
+    return not ((v > 0) & (v < p0)).any() and bool(((v == 0) | ((v - p0) % stride == 0)).all())
 
 
 def write_features(path: str | os.PathLike, ff: FeatureFile) -> Path:
@@ -73,6 +107,8 @@ def write_features(path: str | os.PathLike, ff: FeatureFile) -> Path:
         c.attrs["target_mpp"] = float(ff.target_mpp)
         c.attrs["overlap"] = int(ff.overlap)
         c.attrs["name"] = ff.name
+        if not ff.spatial:
+            c.attrs["spatial"] = 0  # coords are placeholders (the source carried no positions)
     with atomic_file(path, suffix=".h5") as tmp, open(tmp, "wb") as out:
         out.write(buf.getbuffer())
     return path
@@ -139,9 +175,49 @@ def _text(v, path: Path, what: str) -> str:
     return str(v)
 
 
-def read_features(path: str | os.PathLike, expect_dim: int | None = None) -> FeatureFile:
-    """A TRIDENT/CLAM feature file, validated before anything reaches a graph: float16/float32 features of the
-    expected width, finite, at least one tile; integer non-negative coords; positive patch sizes and mpp."""
+ENCODER_KEYS = ("encoder", "encoder_name", "patch_encoder", "model_name")  # attribute names that hold it
+NO_NAME = ("", "none", "null", "unknown")  # TRIDENT stores a missing enc_name as the string 'None'
+
+
+def _encoder_name(f, fds, cds, path: Path) -> tuple[str, str]:
+    """(name, where it was found), or ("", "") when the file names no encoder. Looked for as an attribute of
+    `features` (TRIDENT, locpath), of the file, of `coords`, then in TRIDENT's folder name features_<enc_name>.
+    Never `name`: TRIDENT's `name` is the slide's."""
+    for obj, label in ((fds, "'features'"), (f, "the file"), (cds, "'coords'")):
+        for key in ENCODER_KEYS:
+            v = obj.attrs.get(key)
+            if isinstance(v, (bytes, str)):
+                text = _text(v, path, f"attribute {key!r} of {label}").strip()
+                if text.lower() not in NO_NAME:
+                    return text, f"attribute {key!r} of {label}"
+    folder = path.parent.name
+    if folder.startswith("features_") and folder[len("features_"):].strip():
+        return folder[len("features_"):], f"TRIDENT folder {folder}"
+    return "", ""
+
+
+def check_encoder(path, file_encoder: str, bundle_encoder: str, where: str = "", named: bool = True) -> None:
+    """Refuse, in one line naming the file and both encoders, features from another encoder than the bundle's. Any
+    alias of a registered encoder is the same encoder (encoders.same_encoder). A file naming no encoder is refused
+    when `named` (an h5 can carry the name; TRIDENT writes it); with named=False (a CSV, which cannot) only its
+    width is checked, by the caller."""
+    if not file_encoder:
+        if named:
+            raise FeatureFileError(
+                f"{path}: the file names no tile encoder (TRIDENT records it as attribute 'encoder' of 'features', "
+                f"or in a features_<encoder> folder); this bundle needs {bundle_encoder!r} features")
+        return
+    if not same_encoder(file_encoder, bundle_encoder):
+        src = f" ({where})" if where else ""
+        raise FeatureFileError(f"{path}: features come from encoder {file_encoder!r}{src}; this bundle's tile "
+                               f"encoder is {bundle_encoder!r}")
+
+
+def read_features(path: str | os.PathLike, expect_dim: int | None = None,
+                  expect_encoder: str | None = None) -> FeatureFile:
+    """A TRIDENT/CLAM h5 or a SlideChat CSV (by suffix .csv), validated before anything reaches a graph: float16/
+    float32 features of the expected width, finite, at least one tile; integer non-negative coords; positive patch
+    sizes and mpp. `expect_encoder`: the bundle's encoder name, checked (check_encoder) before the data is read."""
     import h5py
 
     path = Path(path)
@@ -149,6 +225,8 @@ def read_features(path: str | os.PathLike, expect_dim: int | None = None) -> Fea
         raise FeatureFileError(f"{path}: feature file not found")
     if not path.is_file():
         raise FeatureFileError(f"{path}: not a regular file")
+    if path.suffix.lower() == ".csv":
+        return read_slidechat_csv(path, expect_dim, expect_encoder)
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -171,8 +249,13 @@ def read_features(path: str | os.PathLike, expect_dim: int | None = None) -> Fea
             raise FeatureFileError(f"{path}: {n} x {dim} features exceed the {MAX_TILES} x {MAX_DIM} limit")
         if fds.dtype not in FLOAT_DTYPES:
             raise FeatureFileError(f"{path}: features are {fds.dtype}; float16 or float32 expected")
+        enc, enc_from = _encoder_name(f, fds, cds, path)
+        if expect_encoder is not None and enc:  # another encoder's name says the most
+            check_encoder(path, enc, expect_encoder, enc_from)
         if expect_dim is not None and dim != expect_dim:
             raise FeatureFileError(f"{path}: features are {dim} wide; this bundle's tile encoder gives {expect_dim}")
+        if expect_encoder is not None and not enc:
+            check_encoder(path, enc, expect_encoder)
         if cds.dtype.kind not in "iu":
             raise FeatureFileError(f"{path}: coords are {cds.dtype}; integers expected")
         feats = np.asarray(fds).reshape(n, dim)
@@ -182,7 +265,6 @@ def read_features(path: str | os.PathLike, expect_dim: int | None = None) -> Fea
         if (coords < 0).any():
             raise FeatureFileError(f"{path}: coords hold negative positions")
         ca = dict(cds.attrs)
-        fa = dict(fds.attrs)
         if "patch_size" not in ca:
             raise FeatureFileError(f"{path}: coords has no 'patch_size' attribute")
         patch = _attr_int(ca, "patch_size", path)
@@ -202,7 +284,8 @@ def read_features(path: str | os.PathLike, expect_dim: int | None = None) -> Fea
             tmpp = 10.0 / _attr_float(ca, "target_magnification", path)
         else:
             tmpp = mpp0 * patch0 / patch
-        enc = fa.get("encoder", f.attrs.get("encoder", "unknown"))
+        spatial = _attr_int(ca, "spatial", path, default=1, lo=0) != 0
+        name = ca.get("name", fds.attrs.get("name", ""))
         return FeatureFile(
             features=feats.astype(np.float32, copy=False),
             coords=coords,
@@ -210,7 +293,152 @@ def read_features(path: str | os.PathLike, expect_dim: int | None = None) -> Fea
             patch_size_level0=patch0,
             level0_mpp=mpp0,
             target_mpp=tmpp,
-            encoder=_text(enc, path, "the encoder name"),
-            name=_text(ca.get("name", ""), path, "the slide name"),
+            encoder=enc,
+            name=_text(name, path, "the slide name") if isinstance(name, (bytes, str)) else "",
             overlap=overlap,
+            spatial=spatial,
+            encoder_from=enc_from,
         )
+
+
+# -- SlideChat CSVs ---------------------------------------------------------------------------------------------
+SLIDECHAT_DIM = 512  # SlideChat reads the first 512 columns (CONCH v1's width); any further ones are ignored
+SLIDECHAT_ENCODER = "conch_v1"
+SLIDECHAT_PATCH = 224  # SlideChat's patches: 224 px at 20x; the CSV records no geometry
+MAX_CSV_BYTES = 4 << 30  # refused before reading: about 1.5 million 512-wide rows
+MAX_CSV_LINE = 4 << 20  # bytes in one row (65536 columns of long numbers fit)
+_CSV_BLOCK = 1024  # rows converted at once
+
+
+def _csv_cells(line: str) -> list[str]:
+    return next(csv.reader([line])) if '"' in line else line.split(",")
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_slidechat_csv(path: str | os.PathLike, expect_dim: int | None = None,
+                       expect_encoder: str | None = None) -> FeatureFile:
+    """One slide's features as SlideChat stores them: a CSV with a header row (pandas' column names, e.g. 0..511;
+    skipped), one row per patch, the first 512 columns CONCH v1 features. A leading index column (pandas writes an
+    empty or 'Unnamed: 0' header cell for it) is dropped; a first line that is numbers, not the column names
+    0..W-1, is taken as a data row (a file without a header). A CSV narrower than 512 columns is read whole, as the
+    features of an unnamed encoder (only its width can be checked). No coordinates: the result is not spatial.
+    Read line by line within MAX_CSV_BYTES / MAX_CSV_LINE; every problem is one FeatureFileError naming the file
+    and the line (lines count from 1, the header included)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise FeatureFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if size > MAX_CSV_BYTES:
+        raise FeatureFileError(f"{path}: the CSV is {size} bytes; feature CSVs above {MAX_CSV_BYTES} bytes are refused")
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise FeatureFileError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    with fh:
+        return _read_csv(fh, path, expect_dim, expect_encoder)
+
+
+def _read_csv(fh, path: Path, expect_dim, expect_encoder) -> FeatureFile:
+    total = 0
+    line_no = 0
+
+    def lines():
+        nonlocal total, line_no
+        while True:
+            raw = fh.readline(MAX_CSV_LINE + 1)
+            if not raw:
+                return
+            line_no += 1
+            total += len(raw)
+            if total > MAX_CSV_BYTES:
+                raise FeatureFileError(f"{path}: the CSV grew past {MAX_CSV_BYTES} bytes while being read")
+            if len(raw) > MAX_CSV_LINE:
+                raise FeatureFileError(f"{path}: line {line_no} is longer than {MAX_CSV_LINE} bytes")
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise FeatureFileError(f"{path}: line {line_no} is not UTF-8 text") from None
+            text = text.rstrip("\r\n")
+            if text.strip():
+                yield line_no, text
+
+    rows = lines()
+    first = next(rows, None)
+    if first is None:
+        raise FeatureFileError(f"{path}: the CSV is empty (no header, no tiles)")
+    head = [c.strip() for c in _csv_cells(first[1])]
+    skip = 1 if head[0] in ("", "Unnamed: 0") and len(head) > 1 else 0
+    ncols = len(head)
+    width = ncols - skip
+    numeric = all(_is_number(c) for c in head[skip:])
+    names = head[skip:] in ([str(i) for i in range(width)], [str(i) for i in range(1, width + 1)])
+    header = not numeric or names
+    dim = min(width, SLIDECHAT_DIM)
+    enc = SLIDECHAT_ENCODER if width >= SLIDECHAT_DIM else ""
+    enc_from = "a SlideChat CSV: its first 512 columns" if enc else ""
+    if dim > MAX_DIM:
+        raise FeatureFileError(f"{path}: {dim} columns exceed the {MAX_DIM} limit")
+    if expect_encoder is not None:
+        check_encoder(path, enc, expect_encoder, enc_from, named=False)
+    if expect_dim is not None and dim != expect_dim:
+        raise FeatureFileError(f"{path}: features are {dim} wide; this bundle's tile encoder gives {expect_dim}")
+
+    blocks: list[np.ndarray] = []
+    pending: list[tuple[int, list[str]]] = [] if header else [(first[0], head)]
+    n = 0
+
+    def flush():
+        nonlocal n
+        if not pending:
+            return
+        try:
+            block = np.array([c[skip:skip + dim] for _, c in pending], dtype=np.float32)
+        except ValueError:
+            for no, cells in pending:  # find the first bad cell, for its line and column
+                for j, cell in enumerate(cells[skip:skip + dim]):
+                    if not _is_number(cell):
+                        raise FeatureFileError(f"{path}: line {no}, column {skip + j + 1}: {cell.strip()[:40]!r} "
+                                               "is not a number") from None
+            raise FeatureFileError(f"{path}: lines {pending[0][0]}-{pending[-1][0]} hold cells that are not numbers") \
+                from None
+        bad = ~np.isfinite(block).all(axis=1)
+        if bad.any():
+            raise FeatureFileError(f"{path}: line {pending[int(np.argmax(bad))][0]} holds NaN or inf")
+        blocks.append(block)
+        n += len(block)
+        if n > MAX_TILES:
+            raise FeatureFileError(f"{path}: more than {MAX_TILES} rows (tiles); refused")
+        pending.clear()
+
+    for no, text in rows:
+        cells = _csv_cells(text)
+        if len(cells) != ncols:
+            first_line = "header" if header else "first line"
+            raise FeatureFileError(f"{path}: line {no} has {len(cells)} columns; the {first_line} has {ncols}")
+        pending.append((no, cells))
+        if len(pending) >= _CSV_BLOCK:
+            flush()
+    if header and not blocks and not pending:
+        raise FeatureFileError(f"{path}: holds no tiles (a header and no rows)")
+    flush()
+    feats = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    return FeatureFile(
+        features=feats,
+        coords=np.zeros((len(feats), 2), np.int64),
+        patch_size=SLIDECHAT_PATCH,
+        patch_size_level0=SLIDECHAT_PATCH,
+        level0_mpp=0.5,
+        target_mpp=0.5,
+        encoder=enc,
+        name=path.stem,
+        spatial=False,
+        encoder_from=enc_from,
+    )

@@ -22,6 +22,7 @@ decoder graph.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -102,13 +103,20 @@ class FusedDecoderSpec:
                       p + "fc2.weight": (self.cara_ffn, d), p + "fc2.bias": (d,), p + "ffn_scale": ()})
         return w
 
-    def check_weights(self, weights: dict[str, np.ndarray], source: str) -> None:
+    def weight_bytes(self, quant: str, block_size: int = 32) -> int:
+        """About what the graph's initializers take: what decides whether they go to external data."""
+        per = {"fp32": 4.0, "fp16": 2.0, "int4": 0.5 + 4.0 / block_size}[quant]
+        return int(sum(math.prod(s) for s in self.expected_weights().values()) * per)
+
+    def check_weights(self, weights, source: str) -> None:
+        """`weights`: a dict of arrays, or a lazy mapping with `shape_of(name)` (nothing is read to check it)."""
         want = self.expected_weights()
         missing = sorted(set(want) - set(weights))
         if missing:
             raise LocpathError(f"{source}: fused decoder weights missing: {', '.join(missing[:6])}"
                                + (f" and {len(missing) - 6} more" if len(missing) > 6 else ""))
-        bad = [f"{k} {tuple(weights[k].shape)} (want {want[k]})" for k in want if tuple(weights[k].shape) != want[k]]
+        shape_of = getattr(weights, "shape_of", None) or (lambda k: tuple(weights[k].shape))
+        bad = [f"{k} {tuple(shape_of(k))} (want {want[k]})" for k in want if tuple(shape_of(k)) != want[k]]
         if bad:
             raise LocpathError(f"{source}: fused decoder weights of the wrong shape: {'; '.join(bad[:4])}")
 
@@ -142,18 +150,76 @@ def dequantize_int4_rows(packed: np.ndarray, scale: np.ndarray, k: int) -> np.nd
 
 
 # -- graph writing ----------------------------------------------------------------------------------------
-class _Graph:
-    """A tiny node/initializer accumulator with unique names."""
+class ExternalData:
+    """Initializer bytes appended to one `.data` file as they are made, so a graph larger than memory can be
+    written: the graph keeps only a reference (offset, length) per tensor. Offsets are 64 KiB aligned, so ONNX
+    Runtime can memory-map the weights."""
 
-    def __init__(self):
+    ALIGN = 65536
+
+    def __init__(self, path: Path, location: str):
+        self.path, self.location = Path(path), location
+        self._f = open(self.path, "wb")
+        self.bytes = 0
+
+    def add(self, name: str, dtype, shape: tuple, chunks) -> "object":
+        from onnx import TensorProto, helper
+
+        pad = -self.bytes % self.ALIGN
+        if pad:
+            self._f.write(b"\0" * pad)
+            self.bytes += pad
+        start = self.bytes
+        for c in chunks:
+            b = np.ascontiguousarray(c, dtype=dtype).tobytes()
+            self._f.write(b)
+            self.bytes += len(b)
+        t = TensorProto()
+        t.name = name
+        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        t.dims.extend(int(d) for d in shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.location), ("offset", str(start)), ("length", str(self.bytes - start))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        return t
+
+    def close(self):
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+class _Graph:
+    """A tiny node/initializer accumulator with unique names; with `sink`, large initializers go straight to an
+    external data file."""
+
+    SMALL = 4096  # bytes: constants and norms stay inside the graph
+
+    def __init__(self, sink: ExternalData | None = None):
         from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.nodes, self.inits, self._n = [], {}, 0
+        self.sink = sink
 
     def init(self, name: str, arr: np.ndarray) -> str:  # noqa: D401
         if name not in self.inits:
-            self.inits[name] = self.numpy_helper.from_array(np.array(arr, order="C"), name)
+            arr = np.array(arr, order="C")
+            if self.sink is not None and arr.nbytes > self.SMALL:
+                self.inits[name] = self.sink.add(name, arr.dtype, arr.shape, [arr])
+            else:
+                self.inits[name] = self.numpy_helper.from_array(arr, name)
+        return name
+
+    def init_chunks(self, name: str, dtype, shape: tuple, chunks) -> str:
+        """An initializer given as row chunks (what a streamed INT4 weight is); in memory without a sink."""
+        if name not in self.inits:
+            if self.sink is not None:
+                self.inits[name] = self.sink.add(name, dtype, shape, chunks)
+            else:
+                arr = np.concatenate([np.asarray(c, dtype) for c in chunks]).reshape(shape)
+                self.inits[name] = self.numpy_helper.from_array(arr, name)
         return name
 
     def const_i64(self, values) -> str:
@@ -170,12 +236,39 @@ class _Graph:
 
 
 class _Builder:
-    def __init__(self, spec: FusedDecoderSpec, weights: dict, quant: str, block: int, accuracy_level: int):
+    ROWS = 2048  # rows quantized at a time: the temporaries of one chunk, not of the whole matrix
+
+    def __init__(self, spec: FusedDecoderSpec, weights, quant: str, block: int, accuracy_level: int,
+                 sink: ExternalData | None = None, progress=None):
         self.s, self.w, self.quant, self.block, self.acc = spec, weights, quant, block, accuracy_level
         self.ft = np.float16 if quant == "fp16" else np.float32  # activations, float weights, K/V
-        self.g = _Graph()
+        self.g = _Graph(sink)
         self.quantized: list[str] = []
         self.float_matmuls: list[str] = []
+        self.progress = progress or (lambda name: None)
+
+    def rows(self, wname: str) -> np.ndarray:
+        """A MatMul weight as [out, in] rows (the layout INT4 blocks run along): a lazy source hands them over
+        directly, a dict holds [in, out]."""
+        get = getattr(self.w, "rows", None)
+        if get is not None:
+            return get(wname)
+        w = np.asarray(self.w[wname], np.float32)
+        return w if wname in ("embed", "lm_head") else w.T  # the vocabulary matrices are [vocab, hidden] already
+
+    def int4(self, wname: str, rows: np.ndarray, prefix: str) -> tuple[str, str]:
+        """Quantize rows [N, K] chunk by chunk into `<prefix>.int4` [N, blocks, block/2] and `.scales` [N*blocks]."""
+        n, k = rows.shape
+        nb = -(-k // self.block)
+        packed_chunks, scale_chunks = [], []
+        for i in range(0, n, self.ROWS):
+            p, sc, _ = quantize_int4_rows(rows[i:i + self.ROWS], self.block)
+            packed_chunks.append(p)
+            scale_chunks.append(sc.reshape(-1))
+        b = self.g.init_chunks(prefix + ".int4", np.uint8, (n, nb, self.block // 2), packed_chunks)
+        sc = self.g.init_chunks(prefix + ".scales", np.float32, (n * nb,), scale_chunks)
+        self.progress(wname)
+        return b, sc
 
     def f(self, wname: str) -> np.ndarray:
         """A float weight in the graph's float type."""
@@ -183,17 +276,17 @@ class _Builder:
 
     # weights [in, out] as a MatMul, quantized or not
     def matmul(self, x: str, wname: str, min_k: int = 16) -> str:
-        w = np.asarray(self.w[wname], np.float32)
-        k, n = w.shape
+        rows = self.rows(wname)
+        n, k = rows.shape
         if self.quant == "int4" and k >= min_k and n > 1:
-            packed, scale, _ = quantize_int4_rows(w.T, self.block)
-            b = self.g.init(wname + ".int4", packed)
-            sc = self.g.init(wname + ".scales", scale.reshape(-1))
+            b, sc = self.int4(wname, rows, wname)
+            del rows
             self.quantized.append(wname)
             return self.g.node("MatMulNBits", [x, b, sc], domain=MS, name=wname.replace(".weight", ""), K=k, N=n,
                                bits=4, block_size=self.block, accuracy_level=self.acc)
         self.float_matmuls.append(wname)
-        return self.g.node("MatMul", [x, self.g.init(wname, w.astype(self.ft))], name=wname.replace(".weight", ""))
+        return self.g.node("MatMul", [x, self.g.init(wname, np.asarray(rows).T.astype(self.ft))],
+                           name=wname.replace(".weight", ""))
 
     def rms(self, x: str, wname: str, eps: float, skip: str | None = None) -> tuple[str, str]:
         """RMSNorm(x [+ skip]) -> (normed, residual sum)."""
@@ -209,12 +302,10 @@ class _Builder:
         """Gather, or with INT4 GatherBlockQuantized: over the lm_head's own INT4 tensor when tied (one copy
         serves both), over its own INT4 tensor when not (the fp32 vocabulary matrix is the largest weight)."""
         s = self.s
-        embed = np.asarray(self.w["embed"], np.float32)
         if self.quant != "int4":
-            embed = embed.astype(self.ft)
+            embed = np.asarray(self.w["embed"], self.ft)
             return self.g.node("Gather", [self.g.init("embed", embed), ids], name="embed")
-        packed, scale, _ = quantize_int4_rows(embed, self.block)
-        data, scales = self.g.init("embed.int4", packed), self.g.init("embed.scales", scale.reshape(-1))
+        data, scales = self.int4("embed", self.rows("embed"), "embed")
         if s.tied_embeddings:
             self._lm_int4 = (data, scales)
         data = self.g.node("Reshape", [data, self.g.const_i64([s.vocab, -1])], name="embed.reshape")
@@ -222,7 +313,7 @@ class _Builder:
         self.quantized.append("embed")
         h = self.g.node("GatherBlockQuantized", [data, ids, scales], domain=MS, name="embed", bits=4,
                         block_size=self.block, gather_axis=0, quantize_axis=1)
-        if packed.shape[1] * self.block != s.hidden:  # rows padded to whole blocks
+        if -(-s.hidden // self.block) * self.block != s.hidden:  # rows padded to whole blocks
             h = self.g.node("Slice", [h, self.g.const_i64([0]), self.g.const_i64([s.hidden]), self.g.const_i64([-1])])
         return h
 
@@ -232,8 +323,7 @@ class _Builder:
             if s.tied_embeddings:
                 b, sc = self._lm_int4
             else:
-                packed, scale, _ = quantize_int4_rows(np.asarray(self.w["lm_head"], np.float32), self.block)
-                b, sc = self.g.init("lm_head.int4", packed), self.g.init("lm_head.scales", scale.reshape(-1))
+                b, sc = self.int4("lm_head", self.rows("lm_head"), "lm_head")
             self.quantized.append("lm_head")
             return self.g.node("MatMulNBits", [x2d, b, sc], domain=MS, name="lm_head", K=s.hidden, N=s.vocab, bits=4,
                                block_size=self.block, accuracy_level=self.acc)
@@ -324,10 +414,15 @@ class _Builder:
         return model
 
 
-def build_fused_decoder(spec: FusedDecoderSpec, weights: dict[str, np.ndarray], out: str | os.PathLike,
+def build_fused_decoder(spec: FusedDecoderSpec, weights, out: str | os.PathLike,
                         quant: str = "fp32", block_size: int = 32, accuracy_level: int = 4,
-                        source: str = "weights") -> dict:
-    """Write the fused decoder ONNX to `out` (atomically) and return what was done."""
+                        source: str = "weights", external: bool | None = None, progress=None) -> dict:
+    """Write the fused decoder ONNX to `out` (atomically) and return what was done.
+
+    `weights`: a dict of arrays, or a lazy source (`engines/fused_stream.py`) that reads each weight when the
+    graph reaches it. `external`: weights in `<out>.data` beside the graph, appended as they are made, so the
+    process never holds more than one weight matrix (default: when the weights pass protobuf's 2 GB limit).
+    """
     import onnx
 
     from ..fsutil import atomic_file
@@ -337,14 +432,24 @@ def build_fused_decoder(spec: FusedDecoderSpec, weights: dict[str, np.ndarray], 
     if spec.head_dim % 2:
         raise LocpathError(f"{source}: rotary needs an even head_dim, got {spec.head_dim}")
     spec.check_weights(weights, source)
-    b = _Builder(spec, weights, quant, block_size, accuracy_level)
-    model = b.build()
     out = Path(out)
-    data_bytes = sum(t.ByteSize() for t in model.graph.initializer)
-    with atomic_file(out) as tmp:
-        if data_bytes > 1_800_000_000:  # protobuf's 2 GB limit: weights beside the graph
-            onnx.save_model(model, str(tmp), save_as_external_data=True, location=out.name + ".data")
-        else:
+    if external is None:
+        external = spec.weight_bytes(quant, block_size) > 1_800_000_000
+    data_name = out.name + ".data" if external else None
+    if external:
+        with atomic_file(out.parent / data_name) as tmp_data:
+            sink = ExternalData(tmp_data, data_name)
+            try:
+                b = _Builder(spec, weights, quant, block_size, accuracy_level, sink=sink, progress=progress)
+                model = b.build()
+            finally:
+                sink.close()
+            with atomic_file(out) as tmp:
+                onnx.save_model(model, str(tmp))
+    else:
+        b = _Builder(spec, weights, quant, block_size, accuracy_level, progress=progress)
+        model = b.build()
+        with atomic_file(out) as tmp:
             onnx.save_model(model, str(tmp))
     ops: dict[str, int] = {}
     for n in model.graph.node:
@@ -354,6 +459,7 @@ def build_fused_decoder(spec: FusedDecoderSpec, weights: dict[str, np.ndarray], 
             "int4_weights": len(b.quantized) if quant == "int4" else 0,
             "float_matmul_weights": b.float_matmuls, "block_size": block_size if quant == "int4" else None,
             "accuracy_level": accuracy_level if quant == "int4" else None,
+            "data_file": data_name,
             "embedding": ("Gather fp32" if quant != "int4" else "GatherBlockQuantized (shared with lm_head)"
                           if spec.tied_embeddings else "GatherBlockQuantized")}
 

@@ -1,0 +1,249 @@
+"""Tensors of a Hugging Face model folder read one at a time from its safetensors shards, torch-free.
+
+Why: a 7B model in fp32 does not fit a 24 GB machine, so the published-scale decoder is written layer by layer
+from the shards (`engines/fused_stream.py`). Each shard is memory-mapped and a tensor is converted to float32
+only when asked for; nothing keeps it afterwards. Nothing read from the folder is trusted: the index may only
+name shard files inside the folder, every header entry must lie inside its file with the size its dtype and
+shape imply, and only float dtypes are taken.
+
+LoRA adapters (a PEFT folder: adapter_config.json + adapter_model.safetensors) are read the same way and
+merged per weight as W + scale * B @ A, the formula PEFT's own merge applies (scale = alpha / r, or
+alpha / sqrt(r) with rsLoRA); `tests/test_published.py` checks the result against peft's merge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+_DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+MAX_HEADER = 100 * 2**20
+
+
+def _confined(folder: Path, name: object, where: Path) -> Path:
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
+            or name.startswith("."):
+        raise CheckpointError(f"{where}: shard name {name!r} is not a plain file name inside the folder")
+    p = folder / name
+    if p.is_symlink() or not p.is_file():
+        raise CheckpointError(f"{where}: shard {name!r} is missing or not a regular file")
+    return p
+
+
+@dataclass
+class _Entry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class SafetensorsFiles:
+    """Named tensors over one or more safetensors files; memory-mapped, read on demand, converted to float32."""
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, _Entry] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for f in files:
+            self._read_header(f)
+
+    def _read_header(self, f: Path) -> None:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            if len(head) != 8:
+                raise CheckpointError(f"{f}: not a safetensors file (shorter than its header length)")
+            n = int.from_bytes(head, "little")
+            if not 2 <= n <= min(MAX_HEADER, size - 8):
+                raise CheckpointError(f"{f}: not a safetensors file (header length {n} of a {size}-byte file)")
+            try:
+                header = json.loads(fh.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{f}: safetensors header is not JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{f}: safetensors header is not a JSON object")
+        base, data_len = 8 + n, size - 8 - n
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
+                a, b = int(a), int(b)
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{f}: tensor {name!r} has a malformed header entry") from None
+            if dtype not in _DTYPES:
+                raise CheckpointError(f"{f}: tensor {name!r} is {dtype}; only F32, F16 and BF16 weights are read")
+            want = math.prod(shape) * _DTYPES[dtype][1]
+            if any(d < 0 for d in shape) or not 0 <= a <= b <= data_len or b - a != want:
+                raise CheckpointError(f"{f}: tensor {name!r} lies outside the file or does not match its shape "
+                                      f"{list(shape)} and dtype {dtype}")
+            if name in self.entries:
+                raise CheckpointError(f"{f}: tensor {name!r} is stored twice (also in {self.entries[name].file.name})")
+            self.entries[name] = _Entry(f, dtype, shape, base + a, base + b)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def _entry(self, name: str) -> _Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is not in the model's weight files") from None
+
+    def raw(self, name: str) -> np.ndarray:
+        """The stored tensor as a read-only view of the memory map (bf16 as uint16)."""
+        e = self._entry(name)
+        mm = self._maps.get(e.file)
+        if mm is None:
+            mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
+        np_dtype, _ = _DTYPES[e.dtype]
+        return mm[e.start:e.end].view(np_dtype).reshape(e.shape)
+
+    def array(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """float32 copy of a tensor (or of a slice of its rows)."""
+        e, raw = self._entry(name), self.raw(name)
+        if rows is not None:
+            raw = raw[rows]
+        if e.dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return np.array(raw, dtype=np.float32)
+
+
+class HFFolder:
+    """A local Hugging Face causal-LM folder: config.json plus model.safetensors or shards with their index."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"{self.folder}: not a Hugging Face model folder (no config.json)")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{cfg}: invalid JSON ({exc})") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"{cfg}: not a JSON object")
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+                raise CheckpointError(f"{index}: invalid index ({exc})") from None
+            if not isinstance(wm, dict) or not wm:
+                raise CheckpointError(f"{index}: no weight_map")
+            files = sorted({_confined(self.folder, v, index) for v in wm.values()})
+            self.weights = SafetensorsFiles(files)
+            unlisted = sorted(set(wm) - set(self.weights.names()))
+            if unlisted:
+                raise CheckpointError(f"{index}: names tensors its shards do not hold: {', '.join(unlisted[:4])}")
+        elif (self.folder / "model.safetensors").is_file():
+            self.weights = SafetensorsFiles([_confined(self.folder, "model.safetensors", self.folder)])
+        else:
+            raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json "
+                                  "(only safetensors weights are read)")
+        self.model_type = self.config.get("model_type")
+        if self.model_type not in ("qwen2", "llama"):
+            raise CheckpointError(f"{cfg}: model_type {self.model_type!r} is not supported (qwen2 or llama)")
+
+    def get(self, key: str, default=None):
+        return self.config.get(key, default)
+
+    @property
+    def bytes(self) -> int:
+        return sum(e.end - e.start for e in self.weights.entries.values())
+
+
+# -- LoRA ----------------------------------------------------------------------------------------------------
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+@dataclass
+class LoraAdapter:
+    """LoRA A/B pairs by the base weight they modify ("model.layers.0.self_attn.q_proj.weight")."""
+
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # weight name -> (A [r, in], B [out, r]) float32
+    alpha: float
+    rslora: bool = False
+    source: str = "adapter"
+
+    def scale(self, rank: int) -> float:
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+    def delta(self, weight: str) -> np.ndarray | None:
+        ab = self.pairs.get(weight)
+        if ab is None:
+            return None
+        a, b = ab
+        return (b @ a) * np.float32(self.scale(a.shape[0]))
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, np.ndarray], alpha: float | None, rslora: bool = False,
+                     source: str = "adapter") -> "LoraAdapter":
+        """From PEFT-style keys (`base_model.model.<module>.lora_A.weight`); alpha defaults to the rank."""
+        halves: dict[str, dict[str, np.ndarray]] = {}
+        for k, v in tensors.items():
+            m = _LORA_KEY.match(k)
+            if m is None:
+                raise CheckpointError(f"{source}: {k!r} is not a LoRA A/B weight")
+            halves.setdefault(m["module"] + ".weight", {})[m["ab"]] = np.asarray(v, np.float32)
+        pairs, ranks = {}, set()
+        for w, h in halves.items():
+            if set(h) != {"A", "B"}:
+                raise CheckpointError(f"{source}: {w} has lora_{'A' if 'A' not in h else 'B'} missing")
+            a, b = h["A"], h["B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise CheckpointError(f"{source}: {w}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not pair")
+            pairs[w], _ = (a, b), ranks.add(a.shape[0])
+        if not pairs:
+            raise CheckpointError(f"{source}: holds no LoRA weights")
+        rank = max(ranks)
+        return cls(pairs, float(alpha if alpha is not None else rank), rslora, source)
+
+    @classmethod
+    def from_peft_folder(cls, folder: str | os.PathLike) -> "LoraAdapter":
+        folder = Path(folder)
+        cfg_file = folder / "adapter_config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+            alpha, r = float(cfg["lora_alpha"]), int(cfg["r"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{cfg_file}: not a LoRA adapter config ({exc})") from None
+        if cfg.get("peft_type", "LORA") != "LORA":
+            raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+        if cfg.get("fan_in_fan_out"):
+            raise CheckpointError(f"{cfg_file}: fan_in_fan_out adapters (Conv1D models) are not supported")
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise CheckpointError(f"{cfg_file}: per-module rank/alpha patterns are not supported")
+        files = SafetensorsFiles([_confined(folder, "adapter_model.safetensors", folder)])
+        ad = cls.from_tensors({k: files.array(k) for k in files.names()}, alpha, bool(cfg.get("use_rslora")),
+                              str(folder))
+        bad = [w for w, (a, _) in ad.pairs.items() if a.shape[0] != r]
+        if bad:
+            raise CheckpointError(f"{folder}: {bad[0]} has rank {ad.pairs[bad[0]][0].shape[0]}, the config says {r}")
+        return ad
+
+    def check_against(self, hf: HFFolder) -> None:
+        """Every adapted weight exists in the base model with the shape B @ A gives."""
+        for w, (a, b) in self.pairs.items():
+            if w not in hf.weights:
+                raise CheckpointError(f"{self.source}: adapts {w}, which {hf.folder} does not have")
+            if hf.weights.shape(w) != (b.shape[0], a.shape[1]):
+                raise CheckpointError(f"{self.source}: {w}: B @ A is {[b.shape[0], a.shape[1]]}, "
+                                      f"the base weight is {list(hf.weights.shape(w))}")

@@ -1,8 +1,8 @@
 """Tensors of a Hugging Face model folder read one at a time from its safetensors shards, torch-free.
 
 Why: a 7B model in fp32 does not fit a 24 GB machine, so the published-scale decoder is written layer by layer
-from the shards (`engines/fused_stream.py`). Each shard is memory-mapped and a tensor is converted to float32
-only when asked for; nothing keeps it afterwards. Nothing read from the folder is trusted: the index may only
+from the shards (`engines/fused_stream.py`). A tensor is read (pread, not a memory map) and converted to
+float32 only when asked for; nothing keeps it afterwards. Nothing read from the folder is trusted: the index may only
 name shard files inside the folder, every header entry must lie inside its file with the size its dtype and
 shape imply, and only float dtypes are taken.
 
@@ -48,11 +48,11 @@ class _Entry:
 
 
 class SafetensorsFiles:
-    """Named tensors over one or more safetensors files; memory-mapped, read on demand, converted to float32."""
+    """Named tensors over one or more safetensors files; read on demand, converted to float32."""
 
     def __init__(self, files: list[Path]):
         self.entries: dict[str, _Entry] = {}
-        self._maps: dict[Path, np.memmap] = {}
+        self._fds: dict[Path, int] = {}
         for f in files:
             self._read_header(f)
 
@@ -105,23 +105,46 @@ class SafetensorsFiles:
         except KeyError:
             raise CheckpointError(f"tensor {name!r} is not in the model's weight files") from None
 
-    def raw(self, name: str) -> np.ndarray:
-        """The stored tensor as a read-only view of the memory map (bf16 as uint16)."""
+    def raw(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The stored tensor (or a range of its rows) as read from disk, bf16 as uint16. Read with pread, not
+        memory-mapped: mapped pages would stay in the process's resident set after use, so a 15 GB model read
+        through a map looks like a 15 GB process."""
         e = self._entry(name)
-        mm = self._maps.get(e.file)
-        if mm is None:
-            mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="r")
-        np_dtype, _ = _DTYPES[e.dtype]
-        return mm[e.start:e.end].view(np_dtype).reshape(e.shape)
+        np_dtype, size = _DTYPES[e.dtype]
+        shape = e.shape
+        start, end = e.start, e.end
+        if rows is not None:
+            lo, hi, step = rows.indices(shape[0] if shape else 1)
+            if step != 1:
+                raise ValueError("row slices must be contiguous")
+            row = math.prod(shape[1:]) * size
+            start, end, shape = e.start + lo * row, e.start + max(lo, hi) * row, (max(0, hi - lo), *shape[1:])
+        buf = np.empty(end - start, np.uint8)
+        fd = self._fds.get(e.file)
+        if fd is None:
+            fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+        got, view = 0, memoryview(buf)
+        while got < len(buf):
+            n = os.preadv(fd, [view[got:]], start + got)
+            if n <= 0:
+                raise CheckpointError(f"{e.file}: ends inside tensor {name!r} (the file was truncated)")
+            got += n
+        return buf.view(np_dtype).reshape(shape)
 
     def array(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """float32 copy of a tensor (or of a slice of its rows)."""
-        e, raw = self._entry(name), self.raw(name)
-        if rows is not None:
-            raw = raw[rows]
+        """float32 copy of a tensor (or of a range of its rows)."""
+        e, raw = self._entry(name), self.raw(name, rows)
         if e.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)
-        return np.array(raw, dtype=np.float32)
+        return raw.astype(np.float32, copy=e.dtype != "F32")
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
 
 
 class HFFolder:

@@ -14,7 +14,15 @@ from .errors import ConfigError
 
 @dataclass
 class TileEncoderConfig:
-    """A ViT with timm's parameter layout (so UNI/CONCH-style checkpoints load)."""
+    """The tile encoder, always built by timm (`models/encoders.py`).
+
+    family "vit": timm's plain VisionTransformer from the sizes below (the tiny reference). Any other family is a
+    registered encoder under TRIDENT's name (`locpath.encoders`: conch_v1, uni_v1, uni_v2, virchow2, hoptimus0,
+    hoptimus1, gigapath): timm's own definition of it, whose sizes, tile size and normalisation this config must
+    repeat (checked when the model is built; `models.encoders.encoder_config(name, depth=None)` writes them) and
+    whose depth may be smaller (tests). mlp_ratio, class_token, global_pool, layer_scale_init and head_always apply
+    to family "vit" only: a registered encoder's timm definition fixes them.
+    """
 
     img_size: int = 224
     patch_size: int = 16
@@ -29,13 +37,17 @@ class TileEncoderConfig:
     head_always: bool = False
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    name: str = "vit"
+    name: str = "vit"  # what feature files carry: TRIDENT's name for a registered encoder
+    family: str = "vit"
 
     @property
     def has_head(self) -> bool:
-        return self.head_always or self.out_dim != self.embed_dim
+        """Family "vit": a `head` Linear to out_dim. Registered encoders pool as their definition says."""
+        return self.family == "vit" and (self.head_always or self.out_dim != self.embed_dim)
 
     def validate(self):
+        if not isinstance(self.family, str) or not self.family:
+            raise ConfigError(f"tile encoder: family must be 'vit' or a registered encoder name, got {self.family!r}")
         if self.img_size % self.patch_size:
             raise ConfigError(f"tile encoder: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:

@@ -50,6 +50,9 @@ class EncoderSpec:
     num_prefix_tokens: int = 1  # CLS + registers: what "cls+mean" skips
     target_mpp: float = 0.5
     key_prefixes: tuple[str, ...] = ()  # stripped from checkpoint keys (open_clip, DDP, Lightning wrappers)
+    # key groups of the released checkpoint that the tile feature does not use (matched before key_prefixes are
+    # stripped: a key equal to a group or under "group."); the loader drops exactly these and refuses other strays
+    unused_keys: tuple[str, ...] = ()
     card: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -61,6 +64,8 @@ ENCODERS: dict[str, EncoderSpec] = {e.name: e for e in (
                 {"img_size": 448, "num_classes": 0, "global_pool": "", "dynamic_img_size": True},
                 embed_dim=768, depth=12, num_heads=12, out_dim=512, img_size=448, patch_size=16,
                 mean=OPENAI_MEAN, std=OPENAI_STD, pooling="conch", key_prefixes=("visual.",),
+                unused_keys=("visual.proj_contrast", "visual.attn_pool_caption", "visual.ln_caption", "text",
+                             "text_decoder", "logit_scale"),
                 card="MahmoodLab/CONCH: ViT-B/16 at 448 px, attentional pooler (1 query, 8 heads) + LayerNorm, 512-d",
                 extra={"pooler_heads": 8}),
     EncoderSpec("uni_v1", ("uni", "UNI", "uni-v1"), "vit_large_patch16_224",
@@ -132,3 +137,41 @@ def same_encoder(a: str, b: str) -> bool:
     if ca is not None or cb is not None:
         return ca == cb
     return a == b
+
+
+# TileEncoderConfig fields a registered encoder fixes (the config must repeat them; depth may be smaller)
+_FIXED = ("img_size", "patch_size", "embed_dim", "num_heads", "out_dim", "mean", "std")
+
+
+def tile_encoder_fields(name: str, depth: int | None = None) -> dict:
+    """TileEncoderConfig keyword arguments for a registered encoder (`TileEncoderConfig(**tile_encoder_fields(n))`);
+    `depth` below the real one builds a shallower model of the real width (tests)."""
+    spec = encoder_spec(name)
+    fields = {k: getattr(spec, k) for k in _FIXED}
+    fields.update(depth=spec.depth if depth is None else int(depth), name=spec.name, family=spec.name)
+    return fields
+
+
+def check_tile_encoder(cfg) -> EncoderSpec | None:
+    """The registry entry a TileEncoderConfig names (None for family "vit"), after checking that the config repeats
+    the entry's sizes, tile size and normalisation; one ConfigError naming every field that differs."""
+    if cfg.family == "vit":
+        return None
+    spec = encoder_spec(cfg.family)
+    bad = []
+    for k in _FIXED:
+        mine, theirs = getattr(cfg, k), getattr(spec, k)
+        if isinstance(theirs, tuple):
+            same = len(tuple(mine)) == len(theirs) and all(abs(float(a) - b) <= 1e-9 for a, b in zip(mine, theirs))
+        else:
+            same = mine == theirs
+        if not same:
+            bad.append(f"{k} {mine!r} (registry: {theirs!r})")
+    if not 1 <= cfg.depth <= spec.depth:
+        bad.append(f"depth {cfg.depth!r} (registry: 1..{spec.depth})")
+    other = canonical_encoder(cfg.name)
+    if other is not None and other != spec.name:
+        bad.append(f"name {cfg.name!r} (another registered encoder; use {spec.name!r})")
+    if bad:
+        raise ConfigError(f"tile encoder {spec.name}: the config differs from the registry: {'; '.join(bad)}")
+    return spec

@@ -5,7 +5,7 @@ import torch
 from locpath.config import ModelConfig, TileEncoderConfig, preset
 from locpath.errors import CheckpointError, ConfigError
 from locpath.models.slide_llm import LocPathModel, SlideFeatures, build_model
-from locpath.models.vit import VisionTransformer, load_timm_checkpoint
+from locpath.models.encoders import build_tile_encoder, load_encoder_weights
 from locpath.stm import merge_tokens
 
 # timm's VisionTransformer names, for a depth-1 model (vit_base_patch16_224 layout)
@@ -20,11 +20,15 @@ TIMM_KEYS = {
 def small_vit(**kw):
     base = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, out_dim=16)
     base.update(kw)
-    return VisionTransformer(TileEncoderConfig(**base))
+    return build_tile_encoder(TileEncoderConfig(**base))
 
 
-def test_vit_state_dict_matches_timm_layout():
-    sd = small_vit().state_dict()
+def test_vit_family_is_timm_with_its_state_dict_layout():
+    from timm.models.vision_transformer import VisionTransformer
+
+    m = small_vit()
+    assert isinstance(m, VisionTransformer)  # timm's own class (with the uint8 entry added), not a copy
+    sd = m.state_dict()
     assert set(sd) == TIMM_KEYS | {"norm.weight", "norm.bias", "head.weight", "head.bias"}
     assert sd["pos_embed"].shape == (1, 17, 32) and sd["blocks.0.attn.qkv.weight"].shape == (96, 32)
     # UNI-style: layer scale, no head, average pooling with fc_norm
@@ -39,13 +43,13 @@ def test_vit_checkpoint_loads_and_mismatch_is_refused(tmp_path):
     p = tmp_path / "enc.safetensors"
     save_file({f"module.{k}": v.contiguous() for k, v in src.state_dict().items()}, str(p))  # DDP prefix
     dst = small_vit()
-    load_timm_checkpoint(dst, p)
+    load_encoder_weights(dst, p)
     x = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
     torch.testing.assert_close(dst.forward_uint8(x), src.forward_uint8(x))
     with pytest.raises(CheckpointError, match="enc.safetensors.*shape mismatch"):
-        load_timm_checkpoint(small_vit(embed_dim=64), p)
+        load_encoder_weights(small_vit(embed_dim=64), p)
     with pytest.raises(CheckpointError, match="not found"):
-        load_timm_checkpoint(dst, tmp_path / "nope.pth")
+        load_encoder_weights(dst, tmp_path / "nope.pth")
 
 
 def test_uint8_entry_normalises_inside_the_model():

@@ -76,7 +76,7 @@ def test_training_features_come_from_slide_files(monkeypatch, tmp_path):
     """Training reads its tiles as `locpath eval` does: slide files (SVS, TIFF alternating), open_slide,
     detected grid, TileReader; the files are gone afterwards."""
     from locpath.config import preset
-    from locpath.models.vit import VisionTransformer
+    from locpath.models.encoders import build_tile_encoder
     from locpath.synth import write_slide
     from locpath.train import data, stages
     from locpath.wsi import open_slide
@@ -90,7 +90,7 @@ def test_training_features_come_from_slide_files(monkeypatch, tmp_path):
 
     monkeypatch.setattr(data, "open_slide", spy)
     torch.manual_seed(0)
-    enc = VisionTransformer(preset("tiny").tile_encoder).eval()
+    enc = build_tile_encoder(preset("tiny").tile_encoder).eval()
     examples = stages.stage_features(enc, stages.TrainConfig(seed=0), "eval", 2, stages.Log(quiet=True))
     assert [p.suffix for p in opened] == [".svs", ".tiff"]
     assert not any(p.exists() for p in opened)

@@ -20,11 +20,11 @@ from ..config import ModelConfig
 from ..stm import MergedTokens, merge_tokens
 from ..text import IM_END, PAD, format_prompt
 from .cara import CARAAdapter
+from .encoders import build_tile_encoder, tile_target_mpp
 from .layers import sincos_2d
 from .llm import build_llm
 from .resampler import MAEHead, Resampler
 from .tis import TokenImportanceScorer, select_top_m
-from .vit import VisionTransformer
 
 
 @dataclass
@@ -73,7 +73,8 @@ class SlideLLMBase(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
-        self.tile_encoder = VisionTransformer(cfg.tile_encoder)
+        tile_target_mpp(cfg)  # a registered encoder reads tiles at its own resolution
+        self.tile_encoder = build_tile_encoder(cfg.tile_encoder)
         self.llm = build_llm(cfg.llm)
         self.hidden = self.llm.config.hidden_size
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, preset
+from ..models.encoders import build_tile_encoder
 from ..models.slide_llm import LocPathModel, PrefixModel, SlideFeatures
-from ..models.vit import VisionTransformer
 from ..synth.qa import ANSWERS, QUESTION_TYPES, REPORT_PROMPT, TEMPLATES, corpus, normalize_answer
 from ..synth.textures import CLASS_NAMES
 from ..synth.world import BACKGROUND, make_spec
@@ -106,12 +106,12 @@ def _encoder_tiles(tc: TrainConfig, rng: np.random.Generator) -> tuple[np.ndarra
     return np.concatenate(tiles), np.concatenate(targets).astype(np.float32)
 
 
-def stage_encoder(cfg: ModelConfig, tc: TrainConfig, log: Log) -> VisionTransformer:
+def stage_encoder(cfg: ModelConfig, tc: TrainConfig, log: Log) -> nn.Module:
     rng = np.random.default_rng([tc.seed, 11])
     x, y = _encoder_tiles(tc, rng)
     n_val = len(x) // 10
     log(f"encoder: {len(x)} tiles from {tc.encoder_slides} slides ({n_val} held out)")
-    enc = VisionTransformer(cfg.tile_encoder)
+    enc = build_tile_encoder(cfg.tile_encoder)
     head = nn.Linear(cfg.feature_dim, len(CLASS_NAMES))
     params = list(enc.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=0.05)
@@ -152,7 +152,7 @@ def stage_encoder(cfg: ModelConfig, tc: TrainConfig, log: Log) -> VisionTransfor
 
 
 @torch.no_grad()
-def encode_tiles(enc: VisionTransformer, tiles: np.ndarray, batch: int = 128) -> np.ndarray:
+def encode_tiles(enc: nn.Module, tiles: np.ndarray, batch: int = 128) -> np.ndarray:
     return torch.cat([enc.forward_uint8(torch.from_numpy(tiles[i : i + batch])) for i in range(0, len(tiles), batch)]).numpy()
 
 
@@ -162,7 +162,7 @@ class Example:
     slide: SlideFeatures
 
 
-def file_example(enc: VisionTransformer, fs: FileSlide) -> Example:
+def file_example(enc: nn.Module, fs: FileSlide) -> Example:
     """The slide's features as `locpath eval` computes them: detected grid, TileReader, encoder callable."""
     ff, _ = extract_features(fs.slide, lambda tiles: encode_tiles(enc, tiles), fs.plan, enc.cfg.name)
     return Example(fs.spec, SlideFeatures(ff.features, fs.grid))
@@ -175,7 +175,7 @@ def _split_spec(tc: TrainConfig, split: str, i: int):
     return make_spec(split_seed(tc.seed, split, i), tc.slide_tiles)
 
 
-def stage_features(enc: VisionTransformer, tc: TrainConfig, split: str, count: int, log: Log) -> list[Example]:
+def stage_features(enc: nn.Module, tc: TrainConfig, split: str, count: int, log: Log) -> list[Example]:
     out = []
     t0 = time.time()
     n_tiles = 0

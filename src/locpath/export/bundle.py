@@ -78,6 +78,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
     import torch
 
     from ..models.checkpoint import load_checkpoint
+    from ..models.encoders import tile_target_mpp
     from ..models.llm import sync_llm_config
     from ..models.slide_llm import LocPathModel
 
@@ -120,7 +121,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
             model=cfg.to_dict(),
             components=components,
             preprocessing=Preprocessing(
-                tile_size=cfg.tile_encoder.img_size, target_mpp=cfg.target_mpp, mean=list(cfg.tile_encoder.mean),
+                tile_size=cfg.tile_encoder.img_size, target_mpp=tile_target_mpp(cfg), mean=list(cfg.tile_encoder.mean),
                 std=list(cfg.tile_encoder.std), stm=dataclasses.asdict(cfg.stm),
             ),
             tokenizer=TokenizerEntry(file="tokenizer.json", chat_template=CHAT_TEMPLATE_FILE, pad=PAD,

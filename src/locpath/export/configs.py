@@ -60,9 +60,9 @@ class ExportConfig:
 
 # -- tile encoder -----------------------------------------------------------------
 class _TileEncoder(nn.Module):
-    def __init__(self, m: LocPathModel):
+    def __init__(self, m: LocPathModel | nn.Module):
         super().__init__()
-        self.enc = m.tile_encoder
+        self.enc = _encoder_of(m)
 
     def forward(self, tiles):
         return self.enc.forward_uint8(tiles)
@@ -73,8 +73,16 @@ class TileEncoderExport(ExportConfig):
         return _TileEncoder(model)
 
 
-def tile_encoder_config(model: LocPathModel) -> ExportConfig:
-    c = model.cfg.tile_encoder
+def _encoder_of(model):
+    """The tile encoder of a slide model, or the model itself when it is a tile encoder (`build_tile_encoder`)."""
+    enc = getattr(model, "tile_encoder", None)
+    return model if enc is None else enc
+
+
+def tile_encoder_config(model: LocPathModel | nn.Module) -> ExportConfig:
+    """The tile encoder of `model` (a LocPathModel, or a bare encoder from `build_tile_encoder`) at its own tile size:
+    uint8 NHWC (batch, img, img, 3) -> (batch, out_dim), the encoder's mean/std inside the graph."""
+    c = _encoder_of(model).cfg
     return TileEncoderExport(
         component=names.TILE_ENCODER,
         inputs=[TensorSpec("tiles", "uint8", ("batch", c.img_size, c.img_size, 3))],

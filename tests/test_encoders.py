@@ -1,0 +1,345 @@
+"""Registered tile encoders (TRIDENT's names), built with timm's own definitions at their real widths and a reduced
+depth; random weights written in each release's real key layout, read by the loader, exported through the
+tile-encoder contract and validated against PyTorch on real H&E tiles read by locpath's own tiling."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from locpath.config import ModelConfig, TileEncoderConfig, preset
+from locpath.encoders import ENCODERS, encoder_spec
+from locpath.errors import CheckpointError, ConfigError
+from locpath.models.encoders import (ConchVisionTower, TimmTileEncoder, build_tile_encoder, encoder_config,
+                                     load_encoder_weights, tile_target_mpp)
+
+DEPTH = 1
+N_TILES = 5
+# file name and format each release ships its tile-encoder weights in
+RELEASE_FILES = {"conch_v1": "pytorch_model.bin", "uni_v1": "pytorch_model.bin", "uni_v2": "pytorch_model.bin",
+                 "virchow2": "model.safetensors", "hoptimus0": "model.safetensors",
+                 "hoptimus1": "model.safetensors", "gigapath": "pytorch_model.bin"}
+FP16 = {"hoptimus1"}  # one release written in half precision: the loader casts it to the model's dtype
+
+
+class NotWeights:
+    """A class a weights-only unpickler must refuse."""
+
+    def __reduce__(self):
+        return (NotWeights, ())
+
+
+# -- real tiles -------------------------------------------------------------------
+_TILES: dict = {}
+
+
+def tissue_tiles(svs, size: int, mpp: float, n: int = N_TILES) -> np.ndarray:
+    """n tissue tiles of the real slide at the encoder's tile size and resolution, through plan_tiles/TileReader."""
+    key = (size, mpp, n)
+    if key not in _TILES:
+        from locpath.wsi import GridConfig, TileReader, open_slide
+        from locpath.wsi.extract import plan_tiles
+
+        with open_slide(svs) as s:
+            plan = plan_tiles(s, GridConfig(target_mpp=mpp, tile_size=size, min_tissue=0.5))
+            order = np.argsort(-plan.grid.tissue, kind="stable")[: max(n, len(plan.grid) // 2)]
+            pick = np.sort(order[np.linspace(0, len(order) - 1, n).astype(int)])
+            reader = TileReader(s, plan.grid)
+            _TILES[key] = np.stack([reader.read_tile(s, int(x), int(y)) for x, y in plan.grid.coords[pick]])
+    return _TILES[key]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# -- random weights in the real layouts ---------------------------------------------
+def randomised(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """timm's init leaves LayerNorms at 1/0, layer scale at 1e-5 and CLS/registers near 0, which would hide the
+    blocks from the check: draw every tensor instead."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        r = torch.randn(v.shape, generator=g)
+        if k.endswith("gamma"):
+            out[k] = 0.5 + 0.5 * r.abs()
+        elif v.ndim == 1 and k.endswith("weight"):  # norms
+            out[k] = 1.0 + 0.1 * r
+        elif k.endswith("bias"):
+            out[k] = 0.02 * r
+        elif k.endswith(("cls_token", "reg_token", "pos_embed", "query")):
+            out[k] = 0.5 * r
+        else:  # matrices and the patch projection: fan-in scaled
+            out[k] = r / np.sqrt(max(1, v[0].numel()))
+    return out
+
+
+def conch_extras(g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The rest of CONCH v1's released checkpoint (coca_model.py, conch_ViT-B-16.json): the caption pooler (256
+    queries at 768), the contrastive projection, and a sample of the text tower's and decoder's keys at their real
+    shapes (the vocabulary-sized embeddings and decoder projection left out to keep the file small: they are ignored
+    like the others)."""
+    shapes = {
+        "visual.proj_contrast": (512, 512),
+        "visual.attn_pool_caption.query": (256, 768),
+        "visual.attn_pool_caption.attn.in_proj_weight": (2304, 768),
+        "visual.attn_pool_caption.attn.in_proj_bias": (2304,),
+        "visual.attn_pool_caption.attn.out_proj.weight": (768, 768),
+        "visual.attn_pool_caption.attn.out_proj.bias": (768,),
+        "visual.attn_pool_caption.ln_q.weight": (768,), "visual.attn_pool_caption.ln_q.bias": (768,),
+        "visual.attn_pool_caption.ln_k.weight": (768,), "visual.attn_pool_caption.ln_k.bias": (768,),
+        "visual.ln_caption.weight": (768,), "visual.ln_caption.bias": (768,),
+        "text.text_projection": (768, 512), "text.cls_emb": (768,), "text.positional_embedding": (128, 768),
+        "text.transformer.resblocks.0.attn.in_proj_weight": (2304, 768),
+        "text.transformer.resblocks.0.ln_1.weight": (768,), "text.ln_final.weight": (768,),
+        "text_decoder.resblocks.0.attn.in_proj_weight": (2304, 768),
+        "text_decoder.cross_attn.0.ln_1_kv.weight": (768,), "text_decoder.ln_final.weight": (768,),
+        "logit_scale": (),
+    }
+    return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+
+def release_file(name: str, tmp_path, seed: int = 0):
+    """(path, model-key state dict) of a random checkpoint written as the release ships it."""
+    torch.manual_seed(seed)
+    src = build_tile_encoder(encoder_config(name, depth=DEPTH))
+    sd = randomised(src, seed)
+    if name == "conch_v1":
+        layout = {f"visual.{k}": v for k, v in sd.items()}
+        layout.update(conch_extras(torch.Generator().manual_seed(seed + 1)))
+    else:
+        layout = dict(sd)  # timm's own keys
+    if name in FP16:
+        layout = {k: v.half() for k, v in layout.items()}
+    path = tmp_path / RELEASE_FILES[name]
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in layout.items()}, str(path))
+    else:
+        torch.save(layout, path)
+    return path, sd
+
+
+# -- the registry and the config ------------------------------------------------------
+def test_registry_configs_and_their_checks():
+    conch = encoder_config("CONCH")
+    assert (conch.family, conch.name, conch.img_size, conch.embed_dim, conch.out_dim) == ("conch_v1", "conch_v1", 448,
+                                                                                        768, 512)
+    assert conch.mean == encoder_spec("conch_v1").mean != ModelConfig().tile_encoder.mean  # OpenAI CLIP's, in graph
+    assert encoder_config("Virchow2").out_dim == 2 * encoder_config("virchow2").embed_dim == 2560
+    assert encoder_config("uni", depth=2).depth == 2 and encoder_config("uni").depth == 24
+    with pytest.raises(ConfigError, match=r"embed_dim 768 \(registry: 1024\)"):
+        build_tile_encoder(TileEncoderConfig(**{**encoder_config("uni_v1").__dict__, "embed_dim": 768,
+                                                "num_heads": 16}))
+    with pytest.raises(ConfigError, match="depth 25"):
+        build_tile_encoder(encoder_config("uni_v1", depth=25))
+    with pytest.raises(ConfigError, match="unknown tile encoder 'uni3'"):
+        build_tile_encoder(TileEncoderConfig(family="uni3"))
+    cfg = preset("tiny")
+    cfg.tile_encoder = encoder_config("conch_v1", depth=1)
+    assert tile_target_mpp(cfg) == 0.5
+    cfg.target_mpp = 0.25
+    with pytest.raises(ConfigError, match="target_mpp 0.25 differs from conch_v1's 0.5"):
+        tile_target_mpp(cfg)
+    # a registered encoder's config travels through a manifest's model dict and back
+    cfg.target_mpp = 0.5
+    back = ModelConfig.from_dict(cfg.to_dict())
+    assert back.tile_encoder == cfg.tile_encoder
+
+
+def test_timm_builds_the_registered_poolings():
+    """Virchow2: CLS next to the mean of the patch tokens (registers skipped); CONCH: the attentional pooler as the
+    released model computes it (sequence-first MultiheadAttention over LayerNormed tokens, one query, then
+    ln_contrast), checked against the same arithmetic written out."""
+    torch.manual_seed(0)
+    v = build_tile_encoder(encoder_config("virchow2", depth=1)).eval()
+    assert isinstance(v, TimmTileEncoder) and v.num_prefix_tokens == 5
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        t = v.forward_features(x)
+        torch.testing.assert_close(v(x), torch.cat([t[:, 0], t[:, 5:].mean(1)], -1))
+
+    c = build_tile_encoder(encoder_config("conch_v1", depth=1)).eval()
+    assert isinstance(c, ConchVisionTower)
+    c.load_state_dict(randomised(c, 3))
+    tokens = torch.randn(3, 20, 768)
+    p = c.attn_pool_contrast
+    with torch.no_grad():
+        got = c.ln_contrast(p(tokens)[:, 0])
+        kv = torch.nn.functional.layer_norm(tokens, (768,), p.ln_k.weight, p.ln_k.bias)
+        q = torch.nn.functional.layer_norm(p.query, (512,), p.ln_q.weight, p.ln_q.bias)  # (1, 512)
+        bq, bk, bv = p.attn.in_proj_bias.chunk(3)
+        qh = (q @ p.attn.q_proj_weight.T + bq).view(1, 8, 64).transpose(0, 1)  # (8, 1, 64)
+        kh = (kv @ p.attn.k_proj_weight.T + bk).view(3, 20, 8, 64).permute(0, 2, 1, 3)  # (3, 8, 20, 64)
+        vh = (kv @ p.attn.v_proj_weight.T + bv).view(3, 20, 8, 64).permute(0, 2, 1, 3)
+        w = torch.softmax(qh[None] @ kh.transpose(-1, -2) / 8.0, dim=-1)  # (3, 8, 1, 20)
+        o = (w @ vh).reshape(3, 512) @ p.attn.out_proj.weight.T + p.attn.out_proj.bias
+        want = torch.nn.functional.layer_norm(o, (512,), c.ln_contrast.weight, c.ln_contrast.bias)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x448 = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():  # the tower's forward: the trunk's tokens (CLS and patches, after its norm) into the pooler
+        torch.testing.assert_close(c(x448), c.ln_contrast(p(c.trunk.forward_features(x448))[:, 0]))
+
+
+# -- every registered encoder: load, export, validate on real tissue ------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_encoder_loads_exports_and_matches_pytorch_on_real_tiles(name, real_svs, tmp_path):
+    import onnxruntime as ort
+
+    from locpath.export.configs import tile_encoder_config
+    from locpath.export.exporter import export_component, validate_component
+
+    torch.set_num_threads(2)
+    spec = encoder_spec(name)
+    (tmp_path / "weights").mkdir()
+    path, src = release_file(name, tmp_path / "weights")
+    torch.manual_seed(1)  # a different random start: everything must come from the file
+    enc = build_tile_encoder(encoder_config(name, depth=DEPTH), weights=path).eval()
+    own = enc.state_dict()
+    for k, v in src.items():
+        want = v.half().float() if name in FP16 else v
+        assert torch.equal(own[k], want), k
+    assert own[next(iter(own))].dtype == torch.float32
+
+    ec = tile_encoder_config(enc)
+    assert ec.inputs[0].shape == ("batch", spec.img_size, spec.img_size, 3)
+    t0 = time.perf_counter()
+    rep = export_component(ec, enc, tmp_path)
+    export_s = time.perf_counter() - t0
+    diff = validate_component(ec, enc, tmp_path / rep.file, rep)["features"]  # random uint8 tiles, atol 1e-4
+
+    tiles = tissue_tiles(real_svs, spec.img_size, spec.target_mpp)
+    assert tiles.shape == (N_TILES, spec.img_size, spec.img_size, 3)
+    with torch.no_grad():
+        ref = enc.forward_uint8(torch.from_numpy(tiles)).numpy()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(tmp_path / rep.file), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(["features"], {"tiles": tiles})[0]
+    assert got.shape == ref.shape == (N_TILES, spec.out_dim)
+    cos = cosines(got, ref)
+    print(f"\n{name}: width {spec.out_dim}, depth {DEPTH}, {spec.img_size} px at {spec.target_mpp} um/px, export "
+          f"{export_s:.1f} s, random-tile max abs diff {diff:.2e}, real-tile cosine min {cos.min():.7f} "
+          f"(1 - min {1 - cos.min():.1e}), max abs diff {np.abs(got - ref).max():.2e}")
+    assert cos.min() >= 0.9999
+    assert np.isfinite(got).all() and float(np.std(ref, axis=0).mean()) > 0  # tiles give distinct features
+
+
+@pytest.mark.slow
+def test_ort_dynamic_int8_recipe_applies_to_a_registered_encoder(real_svs, tmp_path):
+    """The bundle's tile-encoder recipe `int8-dynamic` (engines.quantize_ort) on UNI at real width: it quantizes,
+    runs, and stays close to fp32 on real tiles (random weights: a sanity bound, not an accuracy claim)."""
+    import onnxruntime as ort
+
+    from locpath.engines.quantize_ort import encoder_int8_dynamic
+    from locpath.export.configs import tile_encoder_config
+    from locpath.export.exporter import export_component
+
+    torch.set_num_threads(2)
+    path, _ = release_file("uni_v1", tmp_path)
+    enc = build_tile_encoder(encoder_config("uni_v1", depth=DEPTH), weights=path).eval()
+    rep = export_component(tile_encoder_config(enc), enc, tmp_path)
+    fp32, int8 = tmp_path / rep.file, tmp_path / "tile_encoder.int8-dynamic.onnx"
+    info = encoder_int8_dynamic(fp32, int8)
+    assert info["method"] == "dynamic" and int8.stat().st_size < 0.4 * fp32.stat().st_size
+    tiles = tissue_tiles(real_svs, 224, 0.5)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 2
+    run = {p.name: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]).run(
+        ["features"], {"tiles": tiles})[0] for p in (fp32, int8)}
+    cos = cosines(run[int8.name], run[fp32.name])
+    print(f"\nuni_v1 depth {DEPTH} ORT dynamic INT8 vs fp32 on real tiles: cosine min {cos.min():.5f}, "
+          f"mean {cos.mean():.5f}")
+    assert cos.min() > 0.95
+
+
+# -- the loader's refusals ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def conch_release(tmp_path_factory):
+    d = tmp_path_factory.mktemp("conch")
+    path, _ = release_file("conch_v1", d)
+    return path, torch.load(path, weights_only=True)
+
+
+def test_loader_takes_the_vision_feature_and_ignores_only_the_known_groups(conch_release, tmp_path):
+    path, layout = conch_release
+    enc = build_tile_encoder(encoder_config("conch_v1", depth=DEPTH))
+    info = load_encoder_weights(enc, path)
+    assert sorted(info["ignored"]) == sorted(conch_extras(torch.Generator()))
+    assert info["loaded"] == len(enc.state_dict()) and info["cast_from"] == []
+    # the same file nested under 'state_dict' with DDP's prefix loads too
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in layout.items()}}, wrapped)
+    assert load_encoder_weights(enc, wrapped)["loaded"] == info["loaded"]
+    # a timm-only checkpoint saved from a wrapper with a `trunk.` prefix loads into a timm encoder
+    uni = build_tile_encoder(TileEncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    trunk = tmp_path / "trunk.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({f"trunk.{k}": v.contiguous() for k, v in uni.state_dict().items()}, str(trunk))
+    assert load_encoder_weights(uni, trunk)["loaded"] == len(uni.state_dict())
+
+
+@pytest.mark.parametrize("case", ["unknown", "misshaped", "deeper"])
+def test_loader_refuses_strays_and_wrong_shapes_naming_file_and_keys(conch_release, tmp_path, case):
+    path, layout = conch_release
+    bad = dict(layout)
+    if case == "unknown":  # beside the known unused groups, anything else unmatched is refused
+        bad["visual.attn_pool_contrast.extra_scale"] = torch.ones(512)
+        want = r"unexpected \['attn_pool_contrast.extra_scale'\]"
+    elif case == "misshaped":  # CONCH at 224 px instead of 448
+        bad["visual.trunk.pos_embed"] = torch.zeros(1, 197, 768)
+        want = r"shape mismatch \['trunk.pos_embed: file \(1, 197, 768\) vs model \(1, 785, 768\)'\]"
+    else:  # a full-depth checkpoint is not a depth-1 model
+        bad["visual.trunk.blocks.1.norm1.weight"] = torch.ones(768)
+        want = r"unexpected \['trunk.blocks.1.norm1.weight'\]"
+    p = tmp_path / f"{case}.bin"
+    torch.save(bad, p)
+    enc = build_tile_encoder(encoder_config("conch_v1", depth=DEPTH))
+    with pytest.raises(CheckpointError, match=rf"{case}\.bin: does not match the tile encoder conch_v1.*{want}"):
+        load_encoder_weights(enc, p)
+
+
+def test_loader_never_unpickles_objects(tmp_path):
+    enc = build_tile_encoder(TileEncoderConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2))
+    p = tmp_path / "pytorch_model.bin"
+    torch.save({"cls_token": torch.zeros(1, 1, 32), "evil": NotWeights()}, p)
+    refused = r"pytorch_model\.bin: cannot read .*weights-only torch file \(Unsupported global: GLOBAL \S*NotWeights"
+    with pytest.raises(CheckpointError, match=refused):
+        load_encoder_weights(enc, p)
+    with pytest.raises(CheckpointError, match="nope.pth: tile encoder checkpoint not found"):
+        load_encoder_weights(enc, tmp_path / "nope.pth")
+
+
+@pytest.mark.slow
+def test_bundle_preprocessing_carries_the_encoder_geometry(tmp_path, tokenizer, monkeypatch):
+    """A slide model on CONCH v1 exports a bundle whose preprocessing tiles at CONCH's 448 px and 0.5 um/px with
+    OpenAI CLIP's mean/std, and whose model config names the encoder as TRIDENT does (the other components are left
+    out here: test_export covers them)."""
+    import json
+
+    from locpath.export import bundle as eb
+    from locpath.export.configs import tile_encoder_config
+    from locpath.models.checkpoint import load_checkpoint, save_checkpoint
+    from locpath.models.slide_llm import build_model
+
+    torch.set_num_threads(2)
+    cfg = preset("tiny")
+    cfg.tile_encoder = encoder_config("conch_v1", depth=DEPTH)
+    ck = save_checkpoint(build_model(cfg), tokenizer, tmp_path / "ck")
+    model, _ = load_checkpoint(ck)  # strict keys: tile_encoder.trunk.*, tile_encoder.attn_pool_contrast.*, ...
+    assert isinstance(model.tile_encoder, ConchVisionTower)
+    monkeypatch.setattr(eb, "export_configs", lambda m: [tile_encoder_config(m)])
+    monkeypatch.setattr(eb, "export_fused_decoder", lambda *a, **k: None)
+    out, _ = eb.export_bundle(ck, tmp_path / "bundle", log=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    pp = manifest["preprocessing"]
+    assert (pp["tile_size"], pp["target_mpp"], pp["normalisation_in_graph"]) == (448, 0.5, True)
+    assert tuple(pp["mean"]) == encoder_spec("conch_v1").mean and tuple(pp["std"]) == encoder_spec("conch_v1").std
+    te = manifest["model"]["tile_encoder"]
+    assert (te["name"], te["family"], te["out_dim"]) == ("conch_v1", "conch_v1", 512)
+    assert manifest["components"]["tile_encoder"]["inputs"][0]["shape"] == ["batch", 448, 448, 3]

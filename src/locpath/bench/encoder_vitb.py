@@ -42,7 +42,7 @@ def bench_encoder_vitb(work: Path, log, batch: int = 16, calib: int = 64, repeat
     from ..engines.build import fastest_ov_hint, nncf_int8
     from ..export.configs import tile_encoder_config
     from ..export.exporter import export_component
-    from ..models.vit import VisionTransformer
+    from ..models.encoders import build_tile_encoder
     from ..runtime.machine import openvino_version
     from ..runtime.openvino_runner import OpenVinoRunner
     from ..runtime.ort_runner import OrtRunner
@@ -50,7 +50,7 @@ def bench_encoder_vitb(work: Path, log, batch: int = 16, calib: int = 64, repeat
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = TileEncoderConfig(out_dim=512, name="vit-b16-random")
-    enc = VisionTransformer(cfg).eval()
+    enc = build_tile_encoder(cfg).eval()
     holder = SimpleNamespace(tile_encoder=enc, cfg=SimpleNamespace(tile_encoder=cfg))
     fp32 = work / "tile_encoder.onnx"
     tiles = _tiles(calib + batch)

@@ -90,7 +90,7 @@ def bench_encoder_vitb(work: Path, log, batch: int = 16, calib: int = 64, repeat
     with torch.no_grad():
         xt = torch.from_numpy(x)
         runs["pytorch_fp32"] = lambda t: enc.forward_uint8(torch.from_numpy(t)).numpy()
-        enc16 = VisionTransformer(cfg).eval()
+        enc16 = build_tile_encoder(cfg).eval()
         enc16.load_state_dict(enc.state_dict())
         enc16 = enc16.to(torch.bfloat16)
         runs["pytorch_bf16"] = lambda t: enc16.forward_uint8(torch.from_numpy(t)).float().numpy()

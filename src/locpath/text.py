@@ -1,11 +1,13 @@
-"""Tokenizer and chat template. Torch-free: the runtime formats prompts exactly as training did."""
+"""Tokenizer and chat template. Torch-free: the runtime formats prompts exactly as training did, and a checkpoint
+that carries another model's template (an imported Qwen2.5 folder's) is rendered by the same `ChatTemplate` in
+PyTorch and in the runtime."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, LocpathError
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -58,3 +60,43 @@ def load_tokenizer(path: str | os.PathLike):
         if tok.token_to_id(s) is None:
             raise CheckpointError(f"{p}: tokenizer lacks the special token {s}")
     return tok
+
+
+class ChatTemplate:
+    """A Hugging Face chat template (Jinja), rendered in a sandbox as Hugging Face renders chat templates
+    (trim_blocks, lstrip_blocks), so a model from any family formats its prompts the way its LLM was trained; a
+    template that does not render is refused when it is loaded."""
+
+    def __init__(self, text: str, where: str, special: dict | None = None):
+        try:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError as exc:  # pragma: no cover - jinja2 is a runtime dependency
+            raise LocpathError("chat templates need jinja2 (pip install jinja2)") from exc
+        self.text = text
+        self.where = where
+        self.special = dict(special or {})
+        self._error = TemplateError
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            self._template = env.from_string(text)
+            self.render("?")  # a template that cannot render fails at load, not at the first question
+        except TemplateError as exc:
+            raise LocpathError(f"{where}: chat template does not render ({exc})") from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, special: dict | None = None) -> "ChatTemplate":
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocpathError(f"{p}: cannot read the chat template ({exc})") from None
+        return cls(text, str(p), special)
+
+    def render(self, question: str) -> str:
+        """One user turn and the opening of the assistant's answer."""
+        try:
+            return self._template.render(messages=[{"role": "user", "content": question.strip()}],
+                                         add_generation_prompt=True, **self.special)
+        except self._error as exc:
+            raise LocpathError(f"{self.where}: chat template failed to render ({exc})") from None

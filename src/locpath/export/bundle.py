@@ -114,7 +114,9 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
         if fused is not None:
             components[names.DECODER_FUSED], reports[names.DECODER_FUSED] = fused
         tok.save(str(tmp / "tokenizer.json"))
-        (tmp / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE)
+        # the checkpoint's own template (an imported LLM's), as PyTorch rendered it (load_checkpoint); ChatML if none
+        template = getattr(model, "chat_template", None)
+        (tmp / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE if template is None else template.text, encoding="utf-8")
         weights = Path(checkpoint) / "model.safetensors"
         manifest = Manifest(
             fusion=cfg.fusion,

@@ -1,5 +1,9 @@
 """Checkpoint folders: config.json, model.safetensors, tokenizer.json, chat_template.jinja, train.json.
 
+tokenizer.json and chat_template.jinja are the model's own: locpath's tiny tokenizer and ChatML for a model trained
+here, an imported LLM folder's tokenizer and chat template for `locpath import` (import.json then records where
+everything came from). `load_checkpoint` sets the model's `chat_template`, so PyTorch prompts as the runtime does.
+
 Written to a temporary folder and renamed into place, so an interrupted save never leaves half a checkpoint.
 """
 
@@ -12,12 +16,15 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..fsutil import atomic_dir
-from ..text import CHAT_TEMPLATE, load_tokenizer
+from ..text import CHAT_TEMPLATE, ChatTemplate, load_tokenizer
 
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(model, tokenizer, out: str | os.PathLike, train_info: dict | None = None) -> Path:
+def save_checkpoint(model, tokenizer, out: str | os.PathLike, train_info: dict | None = None,
+                    chat_template: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """`chat_template`: the Jinja text the checkpoint carries (default: locpath's ChatML); `extra_files`: more JSON
+    or text files written beside (name -> text), e.g. import.json."""
     from safetensors.torch import save_model
 
     from .llm import sync_llm_config
@@ -30,7 +37,10 @@ def save_checkpoint(model, tokenizer, out: str | os.PathLike, train_info: dict |
         (tmp / "config.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "model": cfg}, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE if chat_template is None else chat_template,
+                                                 encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         if train_info is not None:
             (tmp / "train.json").write_text(json.dumps(train_info, indent=2))
     return out
@@ -71,5 +81,8 @@ def load_checkpoint(path: str | os.PathLike):
         raise CheckpointError(f"{weights}: cannot load weights ({exc})") from exc
     if missing or unexpected:
         raise CheckpointError(f"{weights}: does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    template = p / "chat_template.jinja"
+    if template.exists():
+        model.chat_template = ChatTemplate.from_file(template)
     model.eval()
     return model, tok

@@ -83,7 +83,10 @@ class SlideLLMBase(nn.Module):
         return tok.encode(text, add_special_tokens=False).ids
 
     def prompt_ids(self, tok, question: str) -> list[int]:
-        return self._ids(tok, format_prompt(question))
+        """The question through the checkpoint's chat template (`load_checkpoint` sets `chat_template`: an imported
+        LLM's own), else locpath's ChatML (`format_prompt`), as the runtime renders the bundle's template."""
+        tmpl = getattr(self, "chat_template", None)
+        return self._ids(tok, tmpl.render(question) if tmpl is not None else format_prompt(question))
 
     def answer_ids(self, tok, answer: str) -> list[int]:
         return self._ids(tok, answer) + [tok.token_to_id(IM_END)]

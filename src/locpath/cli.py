@@ -192,6 +192,70 @@ def cmd_export(args) -> int:
     return 0
 
 
+# -- inspect / import ---------------------------------------------------------------
+def cmd_inspect(args) -> int:
+    from .export.inventory import format_inventory, inventory, open_source
+
+    src = open_source(args.checkpoint)
+    inv = inventory(src, depth=args.depth)
+    src.close()
+    print(json.dumps(inv, indent=2) if args.json else format_inventory(inv))
+    return 0
+
+
+def _json_arg(text: str | None, option: str):
+    """--config: inline JSON (starting with '{') or a JSON file."""
+    if text is None:
+        return None
+    raw = text
+    if not text.lstrip().startswith("{"):
+        try:
+            raw = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LocpathError(f"{option} {text}: cannot read ({exc})") from None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise LocpathError(f"{option} {text[:80]}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise LocpathError(f"{option}: a JSON object of ModelConfig fields, e.g. '{{\"resampler\": {{\"depth\": 1}}}}'")
+    return value
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of layer indices: {text!r}") from None
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"distinct non-negative layer indices, e.g. 3,10,17,24: {text!r}")
+    return tuple(sorted(layers))
+
+
+def cmd_import(args) -> int:
+    try:
+        from .export.importer import ImportOptions, import_checkpoint, release_dir
+    except ImportError as exc:
+        raise LocpathError(f"import needs the training extra (pip install 'locpath[train]'): {exc}") from exc
+    if args.release and (args.mae or args.stage1 or args.stage2):
+        raise LocpathError("give either --release DIR or --mae/--stage1/--stage2 files, not both")
+    release = release_dir(args.release) if args.release else \
+        {k: Path(v) for k, v in (("mae", args.mae), ("stage1", args.stage1), ("stage2", args.stage2)) if v}
+    if args.encoder_weights and not args.encoder:
+        raise LocpathError("--encoder-weights needs --encoder NAME (which registered tile encoder they are)")
+    opts = ImportOptions(
+        llm=Path(args.llm), out=Path(args.out), lora=Path(args.lora) if args.lora else None,
+        lora_alpha=args.lora_alpha, release=release, key_map=Path(args.key_map) if args.key_map else None,
+        encoder=args.encoder, encoder_weights=Path(args.encoder_weights) if args.encoder_weights else None,
+        config=_json_arg(args.config, "--config"), cara_layers=args.cara_layers, dtype=args.dtype,
+        chat_template=Path(args.chat_template) if args.chat_template else None, allow_missing=args.allow_missing,
+        overwrite=args.overwrite)
+    summary = import_checkpoint(opts, log=(lambda m: None) if args.json else print)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 # -- ask / chat ---------------------------------------------------------------------
 def _pipeline(args):
     from .runtime.pipeline import Pipeline
@@ -660,6 +724,41 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    ins = sub.add_parser("inspect", help="key inventory of a checkpoint: .pth/.bin (weights only), .safetensors, a "
+                                         "Hugging Face model folder (sharded) or a PEFT adapter folder")
+    ins.add_argument("checkpoint")
+    ins.add_argument("--depth", type=_positive_int, default=None,
+                     help="group keys by their first N name components (default: all, numeric indices as *)")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=cmd_inspect)
+
+    im = sub.add_parser("import", help="a Hugging Face LLM folder (+ LoRA) and a release's state dicts -> a locpath "
+                                       "checkpoint, through a declarative key map")
+    im.add_argument("--llm", required=True, help="Hugging Face Qwen2/Llama folder (config.json, safetensors shards, "
+                                                 "tokenizer.json, chat template)")
+    im.add_argument("--out", required=True, help="checkpoint folder to create")
+    im.add_argument("--lora", default=None, help="a PEFT adapter folder, or a LoRA state dict (PEFT key names)")
+    im.add_argument("--lora-alpha", type=_positive_float, default=None,
+                    help="LoRA alpha of state-dict LoRA (default: the key map's, else alpha = rank)")
+    im.add_argument("--release", default=None, help="a folder with mae.pth, stage1.pth, stage2.pth (or checkpoints/)")
+    im.add_argument("--mae", default=None)
+    im.add_argument("--stage1", default=None)
+    im.add_argument("--stage2", default=None)
+    im.add_argument("--key-map", default=None, help="JSON key map (default: the shipped guess locpath-release-v1)")
+    im.add_argument("--encoder", default=None, help="registered tile encoder (TRIDENT name, e.g. conch_v1)")
+    im.add_argument("--encoder-weights", default=None, help="its local weights (.safetensors/.bin/.pth)")
+    im.add_argument("--config", default=None, help="ModelConfig overrides: inline JSON or a JSON file")
+    im.add_argument("--cara-layers", type=_layer_list, default=None,
+                    help="LLM layers with CARA blocks, e.g. 3,10,17,24 (default: those the release fills)")
+    im.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="checkpoint dtype (auto: float32 up to 2 B LLM parameters, bfloat16 above)")
+    im.add_argument("--chat-template", default=None, help="a Jinja chat template (default: the LLM folder's)")
+    im.add_argument("--allow-missing", action="store_true",
+                    help="keep adapter tensors no release file fills at random init (a deployment-shape test)")
+    im.add_argument("--overwrite", action="store_true")
+    im.add_argument("--json", action="store_true")
+    im.set_defaults(func=cmd_import)
 
     a = sub.add_parser("ask", help="answer questions about a slide with a bundle (torch-free)")
     a.add_argument("bundle")

@@ -27,7 +27,7 @@ from .exporter import ComponentReport, export_component, validate_component
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-def _profiles(component: str, cfg_axes: set[str], model, max_length: int) -> dict:
+def component_profiles(component: str, cfg_axes: set[str], model, max_length: int) -> dict:
     """min/opt/max per symbolic axis: what a TensorRT optimisation profile is built from. The decoder's cover
     the whole KV capacity (`generation.max_length`), so no prompt the runtime accepts falls outside them."""
     c = model.cfg
@@ -108,7 +108,8 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
                 inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
                 outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
                 templates=ec.templates, description=ec.description,
-                profiles=_profiles(ec.component, ec.axes(), model, max_length),
+                profiles=component_profiles(ec.component, ec.axes(), model, max_length),
+                data_files=list(rep.data_files),
             )
         fused = export_fused_decoder(model, tmp, max_length, validate, log)
         if fused is not None:

@@ -42,6 +42,10 @@ class ComponentReport:
     seconds: float
     max_abs_diff: dict = field(default_factory=dict)  # output -> worst diff over check shapes
     nodes: int = 0
+    data_files: list = field(default_factory=list)  # weights beside the graph (ONNX external data), if any
+
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit on one file, with room for the graph itself
 
 
 def _dynamic_shapes(cfg: ExportConfig):
@@ -80,7 +84,10 @@ def _nest(cfg: ExportConfig, per_input: list):
 
 
 def export_component(cfg: ExportConfig, model, out_dir: Path) -> ComponentReport:
-    """Trace `cfg` on its sample shapes into out_dir/<component>.onnx (weights inside the file)."""
+    """Trace `cfg` on its sample shapes into out_dir/<component>.onnx: weights inside the file, or, past
+    protobuf's 2 GB limit (a ViT-g tile encoder in fp32), in `<component>.onnx.data` beside it."""
+    import shutil
+
     import onnx
 
     t0 = time.time()
@@ -89,8 +96,10 @@ def export_component(cfg: ExportConfig, model, out_dir: Path) -> ComponentReport
     names_in = [s.name for s in cfg.inputs]
     names_out = [s.name for s in cfg.outputs]
     target = out_dir / f"{cfg.component}.onnx"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".onnx", dir=out_dir)
-    os.close(fd)
+    external = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > EXTERNAL_DATA_BYTES
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=out_dir))
+    tmp = str(tmp_dir / target.name)
+    data_files = [target.name + ".data"] if external else []
     try:
         with torch.no_grad(), _quiet_exporter():
             prog = torch.onnx.export(
@@ -100,16 +109,21 @@ def export_component(cfg: ExportConfig, model, out_dir: Path) -> ComponentReport
                 output_names=names_out,
                 dynamic_shapes=_nest(cfg, [_dynamic_shapes(cfg)[n] for n in names_in]),
                 dynamo=True,
-                external_data=False,
+                external_data=external,
                 optimize=True,
                 verbose=False,
             )
-        prog.save(tmp, external_data=False)
-        proto = onnx.load(tmp)
+        prog.save(tmp, external_data=external)
+        proto = onnx.load(tmp, load_external_data=False)
         got_in = [i.name for i in proto.graph.input]
         got_out = [o.name for o in proto.graph.output]
         if got_in != names_in or got_out != names_out:
             raise ExportError(f"{cfg.component}: graph I/O {got_in} -> {got_out} differs from the config")
+        written = sorted(p.name for p in tmp_dir.iterdir())
+        if written != sorted([target.name, *data_files]):
+            raise ExportError(f"{cfg.component}: the exporter wrote {written}, expected {[target.name, *data_files]}")
+        for name in data_files:
+            os.replace(tmp_dir / name, out_dir / name)
         os.replace(tmp, target)
         nodes = len(proto.graph.node)
     except LocpathError:
@@ -117,9 +131,8 @@ def export_component(cfg: ExportConfig, model, out_dir: Path) -> ComponentReport
     except Exception as exc:
         raise ExportError(f"{cfg.component}: export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from exc
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return ComponentReport(cfg.component, target.name, time.time() - t0, nodes=nodes)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return ComponentReport(cfg.component, target.name, time.time() - t0, nodes=nodes, data_files=data_files)
 
 
 def validate_component(cfg: ExportConfig, model, onnx_path: Path, report: ComponentReport | None = None) -> dict:

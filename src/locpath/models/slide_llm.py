@@ -70,12 +70,13 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class SlideLLMBase(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, llm=None):
+        """`llm`: an already built LLM (e.g. one on the meta device, when only the other parts are exported)."""
         super().__init__()
         self.cfg = cfg.validate()
         tile_target_mpp(cfg)  # a registered encoder reads tiles at its own resolution
         self.tile_encoder = build_tile_encoder(cfg.tile_encoder)
-        self.llm = build_llm(cfg.llm)
+        self.llm = build_llm(cfg.llm) if llm is None else llm
         self.hidden = self.llm.config.hidden_size
 
     # -- text side --------------------------------------------------------------
@@ -124,8 +125,8 @@ class SlideLLMBase(nn.Module):
 class LocPathModel(SlideLLMBase):
     """LoC-Path: compress before fusion; the LLM cross-attends to M question-selected latents."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: ModelConfig, llm=None):
+        super().__init__(cfg, llm)
         f = cfg.feature_dim
         self.resampler = Resampler(cfg.resampler, f)
         self.mae_head = MAEHead(cfg.resampler, f)

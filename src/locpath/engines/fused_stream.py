@@ -15,15 +15,13 @@ import numpy as np
 
 from ..errors import LocpathError
 from .fused_graph import FusedDecoderSpec
-from .hf_weights import HFFolder, LoraAdapter
+from .hf_weights import HFFolder, LoraAdapter  # HFFolder or any object with its attributes
 
 
 def rope_caches(hf: HFFolder, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin caches [max_positions, head_dim/2] from the model family's own rotary embedding class (its inverse
     frequencies and scaling, built from config.json alone: no weights), as export/fused.py takes them."""
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(str(hf.folder), local_files_only=True)
+    cfg = hf.hf_config()
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") not in ("default", "linear", "llama3", "yarn"):
         raise LocpathError(f"{hf.folder}: rope type {rope.get('rope_type')!r} is not supported by the fused decoder")

@@ -138,7 +138,18 @@ class SafetensorsFiles:
             return (raw.astype(np.uint32) << 16).view(np.float32)
         return raw.astype(np.float32, copy=e.dtype != "F32")
 
+    def prefixed(self, prefix: str) -> "SafetensorsFiles":
+        """The tensors whose names start with `prefix`, named without it (the `llm.` part of a locpath
+        checkpoint's model.safetensors is a Hugging Face LLM's state dict)."""
+        view = SafetensorsFiles([])
+        view.entries = {k[len(prefix):]: e for k, e in self.entries.items() if k.startswith(prefix)}
+        view._fds = self._fds
+        view._owner = self  # keeps the shared descriptors open
+        return view
+
     def close(self) -> None:
+        if getattr(self, "_owner", None) is not None:
+            return
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -185,6 +196,12 @@ class HFFolder:
 
     def get(self, key: str, default=None):
         return self.config.get(key, default)
+
+    def hf_config(self):
+        """transformers' config object of the folder (what the rotary embedding is built from)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.folder), local_files_only=True)
 
     @property
     def bytes(self) -> int:

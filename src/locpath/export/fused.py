@@ -81,7 +81,17 @@ def fused_weights(model, spec: FusedDecoderSpec) -> dict[str, np.ndarray]:
             w[p + "o.weight"] = _np(a.o_proj.weight).T
             w[p + "gate_up.weight"] = np.concatenate([_np(m.gate_proj.weight), _np(m.up_proj.weight)]).T
             w[p + "down.weight"] = _np(m.down_proj.weight).T
-        for i in spec.cara_layers:
+        w.update(cara_fused_weights(model, spec.cara_layers))
+    return {k: np.array(v, dtype=np.float32, order="C") for k, v in w.items()}
+
+
+def cara_fused_weights(model, layers) -> dict[str, np.ndarray]:
+    """The CARA blocks' weights in the fused graph's layout (what a streamed decoder takes beside the shards)."""
+    import torch
+
+    w = {}
+    with torch.no_grad():
+        for i in layers:
             blk, p = model.cara.blocks[str(i)], f"cara.{i}."
             w.update({p + "norm": _np(blk.norm.weight), p + "q.weight": _np(blk.q_proj.weight).T,
                       p + "o.weight": _np(blk.o_proj.weight).T, p + "router.weight": _np(blk.router.weight).T,

@@ -47,6 +47,7 @@ class BenchConfig:
     progress: bool = True
     decoder_05b: bool = False
     encoder_vitb: bool = False
+    published: bool = False
 
 
 def spread(values: list[float]) -> dict:
@@ -342,6 +343,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     else:
         report["skipped"]["decoder_0.5b"] = ("pass --decoder-0.5b (and install torch and onnxruntime-genai) for the "
                                              "Qwen2.5-0.5B-shaped decoder against onnxruntime-genai and transformers")
+    if cfg.published and torch_version:
+        from .published import bench_published
+
+        report["published"] = bench_published(cfg.workdir / "published", log, tiles=tuple(cfg.tiles or (1000, 10000)))
+    elif not cfg.published:
+        report["skipped"]["published"] = ("pass --published for a Qwen2.5-7B-shaped bundle built from shards here "
+                                          "(first run writes ~15 GB of shards and builds a ~5 GB bundle: minutes)")
     if cfg.encoder_vitb and torch_version:
         from .encoder_vitb import bench_encoder_vitb
 

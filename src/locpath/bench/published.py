@@ -1,0 +1,336 @@
+"""`locpath bench --published`: LoC-Path at published scale on this machine.
+
+A full-depth Qwen2.5-7B-shaped LLM with random weights is written here as bf16 safetensors shards (the layout the
+hub ships; nothing is downloaded), and a LoC-Path bundle is built from it the way a real one would be: the
+resampler, TIS and cross-KV graphs at published widths with a CONCH-shaped tile encoder, and the fused INT4
+decoder streamed from the shards (`export/streamed.py`). Measured: the build's time and peak RSS (in a child
+process, so the number is the build's own), the bundle's size, the runtime's load time and RSS, decode tokens/s,
+and time to first token at 1k and 10k tiles. The tile encoder is timed on a few tiles and extrapolated to 1k and
+10k (said so in the report); STM, resampler, TIS, cross-KV and prefill run for real at those sizes.
+onnxruntime-genai's builder is run on the same shards under an RSS watchdog: where it does not fit in memory the
+report says at what RSS and after how long it was stopped.
+
+Everything is cached under the work folder (the shards, the bundle), so only the first run pays for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+# -- a random HF folder written shard by shard -------------------------------------------------------------
+def qwen2_tensors(shape: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, init) of every tensor of a Qwen2 causal LM, in the order HF stores them."""
+    d, i, v = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    hd = d // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (v, d), "normal")]
+    for j in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{j}."
+        out += [(p + "input_layernorm.weight", (d,), "ones"), (p + "post_attention_layernorm.weight", (d,), "ones"),
+                (p + "self_attn.q_proj.weight", (d, d), "normal"), (p + "self_attn.q_proj.bias", (d,), "small"),
+                (p + "self_attn.k_proj.weight", (kv, d), "normal"), (p + "self_attn.k_proj.bias", (kv,), "small"),
+                (p + "self_attn.v_proj.weight", (kv, d), "normal"), (p + "self_attn.v_proj.bias", (kv,), "small"),
+                (p + "self_attn.o_proj.weight", (d, d), "normal"),
+                (p + "mlp.gate_proj.weight", (i, d), "normal"), (p + "mlp.up_proj.weight", (i, d), "normal"),
+                (p + "mlp.down_proj.weight", (d, i), "normal")]
+    out.append(("model.norm.weight", (d,), "ones"))
+    if not shape["tie_word_embeddings"]:
+        out.append(("lm_head.weight", (v, d), "normal"))
+    return out
+
+
+def _bf16_chunks(n: int, init: str, rng, chunk: int = 1 << 25):
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        if init == "ones":
+            x = np.ones(m, np.float32)
+        else:
+            x = rng.standard_normal(m, dtype=np.float32) * np.float32(0.02 if init == "normal" else 0.002)
+        yield (x.view(np.uint32) >> 16).astype(np.uint16)  # bf16: the upper half of each float32
+
+
+def write_random_hf_folder(folder: Path, shape: dict, tokenizer_file: Path, seed: int = 0,
+                           shard_bytes: int = 4 * 10**9, log=print) -> Path:
+    """A Qwen2 folder with random bf16 weights written shard by shard (never more than one chunk in memory),
+    config.json from transformers' own Qwen2Config, the index, and a tokenizer. Written to a temporary folder and
+    renamed, so an interrupted run leaves nothing that looks finished."""
+    import shutil
+
+    from transformers import Qwen2Config
+
+    from ..fsutil import atomic_dir
+
+    tensors = qwen2_tensors(shape)
+    shards, cur, size = [], [], 0
+    for t in tensors:
+        nbytes = math.prod(t[1]) * 2
+        if cur and size + nbytes > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += nbytes
+    shards.append(cur)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    with atomic_dir(folder) as tmp:
+        Qwen2Config(**shape, torch_dtype="bfloat16").to_json_file(str(tmp / "config.json"))
+        weight_map, total = {}, 0
+        for k, group in enumerate(shards):
+            name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            header, off = {}, 0
+            for tname, tshape, _ in group:
+                n = math.prod(tshape) * 2
+                header[tname] = {"dtype": "BF16", "shape": list(tshape), "data_offsets": [off, off + n]}
+                off += n
+                weight_map[tname] = name
+            header["__metadata__"] = {"format": "pt"}
+            hb = json.dumps(header).encode()
+            hb += b" " * (-len(hb) % 8)
+            with open(tmp / name, "wb") as f:
+                f.write(len(hb).to_bytes(8, "little") + hb)
+                for tname, tshape, init in group:
+                    for c in _bf16_chunks(math.prod(tshape), init, rng):
+                        f.write(c.tobytes())
+            total += off
+            log(f"published: wrote {name} ({off / 1e9:.1f} GB, {time.time() - t0:.0f} s)")
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+    return folder
+
+
+# -- the build, in a child process (its own peak RSS) ------------------------------------------------------
+def build_bundle(folder: Path, bundle: Path, encoder: str = "conch_v1", size: str = "published") -> dict:
+    """Build the bundle (called in a child: `python -m locpath.bench.published`). `size` "tiny" keeps the
+    reference's small resampler/TIS/CARA and encoder (what the test of this path uses)."""
+    from ..config import preset
+    from ..engines.hf_weights import HFFolder
+    from ..export.streamed import export_streamed_bundle, peak_rss_mb, skeleton_model
+
+    t0 = time.time()
+    cfg = preset(size)
+    hf = HFFolder(folder)
+    if size == "published":
+        cfg.tile_encoder = tile_encoder_config(encoder)
+    else:
+        cfg.cara.layers = tuple(range(0, int(hf.config["num_hidden_layers"]), 2))
+    model = skeleton_model(cfg, hf)
+    _, rep = export_streamed_bundle(model, hf, bundle, quant="int4", max_length=2048, overwrite=True,
+                                    source={"note": "random weights, Qwen2.5-7B shape"},
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    rep["build_seconds"] = round(time.time() - t0, 1)
+    rep["peak_rss_mb"] = round(peak_rss_mb())
+    return rep
+
+
+def tile_encoder_config(encoder: str):
+    """The registered encoder's config (CONCH v1 by default) at full depth."""
+    from ..models.encoders import encoder_config
+
+    return encoder_config(encoder)
+
+
+# -- onnxruntime-genai on the same shards, under a watchdog -----------------------------------------------
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_watched(cmd: list[str], limit_mb: float, timeout_s: float, log) -> dict:
+    """Run a command, stopping it when its RSS passes `limit_mb` (before the kernel's OOM killer would take the
+    machine down) or after `timeout_s`; report how it ended and its peak RSS."""
+    t0, peak = time.time(), 0.0
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ended = "finished"
+    while proc.poll() is None:
+        peak = max(peak, _rss_mb(proc.pid))
+        if peak > limit_mb:
+            ended = "stopped: out of memory budget"
+            proc.kill()
+            break
+        if time.time() - t0 > timeout_s:
+            ended = "stopped: time limit"
+            proc.kill()
+            break
+        time.sleep(0.5)
+    err = proc.communicate()[1] or ""
+    if ended == "finished" and proc.returncode != 0:
+        ended = f"failed (exit {proc.returncode}): {err.strip().splitlines()[-1][:300] if err.strip() else ''}"
+    return {"ended": ended, "seconds": round(time.time() - t0, 1), "peak_rss_mb": round(peak),
+            "limit_mb": round(limit_mb)}
+
+
+def genai_build(folder: Path, out: Path, log, timeout_s: float = 1800) -> dict:
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return {"ended": "skipped: onnxruntime-genai is not installed"}
+    if (out / "genai_config.json").exists():
+        return {"ended": "finished (cached)"}
+    mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    limit = 0.85 * mem_total
+    log(f"published: onnxruntime-genai's builder on the same shards (INT4, CPU), stopped above {limit / 1024:.1f} GB RSS")
+    return run_watched([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+                        "-p", "int4", "-e", "cpu", "-c", str(out.parent / "genai-cache")], limit, timeout_s, log)
+
+
+# -- the runtime ---------------------------------------------------------------------------------------------
+def _features(n: int, dim: int, seed: int):
+    from ..wsi.features import FeatureFile
+
+    side = int(math.ceil(math.sqrt(n)))
+    idx = np.arange(n)
+    coords = np.stack([idx % side, idx // side], 1) * 448
+    feats = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return FeatureFile(feats, coords, 448, 448, 0.5, 0.5, "bench")
+
+
+def measure_runtime(bundle: Path, tiles: list[int], question: str, new_tokens: int, encoder_tiles: int, log) -> dict:
+    from ..runtime.pipeline import Pipeline, peak_rss_mb
+
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    res: dict = {"load_seconds": round(time.perf_counter() - t0, 1), "rss_after_load_mb": round(peak_rss_mb())}
+    size = pipe.manifest.preprocessing.tile_size
+    batch = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    pipe.encode_tiles(batch[:1])
+    t0, done = time.perf_counter(), 0
+    while done < encoder_tiles:
+        pipe.encode_tiles(batch)
+        done += len(batch)
+    enc_tps = done / (time.perf_counter() - t0)
+    res["encoder"] = {"tiles_per_s": round(enc_tps, 2), "measured_tiles": done, "tile_px": size,
+                      "precision": pipe.manifest.components["tile_encoder"].precision,
+                      "note": "measured on these tiles; per-slide encoder time below is extrapolated from it"}
+    dim = pipe.cfg.feature_dim
+    res["time_to_first_token"] = {}
+    warm = pipe.compress(_features(min(tiles), dim, 0))  # first runs allocate and prepack: not what a user waits for
+    pipe.generator(pipe.question_kv(warm.latents, question, {}), question, pipe.sampling(max_new_tokens=1))
+    for n in tiles:
+        timings: dict = {}
+        comp = pipe.compress(_features(n, dim, n), timings)
+        qkv = pipe.question_kv(comp.latents, question, timings)
+        params = pipe.sampling(max_new_tokens=1)
+        from ..runtime.generator import GenerationStats
+
+        stats = GenerationStats()
+        t0 = time.perf_counter()
+        gen = pipe.generator(qkv, question, params, stats)
+        next(iter(gen.tokens()))
+        first_ms = (time.perf_counter() - t0) * 1000
+        encode_ms = n / enc_tps * 1000
+        after = timings["stm"] + timings["resampler"] + timings["tis"] + timings["cross_kv"] + first_ms
+        res["time_to_first_token"][str(n)] = {
+            "encode_ms_extrapolated": round(encode_ms), "stm_ms": timings["stm"], "resampler_ms": timings["resampler"],
+            "tis_ms": timings["tis"], "cross_kv_ms": timings["cross_kv"], "prefill_ms": round(first_ms, 1),
+            "prompt_tokens": stats.prompt_tokens,
+            "from_features_ms": round(after, 1), "from_slide_ms": round(encode_ms + after),
+            "kv_cache_bytes": stats.kv_cache_bytes}
+        log(f"published: {n} tiles: first token {after / 1000:.2f} s from features "
+            f"(+{encode_ms / 1000:.0f} s encoder, extrapolated)")
+    res["decode"] = _decode_rate(pipe, comp.latents, question, new_tokens)
+    res["peak_rss_mb"] = round(peak_rss_mb())
+    pipe.release()
+    return res
+
+
+def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
+    """Greedy steps straight on the decoder state (a random model may emit a stop token at any step)."""
+    qkv = pipe.question_kv(latents, question, {})
+    prompt = pipe.prompt_ids(question)
+    st = pipe.decoder_state
+    rates = []
+    for _ in range(2):
+        cache = st.new_cache(1, len(prompt) + new_tokens + 1)
+        logits = st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), qkv.cross)
+        tok = int(logits[0, -1].argmax())
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = st.step(np.asarray([[tok]]), cache, np.ones((1, cache.length + 1), np.int64), qkv.cross)
+            tok = int(logits[0, -1].argmax())
+        rates.append(new_tokens / (time.perf_counter() - t0))
+    return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates)}
+
+
+def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
+    import onnxruntime_genai as og
+
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = os.cpu_count() or 1
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    model = og.Model(str(out))
+    prompt = [int(x) for x in np.random.default_rng(0).integers(100, 400, prompt_len)]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_len + new_tokens + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(prompt)
+    gen.generate_next_token()
+    t1 = time.perf_counter()
+    n = 0
+    while not gen.is_done() and n < new_tokens:
+        gen.generate_next_token()
+        n += 1
+    return {"prefill_ms": round((t1 - t0) * 1000, 1), "tokens_per_s": round(n / (time.perf_counter() - t1), 2),
+            "prompt_tokens": prompt_len}
+
+
+def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What is the diagnosis?",
+                    new_tokens: int = 32, encoder_tiles: int = 16, genai: bool = True, shape: dict | None = None,
+                    size: str = "published") -> dict:
+    """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small)."""
+    from ..checkpoints import shipped_checkpoint
+
+    shape = dict(shape or QWEN25_7B)
+    work.mkdir(parents=True, exist_ok=True)
+    folder, bundle = work / "qwen2.5-shaped", work / "locpath-int4"
+    res: dict = {"shape": f"Qwen2.5 ({shape['num_hidden_layers']} layers, hidden {shape['hidden_size']}; random bf16 "
+                          f"weights) with the {size} preset's resampler/TIS/CARA"
+                          + (" and a CONCH-shaped tile encoder" if size == "published" else ""), "llm": shape}
+    if not (folder / "config.json").exists():
+        t0 = time.time()
+        write_random_hf_folder(folder, shape, shipped_checkpoint("reference") / "tokenizer.json", log=log)
+        res["shards_written_seconds"] = round(time.time() - t0, 1)
+    res["shards_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    if not (bundle / "manifest.json").exists():
+        log("published: building the bundle (streamed INT4 decoder) in a child process")
+        proc = subprocess.run([sys.executable, "-m", "locpath.bench.published", str(folder), str(bundle), size],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"published build failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+        res["build"] = json.loads(proc.stdout)
+        (work / "build.json").write_text(json.dumps(res["build"], indent=1))
+    elif (work / "build.json").exists():
+        res["build"] = json.loads((work / "build.json").read_text()) | {"cached": True}
+    res["bundle_bytes"] = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+    res["runtime"] = measure_runtime(bundle, list(tiles), question, new_tokens, encoder_tiles, log)
+    if genai:
+        g = genai_build(folder, work / "genai-7b-int4", log)
+        res["onnxruntime_genai"] = {"build": g}
+        if g["ended"].startswith("finished"):
+            res["onnxruntime_genai"]["run"] = genai_decode(work / "genai-7b-int4", 64, new_tokens)
+    return res
+
+
+if __name__ == "__main__":  # the build's child process: JSON report on stdout, progress on stderr
+    print(json.dumps(build_bundle(Path(sys.argv[1]), Path(sys.argv[2]), size=sys.argv[3] if len(sys.argv) > 3
+                                  else "published")))

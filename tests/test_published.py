@@ -1,0 +1,274 @@
+"""Published-scale building blocks: a decoder written straight from a HF folder's safetensors shards with a PEFT
+LoRA merged per weight, token-identical to PyTorch (fp32) and answering through the runtime (INT4)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from locpath.errors import CheckpointError
+
+QUESTION = "What is the diagnosis?"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _qwen_folder(path, tokenizer, hidden=64, layers=2, vocab=512, inter=128, heads=4, kv=2, shard="150KB"):
+    """A random Qwen2 folder as the hub ships them: bf16 shards + index, tokenizer.json, a chat template."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
+                      tie_word_embeddings=False)
+    m = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    m.save_pretrained(path, max_shard_size=shard)
+    tokenizer.save(str(path / "tokenizer.json"))
+    from locpath.text import CHAT_TEMPLATE
+
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return m
+
+
+def _peft_adapter(folder, out, r=8, alpha=16):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:  # PEFT starts B at zero (a no-op merge): give both halves weight
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(out)
+
+
+def _merged_with_peft(folder, adapter, out):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def qwen_with_lora(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("qwen")
+    _qwen_folder(root / "qwen", tokenizer)
+    _peft_adapter(root / "qwen", root / "adapter")
+    merged = _merged_with_peft(root / "qwen", root / "adapter", root / "merged")
+    return root, merged
+
+
+def _reference_and_skeleton(root, cara_layers=(1,)):
+    from locpath.config import LLMConfig, preset
+    from locpath.engines.hf_weights import HFFolder
+    from locpath.export.streamed import skeleton_model
+    from locpath.models.slide_llm import LocPathModel
+
+    cfg = preset("tiny")
+    cfg.tile_encoder.depth = 1
+    cfg.llm = LLMConfig(pretrained_path=str(root / "merged"))
+    cfg.cara.layers = cara_layers
+    torch.manual_seed(3)
+    model = LocPathModel(cfg).eval()
+    with torch.no_grad():  # CARA gates open, so the visual path matters to the answer
+        for blk in model.cara.blocks.values():
+            blk.attn_gate.fill_(0.8)
+            blk.ffn_gate.fill_(0.5)
+    scfg = preset("tiny")
+    scfg.tile_encoder.depth = 1
+    scfg.cara.layers = cara_layers
+    hf = HFFolder(root / "qwen")
+    skel = skeleton_model(scfg, hf)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    missing, unexpected = skel.load_state_dict(own, strict=False)
+    assert not unexpected and all(k.startswith("llm.") for k in missing)
+    return model, skel, hf
+
+
+def test_sharded_bf16_folder_is_read_lazily_and_lora_merges_as_peft_does(qwen_with_lora):
+    from locpath.engines.fused_stream import HFFusedWeights, spec_from_hf
+    from locpath.engines.hf_weights import HFFolder, LoraAdapter
+
+    root, merged = qwen_with_lora
+    hf = HFFolder(root / "qwen")
+    assert len({e.file for e in hf.weights.entries.values()}) >= 2  # really sharded
+    lora = LoraAdapter.from_peft_folder(root / "adapter")
+    assert lora.alpha == 16 and len(lora.pairs) == 7 * 2
+    spec = spec_from_hf(hf, 64)
+    w = HFFusedWeights(hf, spec, lora)
+    lay = merged.model.layers[1]
+    want = torch.cat([lay.self_attn.q_proj.weight, lay.self_attn.k_proj.weight, lay.self_attn.v_proj.weight]).numpy()
+    np.testing.assert_allclose(w.rows("layers.1.qkv.weight"), want, atol=2e-6)
+    np.testing.assert_allclose(w["layers.1.down.weight"], lay.mlp.down_proj.weight.numpy().T, atol=2e-6)
+    np.testing.assert_array_equal(w["embed"], merged.model.embed_tokens.weight.numpy())  # bf16 -> fp32 exact
+
+
+def test_streamed_fp32_decoder_answers_token_identical_to_pytorch(qwen_with_lora, tmp_path, tokenizer):
+    from locpath.engines.hf_weights import LoraAdapter
+    from locpath.export.streamed import export_streamed_bundle
+    from locpath.runtime.pipeline import Pipeline
+    from locpath.wsi.features import FeatureFile, write_features
+
+    root, _ = qwen_with_lora
+    model, skel, hf = _reference_and_skeleton(root)
+    lora = LoraAdapter.from_peft_folder(root / "adapter")
+    bundle, rep = export_streamed_bundle(skel, hf, tmp_path / "b32", lora=lora, quant="fp32", max_length=256,
+                                         log=lambda m: None)
+    assert rep["components"]["decoder_fused"]["quant"] == "fp32"
+    feats = np.random.default_rng(0).normal(size=(30, 64)).astype(np.float32)
+    coords = np.stack([np.arange(30) % 6 * 224, np.arange(30) // 6 * 224], 1)
+    h5 = write_features(tmp_path / "f.h5", FeatureFile(feats, coords, 224, 224, 0.5, 0.5, model.cfg.tile_encoder.name))
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    ans = pipe.ask(h5, QUESTION, max_new_tokens=8)
+    lat = pipe.compress(pipe.read_feature_file(h5)).latents
+    with torch.no_grad():
+        want = model.answer_tokens(tokenizer, torch.from_numpy(lat), [QUESTION], max_new=8)[0]
+    assert ans.generation["decoder"] == "decoder_fused"
+    assert ans.token_ids == want and len(want) >= 1
+
+
+def test_streamed_int4_decoder_writes_external_data_and_answers(qwen_with_lora, tmp_path):
+    from locpath.bundle.integrity import verify_bundle
+    from locpath.engines.hf_weights import LoraAdapter
+    from locpath.export.streamed import export_streamed_bundle
+    from locpath.runtime.pipeline import Pipeline
+    from locpath.wsi.features import FeatureFile, write_features
+
+    root, _ = qwen_with_lora
+    model, skel, hf = _reference_and_skeleton(root)
+    bundle, _ = export_streamed_bundle(skel, hf, tmp_path / "b4", lora=LoraAdapter.from_peft_folder(root / "adapter"),
+                                       quant="int4", max_length=256, validate=False, log=lambda m: None)
+    m = verify_bundle(bundle)
+    entry = m.components["decoder_fused"]
+    assert entry.precision == "int4" and entry.quantization["int4_weights"] == 4 * 2 + 4 + 2  # 4 per layer, CARA q/o/fc1/fc2, embed, lm_head
+    feats = np.random.default_rng(1).normal(size=(12, 64)).astype(np.float32)
+    h5 = write_features(tmp_path / "f.h5", FeatureFile(feats, np.stack([np.arange(12) * 224, np.zeros(12, int)], 1),
+                                                        224, 224, 0.5, 0.5, model.cfg.tile_encoder.name))
+    ans = Pipeline.from_bundle(bundle, use_cache=False).ask(h5, QUESTION, max_new_tokens=4)
+    assert 1 <= ans.generation["new_tokens"] <= 4
+
+
+def test_external_data_path_streams_weights_beside_the_graph(qwen_with_lora, tmp_path):
+    """Forced external data (what a 7B decoder gets): weights in <graph>.data, aligned, and the graph still runs."""
+    import onnx
+
+    from locpath.engines.fused_graph import build_fused_decoder
+    from locpath.engines.fused_stream import HFFusedWeights, spec_from_hf
+    from locpath.engines.hf_weights import HFFolder
+
+    root, _ = qwen_with_lora
+    hf = HFFolder(root / "qwen")
+    spec = spec_from_hf(hf, 64)
+    info = build_fused_decoder(spec, HFFusedWeights(hf, spec), tmp_path / "d.onnx", quant="int4", external=True)
+    assert info["data_file"] == "d.onnx.data" and (tmp_path / "d.onnx.data").stat().st_size > 0
+    g = onnx.load(str(tmp_path / "d.onnx"), load_external_data=False)
+    ext = [t for t in g.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert ext and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 65536 == 0 for t in ext)
+    import onnxruntime as ort
+
+    ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])  # loads its data
+
+
+def test_hostile_shard_index_and_headers_are_refused(qwen_with_lora, tmp_path):
+    import shutil
+
+    from locpath.engines.hf_weights import HFFolder
+
+    root, _ = qwen_with_lora
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "qwen", bad)
+    idx = json.loads((bad / "model.safetensors.index.json").read_text())
+    k = next(iter(idx["weight_map"]))
+    idx["weight_map"][k] = "../../etc/passwd"
+    (bad / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        HFFolder(bad)
+    shutil.rmtree(bad)
+    shutil.copytree(root / "qwen", bad)
+    shard = sorted(bad.glob("model-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 10 ** 9  # past the end of the file
+    new = json.dumps(header).encode()
+    shard.write_bytes(len(new).to_bytes(8, "little") + new + bytes(data[8 + n:]))
+    with pytest.raises(CheckpointError, match="outside the file"):
+        HFFolder(bad)
+
+
+def test_published_bench_path_runs_on_a_small_shape(tmp_path):
+    """`bench --published` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
+    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here)."""
+    from locpath.bench.published import bench_published
+
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False)
+    res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=8, genai=False,
+                          shape=shape, size="tiny")
+    assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
+    assert res["build"]["peak_rss_mb"] > 0 and res["build"]["components"]["decoder_fused"]["quant"] == "int4"
+    ttft = res["runtime"]["time_to_first_token"]
+    assert set(ttft) == {"50", "400"} and all(v["prefill_ms"] > 0 for v in ttft.values())
+    assert ttft["400"]["encode_ms_extrapolated"] > ttft["50"]["encode_ms_extrapolated"]
+    assert res["runtime"]["decode"]["tokens_per_s"] > 0
+    # a second run reuses the shards and the bundle
+    again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
+                            shape=shape, size="tiny")
+    assert "shards_written_seconds" not in again and again["build"].get("cached")
+
+
+def test_watchdog_stops_a_process_past_its_memory_budget():
+    """What keeps onnxruntime-genai's builder from taking a 24 GB machine down on a 7B model."""
+    import sys
+
+    from locpath.bench.published import run_watched
+
+    r = run_watched([sys.executable, "-c", "import time; a = b'x' * (400 * 2**20); time.sleep(30)"], limit_mb=200,
+                    timeout_s=25, log=lambda m: None)
+    assert r["ended"] == "stopped: out of memory budget" and r["seconds"] < 25 and r["peak_rss_mb"] > 200
+    r = run_watched([sys.executable, "-c", "raise SystemExit(3)"], limit_mb=2000, timeout_s=25, log=lambda m: None)
+    assert r["ended"].startswith("failed (exit 3)")
+
+
+def test_a_component_past_the_protobuf_limit_exports_with_external_data(tmp_path, monkeypatch):
+    """A full-depth ViT-g encoder is ~4.5 GB in fp32: its weights go beside the graph, and it still validates."""
+    from locpath.config import preset
+    from locpath.export import exporter
+    from locpath.export.configs import tile_encoder_config
+    from locpath.models.slide_llm import LocPathModel
+
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_BYTES", 1000)  # the tiny encoder stands in for a big one
+    cfg = preset("tiny")
+    cfg.tile_encoder.depth = 1
+    model = LocPathModel(cfg).eval()
+    ec = tile_encoder_config(model)
+    rep = exporter.export_component(ec, model, tmp_path)
+    assert rep.data_files == ["tile_encoder.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tile_encoder.onnx", "tile_encoder.onnx.data"]
+    assert max(exporter.validate_component(ec, model, tmp_path / rep.file).values()) < 1e-4
+
+
+def test_checkpoint_exported_with_a_streamed_decoder_answers_like_the_shipped_bundle(tmp_path, ref_bundle,
+                                                                                       shipped_reference, small_svs):
+    """The streamed path on the shipped reference checkpoint (its LLM read from model.safetensors' `llm.*`,
+    tied embedding stored once): fp32, the same answers token for token as the normal export."""
+    from locpath.export.streamed import checkpoint_skeleton, export_streamed_bundle
+    from locpath.runtime.pipeline import Pipeline
+
+    model, hf = checkpoint_skeleton(shipped_reference)
+    assert hf.weights.shape("model.embed_tokens.weight") == (512, 128)
+    bundle, _ = export_streamed_bundle(model, hf, tmp_path / "b", quant="fp32", max_length=512,
+                                       tokenizer_dir=shipped_reference, log=lambda m: None)
+    streamed, shipped = Pipeline.from_bundle(bundle, use_cache=False), Pipeline.from_bundle(ref_bundle, use_cache=False)
+    ctx_a, ctx_b = streamed.prepare(small_svs), shipped.prepare(small_svs)
+    for q in ("What is the diagnosis?", "Is there necrosis?", "What is the tumor grade?"):
+        assert streamed.answer(ctx_a, q).token_ids == shipped.answer(ctx_b, q).token_ids

@@ -272,3 +272,20 @@ def test_checkpoint_exported_with_a_streamed_decoder_answers_like_the_shipped_bu
     ctx_a, ctx_b = streamed.prepare(small_svs), shipped.prepare(small_svs)
     for q in ("What is the diagnosis?", "Is there necrosis?", "What is the tumor grade?"):
         assert streamed.answer(ctx_a, q).token_ids == shipped.answer(ctx_b, q).token_ids
+
+
+def test_export_cli_streams_the_decoder_on_request(tmp_path, shipped_reference):
+    """`locpath export --stream-decoder int4` runs the streamed path from the CLI (auto picks it above 2 B
+    parameters); the bundle has only the fused INT4 decoder."""
+    import subprocess
+    import sys
+
+    from locpath.bundle.integrity import verify_bundle
+
+    r = subprocess.run([sys.executable, "-m", "locpath.cli", "export", str(tmp_path / "b"), "--checkpoint",
+                        str(shipped_reference), "--stream-decoder", "int4", "--no-validate", "--json"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = verify_bundle(tmp_path / "b")
+    assert set(m.components) == {"tile_encoder", "resampler", "tis", "cross_kv", "decoder_fused"}
+    assert m.components["decoder_fused"].precision == "int4"

@@ -122,6 +122,22 @@ def _read_all(slide, grid, args) -> dict:
 
 
 # -- synth --------------------------------------------------------------------------
+def cmd_encoders(args) -> int:
+    """The registered tile encoders: what `import --encoder` and feature files may name."""
+    from dataclasses import asdict
+
+    from .encoders import ENCODERS
+
+    if args.json:
+        print(json.dumps([{k: v for k, v in asdict(e).items() if k not in ("timm_kwargs", "unused_keys")}
+                          | {"timm_kwargs": e.timm_kwargs} for e in ENCODERS.values()], indent=1))
+        return 0
+    print(f"{'name':<10} {'width':>5} {'tile':>4} {'um/px':>5}  {'timm model':<30} aliases")
+    for e in ENCODERS.values():
+        print(f"{e.name:<10} {e.out_dim:>5} {e.img_size:>4} {e.target_mpp:>5}  {e.timm_model:<30} {', '.join(e.aliases)}")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from .synth import make_spec, write_slide
     from .synth.seeds import split_seed
@@ -185,8 +201,20 @@ def cmd_export(args) -> int:
     except ImportError as exc:
         raise LocpathError(f"export needs the training extra (pip install 'locpath[train]'): {exc}") from exc
     ckpt = Path(args.checkpoint) if args.checkpoint else shipped_checkpoint("reference")
-    _, summary = export_bundle(ckpt, args.out, validate=not args.no_validate, overwrite=args.overwrite,
-                               log=(lambda m: None) if args.json else print)
+    log = (lambda m: None) if args.json else print
+    stream = args.stream_decoder
+    if stream == "auto":
+        from .export.streamed import STREAM_ABOVE_PARAMS, llm_parameters
+        from .models.checkpoint import read_config
+
+        stream = "int4" if llm_parameters(read_config(ckpt).llm) > STREAM_ABOVE_PARAMS else "off"
+    if stream != "off":
+        from .export.streamed import export_checkpoint_streamed
+
+        _, summary = export_checkpoint_streamed(ckpt, args.out, quant=stream, validate=not args.no_validate,
+                                                overwrite=args.overwrite, log=log)
+    else:
+        _, summary = export_bundle(ckpt, args.out, validate=not args.no_validate, overwrite=args.overwrite, log=log)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -623,7 +651,7 @@ def cmd_bench(args) -> int:
                       tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                       repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                       baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
-                      encoder_vitb=args.encoder_vitb)
+                      encoder_vitb=args.encoder_vitb, published=args.published)
     check_inputs(cfg)
     report = run_bench(cfg)
     if args.json:
@@ -682,6 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tiles)
 
+    en = sub.add_parser("encoders", help="the registered tile encoders (TRIDENT's names, widths, tile geometry)")
+    en.add_argument("--json", action="store_true")
+    en.set_defaults(func=cmd_encoders)
+
     s = sub.add_parser("synth", help="write synthetic pyramidal slides with ground truth")
     s.add_argument("out")
     s.add_argument("--count", type=_positive_int, default=1)
@@ -721,6 +753,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="bundle folder to create")
     x.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped reference)")
     x.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    x.add_argument("--stream-decoder", choices=("auto", "int4", "fp32", "off"), default="auto",
+                   help="write the decoder straight from the checkpoint's weights, one matrix at a time, at this "
+                        "precision, never building the LLM (auto: int4 for LLMs above 2 B parameters, whose fp32 "
+                        "model would not fit in memory; such a bundle has only the fused decoder)")
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
@@ -818,6 +854,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--encoder-vit-b", dest="encoder_vitb", action="store_true",
                     help="also compare the tile-encoder recipes (ORT fp32/INT8, OpenVINO bf16/NNCF INT8, PyTorch) on a "
                          "ViT-B/16 shape (first run exports and quantizes it: minutes)")
+    be.add_argument("--published", action="store_true",
+                    help="also build and run LoC-Path at published scale: a full-depth Qwen2.5-7B-shaped random model "
+                         "written as shards here, its INT4 decoder streamed from them (build time, peak RSS, bundle "
+                         "size, tokens/s, time to first token at --tiles), beside onnxruntime-genai's builder on the "
+                         "same shards where it fits in memory (first run: ~15 GB of shards, tens of minutes)")
     be.add_argument("--json", default=None, help="write the JSON report here")
     be.add_argument("--markdown", default=None, help="write the Markdown summary here")
     be.add_argument("--plots", default=None, help="write PNG plots into this folder")

@@ -179,9 +179,9 @@ def run_watched(cmd: list[str], limit_mb: float, timeout_s: float, log) -> dict:
 
 
 def genai_build(folder: Path, out: Path, log, timeout_s: float = 1800) -> dict:
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
         return {"ended": "skipped: onnxruntime-genai is not installed"}
     if (out / "genai_config.json").exists():
         return {"ended": "finished (cached)"}

@@ -470,3 +470,47 @@ def test_import_export_int4_and_answers(release, tmp_path, capsys):
     code = main(["ask", str(tmp_path / "int4"), str(h5), Q, "--no-cache", "--max-new-tokens", "8", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["answers"][0]["generation"]["new_tokens"] >= 1
+
+
+def test_streamed_import_writes_the_same_checkpoint_tensor_by_tensor(release, tmp_path, capsys):
+    """`--stream on` (what a 7B import takes automatically): the checkpoint written tensor by tensor from the shards,
+    the PEFT and the release's LoRA merged per tensor, equals the in-memory import's; `export --stream-decoder`
+    of it answers as PyTorch does, token for token."""
+    from safetensors.torch import load_file
+
+    from locpath.export.streamed import checkpoint_skeleton, export_streamed_bundle
+    from locpath.models.checkpoint import load_checkpoint
+    from locpath.runtime.pipeline import Pipeline
+    from locpath.wsi.features import FeatureFile, write_features
+
+    r = release
+    assert main(_import_args(r, tmp_path / "mem", "--lora", r["peft"], "--stream", "off", "--json")) == 0
+    capsys.readouterr()
+    assert main(_import_args(r, tmp_path / "str", "--lora", r["peft"], "--stream", "on", "--dtype", "float32",
+                             "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["streamed"] and [x["weights"] > 0 for x in summary["lora"]] == [True, True]
+    a, b = load_file(str(tmp_path / "mem" / "model.safetensors")), load_file(str(tmp_path / "str" / "model.safetensors"))
+    assert set(a) == set(b)
+    random = tuple(g + "." for g in summary["random"])  # left at random init by both (no file fills them)
+    assert random == ("mae_head.", "tile_encoder.")
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a if not k.startswith(random))
+    assert worst < 1e-5, worst
+    for f in ("tokenizer.json", "chat_template.jinja"):
+        assert (tmp_path / "mem" / f).read_bytes() == (tmp_path / "str" / f).read_bytes()
+
+    model, tok = load_checkpoint(tmp_path / "str")
+    skel, hf = checkpoint_skeleton(tmp_path / "str")
+    bundle, _ = export_streamed_bundle(skel, hf, tmp_path / "bundle", quant="fp32", max_length=256,
+                                       tokenizer_dir=tmp_path / "str", log=lambda m: None)
+    n = 24
+    rng = np.random.default_rng(1)
+    h5 = write_features(tmp_path / "f.h5", FeatureFile(
+        rng.normal(size=(n, model.cfg.feature_dim)).astype(np.float32),
+        np.stack([np.arange(n) % 6 * 224, np.arange(n) // 6 * 224], 1), 224, 224, 0.5, 0.5, model.cfg.tile_encoder.name))
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    ans = pipe.ask(h5, Q, max_new_tokens=6)
+    lat = pipe.compress(pipe.read_feature_file(h5)).latents
+    with torch.no_grad():
+        want = model.answer_tokens(tok, torch.from_numpy(lat), [Q], max_new=6)[0]
+    assert ans.token_ids == want

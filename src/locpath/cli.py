@@ -277,7 +277,7 @@ def cmd_import(args) -> int:
         encoder=args.encoder, encoder_weights=Path(args.encoder_weights) if args.encoder_weights else None,
         config=_json_arg(args.config, "--config"), cara_layers=args.cara_layers, dtype=args.dtype,
         chat_template=Path(args.chat_template) if args.chat_template else None, allow_missing=args.allow_missing,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, stream=args.stream)
     summary = import_checkpoint(opts, log=(lambda m: None) if args.json else print)
     if args.json:
         print(json.dumps(summary))
@@ -789,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LLM layers with CARA blocks, e.g. 3,10,17,24 (default: those the release fills)")
     im.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="checkpoint dtype (auto: float32 up to 2 B LLM parameters, bfloat16 above)")
+    im.add_argument("--stream", choices=("auto", "on", "off"), default="auto",
+                    help="write the checkpoint tensor by tensor from the LLM's shards, LoRA merged per tensor, never "
+                         "holding the LLM (auto: above 2 B LLM parameters, where the in-memory import needs more than "
+                         "a 24 GB machine has); `locpath export` then streams the decoder from it")
     im.add_argument("--chat-template", default=None, help="a Jinja chat template (default: the LLM folder's)")
     im.add_argument("--allow-missing", action="store_true",
                     help="keep adapter tensors no release file fills at random init (a deployment-shape test)")

@@ -217,11 +217,13 @@ class LoraAdapter:
     """LoRA A/B pairs by the base weight they modify ("model.layers.0.self_attn.q_proj.weight")."""
 
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # weight name -> (A [r, in], B [out, r]) float32
-    alpha: float
+    alpha: float | None  # None: alpha equals each pair's own rank (scale 1), as `locpath import` merges state dicts
     rslora: bool = False
     source: str = "adapter"
 
     def scale(self, rank: int) -> float:
+        if self.alpha is None:
+            return 1.0
         return self.alpha / (math.sqrt(rank) if self.rslora else rank)
 
     def delta(self, weight: str) -> np.ndarray | None:
@@ -234,25 +236,24 @@ class LoraAdapter:
     @classmethod
     def from_tensors(cls, tensors: dict[str, np.ndarray], alpha: float | None, rslora: bool = False,
                      source: str = "adapter") -> "LoraAdapter":
-        """From PEFT-style keys (`base_model.model.<module>.lora_A.weight`); alpha defaults to the rank."""
+        """From PEFT-style keys (`base_model.model.<module>.lora_A.weight`); alpha None: each pair's rank."""
         halves: dict[str, dict[str, np.ndarray]] = {}
         for k, v in tensors.items():
             m = _LORA_KEY.match(k)
             if m is None:
                 raise CheckpointError(f"{source}: {k!r} is not a LoRA A/B weight")
             halves.setdefault(m["module"] + ".weight", {})[m["ab"]] = np.asarray(v, np.float32)
-        pairs, ranks = {}, set()
+        pairs = {}
         for w, h in halves.items():
             if set(h) != {"A", "B"}:
                 raise CheckpointError(f"{source}: {w} has lora_{'A' if 'A' not in h else 'B'} missing")
             a, b = h["A"], h["B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise CheckpointError(f"{source}: {w}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not pair")
-            pairs[w], _ = (a, b), ranks.add(a.shape[0])
+            pairs[w] = (a, b)
         if not pairs:
             raise CheckpointError(f"{source}: holds no LoRA weights")
-        rank = max(ranks)
-        return cls(pairs, float(alpha if alpha is not None else rank), rslora, source)
+        return cls(pairs, float(alpha) if alpha is not None else None, rslora, source)
 
     @classmethod
     def from_peft_folder(cls, folder: str | os.PathLike) -> "LoraAdapter":
@@ -287,3 +288,37 @@ class LoraAdapter:
             if hf.weights.shape(w) != (b.shape[0], a.shape[1]):
                 raise CheckpointError(f"{self.source}: {w}: B @ A is {[b.shape[0], a.shape[1]]}, "
                                       f"the base weight is {list(hf.weights.shape(w))}")
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounded to nearest even (as torch's `.to(torch.bfloat16)`)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...], object]],
+                      metadata: dict | None = None) -> int:
+    """Write a safetensors file tensor by tensor: `tensors` is (name, "F32" | "BF16" | "F16", shape, make) with
+    `make()` returning the float32 values, called only when the tensor is written (so a model larger than memory
+    is written holding one tensor). Returns the bytes written."""
+    header, off = {}, 0
+    for name, dtype, shape, _ in tensors:
+        n = math.prod(shape) * _DTYPES[dtype][1]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(len(hb).to_bytes(8, "little") + hb)
+        for name, dtype, shape, make in tensors:
+            x = np.asarray(make(), np.float32)
+            if x.shape != tuple(shape):
+                raise CheckpointError(f"{path}: {name} came out {list(x.shape)}, declared {list(shape)}")
+            data = bf16_bits(x) if dtype == "BF16" else x.astype(np.float16 if dtype == "F16" else np.float32)
+            f.write(np.ascontiguousarray(data).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(hb) + off

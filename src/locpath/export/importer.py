@@ -62,6 +62,7 @@ class ImportOptions:
     chat_template: Path | None = None
     allow_missing: bool = False
     overwrite: bool = False
+    stream: str = "auto"  # auto | on | off: write the checkpoint tensor by tensor, never holding the LLM
 
 
 def release_dir(folder: str | os.PathLike) -> dict[str, Path]:
@@ -454,6 +455,14 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
                        meta.llm, str(lora_src.path))
     llm_params = sum(p.numel() for p in meta.llm.parameters())
     total = sum(p.numel() for p in meta.parameters())
+    if opts.stream not in ("auto", "on", "off"):
+        raise ConfigError(f"--stream must be auto, on or off, not {opts.stream!r}")
+    if opts.stream == "on" or (opts.stream == "auto" and llm_params > BF16_ABOVE):
+        from .import_stream import write_streamed_checkpoint
+
+        del meta
+        return write_streamed_checkpoint(opts, cfg, tok, template, template_from, files, checked, kmap, lora_src,
+                                         random_groups, missing, llm_params, t0, log)
     dtype = choose_dtype(opts.dtype, llm_params, total, Path(opts.llm))
     del meta
     tdtype = getattr(torch, dtype)

@@ -215,6 +215,8 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=8, genai=False,
                           shape=shape, size="tiny")
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
+    cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # what onnxruntime-genai's builder dispatches on
     assert res["build"]["peak_rss_mb"] > 0 and res["build"]["components"]["decoder_fused"]["quant"] == "int4"
     ttft = res["runtime"]["time_to_first_token"]
     assert set(ttft) == {"50", "400"} and all(v["prefill_ms"] > 0 for v in ttft.values())

@@ -86,7 +86,9 @@ def write_random_hf_folder(folder: Path, shape: dict, tokenizer_file: Path, seed
     rng = np.random.default_rng(seed)
     t0 = time.time()
     with atomic_dir(folder) as tmp:
-        Qwen2Config(**shape, torch_dtype="bfloat16").to_json_file(str(tmp / "config.json"))
+        # as save_pretrained writes it: tools (onnxruntime-genai's builder) read `architectures`
+        Qwen2Config(**shape, torch_dtype="bfloat16", architectures=["Qwen2ForCausalLM"]).to_json_file(
+            str(tmp / "config.json"))
         weight_map, total = {}, 0
         for k, group in enumerate(shards):
             name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"

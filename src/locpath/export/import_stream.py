@@ -49,8 +49,11 @@ def _adapters(opts, lora_src, release_lora, kmap, produce, lora_file_factors, _k
 
 
 def write_streamed_checkpoint(opts, cfg, tok, template: str, template_from: str, files: list, checked: dict,
-                              kmap, lora_src, random_groups: list, missing: list, llm_params: int, t0: float,
-                              log=print) -> dict:
+                              kmap, lora_src, random_groups: list, missing: list, llm_params: int, t0: float, *,
+                              kind, lora_file_factors, load_tile_encoder_weights, schema: str, log=print) -> dict:
+    """Called by `importer.import_checkpoint` once everything is planned and checked; `kind` (a target's group),
+    `lora_file_factors` and `load_tile_encoder_weights` are the importer's own helpers, passed in so the two
+    modules do not import each other."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -58,7 +61,9 @@ def write_streamed_checkpoint(opts, cfg, tok, template: str, template_from: str,
     from ..models.checkpoint import FORMAT_VERSION
     from ..models.llm import sync_llm_config
     from ..models.slide_llm import LocPathModel
-    from .importer import IMPORT_SCHEMA, Assignment, _kind, load_tile_encoder_weights, lora_file_factors, produce
+    from .keymap import Assignment, produce
+
+    _kind, IMPORT_SCHEMA = kind, schema
 
     dtype = {"auto": "bfloat16", "float32": "float32", "bfloat16": "bfloat16"}[opts.dtype]
     st_dtype = "BF16" if dtype == "bfloat16" else "F32"

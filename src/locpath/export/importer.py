@@ -462,7 +462,10 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
 
         del meta
         return write_streamed_checkpoint(opts, cfg, tok, template, template_from, files, checked, kmap, lora_src,
-                                         random_groups, missing, llm_params, t0, log)
+                                         random_groups, missing, llm_params, t0, kind=_kind,
+                                         lora_file_factors=lora_file_factors,
+                                         load_tile_encoder_weights=load_tile_encoder_weights, schema=IMPORT_SCHEMA,
+                                         log=log)
     dtype = choose_dtype(opts.dtype, llm_params, total, Path(opts.llm))
     del meta
     tdtype = getattr(torch, dtype)

@@ -276,3 +276,37 @@ def test_batch_takes_feature_csvs_but_not_slide_lists(tmp_path, feats64):
     assert list_slides(feat) == [feat.resolve()]
     assert list_slides(lst) == [feat.resolve()]  # a list of paths named .csv stays a list
     assert os.path.getsize(feat) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,alias", [("conch_v1", "CONCH"), ("uni_v1", "UNI"), ("uni_v2", "UNI2-h"),
+                                        ("virchow2", "Virchow2"), ("hoptimus0", "H-optimus-0"),
+                                        ("hoptimus1", "hoptimus1"), ("gigapath", "prov-gigapath")])
+def test_each_registered_encoders_trident_h5_is_answered_from(tmp_path, tokenizer, name, alias):
+    """For every registered encoder: a bundle built on it (real width, depth 1) answers a TRIDENT-layout h5 that
+    names the encoder by an alias, with overlap, token for token as PyTorch does from the same features."""
+    import torch
+
+    from locpath.config import preset
+    from locpath.export.bundle import export_bundle
+    from locpath.models.checkpoint import save_checkpoint
+    from locpath.models.encoders import encoder_config
+    from locpath.models.slide_llm import LocPathModel
+    from locpath.runtime.pipeline import Pipeline
+
+    cfg = preset("tiny")
+    cfg.tile_encoder = encoder_config(name, depth=1)
+    torch.manual_seed(0)
+    model = LocPathModel(cfg).eval()
+    ckpt = save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    bundle, _ = export_bundle(ckpt, tmp_path / "bundle", validate=False, log=lambda m: None)
+    xy, _ = trident_coords(6, 5, 512, 64)
+    feats = np.random.default_rng(1).normal(size=(len(xy), cfg.feature_dim)).astype(np.float32)
+    h5 = trident_h5(tmp_path / "features_x" / "slide.h5", feats, xy, encoder=alias, patch=256, overlap=32)
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    ans = pipe.ask(h5, "What is the diagnosis?", max_new_tokens=4)
+    assert ans.slide["tiles"] == len(xy) and ans.generation["new_tokens"] >= 1
+    lat = pipe.compress(pipe.read_feature_file(h5)).latents
+    with torch.no_grad():
+        want = model.answer_tokens(tokenizer, torch.from_numpy(lat), ["What is the diagnosis?"], max_new=4)[0]
+    assert ans.token_ids == want

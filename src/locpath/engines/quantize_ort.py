@@ -19,6 +19,20 @@ from pathlib import Path
 import numpy as np
 
 
+def _ort_transformers_path() -> None:
+    """ONNX Runtime's quantization and transformers tools import siblings by bare name (`from fusion_utils import`),
+    relying on the folder that `onnxruntime.transformers`' __init__ appends to sys.path once, at its first import.
+    Whatever restores sys.path afterwards (pytest's monkeypatch, a host application) breaks every later import of
+    them; put the folder back before using them."""
+    import sys
+
+    import onnxruntime.transformers as ortt
+
+    folder = os.path.dirname(ortt.__file__)
+    if folder not in sys.path:
+        sys.path.append(folder)
+
+
 def fold_transposed_initializers(model) -> int:
     """Replace Transpose(initializer) feeding MatMul's B input by a transposed initializer. Returns the count."""
     from onnx import numpy_helper
@@ -50,6 +64,7 @@ def fold_transposed_initializers(model) -> int:
 
 
 def encoder_int8_dynamic(src: Path, dst: Path) -> dict:
+    _ort_transformers_path()
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
@@ -72,6 +87,7 @@ class _TileFeed:
 
 
 def encoder_int8_static(src: Path, dst: Path, tiles: np.ndarray) -> dict:
+    _ort_transformers_path()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     quantize_static(str(src), str(dst), _TileFeed(tiles), quant_format=QuantFormat.QDQ,
@@ -85,6 +101,7 @@ def encoder_int8_static(src: Path, dst: Path, tiles: np.ndarray) -> dict:
 
 def decoder_int4(src: Path, dst: Path, block_size: int = 32) -> dict:
     import onnx
+    _ort_transformers_path()
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(src))
@@ -127,6 +144,7 @@ def rmsnorm_statistics_nodes(model) -> list[str]:
 
 def to_fp16(src: Path, dst: Path) -> dict:
     import onnx
+    _ort_transformers_path()
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 

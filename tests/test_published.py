@@ -222,6 +222,10 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     assert set(ttft) == {"50", "400"} and all(v["prefill_ms"] > 0 for v in ttft.values())
     assert ttft["400"]["encode_ms_extrapolated"] > ttft["50"]["encode_ms_extrapolated"]
     assert res["runtime"]["decode"]["tokens_per_s"] > 0
+    from locpath.bench.output import published_lines
+
+    md = "\n".join(published_lines(res))
+    assert "first token, 400 tiles" in md and "decode |" in md
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
                             shape=shape, size="tiny")

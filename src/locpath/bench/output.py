@@ -72,6 +72,8 @@ def markdown(report: dict) -> str:
     vb = report.get("baselines", {}).get("encoder_vit_b")
     if vb:
         lines += encoder_vitb_lines(vb)
+    if report.get("published"):
+        lines += published_lines(report["published"])
     if report.get("ratios"):
         lines += ["## Ratios (>1: locpath / LoC-Path ahead)", "", "| ratio | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
@@ -84,6 +86,34 @@ def markdown(report: dict) -> str:
     if report.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()] + [""]
     return "\n".join(lines)
+
+
+def published_lines(pub: dict) -> list[str]:
+    """`bench --published`: the build, the runtime at each tile count, and onnxruntime-genai's builder."""
+    b, rt = pub.get("build", {}), pub["runtime"]
+    dec = b.get("components", {}).get("decoder_fused", {})
+    lines = [f"## Published scale: {pub['shape']}", "", "| what | measured |", "|---|---|",
+             f"| shards | {pub['shards_bytes'] / 1e9:.2f} GB |",
+             f"| build (child process) | {_f(b.get('build_seconds'))} s, decoder streamed in {_f(dec.get('seconds'))} s; "
+             f"RSS {_f(dec.get('rss_before_mb'))} MB before the decoder, at most {_f(dec.get('rss_max_while_streaming_mb'))} MB "
+             f"while it streamed, peak {_f(b.get('peak_rss_mb'))} MB{' (cached)' if b.get('cached') else ''} |",
+             f"| bundle | {pub['bundle_bytes'] / 1e9:.2f} GB |",
+             f"| load | {rt['load_seconds']} s |",
+             f"| decode | {rt['decode']['tokens_per_s']} tokens/s |",
+             f"| tile encoder ({rt['encoder']['precision']}, {rt['encoder']['tile_px']} px) | "
+             f"{rt['encoder']['tiles_per_s']} tiles/s over {rt['encoder']['measured_tiles']} tiles |"]
+    for n, t in rt["time_to_first_token"].items():
+        lines.append(f"| first token, {n} tiles | {t['from_features_ms'] / 1000:.2f} s from features (prefill "
+                     f"{t['prefill_ms']:.0f} ms); +{t['encode_ms_extrapolated'] / 1000:.0f} s encoder, extrapolated |")
+    lines.append(f"| runtime peak RSS | {rt['peak_rss_mb']} MB |")
+    g = pub.get("onnxruntime_genai")
+    if g:
+        gb = g["build"]
+        lines.append(f"| onnxruntime-genai builder | {gb['ended']}" + (f" after {gb['seconds']} s at {gb['peak_rss_mb']} MB "
+                     f"RSS (limit {gb['limit_mb']} MB)" if "seconds" in gb else "") + " |")
+        if "run" in g:
+            lines.append(f"| onnxruntime-genai decode | {g['run']['tokens_per_s']} tokens/s |")
+    return lines + [""]
 
 
 def write_markdown(report: dict, path: str | Path) -> Path:

@@ -134,8 +134,11 @@ class SafetensorsFiles:
     def array(self, name: str, rows: slice | None = None) -> np.ndarray:
         """float32 copy of a tensor (or of a range of its rows)."""
         e, raw = self._entry(name), self.raw(name, rows)
-        if e.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+        if e.dtype == "BF16":  # shifted in place: one float32-sized buffer, not two
+            wide = raw.astype(np.uint32)
+            del raw
+            wide <<= np.uint32(16)
+            return wide.view(np.float32)
         return raw.astype(np.float32, copy=e.dtype != "F32")
 
     def prefixed(self, prefix: str) -> "SafetensorsFiles":
@@ -317,8 +320,12 @@ def write_safetensors(path: Path, tensors: list[tuple[str, str, tuple[int, ...],
             x = np.asarray(make(), np.float32)
             if x.shape != tuple(shape):
                 raise CheckpointError(f"{path}: {name} came out {list(x.shape)}, declared {list(shape)}")
-            data = bf16_bits(x) if dtype == "BF16" else x.astype(np.float16 if dtype == "F16" else np.float32)
-            f.write(np.ascontiguousarray(data).tobytes())
+            flat = x.reshape(-1)
+            for i in range(0, flat.size, 1 << 24):  # converted in slices: no full-size temporaries
+                c = flat[i:i + (1 << 24)]
+                data = bf16_bits(c) if dtype == "BF16" else c.astype(np.float16 if dtype == "F16" else np.float32)
+                f.write(np.ascontiguousarray(data).tobytes())
+            del x, flat
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(hb) + off

@@ -43,6 +43,46 @@ def component_profiles(component: str, cfg_axes: set[str], model, max_length: in
     return {a: table[a] for a in sorted(cfg_axes) if a in table}
 
 
+def write_bundle_manifest(tmp: Path, cfg, components: dict, max_length: int, source: dict, export: dict) -> None:
+    """The manifest of a bundle assembled in `tmp`: preprocessing at the tile encoder's own geometry, the ChatML
+    tokens, every referenced file hashed, SHA256SUMS written."""
+    from ..models.encoders import tile_target_mpp
+
+    manifest = Manifest(
+        fusion=cfg.fusion, model=cfg.to_dict(), components=components,
+        preprocessing=Preprocessing(
+            tile_size=cfg.tile_encoder.img_size, target_mpp=tile_target_mpp(cfg), mean=list(cfg.tile_encoder.mean),
+            std=list(cfg.tile_encoder.std), stm=dataclasses.asdict(cfg.stm)),
+        tokenizer=TokenizerEntry(file="tokenizer.json", chat_template=CHAT_TEMPLATE_FILE, pad=PAD,
+                                 im_start=IM_START, im_end=IM_END),
+        generation=GenerationDefaults(max_new_tokens=cfg.max_answer_tokens, stop_tokens=[IM_END],
+                                      max_length=max_length),
+        locpath_version=__version__,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        source=source, export=export)
+    for name in manifest.referenced_files():
+        manifest.record_file(tmp, name)
+    write_manifest(tmp, manifest)
+
+
+def export_graph(ec, model, tmp: Path, validate: bool, max_length: int, log) -> tuple[ComponentEntry, ComponentReport]:
+    """One component exported (and validated) into the bundle being assembled, with its manifest entry."""
+    rep = export_component(ec, model, tmp)
+    if validate:
+        validate_component(ec, model, tmp / rep.file, rep)
+    log(f"export: {ec.component} -> {rep.file} ({rep.nodes} nodes, {rep.seconds:.1f} s"
+        + (f", max abs diff {max(rep.max_abs_diff.values()):.2e})" if rep.max_abs_diff else ")"))
+    entry = ComponentEntry(
+        file=rep.file, sha256=sha256_file(tmp / rep.file), precision="fp32", backend="onnxruntime",
+        inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
+        outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
+        templates=ec.templates, description=ec.description,
+        profiles=component_profiles(ec.component, ec.axes(), model, max_length),
+        data_files=list(rep.data_files),
+    )
+    return entry, rep
+
+
 def export_fused_decoder(model, tmp: Path, max_length: int, validate: bool, log):
     """The fused decoder graph beside the plain one: faster on ONNX Runtime, which the runtime prefers. A model
     the fused builder does not support (rope variant, MLP kind) keeps only the plain graph, with a message."""
@@ -78,7 +118,6 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
     import torch
 
     from ..models.checkpoint import load_checkpoint
-    from ..models.encoders import tile_target_mpp
     from ..models.llm import sync_llm_config
     from ..models.slide_llm import LocPathModel
 
@@ -97,20 +136,7 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
         components: dict[str, ComponentEntry] = {}
         reports: dict[str, ComponentReport] = {}
         for ec in export_configs(model):
-            rep = export_component(ec, model, tmp)
-            if validate:
-                validate_component(ec, model, tmp / rep.file, rep)
-            reports[ec.component] = rep
-            log(f"export: {ec.component} -> {rep.file} ({rep.nodes} nodes, {rep.seconds:.1f} s"
-                + (f", max abs diff {max(rep.max_abs_diff.values()):.2e})" if rep.max_abs_diff else ")"))
-            components[ec.component] = ComponentEntry(
-                file=rep.file, sha256=sha256_file(tmp / rep.file), precision="fp32", backend="onnxruntime",
-                inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
-                outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
-                templates=ec.templates, description=ec.description,
-                profiles=component_profiles(ec.component, ec.axes(), model, max_length),
-                data_files=list(rep.data_files),
-            )
+            components[ec.component], reports[ec.component] = export_graph(ec, model, tmp, validate, max_length, log)
         fused = export_fused_decoder(model, tmp, max_length, validate, log)
         if fused is not None:
             components[names.DECODER_FUSED], reports[names.DECODER_FUSED] = fused
@@ -119,27 +145,12 @@ def export_bundle(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, val
         template = getattr(model, "chat_template", None)
         (tmp / CHAT_TEMPLATE_FILE).write_text(CHAT_TEMPLATE if template is None else template.text, encoding="utf-8")
         weights = Path(checkpoint) / "model.safetensors"
-        manifest = Manifest(
-            fusion=cfg.fusion,
-            model=cfg.to_dict(),
-            components=components,
-            preprocessing=Preprocessing(
-                tile_size=cfg.tile_encoder.img_size, target_mpp=tile_target_mpp(cfg), mean=list(cfg.tile_encoder.mean),
-                std=list(cfg.tile_encoder.std), stm=dataclasses.asdict(cfg.stm),
-            ),
-            tokenizer=TokenizerEntry(file="tokenizer.json", chat_template=CHAT_TEMPLATE_FILE, pad=PAD,
-                                     im_start=IM_START, im_end=IM_END),
-            generation=GenerationDefaults(max_new_tokens=cfg.max_answer_tokens, stop_tokens=[IM_END],
-                                          max_length=max_length),
-            locpath_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            source={"checkpoint": str(checkpoint), "weights_sha256": sha256_file(weights) if weights.exists() else None},
-            export={"torch": torch.__version__, "exporter": "torch.onnx dynamo", "seconds": round(time.time() - t_start, 1),
-                    "validation": {k: r.max_abs_diff for k, r in reports.items()}},
-        )
-        for name in manifest.referenced_files():
-            manifest.record_file(tmp, name)
-        write_manifest(tmp, manifest)
+        write_bundle_manifest(tmp, cfg, components, max_length,
+                              source={"checkpoint": str(checkpoint),
+                                      "weights_sha256": sha256_file(weights) if weights.exists() else None},
+                              export={"torch": torch.__version__, "exporter": "torch.onnx dynamo",
+                                      "seconds": round(time.time() - t_start, 1),
+                                      "validation": {k: r.max_abs_diff for k, r in reports.items()}})
     size = sum(p.stat().st_size for p in out.iterdir())
     summary = {"bundle": str(out), "seconds": round(time.time() - t_start, 1), "bytes": size,
                "max_abs_diff": {k: r.max_abs_diff for k, r in reports.items()}}

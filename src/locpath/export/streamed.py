@@ -10,20 +10,15 @@ parity with PyTorch is checked on reduced-depth models by `tests/test_published.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import gc
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
 
-from .. import __version__
 from ..bundle import names
-from ..bundle.integrity import write_manifest
-from ..bundle.manifest import (ComponentEntry, GenerationDefaults, IOSpec, Manifest, Preprocessing, TokenizerEntry)
+from ..bundle.manifest import ComponentEntry, IOSpec
 from ..bundle.paths import sha256_file
 from ..config import LLMConfig, ModelConfig
 from ..engines.fused_graph import build_fused_decoder
@@ -31,38 +26,24 @@ from ..engines.fused_stream import HFFusedWeights, spec_from_hf
 from ..engines.hf_weights import HFFolder, LoraAdapter
 from ..errors import CheckpointError, LocpathError
 from ..fsutil import atomic_dir
-from ..text import CHAT_TEMPLATE, IM_END, IM_START, PAD
-from .bundle import CHAT_TEMPLATE_FILE, component_profiles
+from ..runtime.pipeline import peak_rss_mb
+from ..text import CHAT_TEMPLATE
+from .bundle import CHAT_TEMPLATE_FILE, export_graph, write_bundle_manifest
 from .configs import cross_kv_config, resampler_config, tile_encoder_config, tis_config
-from .exporter import export_component, validate_component
-
-
-def llm_config_from_hf(hf: HFFolder) -> LLMConfig:
-    c = hf.config
-    rope = c.get("rope_parameters") or {}
-    heads = int(c["num_attention_heads"])
-    return LLMConfig(
-        architecture=hf.model_type, vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
-        intermediate_size=int(c["intermediate_size"]), num_hidden_layers=int(c["num_hidden_layers"]),
-        num_attention_heads=heads, num_key_value_heads=int(c.get("num_key_value_heads", heads)),
-        max_position_embeddings=int(c.get("max_position_embeddings", 32768)),
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)), pretrained_path=None)
 
 
 def skeleton_model(cfg: ModelConfig, hf: HFFolder):
     """A LocPathModel at `cfg`'s sizes with the HF folder's LLM on the meta device: every part but the LLM is
     real (random until a state dict is loaded into it), the LLM takes no memory."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from ..models.llm import sync_llm_config
     from ..models.slide_llm import LocPathModel
 
-    cfg.llm = llm_config_from_hf(hf)
-    hf_cfg = AutoConfig.from_pretrained(str(hf.folder), local_files_only=True)
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(hf_cfg)
+        llm = AutoModelForCausalLM.from_config(hf.hf_config())
+    cfg.llm = sync_llm_config(cfg.llm, llm)  # the folder's sizes, as a checkpoint records them
     return LocPathModel(cfg, llm=llm).eval()
 
 
@@ -99,7 +80,6 @@ def checkpoint_skeleton(checkpoint: Path):
     from transformers import AutoModelForCausalLM
 
     from ..models.checkpoint import read_config
-    from ..models.llm import hf_config
     from ..models.slide_llm import LocPathModel
 
     cfg = read_config(checkpoint)
@@ -107,7 +87,7 @@ def checkpoint_skeleton(checkpoint: Path):
         raise LocpathError(f"{checkpoint}: only LoC-Path (fusion 'cara') checkpoints export to a bundle")
     hf = CheckpointLLM(checkpoint, cfg)
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(hf_config(cfg.llm))
+        llm = AutoModelForCausalLM.from_config(hf.hf_config())
     model = LocPathModel(cfg, llm=llm).eval()
     own = {}
     with safe_open(str(checkpoint / "model.safetensors"), "pt") as f:
@@ -143,15 +123,11 @@ def hf_tokenizer(folder: Path) -> tuple[Path, str]:
     return tok, template or CHAT_TEMPLATE
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    """Resident set now (VmRSS): sampled while the decoder streams, it separates that phase's memory from the
-    torch exports' before it, which the process-wide peak cannot."""
+def current_rss_mb(pid: int | str = "self") -> float:
+    """Resident set now (VmRSS) of a process: sampled while the decoder streams, it separates that phase's memory
+    from the torch exports' before it, which the process-wide peak cannot; the bench's watchdog reads a child's."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -186,22 +162,12 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
     with atomic_dir(out) as tmp:
         components: dict[str, ComponentEntry] = {}
         for ec in (tile_encoder_config(model), resampler_config(model), tis_config(model), cross_kv_config(model)):
-            rep = export_component(ec, model, tmp)
-            if validate:
-                validate_component(ec, model, tmp / rep.file, rep)
-            log(f"export: {ec.component} -> {rep.file} ({rep.nodes} nodes, {rep.seconds:.1f} s"
-                + (f", max abs diff {max(rep.max_abs_diff.values()):.2e})" if rep.max_abs_diff else ")"))
+            components[ec.component], rep = export_graph(ec, model, tmp, validate, max_length, log)
             report["components"][ec.component] = {"seconds": round(rep.seconds, 1), "max_abs_diff": rep.max_abs_diff}
-            components[ec.component] = ComponentEntry(
-                file=rep.file, sha256=sha256_file(tmp / rep.file), precision="fp32", backend="onnxruntime",
-                inputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.inputs],
-                outputs=[IOSpec(s.name, s.dtype, list(s.shape)) for s in ec.outputs],
-                templates=ec.templates, description=ec.description,
-                profiles=component_profiles(ec.component, ec.axes(), model, max_length),
-                data_files=list(rep.data_files))
         name = f"{names.DECODER_FUSED}.onnx" if quant == "fp32" else f"{names.DECODER_FUSED}.{quant}.onnx"
         gc.collect()
-        t0, done, rss = time.time(), [0], {"before": current_rss_mb(), "max": current_rss_mb()}
+        before = current_rss_mb()
+        t0, done, rss = time.time(), [0], {"before": before, "max": before}
         n_mat = 4 * spec.num_layers + 4 * len(cara_ids) + 2
 
         def progress(wname):
@@ -231,24 +197,12 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
             data_files=[info["data_file"]] if info["data_file"] else [])
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
         (tmp / CHAT_TEMPLATE_FILE).write_text(template)
-        manifest = Manifest(
-            fusion=cfg.fusion, model=cfg.to_dict(), components=components,
-            preprocessing=Preprocessing(
-                tile_size=cfg.tile_encoder.img_size, target_mpp=cfg.target_mpp, mean=list(cfg.tile_encoder.mean),
-                std=list(cfg.tile_encoder.std), stm=dataclasses.asdict(cfg.stm)),
-            tokenizer=TokenizerEntry(file="tokenizer.json", chat_template=CHAT_TEMPLATE_FILE, pad=PAD,
-                                     im_start=IM_START, im_end=IM_END),
-            generation=GenerationDefaults(max_new_tokens=cfg.max_answer_tokens, stop_tokens=[IM_END],
-                                          max_length=max_length),
-            locpath_version=__version__,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        write_bundle_manifest(
+            tmp, cfg, components, max_length,
             source={"llm": str(hf.folder), "lora": lora.source if lora is not None else None, **(source or {})},
             export={"torch": torch.__version__, "exporter": "torch.onnx dynamo + locpath streamed fused decoder",
                     "seconds": round(time.time() - t_start, 1),
                     "validation": {k: v.get("max_abs_diff", {}) for k, v in report["components"].items()}})
-        for f in manifest.referenced_files():
-            manifest.record_file(tmp, f)
-        write_manifest(tmp, manifest)
     size = sum(p.stat().st_size for p in out.iterdir())
     report.update({"bundle": str(out), "seconds": round(time.time() - t_start, 1), "bytes": size,
                    "peak_rss_mb": round(peak_rss_mb())})

@@ -146,24 +146,16 @@ def tile_encoder_config(encoder: str):
 
 
 # -- onnxruntime-genai on the same shards, under a watchdog -----------------------------------------------
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def run_watched(cmd: list[str], limit_mb: float, timeout_s: float, log) -> dict:
     """Run a command, stopping it when its RSS passes `limit_mb` (before the kernel's OOM killer would take the
     machine down) or after `timeout_s`; report how it ended and its peak RSS."""
+    from ..export.streamed import current_rss_mb
+
     t0, peak = time.time(), 0.0
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ended = "finished"
     while proc.poll() is None:
-        peak = max(peak, _rss_mb(proc.pid))
+        peak = max(peak, current_rss_mb(proc.pid))
         if peak > limit_mb:
             ended = "stopped: out of memory budget"
             proc.kill()
@@ -206,6 +198,7 @@ def _features(n: int, dim: int, seed: int):
 
 
 def measure_runtime(bundle: Path, tiles: list[int], question: str, new_tokens: int, encoder_tiles: int, log) -> dict:
+    from ..runtime.generator import GenerationStats
     from ..runtime.pipeline import Pipeline, peak_rss_mb
 
     t0 = time.perf_counter()
@@ -231,8 +224,6 @@ def measure_runtime(bundle: Path, tiles: list[int], question: str, new_tokens: i
         comp = pipe.compress(_features(n, dim, n), timings)
         qkv = pipe.question_kv(comp.latents, question, timings)
         params = pipe.sampling(max_new_tokens=1)
-        from ..runtime.generator import GenerationStats
-
         stats = GenerationStats()
         t0 = time.perf_counter()
         gen = pipe.generator(qkv, question, params, stats)

@@ -55,7 +55,7 @@ def write_streamed_checkpoint(opts, cfg, tok, template: str, template_from: str,
     `lora_file_factors` and `load_tile_encoder_weights` are the importer's own helpers, passed in so the two
     modules do not import each other."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ..fsutil import atomic_dir
     from ..models.checkpoint import FORMAT_VERSION
@@ -69,7 +69,7 @@ def write_streamed_checkpoint(opts, cfg, tok, template: str, template_from: str,
     st_dtype = "BF16" if dtype == "bfloat16" else "F32"
     hf = HFFolder(opts.llm)
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(opts.llm), local_files_only=True))
+        llm = AutoModelForCausalLM.from_config(hf.hf_config())
     model = LocPathModel(cfg, llm=llm).eval()
     state = model.state_dict()
     llm_names = {k[len("llm."):] for k in state if k.startswith("llm.")}

@@ -15,6 +15,7 @@ locpath reads 448 px at 0.5 um/px, a 224 um field; features-in keeps whatever ge
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -59,6 +60,13 @@ class EncoderSpec:
 
 _SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
 
+_HOPTIMUS0 = EncoderSpec(
+    "hoptimus0", ("h-optimus-0", "H-optimus-0", "hoptimus-0", "bioptimus/H-optimus-0"), "vit_giant_patch14_reg4_dinov2",
+    {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token", "dynamic_img_size": False},
+    embed_dim=1536, depth=40, num_heads=24, out_dim=1536, img_size=224, patch_size=14,
+    mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, num_prefix_tokens=5,
+    card="bioptimus/H-optimus-0: ViT-g/14 DINOv2 layout, 4 registers, CLS token, 1536-d")
+
 ENCODERS: dict[str, EncoderSpec] = {e.name: e for e in (
     EncoderSpec("conch_v1", ("conch", "conch-v1", "conchv1", "CONCH"), "vit_base_patch16_224",
                 {"img_size": 448, "num_classes": 0, "global_pool": "", "dynamic_img_size": True},
@@ -85,20 +93,11 @@ ENCODERS: dict[str, EncoderSpec] = {e.name: e for e in (
                 embed_dim=1280, depth=32, num_heads=16, out_dim=2560, img_size=224, patch_size=14,
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, pooling="cls+mean", num_prefix_tokens=5,
                 card="paige-ai/Virchow2: ViT-H/14 SwiGLU, 4 registers, CLS + mean of patch tokens, 2560-d"),
-    EncoderSpec("hoptimus0", ("h-optimus-0", "H-optimus-0", "hoptimus-0", "bioptimus/H-optimus-0"),
-                "vit_giant_patch14_reg4_dinov2",
-                {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
-                 "dynamic_img_size": False},
-                embed_dim=1536, depth=40, num_heads=24, out_dim=1536, img_size=224, patch_size=14,
-                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, num_prefix_tokens=5,
-                card="bioptimus/H-optimus-0: ViT-g/14 DINOv2 layout, 4 registers, CLS token, 1536-d"),
-    EncoderSpec("hoptimus1", ("h-optimus-1", "H-optimus-1", "hoptimus-1", "bioptimus/H-optimus-1"),
-                "vit_giant_patch14_reg4_dinov2",
-                {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "global_pool": "token",
-                 "dynamic_img_size": False},
-                embed_dim=1536, depth=40, num_heads=24, out_dim=1536, img_size=224, patch_size=14,
-                mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, num_prefix_tokens=5,
-                card="bioptimus/H-optimus-1: ViT-g/14 DINOv2 layout, 4 registers, CLS token, 1536-d"),
+    _HOPTIMUS0,
+    # H-optimus-1: the same architecture and normalisation as H-optimus-0, other weights
+    dataclasses.replace(_HOPTIMUS0, name="hoptimus1",
+                        aliases=("h-optimus-1", "H-optimus-1", "hoptimus-1", "bioptimus/H-optimus-1"),
+                        card="bioptimus/H-optimus-1: ViT-g/14 DINOv2 layout, 4 registers, CLS token, 1536-d"),
     EncoderSpec("gigapath", ("prov-gigapath", "Prov-GigaPath", "gigapath_tile", "prov_gigapath"),
                 "vit_giant_patch14_dinov2",
                 {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,

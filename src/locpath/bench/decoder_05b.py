@@ -54,24 +54,114 @@ def _text_only_model(folder: Path):
     return LocPathModel(cfg).eval()
 
 
-def _locpath_fused(model, folder: Path, work: Path, max_positions: int, log, block_sizes=(32, 128)):
-    """The fused graph from the LLM's weights, INT4 the way `locpath build` makes it, per block size (cached);
-    the weights are copied out of the model only when a variant is missing."""
+class _FusedWeights:
+    """The fused graph's named weights, copied out of the model only when a cached graph is missing."""
+
+    def __init__(self, model, max_positions: int):
+        from ..export.fused import fused_spec
+
+        self.model, self.spec, self._w = model, fused_spec(model, max_positions), None
+
+    def get(self) -> dict:
+        from ..export.fused import fused_weights
+
+        if self._w is None:
+            self._w = fused_weights(self.model, self.spec)
+        return self._w
+
+
+def _locpath_fused(fw: _FusedWeights, folder: Path, work: Path, log, block_sizes=(32, 128)):
+    """The fused graph from the LLM's weights, INT4 the way `locpath build` makes it, per block size (cached)."""
     from ..engines.fused_graph import build_fused_decoder
-    from ..export.fused import fused_spec, fused_weights
 
     out = work / "locpath-0.5b"
-    spec = fused_spec(model, max_positions)
     paths = {b: out / ("decoder_fused.int4.onnx" if b == 32 else f"decoder_fused.int4-b{b}.onnx") for b in block_sizes}
-    weights = None
     for b, int4 in paths.items():
         if not int4.exists():
             out.mkdir(parents=True, exist_ok=True)
-            if weights is None:
-                weights = fused_weights(model, spec)
             log(f"building the 0.5B-shaped fused decoder (INT4, block {b})")
-            build_fused_decoder(spec, weights, int4, quant="int4", block_size=b, source=str(folder))
-    return paths, spec.contract()
+            build_fused_decoder(fw.spec, fw.get(), int4, quant="int4", block_size=b, source=str(folder))
+    return paths, fw.spec.contract()
+
+
+PREFILL_RECIPES = (("int8", 32), ("int8-nbits", 128))
+
+
+def _locpath_prefill(fw: _FusedWeights, folder: Path, work: Path, log) -> dict:
+    """The prefill graph candidates (engines/prefill.py), cached: name -> path."""
+    from ..engines.prefill import PrefillRecipe, build_prefill_decoder
+
+    out = work / "locpath-0.5b"
+    paths = {}
+    for weights, block in PREFILL_RECIPES:
+        r = PrefillRecipe(weights, block)
+        path = out / f"decoder_fused_prefill.{r.name}.onnx"
+        if not path.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            log(f"building the 0.5B-shaped prefill graph ({r.name})")
+            build_prefill_decoder(fw.spec, fw.get(), path, r, source=str(folder))
+        paths[r.name] = path
+    return paths
+
+
+def _reference_logits(model, prompt: list[int]) -> np.ndarray:
+    """fp32 PyTorch logits of the prompt's last position: what every prefill graph is compared with."""
+    import torch
+
+    with torch.no_grad():
+        return model.llm(input_ids=torch.tensor([prompt])).logits[0, -1].float().numpy()
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of a graph's initializers (inside or external), rotary caches excluded: what one decode step reads
+    at most (a tied INT4 vocabulary matrix counts once: embedding and lm_head share it)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        if "cos_cache" in t.name or "sin_cache" in t.name:
+            continue
+        n = int(np.prod(t.dims)) if len(t.dims) else 1
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+def _prefill_candidates(paths: dict, contract, prompt: list[int], threads: int, ref: np.ndarray, rounds: int = 5) -> dict:
+    """64-token prefill of each graph alone, in alternating rounds, with its last logits against fp32 PyTorch."""
+    from ..runtime.decoder_state import decoder_state
+    from ..runtime.ort_runner import OrtRunner
+
+    states = {k: decoder_state(OrtRunner(p, k, threads=threads, spin=True), contract) for k, p in paths.items()}
+    mask = np.ones((1, len(prompt)), np.int64)
+    ids = np.asarray([prompt])
+    times: dict = {k: [] for k in states}
+    logits: dict = {}
+    for r in range(rounds + 1):
+        for k, st in states.items():
+            cache = st.new_cache(1, len(prompt) + 1)
+            t0 = time.perf_counter()
+            out = st.step(ids, cache, mask, {})
+            if r:  # the first round warms up
+                times[k].append(time.perf_counter() - t0)
+            logits[k] = out[0, -1].astype(np.float64)
+    res = {}
+    for k in states:
+        a = logits[k]
+        res[k] = {"prefill_ms": round(1000 * float(np.median(times[k])), 2),
+                  "cosine_vs_fp32": float(a @ ref / (np.linalg.norm(a) * np.linalg.norm(ref))),
+                  "max_abs_vs_fp32": float(np.abs(a - ref).max()), "top1_as_fp32": int(a.argmax()) == int(ref.argmax())}
+    for st in states.values():
+        st.runner.release()
+    return res
+
+
+def choose_prefill(cands: dict, baseline: str) -> str:
+    """The fastest prefill graph whose last logits are at least as close to fp32 as the decode graph's own
+    (`baseline`, which always qualifies)."""
+    floor = cands[baseline]["cosine_vs_fp32"]
+    ok = {k: v for k, v in cands.items() if v["cosine_vs_fp32"] >= floor - 1e-4 or k == baseline}
+    return min(ok, key=lambda k: ok[k]["prefill_ms"])
 
 
 def _locpath_decoder(model, work: Path, log):
@@ -111,12 +201,14 @@ def _genai_model(folder: Path, work: Path, threads: int, log, block_size: int = 
     return out
 
 
-def _ours(int4: Path, contract, prompt: list[int], new: int, threads: int):
-    """One timed generation with locpath's decoder state, spinning on as the Pipeline runs its decoder."""
+def _ours(int4: Path, contract, prompt: list[int], new: int, threads: int, prefill: Path | None = None):
+    """One timed generation with locpath's decoder state, spinning on as the Pipeline runs its decoder; with
+    `prefill`, the prompt runs on that graph (the bundle's decoder_fused_prefill) on the same K/V buffers."""
     from ..runtime.decoder_state import decoder_state
     from ..runtime.ort_runner import OrtRunner
 
-    st = decoder_state(OrtRunner(int4, "decoder", threads=threads, spin=True), contract)
+    pre = OrtRunner(prefill, "decoder_fused_prefill", threads=threads, spin=True) if prefill else None
+    st = decoder_state(OrtRunner(int4, "decoder", threads=threads, spin=True), contract, pre)
 
     def run():
         cache = st.new_cache(1, len(prompt) + new + 1)
@@ -189,21 +281,63 @@ def _eager_tokens_per_s(folder: Path, prompt: list[int], new: int) -> dict:
     return {"prefill_ms": 1000 * (t1 - t0), "tokens_per_s": new / (t2 - t1)}
 
 
+PEERS = ("onnxruntime_genai_int4", "onnxruntime_genai_int4_block128", "llamacpp_q4_0")
+OURS = ("locpath_fused_int4", "locpath_fused_int4_block128", "locpath_fused_int4_block128_prefill")
+
+
+def peer_summary(res: dict) -> dict:
+    """Ours against the best peer measured in this run: the best peer decode (tokens/s) and the best peer prefill
+    (ms), each against our fastest configuration that reads no more weight bytes per token than that peer."""
+    peers = {k: res[k] for k in PEERS if "tokens_per_s" in res.get(k, {})}
+    ours = {k: res[k] for k in OURS if "tokens_per_s" in res.get(k, {})}
+    if not peers or not ours:
+        return {"skipped": "no peer was measured"}
+    dp = max(peers, key=lambda k: peers[k]["tokens_per_s"])
+    pp = min(peers, key=lambda k: peers[k]["prefill_ms"])
+
+    def within(peer: str) -> dict:
+        cap = peers[peer].get("weight_bytes_per_token")
+        return {k: v for k, v in ours.items() if cap is None or v["weight_bytes_per_token"] <= cap} or ours
+
+    od = max(within(dp), key=lambda k: ours[k]["tokens_per_s"])
+    op = min(within(pp), key=lambda k: ours[k]["prefill_ms"])
+    return {"best_decode_peer": dp, "best_decode_peer_tokens_per_s": peers[dp]["tokens_per_s"],
+            "best_decode_peer_weight_bytes": peers[dp].get("weight_bytes_per_token"),
+            "locpath_decode": od, "locpath_tokens_per_s": ours[od]["tokens_per_s"],
+            "locpath_decode_weight_bytes": ours[od]["weight_bytes_per_token"],
+            "best_prefill_peer": pp, "best_prefill_peer_ms": peers[pp]["prefill_ms"],
+            "locpath_prefill": op, "locpath_prefill_ms": ours[op]["prefill_ms"],
+            "decode_vs_best_peer": ours[od]["tokens_per_s"] / peers[dp]["tokens_per_s"],
+            "prefill_best_peer_over_locpath": peers[pp]["prefill_ms"] / ours[op]["prefill_ms"]}
+
+
 def bench_decoder_05b(work: Path, log, prompt_len: int = 64, new: int = 64) -> dict:
     threads = os.cpu_count() or 1
     work.mkdir(parents=True, exist_ok=True)
     folder = _hf_folder(work, log)
     prompt = [int(x) for x in np.random.default_rng(0).integers(100, 400, prompt_len)]
     model = _text_only_model(folder)
-    fused_paths, fused_t = _locpath_fused(model, folder, work, 2048, log)
+    fw = _FusedWeights(model, 2048)
+    fused_paths, fused_t = _locpath_fused(fw, folder, work, log)
     fused, fused128 = fused_paths[32], fused_paths[128]
+    prefill_paths = _locpath_prefill(fw, folder, work, log)
+    ref_logits = _reference_logits(model, prompt)
     int4, plain_t = _locpath_decoder(model, work, log)
-    del model
+    del model, fw
     res: dict = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": prompt_len, "new_tokens": new,
                  "threads": threads}
+    log("prefill candidates for the fused decoder (64 tokens, alternating rounds)")
+    cands = _prefill_candidates({"decode-graph-int4-b32": fused, "decode-graph-int4-b128": fused128, **prefill_paths},
+                                fused_t, prompt, threads, ref_logits)
+    best_prefill = choose_prefill(cands, "decode-graph-int4-b128")
+    res["prefill_candidates"] = cands
+    res["prefill_choice"] = best_prefill
     runs = {"locpath_fused_int4": _ours(fused, fused_t, prompt, new, threads),
             "locpath_fused_int4_block128": _ours(fused128, fused_t, prompt, new, threads),
             "locpath_int4": _ours(int4, plain_t, prompt, new, threads)}
+    if best_prefill in prefill_paths:
+        runs["locpath_fused_int4_block128_prefill"] = _ours(fused128, fused_t, prompt, new, threads,
+                                                           prefill_paths[best_prefill])
     try:
         import onnxruntime_genai  # noqa: F401
 
@@ -211,10 +345,35 @@ def bench_decoder_05b(work: Path, log, prompt_len: int = 64, new: int = 64) -> d
         runs["onnxruntime_genai_int4_block128"] = _genai(_genai_model(folder, work, threads, log, 128), prompt, new)
     except ImportError:
         res["onnxruntime_genai_int4"] = {"skipped": "onnxruntime-genai is not installed"}
+    from . import llamacpp
+
+    gguf = None
+    if llamacpp.available():
+        gguf = llamacpp.q4_0_model(folder, work, log)
+        runs["llamacpp_q4_0"] = llamacpp.runner(gguf, prompt, new, threads)
+    else:
+        res["llamacpp_q4_0"] = {"skipped": llamacpp.INSTALL_HINT}
     log(f"decoding with {', '.join(runs)} (alternating rounds)")
     res.update(_rounds(runs))
-    for k, path in (("locpath_fused_int4", fused), ("locpath_fused_int4_block128", fused128), ("locpath_int4", int4)):
-        res[k]["file_mb"] = round(path.stat().st_size / 1e6, 1)
+    weights = {"locpath_fused_int4": fused, "locpath_fused_int4_block128": fused128, "locpath_int4": int4,
+               "locpath_fused_int4_block128_prefill": fused128}
+    for k, path in weights.items():
+        if k in res:
+            res[k]["file_mb"] = round(path.stat().st_size / 1e6, 1)
+            res[k]["weight_bytes_per_token"] = onnx_weight_bytes(path)
+    if "locpath_fused_int4_block128_prefill" in res:
+        res["locpath_fused_int4_block128_prefill"]["prefill_graph"] = best_prefill
+        res["locpath_fused_int4_block128_prefill"]["prefill_graph_mb"] = round(
+            prefill_paths[best_prefill].stat().st_size / 1e6, 1)
+    for k, b in (("onnxruntime_genai_int4", 32), ("onnxruntime_genai_int4_block128", 128)):
+        if "tokens_per_s" in res.get(k, {}):
+            g = _genai_model(folder, work, threads, log, b)
+            res[k]["weight_bytes_per_token"] = sum(onnx_weight_bytes(p) for p in g.glob("*.onnx"))
+    if gguf is not None:
+        wb = llamacpp.gguf_weight_bytes(gguf)
+        res["llamacpp_q4_0"].update(weight_bytes_per_token=wb["total"], weight_types=wb["by_type"],
+                                    token_embd_type=wb["token_embd"], file_mb=round(gguf.stat().st_size / 1e6, 1))
+    res["summary"] = peer_summary(res)
     for k in runs:  # random weights give near-flat logits: token agreement between INT4 models says nothing here
         res[k].pop("tokens")
     log("decoding with transformers eager fp32")

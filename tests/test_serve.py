@@ -479,7 +479,8 @@ def test_concurrent_clients_while_slides_ingest(ref_bundle, roots, tmp_path):
                             first = time.perf_counter() - t0
                         text += line + "\n"
                 done = [json.loads(d) for e, d in sse(text) if e == "done"]
-                out.append((sid, q, done[0]["answer"] if done else None, first))
+                out.append((sid, q, done[0]["answer"] if done else None, first,
+                            done[0]["generation"]["decoded_with"] if done else 0))
             return out
 
         async def main():
@@ -490,7 +491,9 @@ def test_concurrent_clients_while_slides_ingest(ref_bundle, roots, tmp_path):
 
         ingest, results = asyncio.run(main())
         assert all(r.status_code == 202 for r in ingest)
-        assert len(results) == 8 * per_client and all(a == want[(sid, q)] for sid, q, a, _ in results)
+        assert len(results) == 8 * per_client and all(a == want[(sid, q)] for sid, q, a, _, _ in results)
+        # the clients' questions shared decoder steps (continuous batching), and still answered as asked alone
+        assert max(r[4] for r in results) > 1, [r[4] for r in results]
         ttft = sorted(r[3] for r in results)
         with s.client() as c:
             for r in ingest:

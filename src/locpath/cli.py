@@ -289,7 +289,8 @@ def _pipeline(args):
     from .runtime.pipeline import Pipeline
 
     return Pipeline.from_bundle(args.bundle, trusted_keys=args.trusted_keys, device=args.device, threads=args.threads,
-                                cache_dir=args.cache_dir, use_cache=not args.no_cache, decoder=args.decoder)
+                                cache_dir=args.cache_dir, use_cache=not args.no_cache, decoder=args.decoder,
+                                max_batch=args.decode_batch)
 
 
 def _sampling(args) -> dict:
@@ -342,6 +343,13 @@ def cmd_ask(args) -> int:
     params = pipe.sampling(**_sampling(args))
     _check_questions(pipe, args.questions, params)  # every question fits before any output
     args.answers = []  # what main() reports beside a failure under --json
+    if len(args.questions) > 1 and args.decode_batch > 1:  # decoded as one batch: answers printed as they end
+        args.answers = _ask_batched(pipe, args)
+        if args.json:
+            print(_answers_json(args.answers))
+        if args.evidence is not None:
+            _write_evidence(args, args.answers[-1])
+        return 0
     for q in args.questions:
         if args.json:
             args.answers.append(pipe.ask(args.slide, q, mpp_override=args.mpp_override, **_sampling(args)))
@@ -359,6 +367,25 @@ def cmd_ask(args) -> int:
     if args.evidence is not None:
         _write_evidence(args, args.answers[-1])
     return 0
+
+
+def _ask_batched(pipe, args) -> list:
+    """Every question decoded as one batch; without --json each answer is printed, in question order, once it
+    and the ones before it have ended."""
+    done: dict = {}
+    shown = [0]
+
+    def on_answer(i: int, a) -> None:
+        done[i] = a
+        while shown[0] in done:
+            a = done[shown[0]]
+            print(f"Q: {a.question}\nA: {a.answer}", flush=True)
+            for line in _timing_lines(a):
+                print(line)
+            shown[0] += 1
+
+    return pipe.ask_many(args.slide, args.questions, mpp_override=args.mpp_override, progress=None,
+                         on_answer=None if args.json else on_answer, **_sampling(args))
 
 
 def _write_evidence(args, answer) -> None:
@@ -388,6 +415,35 @@ def _stdin_lines():
             yield None, "that line is not valid UTF-8 text"
 
 
+def _stdin_batches(limit: int):
+    """Lists of (line, problem) from stdin: the first line waits; the lines already waiting behind it (a pasted
+    block, a pipe) join it, up to `limit`, so they are decoded as one batch. Typed questions come one at a time."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for item in _stdin_lines():
+            lines.put(item)
+        lines.put(None)
+
+    threading.Thread(target=read, name="locpath-stdin", daemon=True).start()
+    while (item := lines.get()) is not None:
+        batch = [item]
+        threading.Event().wait(0.02)  # a pasted block or a pipe delivers its lines together
+        while len(batch) < limit:
+            try:
+                nxt = lines.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                yield batch
+                return
+            batch.append(nxt)
+        yield batch
+
+
 def cmd_chat(args) -> int:
     pipe = _pipeline(args)
     params = pipe.sampling(**_sampling(args))
@@ -395,22 +451,34 @@ def cmd_chat(args) -> int:
     ctx = pipe.prepare(args.slide, mpp_override=args.mpp_override)
     print(f"ready: {ctx.tiles} tiles, {ctx.tokens} tokens after STM ({'cached' if ctx.cache_hit else 'encoded'}). "
           "Ask a question; an empty line or 'exit' ends.", file=sys.stderr, flush=True)
-    for q, problem in _stdin_lines():
-        if problem is None and (not q or q.lower() in ("exit", "quit")):
+    for batch in _stdin_batches(args.decode_batch):
+        questions, end = [], False
+        for q, problem in batch:
+            if problem is None and (not q or q.lower() in ("exit", "quit")):
+                end = True
+                break
+            try:
+                if problem is not None:
+                    raise LocpathError(problem)
+                pipe.check_question(q, params)
+            except LocpathError as exc:
+                print(f"locpath: error: {exc}; ask again", file=sys.stderr, flush=True)
+                continue
+            questions.append(q)
+        if len(questions) == 1:
+            print("A: ", end="", flush=True)
+            stream = pipe.stream(args.slide, questions[0], mpp_override=args.mpp_override, **_sampling(args))
+            for piece in stream:
+                print(piece, end="", flush=True)
+            print()
+            print(_timing_lines(stream.result)[0], file=sys.stderr, flush=True)
+        elif questions:  # several questions were waiting: one batch, answers in order
+            for a in pipe.answer_many(pipe.prepare(args.slide, mpp_override=args.mpp_override), questions,
+                                      **_sampling(args)):
+                print(f"A: {a.answer}", flush=True)
+                print(_timing_lines(a)[0], file=sys.stderr, flush=True)
+        if end:
             break
-        try:
-            if problem is not None:
-                raise LocpathError(problem)
-            pipe.check_question(q, params)
-        except LocpathError as exc:
-            print(f"locpath: error: {exc}; ask again", file=sys.stderr, flush=True)
-            continue
-        print("A: ", end="", flush=True)
-        stream = pipe.stream(args.slide, q, mpp_override=args.mpp_override, **_sampling(args))
-        for piece in stream:
-            print(piece, end="", flush=True)
-        print()
-        print(_timing_lines(stream.result)[0], file=sys.stderr, flush=True)
     return 0
 
 
@@ -448,12 +516,13 @@ def cmd_build(args) -> int:
         from .bench.auto import build_auto
 
         out = build_auto(Path(args.bundle), Path(args.out), cal, overwrite=args.overwrite, log=log,
-                         int4_block_size=args.int4_block_size)
+                         int4_block_size=args.int4_block_size, prefill=args.prefill)
     else:
         from .engines.build import build_bundle
 
         out = build_bundle(args.bundle, args.out, args.precision, backend=args.backend, calibration=cal,
-                           overwrite=args.overwrite, log=log, int4_block_size=args.int4_block_size)
+                           overwrite=args.overwrite, log=log, int4_block_size=args.int4_block_size,
+                           prefill=args.prefill)
     summary = {"bundle": str(out), "precision": args.precision, "backend": args.backend}
     if args.report:
         from .bench.report import build_report
@@ -527,6 +596,7 @@ def _serve_config(args):
                        slide_roots=args.slide_root or [], database=args.database, cache_dir=args.cache_dir,
                        device=args.device, threads=args.threads, dicomweb_url=args.dicomweb,
                        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
+                       decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
                        trusted_keys=args.trusted_keys, log_json=not args.plain_logs)
 
@@ -651,7 +721,8 @@ def cmd_bench(args) -> int:
                       tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                       repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                       baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
-                      encoder_vitb=args.encoder_vitb, published=args.published)
+                      encoder_vitb=args.encoder_vitb, published=args.published,
+                      headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles)
     check_inputs(cfg)
     report = run_bench(cfg)
     if args.json:
@@ -673,6 +744,9 @@ def _add_runtime_args(p, sampling: bool = True):
     p.add_argument("--mpp-override", type=_positive_float, default=None)
     p.add_argument("--decoder", choices=("auto", "fused", "plain"), default="auto",
                    help="decoder graph: fused (GroupQueryAttention, ONNX Runtime) when the bundle has one, or plain")
+    p.add_argument("--decode-batch", type=_positive_int, default=8, metavar="N",
+                   help="decode up to N questions as one batch (several questions given, or waiting on stdin in "
+                        "chat); answers equal one-by-one answers; 1 = one at a time, streamed (default 8)")
     _add_trust_arg(p)
     if sampling:
         p.add_argument("--max-new-tokens", type=_positive_int, default=None,
@@ -836,6 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     bd.add_argument("--slides", nargs="+", default=None, help="calibrate on these slides first")
     bd.add_argument("--int4-block-size", type=int, default=32,
                     help="weights per INT4 scale in the decoders (16-256; 32 default; 128 reads ~15%% fewer bytes per token)")
+    bd.add_argument("--prefill", choices=("auto", "none", "int8", "int8-nbits", "int4"), default="auto",
+                    help="the fused decoder's prefill graph (decoder_fused_prefill; INT4 builds on ONNX Runtime): auto "
+                         "adds the INT8 (AMX U8S8) graph when it prefills faster with the same greedy tokens")
     bd.add_argument("--overwrite", action="store_true")
     bd.add_argument("--report", action="store_true", help="cosine, agreement, accuracy and speed vs fp32")
     bd.add_argument("--seed", type=int, default=1, help="held-out seed for --report")
@@ -863,6 +940,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "written as shards here, its INT4 decoder streamed from them (build time, peak RSS, bundle "
                          "size, tokens/s, time to first token at --tiles), beside onnxruntime-genai's builder on the "
                          "same shards where it fits in memory (first run: ~15 GB of shards, tens of minutes)")
+    be.add_argument("--headline-0.5b", dest="headline_05b", action="store_true",
+                    help="also measure the headline (LoC-Path vs the prefix baseline, both on ONNX Runtime INT4) on a "
+                         "Qwen2.5-0.5B-shaped LLM (first run builds both: minutes; 10k tiles: minutes per side)")
+    be.add_argument("--headline-0.5b-tiles", dest="headline_05b_tiles", type=_positive_int, nargs="+", default=None,
+                    help="tile counts for --headline-0.5b (default: --tiles)")
     be.add_argument("--json", default=None, help="write the JSON report here")
     be.add_argument("--markdown", default=None, help="write the Markdown summary here")
     be.add_argument("--plots", default=None, help="write PNG plots into this folder")
@@ -904,6 +986,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=_positive_int, default=None)
     sv.add_argument("--max-upload-mb", type=_positive_float, default=4096.0)
     sv.add_argument("--question-queue", type=_positive_int, default=16, help="waiting questions before 429")
+    sv.add_argument("--decode-batch", type=_positive_int, default=8, metavar="N",
+                    help="decode up to N clients' questions as one batch; a question joins as soon as a row is free "
+                         "(default 8; 1 = one at a time)")
     sv.add_argument("--ingest-queue", type=_positive_int, default=64, help="waiting slides before 429")
     sv.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per question")
     sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")

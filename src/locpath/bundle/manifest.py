@@ -344,6 +344,9 @@ class Manifest:
             raise BundleError(f"{where}: components lack {', '.join(missing)}")
         if not any(n in components for n in names.DECODERS):
             raise BundleError(f"{where}: components hold no decoder ({' or '.join(names.DECODERS)})")
+        if names.DECODER_FUSED_PREFILL in components and names.DECODER_FUSED not in components:
+            raise BundleError(f"{where}: components hold {names.DECODER_FUSED_PREFILL} without {names.DECODER_FUSED} "
+                              "(the prefill graph fills the fused decoder's K/V cache)")
         files = {}
         for name, e in f.mapping("files").items():
             fe = _Fields(e, where, f"files.{name}", ("sha256", "bytes"))
@@ -369,8 +372,12 @@ class Manifest:
         for cname, c in self.components.items():
             if self.files[c.file].sha256 != c.sha256:
                 raise BundleError(f"{where}: components.{cname}.sha256 differs from files.{c.file}.sha256")
-            if cname in names.DECODERS:
+            if cname in names.DECODERS or cname == names.DECODER_FUSED_PREFILL:
                 self.decoder_contract(cname, where)  # malformed decoder templates fail at load, not mid-answer
+        if names.DECODER_FUSED_PREFILL in self.components:
+            if self.decoder_contract(names.DECODER_FUSED_PREFILL, where) != self.decoder_contract(names.DECODER_FUSED, where):
+                raise BundleError(f"{where}: components.{names.DECODER_FUSED_PREFILL}.templates differ from "
+                                  f"{names.DECODER_FUSED}'s: both graphs must share one K/V cache layout")
 
 
 def parse_manifest_bytes(data: bytes, where: str) -> Manifest:

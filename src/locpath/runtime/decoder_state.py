@@ -51,13 +51,26 @@ class DecoderState:
 
 class FusedDecoderState(DecoderState):
     """The fused graph: ids and mask only (positions and rotary are inside GroupQueryAttention), the K/V buffers
-    bound once by the cache; logits of the last position only."""
+    bound once by the cache; logits of the last position only. With a `prefill_runner` (the bundle's
+    decoder_fused_prefill: same contract, e.g. INT8 matmuls on AMX), a step of more than one new token runs there
+    and single-token steps on the decoder, both on the same K/V buffers.
+
+    Rows of a batched cache: `prefill_row` fills one row alone (exactly as a batch of one would), `decode_rows`
+    advances rows 0..n-1 by one token each, every row at its own length (the mask's ones count it, so ragged
+    prompts need no padding inside the cache)."""
+
+    def __init__(self, runner: Runner, contract: DecoderContract, prefill_runner: Runner | None = None):
+        super().__init__(runner, contract)
+        self.prefill_runner = prefill_runner
 
     def capacity(self, max_length: int) -> int:
         return min(max_length, self.contract.max_positions)
 
     def new_cache(self, batch: int, max_length: int) -> SharedKVCache:
         return SharedKVCache(self.runner, self.contract, batch, self.capacity(max_length))
+
+    def _runner_for(self, new_tokens: int) -> Runner | None:
+        return self.prefill_runner if new_tokens > 1 and self.prefill_runner is not None else None
 
     def step(self, input_ids: np.ndarray, cache: SharedKVCache, mask: np.ndarray,
              cross: dict[str, np.ndarray]) -> np.ndarray:
@@ -66,7 +79,24 @@ class FusedDecoderState(DecoderState):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, np.int64),
                  "attention_mask": np.ascontiguousarray(mask, np.int64)}
         feeds.update(cross)
-        return cache.run(feeds, p + s)
+        return cache.run(feeds, p + s, self._runner_for(s))
+
+    def prefill_row(self, cache: SharedKVCache, row: int, ids: list[int], cross: dict) -> np.ndarray:
+        """The prompt of one answer into row `row` (from position 0); its last logits (1, 1, vocab)."""
+        cache.check_room(len(ids))
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        feeds.update(cross)
+        return cache.run_rows(feeds, (row, 1), self._runner_for(len(ids)))
+
+    def decode_rows(self, cache: SharedKVCache, tokens: np.ndarray, lengths: np.ndarray, cross: dict) -> np.ndarray:
+        """One new token for each of rows 0..n-1; `lengths` = each row's positions after this token (a free row
+        passes 1: it rewrites its position 0, which no answer reads). Logits (n, 1, vocab)."""
+        n = len(tokens)
+        cache.check_room(int(lengths.max()))
+        mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)
+        feeds = {"input_ids": np.asarray(tokens, np.int64).reshape(n, 1), "attention_mask": mask}
+        feeds.update(cross)
+        return cache.run_rows(feeds, (0, n))
 
 
 class BoundDecoderState(DecoderState):
@@ -90,9 +120,9 @@ class BoundDecoderState(DecoderState):
         return out["logits"]
 
 
-def decoder_state(runner: Runner, contract: DecoderContract) -> DecoderState:
+def decoder_state(runner: Runner, contract: DecoderContract, prefill_runner: Runner | None = None) -> DecoderState:
     if contract.kind == "fused":
-        return FusedDecoderState(runner, contract)
+        return FusedDecoderState(runner, contract, prefill_runner)
     if getattr(runner, "device", "cpu") != "cpu" and hasattr(runner, "run_bound"):
         return BoundDecoderState(runner, contract)
     return DecoderState(runner, contract)

@@ -28,10 +28,19 @@ class GenerationStats:
     decode_ms: list = field(default_factory=list)
     kv_cache_bytes: int = 0  # measured: the cache's allocated bytes (its largest, for the growing plain cache)
     stop_reason: str = ""
+    batch_peak: int = 1  # the most answers decoded together in one step while this one decoded
+    error: str = ""  # a batched answer that failed alone (non-finite logits) says why here; its batch goes on
 
     @property
     def decode_ms_per_token(self) -> float:
         return float(np.median(self.decode_ms)) if self.decode_ms else 0.0
+
+
+def check_finite(logits: np.ndarray) -> None:
+    """NaN latents or weights would otherwise answer "" or token 0, silently."""
+    if not np.isfinite(logits).all():
+        raise LocpathError("the decoder produced non-finite logits (NaN or inf): the slide's latents or the "
+                           "bundle's weights are damaged")
 
 
 class Generator:
@@ -68,9 +77,7 @@ class Generator:
     def next_token(self) -> int:
         """Sample the next token from the last logits (no model run)."""
         row = self.logits[0, -1]
-        if not np.isfinite(row).all():  # NaN latents or weights would otherwise answer "" or token 0, silently
-            raise LocpathError("the decoder produced non-finite logits (NaN or inf): the slide's latents or the "
-                               "bundle's weights are damaged")
+        check_finite(row)
         return self.search(row, self.history)
 
     def tokens(self) -> Iterator[int]:

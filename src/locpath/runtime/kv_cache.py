@@ -58,23 +58,45 @@ class KVCache(_Capped):
 
 
 class SharedKVCache(_Capped):
-    """Buffers come from the runner (`new_buffer`: host memory on the CPU provider, device memory elsewhere)."""
+    """Buffers come from the runner (`new_buffer`: host memory on the CPU provider, device memory elsewhere).
+
+    Rows of the batch may be bound alone (`rows`): a batched answer prefills its prompt in its own row, then
+    decodes with the other rows. Bindings are kept per (runner, rows): a step rebinds only ids and mask. A second
+    runner (the prefill graph, same contract) binds the same buffers, so it fills the cache the decoder reads."""
 
     def __init__(self, runner, contract: DecoderContract, batch: int, max_length: int):
         super().__init__(max_length)
+        self.runner = runner
+        self.contract = contract
+        self.batch = batch
         dtype = np.dtype(contract.kv_dtype)
         shape = (batch, contract.num_kv_heads, max_length, contract.head_dim)
         self.keys = [runner.new_buffer(shape, dtype) for _ in range(contract.num_layers)]
         self.values = [runner.new_buffer(shape, dtype) for _ in range(contract.num_layers)]
         self.nbytes = 2 * contract.num_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
         self.logits = np.zeros((batch, 1, contract.vocab), np.float32)
-        state = {}
-        for j in range(contract.num_layers):
-            (pk, pv), (ok, ov) = contract.past(j), contract.present(j)
-            state[pk], state[pv] = (self.keys[j], ok), (self.values[j], ov)
-        self.binder = runner.binder(state, {"logits": self.logits})  # bound once per answer
+        self._binders: dict = {}
 
-    def run(self, feeds: dict[str, np.ndarray], new_length: int) -> np.ndarray:
-        logits = self.binder.run(feeds)["logits"]
+    def binder(self, runner=None, rows: tuple[int, int] | None = None):
+        """The binding of `rows` (start, count; None = every row) on `runner` (default: the decoder's)."""
+        runner = runner or self.runner
+        key = (id(runner), rows)
+        b = self._binders.get(key)
+        if b is None:
+            state = {}
+            for j in range(self.contract.num_layers):
+                (pk, pv), (ok, ov) = self.contract.past(j), self.contract.present(j)
+                state[pk], state[pv] = (self.keys[j], ok), (self.values[j], ov)
+            start, count = rows if rows is not None else (0, self.batch)
+            logits = self.logits[start:start + count]
+            b = self._binders[key] = runner.binder(state, {"logits": logits}, rows)
+        return b
+
+    def run(self, feeds: dict[str, np.ndarray], new_length: int, runner=None) -> np.ndarray:
+        logits = self.binder(runner).run(feeds)["logits"]
         self.length = new_length
         return logits
+
+    def run_rows(self, feeds: dict[str, np.ndarray], rows: tuple[int, int], runner=None) -> np.ndarray:
+        """Run on `rows` only (each row keeps its own length: the caller tracks it, the mask carries it)."""
+        return self.binder(runner, rows).run(feeds)["logits"]

@@ -172,11 +172,14 @@ class OrtRunner(Runner):
             out[name] = out[name].numpy()
         return out
 
-    def binder(self, state: dict, out_buffers: dict[str, np.ndarray]) -> "OrtBinder":
-        return OrtBinder(self, state, out_buffers)
+    def binder(self, state: dict, out_buffers: dict[str, np.ndarray], rows: tuple[int, int] | None = None) -> "OrtBinder":
+        return OrtBinder(self, state, out_buffers, rows)
 
     def release(self) -> None:
         self._sess = None
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OrtBinder:
@@ -184,13 +187,27 @@ class OrtBinder:
     fixed-shape outputs are written into preallocated arrays by pointer, and each call rebinds only the feeds.
     A step then costs no Python wrapper per K/V tensor (measured: ~2 ms/token less on a 24-layer model)."""
 
-    def __init__(self, runner: OrtRunner, state: dict, out_buffers: dict[str, np.ndarray]):
+    def __init__(self, runner: OrtRunner, state: dict, out_buffers: dict[str, np.ndarray],
+                 rows: tuple[int, int] | None = None):
+        """`rows` = (start, count): bind only those rows of every state buffer (batch is the first axis), by
+        address, so one answer of a batched cache can be prefilled alone in its own row, on any device."""
         self.runner = runner
         self.binding = runner.session.io_binding()
         self.out_buffers = out_buffers
         for name, (buf, out_name) in state.items():
-            self.binding.bind_ortvalue_input(name, buf)
-            self.binding.bind_ortvalue_output(out_name, buf)
+            if rows is None:
+                self.binding.bind_ortvalue_input(name, buf)
+                self.binding.bind_ortvalue_output(out_name, buf)
+                continue
+            shape = list(buf.shape())
+            start, count = rows
+            if start < 0 or count < 1 or start + count > shape[0]:
+                raise RunnerError(f"{runner.name}: rows {start}..{start + count - 1} outside a batch of {shape[0]}")
+            dtype = _NUMPY_TYPES[buf.data_type()]
+            ptr = buf.data_ptr() + start * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+            where = buf.device_name().lower()
+            self.binding.bind_input(name, where, 0, dtype, [count] + shape[1:], ptr)
+            self.binding.bind_output(out_name, where, 0, dtype, [count] + shape[1:], ptr)
         for name, arr in out_buffers.items():
             if not arr.flags.c_contiguous:
                 raise RunnerError(f"{runner.name}: output buffer {name} must be C-contiguous")

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +54,9 @@ from .prompt import ChatTemplate
 from .runner import Runner
 from .sampler import SamplingParams
 from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
+
+if TYPE_CHECKING:
+    from .answer_batch import AnswerBatch
 
 DECODER_CHOICES = ("auto", "fused", "plain")
 MAX_QUESTION_CHARS = 8192
@@ -190,9 +194,11 @@ class Pipeline:
     def __init__(self, bundle_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  tile_batch: int = 32, reader_workers: int = 2, decoder: str = "auto", decoder_spin: bool = True,
-                 memory_slides: int = 8):
+                 memory_slides: int = 8, max_batch: int = 8, prefill_graph: bool = True):
         """`manifest` must come from `verify_bundle` (as `from_bundle` does); `memory_slides` bounds the slides
-        whose latents stay in memory (least recently used go first; the disk cache keeps the rest)."""
+        whose latents stay in memory (least recently used go first; the disk cache keeps the rest); `max_batch`:
+        the most answers decoded as one batch; `prefill_graph`: run prompts on the bundle's decoder_fused_prefill
+        graph when it has one (False: the decoder graph runs both phases)."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.cfg = manifest.model_config
@@ -204,6 +210,8 @@ class Pipeline:
         check_engines(self.bundle_dir, manifest, device)
         self.decoder_component = choose_decoder(manifest, decoder, self.bundle_dir, device)
         skip = set(names.DECODERS) - {self.decoder_component}  # the other decoder graph is never loaded
+        if self.decoder_component != names.DECODER_FUSED or not prefill_graph:
+            skip.add(names.DECODER_FUSED_PREFILL)
         self.runners: dict[str, Runner] = {
             name: make_runner(c.backend, self.bundle_dir / c.file, name, precision=c.precision, device=device,
                               threads=threads, entry=c, engine_cache=self._engine_cache(c, device),
@@ -211,7 +219,11 @@ class Pipeline:
             for name, c in manifest.components.items() if name not in skip
         }
         self.decoder_state: DecoderState = decoder_state(self.runners[self.decoder_component],
-                                                         manifest.decoder_contract(self.decoder_component))
+                                                         manifest.decoder_contract(self.decoder_component),
+                                                         self.runners.get(names.DECODER_FUSED_PREFILL))
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.max_batch = max_batch
         self.stop_ids = self._stop_ids()
         self.max_length = self.decoder_state.capacity(manifest.generation.max_length)
         self.tile_batch = tile_batch
@@ -478,6 +490,12 @@ class Pipeline:
             piece = detok.push(tok)
             if piece:
                 yield piece
+        return self.make_answer(ctx, question, params, qkv, stats, detok, timings, t_start, first)
+
+    def make_answer(self, ctx: SlideContext, question: str, params: SamplingParams, qkv: QuestionKV,
+                    stats: GenerationStats, detok: StreamingDetokenizer, timings: dict, t_start: float,
+                    first: float | None, batch_rows: int = 1) -> Answer:
+        """The Answer of a finished generation (one answer alone, or one row of a batch)."""
         timings["prefill"] = round(stats.prefill_ms, 2)
         timings["decode_per_token"] = round(stats.decode_ms_per_token, 3)
         timings["decode_total"] = round(float(np.sum(stats.decode_ms)), 2)
@@ -490,7 +508,8 @@ class Pipeline:
                    "tiles_read": ctx.tiles_read},
             generation={"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
                         "stop_reason": stats.stop_reason, "kv_cache_bytes": stats.kv_cache_bytes,
-                        "decoder": self.decoder_component, "params": params.__dict__},
+                        "decoder": self.decoder_component, "batch_rows": batch_rows,
+                        "decoded_with": stats.batch_peak, "params": params.__dict__},
         )
 
     def stream(self, slide, question: str, mpp_override: float | None = None, progress: bool | None = None,
@@ -519,9 +538,31 @@ class Pipeline:
             pass
         return s.result
 
-    def ask_many(self, slide, questions: list[str], mpp_override: float | None = None, **sampling) -> list[Answer]:
-        """Several questions about one slide: tiles are read and encoded at most once."""
+    def batch(self, rows: int | None = None) -> "AnswerBatch":
+        """Answers decoded together, added and streamed one by one (runtime/answer_batch.py)."""
+        from .answer_batch import AnswerBatch
+
+        return AnswerBatch(self, rows or self.max_batch)
+
+    def answer_many(self, ctx: SlideContext, questions: list[str], on_piece=None, on_answer=None,
+                    **sampling) -> list[Answer]:
+        """Several questions about one prepared slide, decoded as one batch (at most `max_batch` rows; a row freed
+        by a finished answer takes the next question). Answers equal one-by-one answers, in question order.
+        `on_piece(index, text)`: each piece as it is decoded; `on_answer(index, Answer)`: each answer as it ends."""
         params = self.sampling(**sampling)
         for q in questions:
             self.check_question(q, params)
-        return [self.ask(slide, q, mpp_override=mpp_override, **sampling) for q in questions]
+        batch = self.batch(min(self.max_batch, max(1, len(questions))))
+        return batch.run([(ctx, q, params) for q in questions], on_piece, on_answer)
+
+    def ask_many(self, slide, questions: list[str], mpp_override: float | None = None, progress: bool | None = None,
+                 on_piece=None, on_answer=None, **sampling) -> list[Answer]:
+        """Several questions about one slide: tiles are read and encoded at most once, the answers decoded as
+        one batch. The first answer carries the slide's preparation timings and cache state, as `ask` would."""
+        params = self.sampling(**sampling)
+        for q in questions:
+            self.check_question(q, params)
+        ctx = self.prepare(slide, mpp_override=mpp_override, progress=progress)
+        batch = self.batch(min(self.max_batch, max(1, len(questions))))
+        jobs = [(ctx if i == 0 else ctx.again({}), q, params) for i, q in enumerate(questions)]
+        return batch.run(jobs, on_piece, on_answer)

@@ -48,9 +48,10 @@ class Runner(ABC):
         raise RunnerError(f"{self.name}: the {type(self).__name__} backend has no in-place buffers "
                           "(the fused decoder graph runs on ONNX Runtime only)")
 
-    def binder(self, state: dict, out_buffers: dict[str, np.ndarray]):
+    def binder(self, state: dict, out_buffers: dict[str, np.ndarray], rows: tuple[int, int] | None = None):
         """A binding kept across calls: `state` = {input name: (buffer, output name)} bound as that input and
-        that output, so the graph updates it in place; `out_buffers` are written by pointer."""
+        that output, so the graph updates it in place; `out_buffers` are written by pointer. `rows` = (start,
+        count) binds only those rows (the first axis) of each state buffer."""
         raise RunnerError(f"{self.name}: the {type(self).__name__} backend cannot run a graph in place")
 
     def __enter__(self):

@@ -26,6 +26,7 @@ class ServeConfig:
     max_request_bytes: int = 64 << 10  # JSON bodies
     max_question_chars: int = 2000
     question_queue: int = 16  # questions waiting for the decoder; more get 429
+    decode_batch: int = 8  # questions of concurrent clients decoded as one batch
     ingest_queue: int = 64  # slides waiting to be ingested; more get 429
     question_timeout_s: float = 120.0
     memory_slides: int = 16
@@ -56,7 +57,8 @@ class ServeConfig:
         for root in self.slide_roots:
             if not root.is_dir():
                 raise ConfigError(f"{root}: --slide-root is not a folder")
-        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue"):
+        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue",
+                     "decode_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.question_timeout_s > 0:

@@ -1,5 +1,5 @@
 """Prometheus metrics of one service (prometheus-client, in a registry of its own): queue depths, jobs by state,
-tiles/s of ingestion, time to first token and answer latency, slide-cache hits."""
+tiles/s of ingestion, time to first token and answer latency, questions decoded together, slide-cache hits."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class Metrics:
                                 buckets=LATENCY_BUCKETS, registry=r)
         self.cache = Counter("locpath_slide_cache_lookups", "slide preparations by where the latents came from",
                              ["result"], registry=r)
+        self.decode_batch = Gauge("locpath_decode_batch_rows", "questions being decoded together now", registry=r)
         self.rejected = Counter("locpath_rejected", "requests refused for a full queue", ["lane"], registry=r)
         self.requests = Counter("locpath_http_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)

@@ -4,8 +4,10 @@ decoder), so an hour-long slide never holds up a question about a slide that is 
 service is asynchronous and talks to the lanes through these queues; a full queue is refused at once (the HTTP
 layer answers 429), never waited on.
 
-Question results flow back to the event loop that asked, piece by piece (`loop.call_soon_threadsafe`); a question
-whose client went away or timed out is cancelled between two decoded tokens.
+The question lane decodes the questions of concurrent clients as one batch (runtime/answer_batch.py): a queued
+question joins as soon as a row is free, between two decoder steps. Results flow back to the event loop that
+asked, piece by piece (`loop.call_soon_threadsafe`); a question whose client went away or timed out is dropped
+from the batch between two decoded tokens.
 """
 
 from __future__ import annotations
@@ -65,8 +67,7 @@ class Worker:
         self.pipe, self.store, self.metrics, self.owner = pipe, store, metrics, owner
         self.questions: queue.Queue = queue.Queue(maxsize=question_queue)
         self.ingests: queue.Queue = queue.Queue(maxsize=ingest_queue)
-        self._threads = [threading.Thread(target=self._lane, args=(self.questions, self._run_question),
-                                          name="locpath-questions", daemon=True),
+        self._threads = [threading.Thread(target=self._question_lane, name="locpath-questions", daemon=True),
                          threading.Thread(target=self._lane, args=(self.ingests, self._run_ingest),
                                           name="locpath-ingest", daemon=True)]
         self.answer_seconds = 1.0  # running estimate, for Retry-After
@@ -166,45 +167,107 @@ class Worker:
         log.info("ingested", extra={"job": task.job_id, "slide": task.slide_id, "tiles": ctx.tiles,
                                     "cache_hit": ctx.cache_hit, "seconds": round(seconds, 3)})
 
-    def _run_question(self, task: QuestionTask) -> None:
+    # -- the question lane: concurrent questions decoded as one batch -------------------------------------------
+    def _question_lane(self) -> None:
+        """Questions join the decoding batch as rows free up (continuous batching): the lane waits only when
+        nothing is decoding; between two steps it admits what is queued and drops cancelled questions. At the stop
+        marker the answers under way finish first."""
+        batch = self.pipe.batch()
+        live: dict[str, _LiveQuestion] = {}
+        stopping = False
+        while True:
+            if not live:
+                if stopping:
+                    return
+                task = self.questions.get()
+                if task is _STOP:
+                    return
+                self._admit(batch, live, task)
+            while not stopping and batch.free:
+                try:
+                    task = self.questions.get_nowait()
+                except queue.Empty:
+                    break
+                if task is _STOP:
+                    stopping = True
+                    break
+                self._admit(batch, live, task)
+            for job_id, q in list(live.items()):
+                if q.task.cancelled.is_set():
+                    batch.cancel(job_id)
+                    del live[job_id]
+                    self.store.update_job(job_id, status="cancelled", error="the client went away or timed out",
+                                          finished=time.time())
+            if not live:
+                continue
+            try:
+                events = batch.step()
+            except Exception:  # a bug must not kill the lane: every answer under way says what happened
+                log.exception("question batch crashed")
+                for job_id, q in live.items():
+                    self.store.update_job(job_id, status="failed", error="internal error", finished=time.time())
+                    q.task.emit("error", "internal error")
+                live.clear()
+                batch = self.pipe.batch()
+                continue
+            for ev in events:
+                self._deliver(live, ev)
+
+    def _admit(self, batch, live: dict, task: QuestionTask) -> None:
+        """Prepare the slide (from memory or the slide cache), then TIS, cross-KV and prefill in a free row."""
         if task.cancelled.is_set():
             self.store.update_job(task.job_id, status="cancelled", error="cancelled before it ran",
                                   finished=time.time())
             return
-        try:
-            self._answer(task)
-        except Exception:  # a bug must not kill the lane: the job says what happened
-            log.exception("question crashed", extra={"job": task.job_id})
-            self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
-            task.emit("error", "internal error")
-
-    def _answer(self, task: QuestionTask) -> None:
         self.store.update_job(task.job_id, status="running", started=time.time())
-        first = None
         try:
-            stream = self.pipe.stream(task.slide_path, task.question, **task.sampling)
-            for piece in stream:
-                if task.cancelled.is_set():
-                    break
-                if first is None:
-                    first = time.perf_counter()
-                    self.metrics.ttft.observe(first - task.submitted)
-                task.emit("piece", piece)
+            params = self.pipe.sampling(**task.sampling)
+            self.pipe.check_question(task.question, params)
+            ctx = self.pipe.prepare(task.slide_path)
+            batch.add(ctx, task.question, params, tag=task.job_id, t_start=task.submitted)
         except LocpathError as exc:
             msg = " ".join(str(exc).split())
             self.store.update_job(task.job_id, status="failed", error=msg, finished=time.time())
             task.emit("error", msg)
             return
-        if task.cancelled.is_set():
-            self.store.update_job(task.job_id, status="cancelled", error="the client went away or timed out",
-                                  finished=time.time())
+        except Exception:  # a bug must not kill the lane: the job says what happened
+            log.exception("question crashed", extra={"job": task.job_id})
+            self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
+            task.emit("error", "internal error")
             return
-        answer = stream.result
+        live[task.job_id] = _LiveQuestion(task)
+        self.metrics.decode_batch.set(len(live))
+
+    def _deliver(self, live: dict, ev) -> None:
+        q = live.get(ev.tag)
+        if q is None:
+            return
+        task = q.task
+        if ev.piece is not None:
+            if q.first is None:
+                q.first = time.perf_counter()
+                self.metrics.ttft.observe(q.first - task.submitted)
+            task.emit("piece", ev.piece)
+            return
+        del live[ev.tag]
+        self.metrics.decode_batch.set(len(live))
+        if ev.error is not None:
+            msg = " ".join(ev.error.split())
+            self.store.update_job(task.job_id, status="failed", error=msg, finished=time.time())
+            task.emit("error", msg)
+            return
+        answer = ev.answer
         elapsed = time.perf_counter() - task.submitted
         self.metrics.answer.observe(elapsed)
-        if first is None:
+        if q.first is None:
             self.metrics.ttft.observe(elapsed)
         self.answer_seconds = 0.8 * self.answer_seconds + 0.2 * elapsed
         self.metrics.cache.labels("hit" if answer.slide["cache_hit"] else "miss").inc()
         self.store.update_job(task.job_id, status="done", progress=1.0, result=answer.to_dict(), finished=time.time())
         task.emit("done", answer)
+
+
+@dataclass
+class _LiveQuestion:
+    task: QuestionTask
+    first: float | None = None

@@ -78,26 +78,28 @@ class _PrefillBuilder(_Builder):
         super().__init__(spec, weights, "int4", recipe.block_size, recipe.accuracy_level, sink=sink)
         self.recipe = recipe
 
-    def matmul(self, x: str, wname: str, min_k: int = 16) -> str:
+    def matmul(self, x: str, wname: str, min_k: int = 16, bias: str | None = None) -> str:
         if self.recipe.weights == "int4":
-            return super().matmul(x, wname, min_k)
+            return super().matmul(x, wname, min_k, bias)
         rows = self.rows(wname)
         n, k = rows.shape
         name = wname.replace(".weight", "")
         if k < min_k or n <= 1:  # CARA's router: one output column
-            return super().matmul(x, wname, min_k)
+            return super().matmul(x, wname, min_k, bias)
         self.quantized.append(wname)
+        b_in = [self.g.init(bias, self.f(bias))] if bias else []
         if self.recipe.weights == "int8":
             q, scale = quantize_int8_columns(np.asarray(rows, np.float32).T)
             b = self.g.init(wname + ".int8", q)
             sc = self.g.init(wname + ".scale", scale)
-            return self.g.node("DynamicQuantizeMatMul", [x, b, sc], domain=MS, name=name)
+            return self.g.node("DynamicQuantizeMatMul", [x, b, sc, *([""] + b_in if bias else [])], domain=MS,
+                               name=name)
         q, scale, zp = quantize_int8_blocks(np.asarray(rows, np.float32), self.block)
         b = self.g.init(wname + ".uint8", q)
         sc = self.g.init(wname + ".scales", scale)
         z = self.g.init(wname + ".zp", zp)
-        return self.g.node("MatMulNBits", [x, b, sc, z], domain=MS, name=name, K=k, N=n, bits=8,
-                           block_size=self.block, accuracy_level=self.acc)
+        return self.g.node("MatMulNBits", [x, b, sc, z, *([""] + b_in if bias else [])], domain=MS, name=name,
+                           K=k, N=n, bits=8, block_size=self.block, accuracy_level=self.acc)
 
 
 def int8_weight_bytes(spec: FusedDecoderSpec) -> int:

@@ -26,6 +26,7 @@ import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class HeadlineConfig:
     repeats: int = 3
     chunk: int = 2048  # prefix prefill positions per decoder call (chunked prefill bounds its attention scratch)
     tiles_05b: list[int] | None = None  # None: the same as `tiles`
+    slide_for: Callable[[int], Path] | None = None  # n -> a slide of about n tiles (runner.scaling_slide), when
+    # the features of n tiles are not cached yet
 
 
 # -- memory, measured -------------------------------------------------------------------------------------
@@ -80,10 +83,10 @@ class _PeakGrowth:
         self.bytes = max(0, peak - self.before) * 1024
 
 
-def _spread(values):
-    from .runner import spread
-
-    return spread(values)
+def _spread(values) -> dict:
+    """As runner.spread (not imported: the runner imports this module)."""
+    v = np.asarray(values, dtype=np.float64)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
 # -- the prefix baseline at run time (torch-free) -----------------------------------------------------------
@@ -231,16 +234,17 @@ def save_features(workdir: Path, pipe, n: int, ff) -> None:
                                                                       "overlap")}))
 
 
-def load_features(workdir: Path, pipe, n: int, log, progress: bool = False):
+def load_features(workdir: Path, pipe, n: int, log, slide_for=None, progress: bool = False):
     from ..wsi.features import FeatureFile
 
     path = features_path(workdir, pipe, n)
     if not path.exists():
         from ..wsi import open_slide
         from ..wsi.extract import extract_features
-        from .runner import scaling_slide
 
-        slide = scaling_slide(Path(workdir), n, log)
+        if slide_for is None:
+            raise LocpathError(f"{path}: no cached features for {n} tiles and no slide to encode")
+        slide = slide_for(n)
         t0 = time.perf_counter()
         with open_slide(slide) as s:
             ff, _ = extract_features(s, pipe.encode_tiles, pipe.plan_tiles(s), pipe.cfg.tile_encoder.name,
@@ -336,7 +340,7 @@ def bench_headline(pipe, cfg: HeadlineConfig, log, with_05b: bool = False) -> di
     quant, block = decoder_precision(pipe.manifest)
     prompt = pipe.prompt_ids(cfg.question)
     max_new = pipe.sampling().max_new_tokens
-    feats = {n: load_features(cfg.workdir, pipe, n, log) for n in cfg.tiles}
+    feats = {n: load_features(cfg.workdir, pipe, n, log, cfg.slide_for) for n in cfg.tiles}
     prefix = reference_prefix(pipe, cfg, log)
     out = {"method": "both sides on ONNX Runtime (OrtRunner), each N and side in its own spawned process; "
                      "prefix = projector graph + the fused GroupQueryAttention decoder at the bundle's precision, "
@@ -356,7 +360,7 @@ def bench_headline(pipe, cfg: HeadlineConfig, log, with_05b: bool = False) -> di
     prompt05, max_new05 = p05.prompt_ids(cfg.question), p05.sampling().max_new_tokens
     p05.release()
     px = prefix_05b(work, folder, pipe.cfg.feature_dim, tiles, len(prompt05) + max_new05, log)
-    feats05 = {n: feats[n] if n in feats else load_features(cfg.workdir, pipe, n, log) for n in tiles}
+    feats05 = {n: feats[n] if n in feats else load_features(cfg.workdir, pipe, n, log, cfg.slide_for) for n in tiles}
     out[SHAPE_05B] = {"decoder_precision": "int4", "int4_block": 32, "bundle": str(bundle), "prefix_folder": str(px),
                       "cara_layers": list(CARA_05B),
                       "rows": _rows(bundle, px, feats05, prompt05, max_new05, cfg, log, SHAPE_05B)}

@@ -61,6 +61,7 @@ def test_embedded_batch_equals_ask_and_a_rerun_does_no_work(ref_bundle, archive,
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["done"] == 6 and summary["failed"] == 0 and summary["slides_per_hour"] > 0
+    assert summary["overlap"] is True and summary["lanes"] == 2  # overlapped by default, answers as `ask` gives
     assert answers(out) == expected
     (rec,) = [json.loads(p.read_text()) for p in (out / "records").glob("*.json") if "cmu" in p.read_text()]
     from locpath.wsi.features import read_features
@@ -69,9 +70,9 @@ def test_embedded_batch_equals_ask_and_a_rerun_does_no_work(ref_bundle, archive,
     assert len(ff.features) == rec["tiles"] and ff.patch_size == 224
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
     again = run("batch", ref_bundle, "--slides", slides, "--questions", questions, "--out", out, "--cache-dir",
-                tmp_path / "cache", "--json", "--quiet")
+                tmp_path / "cache", "--json", "--quiet", "--no-overlap")
     s2 = json.loads(again.stdout)
-    assert again.returncode == 0 and s2["done"] == 0 and s2["skipped"] == 6
+    assert again.returncode == 0 and s2["done"] == 0 and s2["skipped"] == 6 and s2["overlap"] is False
     assert {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == mtimes
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two slides\n{slides / 'cmu.svs'}\nslide-missing.svs\n")

@@ -234,3 +234,18 @@ def test_prefill_graph_needs_the_fused_decoder_and_its_contract(ref_bundle, tmp_
     reseal(b, other_contract)
     with pytest.raises(BundleError, match="differ from decoder_fused"):
         verify_bundle(b)
+
+
+def test_bench_batched_reports_each_graph(ref_bundle, tmp_path):
+    from locpath.bench.batched import bench_batched
+    from locpath.bundle.integrity import verify_bundle
+
+    m = verify_bundle(ref_bundle)
+    graph = ref_bundle / m.components["decoder_fused"].file
+    res = bench_batched({"ref": graph, "missing": tmp_path / "none.onnx"}, m.decoder_contract("decoder_fused"), 2,
+                        batches=(1, 2, 4), new=4, rounds=1, log=lambda s: None)
+    g = res["graphs"]["ref"]
+    assert res["best"] == "ref" and "skipped" in res["graphs"]["missing"]
+    assert all(g[f"batch_{b}"]["identical_to_batch_1"] for b in (1, 2, 4))
+    assert g["batch_1"]["over_batch_1"] == 1.0 and g["batch_4"]["tokens_per_s"] > 0
+    assert res["prompt_tokens"] == [64, 40, 56, 24]

@@ -165,7 +165,7 @@ def test_peer_summary_compares_at_no_more_weight_bytes():
                                                    "weight_bytes_per_token": 245}}
     s = peer_summary(res)
     assert s["best_decode_peer"] == "llamacpp_q4_0" and s["locpath_decode"] == "locpath_fused_int4_block128"
-    assert s["decode_vs_best_peer"] == pytest.approx(75 / 68)
+    assert s["decode_vs_best_peer"] == pytest.approx(75 / 68) and s["decode_weight_bytes_ratio"] == 245 / 250
     # block 32 prefills fastest but reads more bytes than llama.cpp: it does not count
     assert s["locpath_prefill"] == "locpath_fused_int4_block128_prefill"
     assert s["prefill_best_peer_over_locpath"] == pytest.approx(70 / 50)

@@ -211,15 +211,15 @@ def test_openvino_nncf_int8_encoder(ref_bundle, eval_slide, tmp_path, calibratio
 def test_auto_decision_takes_the_fastest_accurate_candidate_per_stage():
     from locpath.bench.auto import decide
 
-    enc = {"ort-fp32": {"tiles_per_s": 100, "cosine": 1.0}, "ort-int8": {"tiles_per_s": 150, "cosine": 0.999},
-           "openvino-bf16": {"tiles_per_s": 300, "cosine": 0.99999}, "openvino-int8": {"tiles_per_s": 400, "cosine": 0.99}}
+    enc = {"ort-fp32": {"tiles_per_s": 100, "cosine_min": 1.0}, "ort-int8": {"tiles_per_s": 150, "cosine_min": 0.999},
+           "openvino-bf16": {"tiles_per_s": 300, "cosine_min": 0.99999}, "openvino-int8": {"tiles_per_s": 400, "cosine_min": 0.99}}
     dec = {"ort-fp32": {"tokens_per_s": 50, "agreement": 1.0}, "ort-int4": {"tokens_per_s": 90, "agreement": 0.9}}
     # INT8 is fastest but below the cosine bound; INT4 is fastest but changes an answer
     assert decide(enc, dec) == ("openvino-bf16", "ort-fp32", ("openvino", "bf16"))
     dec["ort-int4"]["agreement"] = 1.0
-    enc["openvino-int8"]["cosine"] = 0.996
-    assert decide(enc, dec) == ("openvino-int8", "ort-int4", ("openvino", "int8+int4"))
-    slow = {"ort-fp32": {"tiles_per_s": 100, "cosine": 1.0}, "ort-int8": {"tiles_per_s": 90, "cosine": 1.0}}
+    enc["openvino-int8"]["cosine_min"] = 0.996
+    assert decide(enc, dec) == ("openvino-int8", "ort-int4", ("openvino", "int8-safe+int4"))
+    slow = {"ort-fp32": {"tiles_per_s": 100, "cosine_min": 1.0}, "ort-int8": {"tiles_per_s": 90, "cosine_min": 1.0}}
     assert decide(slow, {"ort-fp32": {"tokens_per_s": 1, "agreement": 1.0}})[2] == ("ort", "fp32")
 
 

@@ -687,7 +687,8 @@ def cmd_batch(args) -> int:
                       out=Path(args.out), fmt=args.format, cache_dir=args.cache_dir, threads=args.threads,
                       device=args.device, sampling={"max_new_tokens": args.max_new_tokens}, ray=args.ray,
                       ray_address=args.ray_address, workers=args.workers, cpus_per_worker=args.cpus_per_worker,
-                      gpus_per_worker=args.gpus_per_worker, progress=not args.quiet, trusted_keys=args.trusted_keys)
+                      gpus_per_worker=args.gpus_per_worker, progress=not args.quiet, trusted_keys=args.trusted_keys,
+                      overlap=not args.no_overlap, lanes=args.lanes)
     with _stdout_reserved(args.json) as real_stdout:
         summary = run_batch(cfg)
         with atomic_file(Path(args.out) / "summary.json") as tmp:
@@ -707,6 +708,13 @@ def cmd_batch(args) -> int:
 
 
 # -- bench --------------------------------------------------------------------------
+def _batch_pass():
+    """The batch runner's pass for `bench --throughput` (bench and batch are siblings: the CLI joins them)."""
+    from .batch.runner import run_pass
+
+    return run_pass
+
+
 def cmd_bench(args) -> int:
     from .bench.output import markdown, write_json, write_markdown, write_plots
     from .bench.runner import BenchConfig, check_inputs, run_bench
@@ -721,8 +729,10 @@ def cmd_bench(args) -> int:
                       tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                       repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                       baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
-                      encoder_vitb=args.encoder_vitb, published=args.published,
-                      headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles)
+                      encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, published=args.published,
+                      headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles,
+                      throughput_pass=_batch_pass() if args.throughput else None,
+                      throughput_slides=args.throughput_slides)
     check_inputs(cfg)
     report = run_bench(cfg)
     if args.json:
@@ -903,7 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("build", help="a quantized or compiled bundle from an fp32 bundle")
     bd.add_argument("bundle")
     bd.add_argument("out")
-    bd.add_argument("--precision", default="int8", help="ort: fp32, int8, int8-static, int4, int8-encoder, fp16; openvino: bf16, fp32, bf16+int4, fp32+int4; "
+    bd.add_argument("--precision", default="int8", help="ort: fp32, int8, int8-static, int4, int8-encoder, fp16; openvino: bf16, fp32, int8, int8-safe (each +int4 optional); "
                          "tensorrt: fp16, fp32; auto: measure the CPU candidates per stage and keep the fastest")
     bd.add_argument("--backend", choices=("ort", "openvino", "tensorrt"), default="ort")
     bd.add_argument("--calibration", default=None, help="npz from `locpath calibrate`")
@@ -935,6 +945,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--encoder-vit-b", dest="encoder_vitb", action="store_true",
                     help="also compare the tile-encoder recipes (ORT fp32/INT8, OpenVINO bf16/NNCF INT8, PyTorch) on a "
                          "ViT-B/16 shape (first run exports and quantizes it: minutes)")
+    be.add_argument("--encoder-vit-l", dest="encoder_vitl", action="store_true",
+                    help="also compare the INT8 tile-encoder recipes with PyTorch bf16 at UNI's ViT-L/16 shape "
+                         "(first run exports and quantizes it: ~10 minutes on 2 cores)")
+    be.add_argument("--throughput", action="store_true",
+                    help="also measure `locpath batch` slides/hour, overlapped against sequential, back to back on "
+                         "synthetic ~1k-tile slides (about a minute)")
+    be.add_argument("--throughput-slides", type=_positive_int, default=4, help="slides per --throughput pass")
     be.add_argument("--published", action="store_true",
                     help="also build and run LoC-Path at published scale: a full-depth Qwen2.5-7B-shaped random model "
                          "written as shards here, its INT4 decoder streamed from them (build time, peak RSS, bundle "
@@ -1016,7 +1033,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Ray: CPUs each worker reserves (and its intra-op threads, unless --threads)")
     bt.add_argument("--gpus-per-worker", type=float, default=0.0, help="Ray: GPUs each worker reserves (with --device cuda)")
     bt.add_argument("--cache-dir", default=None, help="slide cache (shared by all workers; default ~/.cache/locpath/slides)")
-    bt.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads per pipeline")
+    bt.add_argument("--threads", type=_positive_int, default=None,
+                    help="intra-op threads per pipeline (default: the cores, shared out over --lanes when overlapped)")
+    bt.add_argument("--no-overlap", action="store_true",
+                    help="in process: one slide after another (default: the next slides are read, encoded and "
+                         "compressed while one slide's questions are answered)")
+    bt.add_argument("--lanes", type=_positive_int, default=2,
+                    help="in process, overlapped: slides staged at once ahead of the one answered (default 2)")
     bt.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu",
                     help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu)")
     bt.add_argument("--max-new-tokens", type=_positive_int, default=None, help="cap on each answer's length")

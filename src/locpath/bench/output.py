@@ -29,6 +29,22 @@ def decoder_05b_lines(d05: dict) -> list[str]:
     return lines + [""]
 
 
+def batched_lines(bt: dict) -> list[str]:
+    """Aggregate decode tokens/s per batch size, each fused graph (bench/batched.py)."""
+    sizes = sorted({int(k.split("_")[1]) for g in bt["graphs"].values() for k in g if k.startswith("batch_")})
+    lines = [f"## Batched decoding, 0.5B shape, {bt['new_tokens']} new tokens per row, ragged prompts "
+             f"{bt['prompt_tokens']}", "", "| graph | " + " | ".join(f"batch {b} tok/s (x batch 1)" for b in sizes)
+             + " | rows = batch 1 |", "|---|" + "---|" * (len(sizes) + 1)]
+    for name, g in bt["graphs"].items():
+        if "skipped" in g:
+            lines.append(f"| {name} | skipped: {g['skipped']} |")
+            continue
+        cells = [f"{g[f'batch_{b}']['tokens_per_s']:.1f} ({g[f'batch_{b}']['over_batch_1']:.2f}x)" for b in sizes]
+        same = all(g[f"batch_{b}"]["identical_to_batch_1"] for b in sizes)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'yes' if same else 'NO'} |")
+    return lines + [""]
+
+
 def encoder_vitb_lines(vb: dict) -> list[str]:
     lines = [f"## Tile encoder recipes, {vb['shape']}, batch {vb['batch']}", "",
              "| variant | tiles/s | vs ORT fp32 | vs PyTorch bf16 | cosine mean / min |", "|---|---|---|---|---|"]
@@ -57,7 +73,7 @@ def markdown(report: dict) -> str:
               f"tokens/s ({fc['decoder_bandwidth']:.1%} of memory bandwidth); cold time to first token "
               f"{thr['cold_time_to_first_token_ms']:.0f} ms; peak RSS {thr['peak_rss_mb']:.0f} MB.", ""]
     if report.get("scaling"):
-        lines += ["## LoC-Path against the prefix baseline as N grows (from tile features)", "",
+        lines += ["## LoC-Path against the prefix baseline in PyTorch eager (KV of the prefix: formula)", "",
                   "| N tiles | STM tokens | LoC-Path TTFT ms | prefix TTFT ms | LoC-Path KV MB | prefix KV MB |",
                   "|---|---|---|---|---|---|"]
         for row in report["scaling"]:
@@ -66,12 +82,26 @@ def markdown(report: dict) -> str:
                          f"{_f(p.get('ttft_ms', {}).get('median'), '{:.1f}')} | {row['locpath']['kv_bytes'] / 1e6:.3f} | "
                          f"{_f(p['kv_bytes'] / 1e6 if 'kv_bytes' in p else None, '{:.3f}')} |")
         lines.append("")
+    if report.get("headline"):
+        from .headline import headline_lines
+
+        lines += headline_lines(report["headline"])
     d05 = report.get("baselines", {}).get("decoder_0.5b")
     if d05:
         lines += decoder_05b_lines(d05)
-    vb = report.get("baselines", {}).get("encoder_vit_b")
-    if vb:
-        lines += encoder_vitb_lines(vb)
+        if d05.get("batched"):
+            lines += batched_lines(d05["batched"])
+    for key in ("encoder_vit_b", "encoder_vit_l"):
+        vb = report.get("baselines", {}).get(key)
+        if vb:
+            lines += encoder_vitb_lines(vb)
+    sph = report.get("slides_per_hour")
+    if sph:
+        lines += [f"## Slides per hour, `locpath batch`, {sph['slides']} synthetic ~{sph['tiles_target']}-tile slides, "
+                  f"{len(sph['questions'])} questions each", "", "| run | slides/hour | cores busy |", "|---|---|---|"]
+        lines += [f"| {k} | {sph[k]['slides_per_hour']:.0f} | {sph[k]['cores_busy']:.2f} |"
+                  for k in ("sequential", "overlapped")]
+        lines += ["", f"Overlapped over sequential: {sph['ratio']:.2f}x.", ""]
     if report.get("published"):
         lines += published_lines(report["published"])
     if report.get("ratios"):

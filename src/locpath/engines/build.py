@@ -9,6 +9,7 @@ fp16 (all graphs; GPUs). TensorRT plans are built through `engines/tensorrt_buil
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -16,12 +17,13 @@ import numpy as np
 
 from ..bundle.integrity import verify_bundle
 from ..bundle.manifest import IOSpec
-from ..bundle.names import DECODER, DECODER_FUSED, TILE_ENCODER
+from ..bundle.names import DECODER, DECODER_FUSED, DECODER_FUSED_PREFILL, TILE_ENCODER
 from ..errors import LocpathError
 from ..fsutil import atomic_dir
 from ..runtime.machine import describe_machine, openvino_version
 from . import quantize_ort as q
 from .bundle_edit import BundleEdit
+from .prefill import PREFILL_WEIGHTS
 
 FUSED = DECODER_FUSED
 ORT_RECIPES = {
@@ -40,8 +42,12 @@ INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str = "ort", calibration=None,
-                 overwrite: bool = False, log=print, int4_block_size: int = 32, record: dict | None = None) -> Path:
-    """`int4_block_size`: weights per INT4 scale in the decoders. 32 (the default, as onnxruntime-genai) keeps
+                 overwrite: bool = False, log=print, int4_block_size: int = 32, record: dict | None = None,
+                 prefill: str = "none") -> Path:
+    """`prefill` (ONNX Runtime recipes whose fused decoder is INT4): `auto` builds the INT8 prefill graph
+    (engines/prefill.py) and adds it as decoder_fused_prefill when it prefills faster than the decode graph with
+    the same greedy tokens; a recipe name (int8, int8-nbits, int4) adds that graph unmeasured; `none` adds none.
+    `int4_block_size`: weights per INT4 scale in the decoders. 32 (the default, as onnxruntime-genai) keeps
     the most accuracy; 128 reads ~15 % fewer bytes per decoded token, which is what a CPU decode step costs.
     `record`: extra facts stored under the manifest's export.build (what `auto` measured)."""
     src, out = Path(src), Path(out)
@@ -70,12 +76,17 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
     recipe = ORT_RECIPES[precision]
     if "int8-static" in recipe.values() and calibration is None:
         raise LocpathError("int8-static needs a calibration set: pass --calibration NPZ or --slides SLIDE...")
+    if prefill not in ("none", "auto") + PREFILL_WEIGHTS:
+        raise LocpathError(f"--prefill must be auto, none or one of {', '.join(PREFILL_WEIGHTS)}, not {prefill!r}")
     machine = describe_machine("onnxruntime", "cuda" if precision == "fp16" else "cpu")
     with atomic_dir(out) as tmp:
         edit = BundleEdit(src, tmp, manifest, log)
+        fused_fp32 = (edit.source(FUSED), copy.deepcopy(manifest.components[FUSED])) if FUSED in manifest.components else None
         for comp, how in recipe.items():
             if comp in manifest.components:  # bundles without a fused decoder have none to rebuild
                 _quantize(edit, comp, how, calibration, machine, log, int4_block_size)
+        if prefill != "none" and fused_fp32 and recipe.get(FUSED) == "int4-fused":
+            _add_prefill(edit, *fused_fp32, prefill, machine, log, int4_block_size)
         edit.finish(precision, "onnxruntime", **extra)
     log(f"build: {out} ({precision}) in {time.time() - edit.t_start:.1f} s")
     return out
@@ -115,6 +126,37 @@ def _quantize(edit: BundleEdit, comp: str, how: str, calibration, machine: dict,
         f"{info['bytes']['built'] / 1e6:.1f} MB, {info['seconds']} s)")
 
 
+def _add_prefill(edit: BundleEdit, fp32: Path, fp32_entry, how: str, machine: dict, log, block_size: int) -> None:
+    """decoder_fused_prefill from the fused decoder's fp32 weights, with the decode graph's contract (the runtime
+    runs prompts on it, single tokens on decoder_fused, both on one K/V cache); with `auto`, kept only when
+    measured faster with the same greedy tokens."""
+    from .fused_graph import FusedDecoderSpec, weights_from_fused_onnx
+    from .prefill import PrefillRecipe, build_prefill_decoder, measure_prefill
+
+    spec = FusedDecoderSpec.from_templates(fp32_entry.templates)
+    r = PrefillRecipe("int8" if how == "auto" else how, block_size)
+    art = f"{DECODER_FUSED_PREFILL}.{r.name}.onnx"
+    t0 = time.time()
+    info = build_prefill_decoder(spec, weights_from_fused_onnx(fp32, spec), edit.tmp / art, r, source=str(fp32))
+    info["seconds"] = round(time.time() - t0, 1)
+    data = [info["data_file"]] if info["data_file"] else []
+    m = info["measured"] = measure_prefill(edit.tmp / edit.manifest.components[FUSED].file, edit.tmp / art,
+                                           spec.contract())
+    if how == "auto" and not m["faster_and_same"]:
+        for name in [art, *data]:
+            (edit.tmp / name).unlink(missing_ok=True)
+        log(f"build: no {DECODER_FUSED_PREFILL} ({r.name} prefilled {m['prompt_tokens']} tokens in "
+            f"{m['prefill_graph_ms']} ms vs {m['decode_graph_prefill_ms']} ms, greedy tokens agree: "
+            f"{m['greedy_tokens_agree']})")
+        return
+    entry = copy.deepcopy(fp32_entry)
+    entry.file, entry.engine_config, entry.data_files, entry.parent_sha256 = art, None, data, None
+    edit.manifest.components[DECODER_FUSED_PREFILL] = entry
+    edit.replace(DECODER_FUSED_PREFILL, "onnxruntime", r.name, art, machine, info, data)
+    log(f"build: {DECODER_FUSED_PREFILL} -> {art} (prefill {m['prefill_graph_ms']} ms vs "
+        f"{m['decode_graph_prefill_ms']} ms on the decode graph, {m['prompt_tokens']} tokens)")
+
+
 def _fused_rebuild(fp32: Path, built: Path, entry, quant: str, block_size: int = 32) -> dict:
     """Rebuild the fused decoder from its own fp32 weights: `int4` (MatMulNBits everywhere, lm_head included, and
     for a tied embedding GatherBlockQuantized over the same INT4 tensor) or `fp16` (for the CUDA provider, whose
@@ -133,31 +175,42 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
                     int4_block_size: int = 32, extra: dict | None = None) -> Path:
     """The vision graphs on OpenVINO: bf16/fp32 compile the bundle's ONNX at load (bf16 on AMX); int8 quantizes the
     tile encoder with OpenVINO's own NNCF (post-training, calibrated on the calibration tiles, transformer preset:
-    LayerNorm, Softmax and residual adds stay float) into an OpenVINO IR, with the resampler on bf16.
+    LayerNorm, Softmax and residual adds stay float) into an OpenVINO IR, with the resampler on bf16; int8-safe
+    (engines/encoder_int8.py) does the same but checks every calibration and held-out tile, keeps the layer groups
+    measured most sensitive in float until the minimum tile cosine is >= 0.995, and refuses to build otherwise.
     The decoder stays on ONNX Runtime (INT4 MatMulNBits with "+int4"): ORT-made quantized graphs run badly in
     OpenVINO, and decode steps at these sizes are dominated by per-call overhead."""
     from ..runtime.openvino_runner import OpenVinoRunner
 
     ov_precision, _, decoder = precision.partition("+")
-    if ov_precision not in ("bf16", "fp32", "int8") or decoder not in ("", "int4"):
-        raise LocpathError(f"OpenVINO precision must be bf16, fp32 or int8, optionally +int4 (decoder), not {precision!r}")
+    if ov_precision not in ("bf16", "fp32", "int8", "int8-safe") or decoder not in ("", "int4"):
+        raise LocpathError(f"OpenVINO precision must be bf16, fp32, int8 or int8-safe, optionally +int4 (decoder), "
+                           f"not {precision!r}")
     if openvino_version() is None:
         raise LocpathError("OpenVINO is not installed (pip install 'locpath[openvino]')")
-    if ov_precision == "int8" and calibration is None:
-        raise LocpathError("OpenVINO int8 (NNCF) needs a calibration set: pass --calibration NPZ or --slides SLIDE...")
+    if ov_precision.startswith("int8") and calibration is None:
+        raise LocpathError(f"OpenVINO {ov_precision} (NNCF) needs a calibration set: pass --calibration NPZ or "
+                           "--slides SLIDE...")
     machine = describe_machine("openvino", "cpu")
     with atomic_dir(out) as tmp:
         edit = BundleEdit(src, tmp, manifest, log)
         for comp in OPENVINO_COMPONENTS:
             t0 = time.time()
             data_files: list[str] = []
-            if ov_precision == "int8" and comp == TILE_ENCODER:
+            if ov_precision == "int8-safe" and comp == TILE_ENCODER:  # min tile cosine >= 0.995 or no build
+                from .encoder_int8 import build_int8_safe
+
+                info = build_int8_safe(edit.source(comp), tmp, comp, calibration.tiles(), log=log)
+                artifact, comp_precision = info.pop("artifact"), "int8"
+                data_files = [info["data_file"]]
+            elif ov_precision == "int8" and comp == TILE_ENCODER:
                 info = nncf_int8(edit.source(comp), tmp, comp, calibration)
                 artifact, comp_precision = info.pop("artifact"), "int8"
                 data_files = [info["data_file"]]
                 info.update(fastest_ov_hint(tmp / artifact, comp, calibration.tiles()))
             else:
-                artifact, comp_precision = manifest.components[comp].file, ("bf16" if ov_precision == "int8" else ov_precision)
+                artifact = manifest.components[comp].file
+                comp_precision = "bf16" if ov_precision.startswith("int8") else ov_precision
                 info = {"method": "OpenVINO compile at load", "inference_precision_hint": comp_precision}
             OpenVinoRunner(tmp / artifact, comp, precision=comp_precision,
                            hint=info.get("ov_hint")).load()  # fails here, not on the appliance

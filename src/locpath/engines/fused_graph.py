@@ -54,6 +54,9 @@ class FusedDecoderSpec:
     cara_heads: int = 0
     cara_ffn: int = 0
     cara_eps: float = 1e-6
+    # an `inputs_embeds` [B, V, hidden] input placed before the embedded input_ids (V may be 0): the prefix
+    # baseline's projected tile tokens (bench/headline.py); not a LoC-Path bundle's contract
+    embeds_input: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -274,19 +277,21 @@ class _Builder:
         """A float weight in the graph's float type."""
         return np.asarray(self.w[wname], self.ft)
 
-    # weights [in, out] as a MatMul, quantized or not
-    def matmul(self, x: str, wname: str, min_k: int = 16) -> str:
+    # weights [in, out] as a MatMul, quantized or not; `bias` (a weight name) added inside MatMulNBits
+    def matmul(self, x: str, wname: str, min_k: int = 16, bias: str | None = None) -> str:
         rows = self.rows(wname)
         n, k = rows.shape
         if self.quant == "int4" and k >= min_k and n > 1:
             b, sc = self.int4(wname, rows, wname)
             del rows
             self.quantized.append(wname)
-            return self.g.node("MatMulNBits", [x, b, sc], domain=MS, name=wname.replace(".weight", ""), K=k, N=n,
-                               bits=4, block_size=self.block, accuracy_level=self.acc)
+            extra = ["", "", self.g.init(bias, self.f(bias))] if bias else []  # zero points, g_idx, bias
+            return self.g.node("MatMulNBits", [x, b, sc, *extra], domain=MS, name=wname.replace(".weight", ""),
+                               K=k, N=n, bits=4, block_size=self.block, accuracy_level=self.acc)
         self.float_matmuls.append(wname)
-        return self.g.node("MatMul", [x, self.g.init(wname, np.asarray(rows).T.astype(self.ft))],
-                           name=wname.replace(".weight", ""))
+        y = self.g.node("MatMul", [x, self.g.init(wname, np.asarray(rows).T.astype(self.ft))],
+                        name=wname.replace(".weight", ""))
+        return self.g.node("Add", [y, self.g.init(bias, self.f(bias))]) if bias else y
 
     def rms(self, x: str, wname: str, eps: float, skip: str | None = None) -> tuple[str, str]:
         """RMSNorm(x [+ skip]) -> (normed, residual sum)."""
@@ -354,7 +359,6 @@ class _Builder:
         helper = g.helper
         from onnx import TensorProto
 
-        qd, kvd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         cos = g.init("rope.cos_cache", self.f("rope.cos_cache"))
         sin = g.init("rope.sin_cache", self.f("rope.sin_cache"))
         # attention mask -> GroupQueryAttention's seqlens_k (valid length - 1) and total length
@@ -362,10 +366,11 @@ class _Builder:
         seqlens = g.node("Cast", [g.node("Sub", [msum, g.const_i64(1)])], to=TensorProto.INT32, name="seqlens_k")
         total = g.node("Cast", [g.node("Gather", [g.node("Shape", ["attention_mask"]), g.const_i64(1)], axis=0)],
                        to=TensorProto.INT32, name="total_sequence_length")
-        split_qkv = g.const_i64([qd, kvd, kvd])
         split_mlp = g.const_i64([s.intermediate, s.intermediate])
 
         h = self.embedding("input_ids")
+        if s.embeds_input:
+            h = g.node("Concat", ["inputs_embeds", h], axis=1, name="embeds.concat")
         pending = None  # (mlp output, residual) not yet added
         for j in range(s.num_layers):
             p = f"layers.{j}."
@@ -378,11 +383,9 @@ class _Builder:
                 x, h = self.rms(h, p + "ln1", s.rms_eps)
             else:
                 x, h = self.rms(pending[0], p + "ln1", s.rms_eps, skip=pending[1])
-            qkv = self.matmul(x, p + "qkv.weight")
-            if s.qkv_bias:
-                qkv = g.node("Add", [qkv, g.init(p + "qkv.bias", self.f(p + "qkv.bias"))])
-            q, k, v = g.node("Split", [qkv, split_qkv], n_out=3, axis=-1, name=p + "qkv.split")
-            att = g.node("GroupQueryAttention", [q, k, v, *past_names(j), seqlens, total, cos, sin],
+            qkv = self.matmul(x, p + "qkv.weight", bias=p + "qkv.bias" if s.qkv_bias else None)
+            # packed Q|K|V straight into GroupQueryAttention (key and value inputs left empty): no Split
+            att = g.node("GroupQueryAttention", [qkv, "", "", *past_names(j), seqlens, total, cos, sin],
                          domain=MS, name=p + "attention", outputs=[p + "attention/out0", *present_names(j)],
                          num_heads=s.num_heads, kv_num_heads=s.num_kv_heads, do_rotary=1, rotary_interleaved=0)
             o = self.matmul(att, p + "o.weight")
@@ -406,6 +409,9 @@ class _Builder:
         types = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int64": TensorProto.INT64}
         contract = s.contract("float16" if self.ft == np.float16 else "float32")
         inputs = [helper.make_tensor_value_info(d.name, types[d.dtype], list(d.shape)) for d in contract.inputs()]
+        if s.embeds_input:
+            inputs.insert(1, helper.make_tensor_value_info("inputs_embeds", types[contract.kv_dtype],
+                                                           ["batch", "visual", s.hidden]))
         outputs = [helper.make_tensor_value_info(d.name, types[d.dtype], list(d.shape)) for d in contract.outputs()]
         graph = helper.make_graph(g.nodes, "locpath_fused_decoder", inputs, outputs, list(g.inits.values()))
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],

@@ -8,10 +8,11 @@ Both sides start from the same tile features and run on ONNX Runtime through `Or
 
 Each side and tile count runs in its own child process (multiprocessing 'spawn', torch never imported there), so
 its memory is its own: `kv_bytes` = the K/V arrays the runtime allocated (self-attention cache, plus the question's
-cross K/V for LoC-Path); `kv_plus_activation_bytes` = how far the resident set rose above the loaded models during
-the first time to first token (Linux's peak-RSS mark reset through /proc/self/clear_refs just before it: K/V,
-activations and the ONNX Runtime arena together); `peak_rss_mb` = the child's ru_maxrss (Python, libraries, models
-and the run). Times are medians after that first (cold) run and `warmup - 1` more.
+cross K/V for LoC-Path); `kv_plus_activation_bytes` = how far the resident set rose above the loaded and warmed
+models (one run on WARM_TILES tiles first: lazy init and weight prepacking) during the first time to first token at
+N (Linux's peak-RSS mark reset through /proc/self/clear_refs just before it: K/V, activations and the ONNX Runtime
+arena together); `peak_rss_mb` = the child's VmHWM (Python, libraries, models and the run; not ru_maxrss, which
+Linux carries over from the parent across fork and exec). Times are medians after that first (cold) run and `warmup - 1` more.
 
 Shapes: "reference" (the bench's bundle against the shipped prefix checkpoint) and, with `--headline-0.5b`,
 "qwen2.5-0.5b": one random Qwen2.5-0.5B-shaped LLM (bench/decoder_05b.py) inside a LoC-Path bundle (reference
@@ -21,6 +22,7 @@ behind a prefix projector (INT4 decoder from the same shards). Everything is cac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import time
@@ -152,6 +154,8 @@ class PrefixSession:
 
 
 # -- one side, one N, in a child ------------------------------------------------------------------------------
+WARM_TILES = 16  # each side first runs on this many tiles: session lazy init and weight prepacking (ONNX Runtime
+# packs MatMulNBits weights on the first run) happen there, so the measured growth is the N-tile run's own
 def measure_locpath(bundle: str, ff, question: str, warmup: int, repeats: int) -> dict:
     """LoC-Path's time to first token from features, and its memory (see the module docstring)."""
     from ..runtime.pipeline import Pipeline
@@ -170,6 +174,8 @@ def measure_locpath(bundle: str, ff, question: str, warmup: int, repeats: int) -
         kv = gen.stats.kv_cache_bytes + sum(int(a.nbytes) for a in qkv.cross.values())
         return ms, kv, comp.tokens, first
 
+    small = dataclasses.replace(ff, features=ff.features[:WARM_TILES], coords=ff.coords[:WARM_TILES])
+    pipe.generator(pipe.question_kv(pipe.compress(small).latents, question), question, params)  # lazy init, prepack
     with _PeakGrowth() as g:
         cold = once()
     runs = [once() for _ in range(max(0, warmup - 1) + repeats)][-repeats:]
@@ -193,6 +199,7 @@ def measure_prefix(folder: str, ff, prompt: list[int], max_new: int, chunk: int,
         first = int(np.argmax(logits[0, -1]))
         return (time.perf_counter() - t) * 1000, cache.nbytes, first
 
+    sess.prefill(sess.visual_tokens(ff.features[:WARM_TILES], grid[:WARM_TILES]), prompt, max_new, chunk)  # lazy init
     with _PeakGrowth() as g:
         cold = once()
     runs = [once() for _ in range(max(0, warmup - 1) + repeats)][-repeats:]
@@ -203,13 +210,14 @@ def measure_prefix(folder: str, ff, prompt: list[int], max_new: int, chunk: int,
 
 
 def _peak_rss_mb(g: _PeakGrowth) -> float:
-    """The process's peak resident set over its life (before and since the mark was reset), MB."""
-    now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """The process's peak resident set over its life (before and since the mark was reset), MB. VmHWM, not
+    ru_maxrss: Linux carries ru_maxrss across fork and exec, so a spawned child would report its parent's peak."""
+    now = _status_kb("VmHWM") if g.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(max(now, g.peak_before) / 1024.0, 1)
 
 
 def in_child(fn, *args):
-    """fn(*args) in a fresh 'spawn' process: its ru_maxrss and its arena are its own."""
+    """fn(*args) in a fresh 'spawn' process: its peak resident set (VmHWM) and its arena are its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as ex:
         return ex.submit(fn, *args).result()
 

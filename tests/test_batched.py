@@ -246,6 +246,33 @@ def test_bench_batched_reports_each_graph(ref_bundle, tmp_path):
                         batches=(1, 2, 4), new=4, rounds=1, log=lambda s: None)
     g = res["graphs"]["ref"]
     assert res["best"] == "ref" and "skipped" in res["graphs"]["missing"]
-    assert all(g[f"batch_{b}"]["identical_to_batch_1"] for b in (1, 2, 4))
+    assert all(g[f"batch_{b}"]["identical_to_batch_1"] and g[f"batch_{b}"]["runtime_batches"] for b in (1, 2, 4))
     assert g["batch_1"]["over_batch_1"] == 1.0 and g["batch_4"]["tokens_per_s"] > 0
     assert res["prompt_tokens"] == [64, 40, 56, 24]
+
+
+def test_batching_only_where_batched_steps_are_exact(ref_bundle, int4_bundle):
+    """The runtime batches a fused graph only when a batched step gives every row its one-row logits bit for bit
+    (probed once); a graph whose multi-row kernel differs in the last bits gets interleaved answers instead."""
+    from locpath.runtime.batch_generator import BatchGenerator, InterleavedGenerator, batch_generator, rows_are_exact
+    from locpath.runtime.pipeline import Pipeline
+
+    for b in (ref_bundle, int4_bundle):
+        pipe = Pipeline.from_bundle(b, use_cache=False)
+        assert rows_are_exact(pipe.decoder_state, 4)
+        assert isinstance(pipe.batch(4).gen, BatchGenerator)
+
+    pipe = Pipeline.from_bundle(ref_bundle, use_cache=False)
+    state = pipe.decoder_state
+    real = state.decode_rows
+
+    def last_bit_off(cache, tokens, lengths, cross):  # as a kernel with another path for several rows
+        out = real(cache, tokens, lengths, cross)
+        if len(tokens) > 1:
+            out = np.nextafter(out, np.inf)
+        return out
+
+    state.decode_rows = last_bit_off
+    assert not rows_are_exact(state, 4)
+    assert isinstance(batch_generator(state, 4, pipe.max_length, pipe.stop_ids), InterleavedGenerator)
+    assert isinstance(batch_generator(state, 1, pipe.max_length, pipe.stop_ids), BatchGenerator)

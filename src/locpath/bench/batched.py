@@ -72,6 +72,7 @@ def bench_batched(graphs: dict[str, Path], contract: DecoderContract, threads: i
                   new: int = 64, rounds: int = 2, log=print) -> dict:
     """Each graph (name -> fused decoder ONNX) at each batch size; `best` names the graph whose batch 4 gives the
     most aggregate tokens/s (its ratio is the one a deployment of that graph gets)."""
+    from ..runtime.batch_generator import rows_are_exact
     from ..runtime.decoder_state import decoder_state
     from ..runtime.ort_runner import OrtRunner
 
@@ -96,6 +97,8 @@ def bench_batched(graphs: dict[str, Path], contract: DecoderContract, threads: i
                               "identical_to_batch_1": identical[b]} for b, v in tps.items()}
         for b in batches:
             res[f"batch_{b}"]["over_batch_1"] = res[f"batch_{b}"]["tokens_per_s"] / res["batch_1"]["tokens_per_s"]
+            # what the runtime does with this graph: batch (its batched steps are bit-exact) or interleave
+            res[f"batch_{b}"]["runtime_batches"] = b == 1 or rows_are_exact(state, b)
         res["graph"] = str(graph)
         out["graphs"][name] = res
         runner.release()

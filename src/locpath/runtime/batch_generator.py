@@ -12,7 +12,9 @@ prefilled alone in its own cache row, exactly as a batch of one would, so answer
 as the decoder's batched matmuls equal its single-row ones (tests check it token for token). Rows are ragged:
 each keeps its own length, carried to GroupQueryAttention by the attention mask, with no padding in the cache.
 A row freed by a finished answer is taken by the next one. Graphs that cannot run rows alone (the plain decoder,
-TensorRT plans) interleave per-answer Generators behind the same interface: same answers, no batching gain.
+TensorRT plans), or whose batched steps are not bit-exact against one row (`rows_are_exact`, probed once: ONNX
+Runtime's MatMulNBits at block 128 is not), interleave per-answer Generators behind the same interface: same
+answers, no batching gain.
 """
 
 from __future__ import annotations
@@ -203,8 +205,33 @@ class InterleavedGenerator:
         return events
 
 
+def rows_are_exact(state: FusedDecoderState, rows: int) -> bool:
+    """Whether a decode step over `rows` rows gives each row the very logits it gets alone (measured once per
+    state and row count, then remembered). Some kernels take another path for several rows: ONNX Runtime's
+    MatMulNBits at block size 128 does, and its last-bit differences flip near-tied greedy tokens. The probe: two
+    rows, then `rows`, of the same short prompt, decoded one step, compared bit for bit with one row."""
+    memo = state.__dict__.setdefault("_rows_exact", {})
+    if rows not in memo:
+        c = state.contract
+        cross = {n: np.full((1, c.cara_heads, 4, c.cara_head_dim), 0.5, c.kv_dtype) for i in c.cara_layers
+                 for n in c.cross(i)}
+        prompt, tok = [1, 2, 3, 4, 5, 6, 7], 9
+
+        def logits(n: int) -> np.ndarray:
+            cache = state.new_cache(n, len(prompt) + 2)
+            for r in range(n):
+                state.prefill_row(cache, r, prompt, cross)
+            stacked = {k: np.repeat(v, n, axis=0) for k, v in cross.items()}
+            return state.decode_rows(cache, np.full(n, tok), np.full(n, len(prompt) + 1), stacked).copy()
+
+        one = logits(1)[0]
+        memo[rows] = all(np.array_equal(logits(n)[i], one) for n in sorted({2, rows}) for i in range(n))
+    return memo[rows]
+
+
 def batch_generator(state: DecoderState, rows: int, max_length: int, stop_ids: list[int]):
-    """Rows of one cache when the decoder graph runs rows alone (the fused graph), else interleaved answers."""
-    if isinstance(state, FusedDecoderState):
+    """Rows of one cache when the decoder graph runs rows alone (the fused graph) and its batched steps are exact
+    (`rows_are_exact`), else interleaved answers: batching never changes an answer."""
+    if isinstance(state, FusedDecoderState) and (rows == 1 or rows_are_exact(state, rows)):
         return BatchGenerator(state, rows, max_length, stop_ids)
     return InterleavedGenerator(state, rows, max_length, stop_ids)

@@ -9,7 +9,8 @@ Both sides start from the same tile features and run on ONNX Runtime through `Or
 Each side and tile count runs in its own child process (multiprocessing 'spawn', torch never imported there), so
 its memory is its own: `kv_bytes` = the K/V arrays the runtime allocated (self-attention cache, plus the question's
 cross K/V for LoC-Path); `kv_plus_activation_bytes` = how far the resident set rose above the loaded and warmed
-models (one run on WARM_TILES tiles first: lazy init and weight prepacking) during the first time to first token at
+models (one run on WARM_TILES tiles first: lazy init and weight prepacking; then malloc_trim, so freed heap pages
+are not reused unseen) during the first time to first token at
 N (Linux's peak-RSS mark reset through /proc/self/clear_refs just before it: K/V, activations and the ONNX Runtime
 arena together); `peak_rss_mb` = the child's VmHWM (Python, libraries, models and the run; not ru_maxrss, which
 Linux carries over from the parent across fork and exec). Times are medians after that first (cold) run and `warmup - 1` more.
@@ -71,10 +72,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim), so memory freed earlier (weight prepacking,
+    the warm-up) is not silently reused inside the measured block: its growth would read near zero."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement may undercount, as before
+        pass
+
+
 class _PeakGrowth:
     """Peak resident-set growth over a block, in bytes."""
 
     def __enter__(self):
+        _trim_heap()
         self.peak_before = _status_kb("VmHWM")  # resetting the mark resets ru_maxrss too: keep the peak so far
         self.reset = _reset_peak()
         self.before = _status_kb("VmRSS")

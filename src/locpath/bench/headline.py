@@ -87,8 +87,8 @@ class _PeakGrowth:
     """Peak resident-set growth over a block, in bytes."""
 
     def __enter__(self):
+        self.peak_before = max(_status_kb("VmHWM"), _status_kb("VmRSS"))  # the reset below drops it: keep it
         _trim_heap()
-        self.peak_before = _status_kb("VmHWM")  # resetting the mark resets ru_maxrss too: keep the peak so far
         self.reset = _reset_peak()
         self.before = _status_kb("VmRSS")
         return self

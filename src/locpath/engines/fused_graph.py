@@ -429,37 +429,16 @@ def build_fused_decoder(spec: FusedDecoderSpec, weights, out: str | os.PathLike,
     graph reaches it. `external`: weights in `<out>.data` beside the graph, appended as they are made, so the
     process never holds more than one weight matrix (default: when the weights pass protobuf's 2 GB limit).
     """
-    import onnx
-
-    from ..fsutil import atomic_file
-
     if quant not in ("fp32", "int4", "fp16"):
         raise LocpathError(f"fused decoder precision must be fp32, int4 or fp16, not {quant!r}")
     if spec.head_dim % 2:
         raise LocpathError(f"{source}: rotary needs an even head_dim, got {spec.head_dim}")
     spec.check_weights(weights, source)
-    out = Path(out)
     if external is None:
         external = spec.weight_bytes(quant, block_size) > 1_800_000_000
-    data_name = out.name + ".data" if external else None
-    if external:
-        with atomic_file(out.parent / data_name) as tmp_data:
-            sink = ExternalData(tmp_data, data_name)
-            try:
-                b = _Builder(spec, weights, quant, block_size, accuracy_level, sink=sink, progress=progress)
-                model = b.build()
-            finally:
-                sink.close()
-            with atomic_file(out) as tmp:
-                onnx.save_model(model, str(tmp))
-    else:
-        b = _Builder(spec, weights, quant, block_size, accuracy_level, progress=progress)
-        model = b.build()
-        with atomic_file(out) as tmp:
-            onnx.save_model(model, str(tmp))
-    ops: dict[str, int] = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    b, model, data_name, ops = write_graph(
+        lambda sink: _Builder(spec, weights, quant, block_size, accuracy_level, sink=sink, progress=progress),
+        out, external)
     return {"method": "locpath fused decoder graph (GroupQueryAttention, rotary inside, shared KV buffers)",
             "precision": quant, "nodes": len(model.graph.node), "ops": ops,
             "int4_weights": len(b.quantized) if quant == "int4" else 0,
@@ -468,6 +447,37 @@ def build_fused_decoder(spec: FusedDecoderSpec, weights, out: str | os.PathLike,
             "data_file": data_name,
             "embedding": ("Gather fp32" if quant != "int4" else "GatherBlockQuantized (shared with lm_head)"
                           if spec.tied_embeddings else "GatherBlockQuantized")}
+
+
+def write_graph(make_builder, out: str | os.PathLike, external: bool):
+    """Build a graph with `make_builder(sink)` (sink None, or `ExternalData` appending weights to `<out>.data` as
+    they are made) and write it to `out`, both files atomically. Returns (builder, model, data file name or None,
+    op counts): what the fused decoder and its prefill graph report."""
+    import onnx
+
+    from ..fsutil import atomic_file
+
+    out = Path(out)
+    data_name = out.name + ".data" if external else None
+    if external:
+        with atomic_file(out.parent / data_name) as tmp_data:
+            sink = ExternalData(tmp_data, data_name)
+            try:
+                b = make_builder(sink)
+                model = b.build()
+            finally:
+                sink.close()
+            with atomic_file(out) as tmp:
+                onnx.save_model(model, str(tmp))
+    else:
+        b = make_builder(None)
+        model = b.build()
+        with atomic_file(out) as tmp:
+            onnx.save_model(model, str(tmp))
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return b, model, data_name, ops
 
 
 def weights_from_fused_onnx(path: str | os.PathLike, spec: FusedDecoderSpec) -> dict[str, np.ndarray]:

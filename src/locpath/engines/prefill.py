@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LocpathError
-from .fused_graph import MS, ExternalData, FusedDecoderSpec, _Builder
+from .fused_graph import MS, ExternalData, FusedDecoderSpec, _Builder, write_graph
 
 PREFILL_WEIGHTS = ("int8", "int8-nbits", "int4")
 
@@ -111,34 +111,12 @@ def int8_weight_bytes(spec: FusedDecoderSpec) -> int:
 def build_prefill_decoder(spec: FusedDecoderSpec, weights, out: str | os.PathLike, recipe: PrefillRecipe = PrefillRecipe(),
                           source: str = "weights", external: bool | None = None) -> dict:
     """Write the prefill graph to `out` (atomically); returns what was done, as `build_fused_decoder` does."""
-    import onnx
-
-    from ..fsutil import atomic_file
-
     recipe.check()
     spec.check_weights(weights, source)
-    out = Path(out)
     if external is None:
         external = int8_weight_bytes(spec) > 1_800_000_000
-    data_name = out.name + ".data" if external else None
-    if external:
-        with atomic_file(out.parent / data_name) as tmp_data:
-            sink = ExternalData(tmp_data, data_name)
-            try:
-                b = _PrefillBuilder(spec, weights, recipe, sink=sink)
-                model = b.build()
-            finally:
-                sink.close()
-            with atomic_file(out) as tmp:
-                onnx.save_model(model, str(tmp))
-    else:
-        b = _PrefillBuilder(spec, weights, recipe)
-        model = b.build()
-        with atomic_file(out) as tmp:
-            onnx.save_model(model, str(tmp))
-    ops: dict[str, int] = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    b, model, data_name, ops = write_graph(lambda sink: _PrefillBuilder(spec, weights, recipe, sink=sink), out,
+                                           external)
     return {"method": "locpath fused prefill graph (decoder_fused's contract; layer matmuls for many tokens)",
             "recipe": recipe.name, "weights": recipe.weights, "block_size": recipe.block_size,
             "accuracy_level": recipe.accuracy_level, "nodes": len(model.graph.node), "ops": ops,

@@ -420,6 +420,7 @@ def _stdin_batches(limit: int):
     block, a pipe) join it, up to `limit`, so they are decoded as one batch. Typed questions come one at a time."""
     import queue
     import threading
+    import time
 
     lines: queue.Queue = queue.Queue()
 
@@ -431,7 +432,7 @@ def _stdin_batches(limit: int):
     threading.Thread(target=read, name="locpath-stdin", daemon=True).start()
     while (item := lines.get()) is not None:
         batch = [item]
-        threading.Event().wait(0.02)  # a pasted block or a pipe delivers its lines together
+        time.sleep(0.02)  # a pasted block or a pipe delivers its lines together
         while len(batch) < limit:
             try:
                 nxt = lines.get_nowait()

@@ -42,18 +42,13 @@ class _Row:
     pending: int | None = None  # the token sampled last step, fed at this step
 
 
-class BatchGenerator:
-    """Rows of one shared K/V cache on a fused decoder graph."""
+class _Rows:
+    """What both batch generators keep: a fixed number of rows, each free (None) or holding one answer."""
 
-    def __init__(self, state: FusedDecoderState, rows: int, max_length: int, stop_ids: list[int]):
+    def __init__(self, rows: int):
         if rows < 1:
             raise LocpathError(f"a decoding batch needs at least 1 row, got {rows}")
-        self.state = state
-        self.max_length = state.capacity(max_length)
-        self.cache = state.new_cache(rows, self.max_length)
-        self.stop_ids = set(stop_ids)
-        self.rows: list[_Row | None] = [None] * rows
-        self._cross: dict | None = None  # the cross K/V of rows 0..n-1 stacked, rebuilt when rows change
+        self.rows: list = [None] * rows
 
     @property
     def free(self) -> int:
@@ -63,13 +58,29 @@ class BatchGenerator:
     def active(self) -> bool:
         return any(r is not None for r in self.rows)
 
+    def _free_slot(self) -> int:
+        slot = next((i for i, r in enumerate(self.rows) if r is None), None)
+        if slot is None:
+            raise LocpathError(f"the decoding batch is full ({len(self.rows)} rows)")
+        return slot
+
+
+class BatchGenerator(_Rows):
+    """Rows of one shared K/V cache on a fused decoder graph."""
+
+    def __init__(self, state: FusedDecoderState, rows: int, max_length: int, stop_ids: list[int]):
+        super().__init__(rows)
+        self.state = state
+        self.max_length = state.capacity(max_length)
+        self.cache = state.new_cache(rows, self.max_length)
+        self.stop_ids = set(stop_ids)
+        self._cross: dict | None = None  # the cross K/V of rows 0..n-1 stacked, rebuilt when rows change
+
     def add(self, cross: dict, prompt: list[int], params: SamplingParams, stats: GenerationStats | None = None) -> int:
         """Prefill `prompt` in a free row; returns the row (slot). The first token is sampled at the next step."""
         if not prompt:
             raise LocpathError("an empty prompt cannot be decoded")
-        slot = next((i for i, r in enumerate(self.rows) if r is None), None)
-        if slot is None:
-            raise LocpathError(f"the decoding batch is full ({len(self.rows)} rows)")
+        slot = self._free_slot()
         stats = stats if stats is not None else GenerationStats()
         cross = self.state.prepare_cross(cross)
         t0 = time.perf_counter()
@@ -158,28 +169,16 @@ class BatchGenerator:
         return out
 
 
-class InterleavedGenerator:
+class InterleavedGenerator(_Rows):
     """The same interface over per-answer Generators, for decoder graphs that cannot run rows alone: each step
     advances every answer by one token, one after another."""
 
     def __init__(self, state: DecoderState, rows: int, max_length: int, stop_ids: list[int]):
-        if rows < 1:
-            raise LocpathError(f"a decoding batch needs at least 1 row, got {rows}")
+        super().__init__(rows)
         self.state, self.max_length, self.stop_ids = state, max_length, stop_ids
-        self.rows: list[Generator | None] = [None] * rows
-
-    @property
-    def free(self) -> int:
-        return sum(r is None for r in self.rows)
-
-    @property
-    def active(self) -> bool:
-        return any(r is not None for r in self.rows)
 
     def add(self, cross: dict, prompt: list[int], params: SamplingParams, stats: GenerationStats | None = None) -> int:
-        slot = next((i for i, r in enumerate(self.rows) if r is None), None)
-        if slot is None:
-            raise LocpathError(f"the decoding batch is full ({len(self.rows)} rows)")
+        slot = self._free_slot()
         gen = Generator(self.state, cross, params, self.max_length, self.stop_ids, stats)
         gen.append_tokens(list(prompt))
         gen.stream = gen.tokens()

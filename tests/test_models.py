@@ -264,15 +264,39 @@ def _stm_oracle(feats, grid, window, threshold):
     return assignment
 
 
-@pytest.mark.parametrize("window,threshold,seed", [(2, 0.9, 0), (2, 0.97, 1), (3, 0.8, 2), (1, 0.9, 3)])
-def test_stm_vectorised_equals_the_greedy_loop(window, threshold, seed):
+@pytest.mark.parametrize("window,threshold,seed,chunk", [(2, 0.9, 0, 1 << 16), (2, 0.97, 1, 1), (3, 0.8, 2, 100),
+                                                         (1, 0.9, 3, 1 << 16), (4, 0.9, 4, 300)])
+def test_stm_vectorised_equals_the_greedy_loop(window, threshold, seed, chunk):
     rng = np.random.default_rng(seed)
     n = 500
     grid = rng.permutation(np.array([[c, r] for r in range(30) for c in range(30)]))[:n]
     base = rng.normal(size=(4, 16))
     feats = (base[rng.integers(0, 4, n)] + rng.normal(scale=0.3, size=(n, 16))).astype(np.float32)
-    m = merge_tokens(feats, grid, window=window, threshold=threshold)
+    m = merge_tokens(feats, grid, window=window, threshold=threshold, chunk_elements=chunk)
     want = _stm_oracle(feats, grid, window, threshold) if window > 1 else np.arange(n)
     np.testing.assert_array_equal(m.assignment, want)
     for t in range(len(m)):
         np.testing.assert_allclose(m.features[t], feats[m.assignment == t].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_stm_memory_is_its_output_plus_one_chunk():
+    """A 100k-tile slide of a 1024-wide encoder holds 400 MB of features: merging must not copy them (it once held
+    the normalised features, their block gather and a float64 sum, ~4x the input). Counted by tracemalloc, which
+    sees numpy's allocations: the peak may exceed the merged output by the per-tile integer arrays and one chunk."""
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    n, d = 20_000, 256
+    side = int(np.ceil(np.sqrt(n)))
+    grid = np.array([[c, r] for r in range(side) for c in range(side)])[:n]
+    feats = rng.normal(size=(n, d)).astype(np.float32)
+    feats[1::2] = feats[::2]  # pairs of duplicates: about half the tiles merge
+    tracemalloc.start()
+    try:
+        m = merge_tokens(feats, grid, window=2, threshold=0.97)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    out = m.features.nbytes + m.positions.nbytes + m.counts.nbytes + m.assignment.nbytes
+    assert len(m) < 0.6 * n
+    assert peak < out + 80 * n + 4 * 2**20, (peak, out, feats.nbytes)

@@ -26,8 +26,15 @@ class MergedTokens:
         return len(self.features)
 
 
+CHUNK_ELEMENTS = 1 << 16  # block members x feature width handled at once: bounds the temporaries (~1 MB of
+# float32 and float64), whatever the slide's tile count and the encoder's width
+
+
 def merge_tokens(features: np.ndarray, grid_index: np.ndarray, window: int = 2, threshold: float = 0.95,
-                 enabled: bool = True) -> MergedTokens:
+                 enabled: bool = True, chunk_elements: int = CHUNK_ELEMENTS) -> MergedTokens:
+    """Merge `features` (N, D) on the tile grid `grid_index` (N, 2). Blocks are handled a chunk at a time, so the
+    memory beside the output is a few integer arrays of length N and one chunk's temporaries (a 100k-tile slide
+    of a 1024-wide encoder would otherwise hold several copies of its 400 MB of features)."""
     feats = np.asarray(features, dtype=np.float32)
     grid = np.asarray(grid_index, dtype=np.int64)
     n = len(feats)
@@ -38,32 +45,38 @@ def merge_tokens(features: np.ndarray, grid_index: np.ndarray, window: int = 2, 
     if not enabled or window <= 1:
         return MergedTokens(feats.copy(), grid.astype(np.float32), np.ones(n, np.float32), np.arange(n))
 
-    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     block = grid // window
     order = np.lexsort((np.arange(n), block[:, 0], block[:, 1]))  # row-major blocks, stable inside
     sb = block[order]
+    del block
     starts = np.flatnonzero(np.r_[True, np.any(sb[1:] != sb[:-1], axis=1)])
+    del sb
     sizes = np.diff(np.r_[starts, n])
 
     # slots[b, k]: the k-th member (input order) of block b, -1 where the block has fewer members
     k_max = int(sizes.max())
-    slot_of = np.arange(n) - np.repeat(starts, sizes)
-    block_of = np.repeat(np.arange(len(starts)), sizes)
     slots = np.full((len(starts), k_max), -1, np.int64)
-    slots[block_of, slot_of] = order
+    slots[np.repeat(np.arange(len(starts)), sizes), np.arange(n) - np.repeat(starts, sizes)] = order
+    del order
     valid = slots >= 0
-    u = unit[np.where(valid, slots, 0)] * valid[..., None]
-    sim = np.einsum("bkd,bjd->bkj", u, u)  # within-block cosine similarities
+    step = max(1, chunk_elements // (k_max * max(1, feats.shape[1])))
+    chunks = [slice(a, min(a + step, len(starts))) for a in range(0, len(starts), step)]
 
-    # the greedy pass, vectorised over blocks: member k joins the first earlier founder it matches
+    # the greedy pass, vectorised over the blocks of a chunk: member k joins the first earlier founder it matches
     founder = np.zeros_like(valid)
     joins = np.zeros(slots.shape, np.int64)  # slot of the founder each member belongs to
-    for k in range(k_max):
-        match = (sim[:, k, :k] >= threshold) & founder[:, :k]
-        has = match.any(axis=1)
-        first = np.argmax(match, axis=1) if k else np.zeros(len(starts), np.int64)
-        founder[:, k] = valid[:, k] & ~has
-        joins[:, k] = np.where(has, first, k)
+    for c in chunks:
+        s, v = slots[c], valid[c]
+        u = feats[np.where(v, s, 0)]
+        u /= np.maximum(np.linalg.norm(u, axis=2, keepdims=True), 1e-12)
+        u *= v[..., None]
+        sim = np.einsum("bkd,bjd->bkj", u, u)  # within-block cosine similarities
+        for k in range(k_max):
+            match = (sim[:, k, :k] >= threshold) & founder[c, :k]
+            has = match.any(axis=1)
+            first = np.argmax(match, axis=1) if k else np.zeros(len(s), np.int64)
+            founder[c, k] = v[:, k] & ~has
+            joins[c, k] = np.where(has, first, k)
 
     # output ids: founders in block order, then slot order (as the token order the model was trained with)
     fid = np.cumsum(founder.ravel()).reshape(founder.shape) - 1
@@ -71,15 +84,26 @@ def merge_tokens(features: np.ndarray, grid_index: np.ndarray, window: int = 2, 
     assignment = np.empty(n, np.int64)
     rows = np.nonzero(valid)
     assignment[slots[rows]] = fid[rows[0], joins[rows]]
-
+    del rows, fid, joins, founder
     counts = np.bincount(assignment, minlength=n_out).astype(np.float32)
-    out_feats = np.zeros((n_out, feats.shape[1]), np.float64)
-    out_pos = np.zeros((n_out, 2), np.float64)
-    for k in range(k_max):  # one member per block per slot: no repeated target inside one update
-        members = slots[valid[:, k], k]
-        target = assignment[members]
-        out_feats[target] += feats[members]
-        out_pos[target] += grid[members]
-    out_feats /= counts[:, None]
-    out_pos /= counts[:, None]
-    return MergedTokens(out_feats.astype(np.float32), out_pos.astype(np.float32), counts, assignment)
+
+    # the mean of each token's members, summed in float64 in slot order; a chunk's tokens are one id range
+    out_feats = np.empty((n_out, feats.shape[1]), np.float32)
+    out_pos = np.empty((n_out, 2), np.float32)
+    for c in chunks:
+        s, v = slots[c], valid[c]
+        first_member = s[:, 0]  # slot 0 of every block is a member, and founds the block's first token
+        lo = int(assignment[first_member[0]])
+        hi = int(assignment[s[-1][v[-1]]].max()) + 1
+        acc = np.zeros((hi - lo, feats.shape[1]), np.float64)
+        pos = np.zeros((hi - lo, 2), np.float64)
+        for k in range(k_max):  # one member per block per slot: no repeated target inside one update
+            members = s[v[:, k], k]
+            target = assignment[members] - lo
+            acc[target] += feats[members]
+            pos[target] += grid[members]
+        acc /= counts[lo:hi, None]
+        pos /= counts[lo:hi, None]
+        out_feats[lo:hi] = acc
+        out_pos[lo:hi] = pos
+    return MergedTokens(out_feats, out_pos, counts, assignment)

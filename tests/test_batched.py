@@ -251,6 +251,19 @@ def test_bench_batched_reports_each_graph(ref_bundle, tmp_path):
     assert res["prompt_tokens"] == [64, 40, 56, 24]
 
 
+def test_bench_target_takes_the_fastest_graph_the_runtime_batches():
+    """A graph failing the exactness probe answers interleaved: its batch-4 speed is not what a deployment gets, so
+    the target's graph is the fastest batched one, and the fastest of all only when none batches."""
+    from locpath.bench.batched import best_batched
+
+    def g(tps, batches):
+        return {"batch_1": {"tokens_per_s": 50.0}, "batch_4": {"tokens_per_s": tps, "runtime_batches": batches}}
+
+    assert best_batched({"b32": g(150.0, True), "b128": g(200.0, False), "off": {"skipped": "not built"}}) == "b32"
+    assert best_batched({"b32": g(150.0, False), "b128": g(200.0, False)}) == "b128"
+    assert best_batched({"off": {"skipped": "not built"}}) is None
+
+
 def test_batching_only_where_batched_steps_are_exact(ref_bundle, int4_bundle):
     """The runtime batches a fused graph only when a batched step gives every row its one-row logits bit for bit
     (probed once); a graph whose multi-row kernel differs in the last bits gets interleaved answers instead."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from locpath.cli import main
+from locpath.bundle import names
 from locpath.bundle.engine_config import EngineConfig, EngineMismatchError, check_engine_config
 from locpath.bundle.integrity import verify_bundle as load_manifest
 from locpath.runtime.pipeline import Pipeline
@@ -38,6 +39,7 @@ def test_calibration_set_is_keyed_and_cached(ref_bundle, eval_slide, calibration
 
 def test_int8_bundle_records_what_was_done_and_keeps_answers(ref_bundle, int8_bundle, eval_slide, calibration):
     m = load_manifest(int8_bundle)
+    assert set(names.RESAMPLER_CHUNKS) <= set(m.components)  # the resampler stays fp32 ORT: so do its chunk graphs
     enc, dec = m.components["tile_encoder"], m.components["decoder"]
     assert (enc.precision, dec.precision) == ("int8-dynamic", "int4")
     assert enc.parent_sha256 == load_manifest(ref_bundle).components["tile_encoder"].sha256
@@ -168,6 +170,7 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     m = load_manifest(ov)
     assert m.components["tile_encoder"].backend == "openvino" and m.components["tile_encoder"].precision == "bf16"
     assert m.components["decoder"].precision == "int4" and m.components["decoder"].backend == "onnxruntime"
+    assert not set(names.RESAMPLER_CHUNKS) & set(m.components)  # their fp32 ORT twin of the resampler is dropped
     fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
     pipe = Pipeline.from_bundle(ov, use_cache=False)
     a, b = fp32.encode_tiles(calibration.tiles()), pipe.encode_tiles(calibration.tiles())

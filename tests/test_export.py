@@ -7,6 +7,7 @@ import torch
 from conftest import reseal
 
 from locpath.cli import main
+from locpath.bundle import names
 from locpath.bundle.integrity import verify_bundle as load_manifest
 from locpath.bundle.manifest import SCHEMA_VERSION, BundleError
 from locpath.export.configs import export_configs
@@ -16,7 +17,8 @@ from locpath.export.exporter import ValidationError, export_component, validate_
 def test_manifest_records_every_component(ref_bundle):
     m = load_manifest(ref_bundle)
     assert m.schema_version == SCHEMA_VERSION
-    assert set(m.components) == {"tile_encoder", "resampler", "tis", "cross_kv", "decoder", "decoder_fused"}
+    assert set(m.components) == {"tile_encoder", "resampler", *names.RESAMPLER_CHUNKS, "tis", "cross_kv", "decoder",
+                                 "decoder_fused"}
     enc = m.components["tile_encoder"]
     assert enc.inputs[0].name == "tiles" and enc.inputs[0].dtype == "uint8" and enc.inputs[0].shape == ["batch", 224, 224, 3]
     dec = m.components["decoder"]

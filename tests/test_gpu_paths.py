@@ -35,6 +35,7 @@ def test_fp16_bundle_keeps_a_float16_fused_decoder_and_fp32_norm_statistics(fp16
     import onnx
 
     m = verify_bundle(fp16_bundle)
+    assert not {"resampler_partial", "resampler_weights", "resampler_finish"} & set(m.components)  # fp16 resampler
     fused = m.components["decoder_fused"]
     assert fused.precision == "fp16-fused" and m.decoder_contract("decoder_fused").kv_dtype == "float16"
     assert [s.dtype for s in fused.inputs if s.name.startswith("past_")] == ["float16"] * 8

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from locpath.bundle import names
 from locpath.errors import CheckpointError
 
 QUESTION = "What is the diagnosis?"
@@ -293,5 +294,5 @@ def test_export_cli_streams_the_decoder_on_request(tmp_path, shipped_reference):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     m = verify_bundle(tmp_path / "b")
-    assert set(m.components) == {"tile_encoder", "resampler", "tis", "cross_kv", "decoder_fused"}
+    assert set(m.components) == {"tile_encoder", "resampler", *names.RESAMPLER_CHUNKS, "tis", "cross_kv", "decoder_fused"}
     assert m.components["decoder_fused"].precision == "int4"

@@ -347,6 +347,11 @@ class Manifest:
         if names.DECODER_FUSED_PREFILL in components and names.DECODER_FUSED not in components:
             raise BundleError(f"{where}: components hold {names.DECODER_FUSED_PREFILL} without {names.DECODER_FUSED} "
                               "(the prefill graph fills the fused decoder's K/V cache)")
+        chunked = [n for n in names.RESAMPLER_CHUNKS if n in components]
+        if chunked and len(chunked) != len(names.RESAMPLER_CHUNKS):
+            raise BundleError(f"{where}: components hold {chunked[0]} without "
+                              f"{', '.join(n for n in names.RESAMPLER_CHUNKS if n not in chunked)} (the chunked "
+                              "resampler needs all three graphs)")
         files = {}
         for name, e in f.mapping("files").items():
             fe = _Fields(e, where, f"files.{name}", ("sha256", "bytes"))

@@ -87,6 +87,8 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
                 _quantize(edit, comp, how, calibration, machine, log, int4_block_size)
         if prefill != "none" and fused_fp32 and recipe.get(FUSED) == "int4-fused":
             _add_prefill(edit, *fused_fp32, prefill, machine, log, int4_block_size)
+        if "resampler" in recipe:
+            edit.drop_resampler_chunks(f"the resampler is {recipe['resampler']} in this build")
         edit.finish(precision, "onnxruntime", **extra)
     log(f"build: {out} ({precision}) in {time.time() - edit.t_start:.1f} s")
     return out
@@ -194,6 +196,7 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
     machine = describe_machine("openvino", "cpu")
     with atomic_dir(out) as tmp:
         edit = BundleEdit(src, tmp, manifest, log)
+        edit.drop_resampler_chunks("the resampler runs on OpenVINO in this build")
         for comp in OPENVINO_COMPONENTS:
             t0 = time.time()
             data_files: list[str] = []

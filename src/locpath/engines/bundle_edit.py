@@ -59,6 +59,12 @@ class BundleEdit:
             self.manifest.drop_file(name)
         self.log(f"build: {comp} dropped ({why})")
 
+    def drop_resampler_chunks(self, why: str) -> None:
+        """The chunked resampler graphs are the fp32 ONNX Runtime twin of the resampler: a build that moves the
+        resampler to another precision or runtime drops them, so small and large slides run the same resampler."""
+        for comp in names.RESAMPLER_CHUNKS:
+            self.drop(comp, why)
+
     def drop_fused(self) -> None:
         self.drop(names.DECODER_FUSED, "an ONNX Runtime CPU graph; this build runs the plain decoder")
 

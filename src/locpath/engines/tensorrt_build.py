@@ -79,8 +79,9 @@ def build_tensorrt_bundle(src: Path, out: Path, manifest, precision: str, log=pr
     with atomic_dir(out) as tmp:
         edit = BundleEdit(src, tmp, manifest, log)
         edit.drop_fused()  # GroupQueryAttention is an ONNX Runtime contrib op: TensorRT runs the plain graph
+        edit.drop_resampler_chunks("the resampler runs on TensorRT in this build")
         timing_cache = timing_cache_path(machine)
-        for comp, entry in list(manifest.components.items()):
+        for comp, entry in list(edit.manifest.components.items()):
             onnx_in = edit.source(comp)
             if precision == "fp16":
                 onnx_in = tmp / f"{comp}.fp16.onnx"

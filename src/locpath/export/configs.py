@@ -14,6 +14,7 @@ from torch import nn
 
 from ..bundle import names
 from ..bundle.decoder_io import DecoderContract, TensorDecl
+from ..models.resampler import ResamplerChunks
 from ..models.slide_llm import LocPathModel
 
 DTYPES = {"uint8": torch.uint8, "float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
@@ -137,6 +138,91 @@ def resampler_config(model: LocPathModel) -> ExportConfig:
         description="STM tokens (grid positions, member counts) -> L latents, and each latent's cross-attention over "
                     "the tokens (mean over heads and blocks: the evidence trail back to tiles)",
     )
+
+
+# -- the resampler a chunk of tokens at a time ------------------------------------------------------------
+class _ResamplerPartial(nn.Module):
+    def __init__(self, m: LocPathModel):
+        super().__init__()
+        self.c = ResamplerChunks(m.resampler)
+
+    def forward(self, latents, block, tokens, positions, counts, token_mask):
+        return self.c.partial(latents, block, tokens, positions, counts, token_mask)
+
+
+class _ResamplerWeights(_ResamplerPartial):
+    def forward(self, latents, block, tokens, positions, counts, token_mask, m_ref, s_ref):
+        return self.c.weights(latents, block, tokens, positions, counts, token_mask, m_ref, s_ref)
+
+
+class _ResamplerFinish(_ResamplerPartial):
+    def forward(self, latents, block, attended):
+        return self.c.finish(latents, block, attended)
+
+
+class ResamplerChunkExport(ResamplerExport):
+    def __init__(self, module_cls: type, **kw):
+        super().__init__(**kw)
+        self.module_cls = module_cls
+
+    def module(self, model):
+        return self.module_cls(model)
+
+    def make_input(self, model, spec, shape, dims, g):
+        if spec.name == "block":
+            return torch.randint(0, model.cfg.resampler.depth, shape, generator=g)
+        return super().make_input(model, spec, shape, dims, g)
+
+    def dummy_inputs(self, model, dims, seed=0):
+        """As the runtime feeds them: the weights graph's m_ref/s_ref are the chunk's own (m, s) from the partial
+        graph, so `weights` are softmax probabilities (random references would overflow, and check nothing)."""
+        inputs = super().dummy_inputs(model, dims, seed)
+        if "m_ref" in inputs:
+            keys = ("latents", "block", "tokens", "positions", "counts", "token_mask")
+            with torch.no_grad():
+                m, s, _ = ResamplerChunks(model.resampler).partial(*[inputs[k] for k in keys])
+            inputs["m_ref"], inputs["s_ref"] = m, s
+        return inputs
+
+
+def resampler_chunk_configs(model: LocPathModel) -> list[ExportConfig]:
+    """The three graphs of the chunked resampler (models.resampler.ResamplerChunks; run by
+    runtime/resampler_chunks.py)."""
+    cfg = model.cfg
+    r = cfg.resampler
+    lat = TensorSpec("latents", "float32", ("batch", r.num_latents, r.dim))
+    chunk = [lat, TensorSpec("block", "int64", (1,)),
+             TensorSpec("tokens", "float32", ("batch", "tokens", cfg.feature_dim)),
+             TensorSpec("positions", "float32", ("batch", "tokens", 2)),
+             TensorSpec("counts", "float32", ("batch", "tokens")),
+             TensorSpec("token_mask", "bool", ("batch", "tokens"))]
+    per_head = ("batch", r.num_heads, r.num_latents)
+    attended = ("batch", r.num_heads, r.num_latents, r.dim // r.num_heads)
+    checks = [{"batch": 1, "tokens": 5}, {"batch": 1, "tokens": 300}, {"batch": 2, "tokens": 40}]
+    partial = ResamplerChunkExport(
+        _ResamplerPartial, component=names.RESAMPLER_PARTIAL, inputs=chunk,
+        outputs=[TensorSpec("m", "float32", per_head), TensorSpec("s", "float32", per_head),
+                 TensorSpec("o", "float32", attended)],
+        sample_dims={"batch": 2, "tokens": 17}, check_dims=checks,
+        atol=1e-3,  # `s` sums up to 300 exps (~3e2 for random tokens): 1e-3 is ~3e-6 relative
+        description="one block's cross-attention over a chunk of STM tokens, for the online softmax: per head and "
+                    "latent the max logit, the sum of exp and the chunk's own attention output")
+    weights = ResamplerChunkExport(
+        _ResamplerWeights, component=names.RESAMPLER_WEIGHTS,
+        inputs=chunk + [TensorSpec("m_ref", "float32", per_head), TensorSpec("s_ref", "float32", per_head)],
+        outputs=[TensorSpec("weights", "float32", ("batch", r.num_latents, "tokens"))],
+        sample_dims={"batch": 2, "tokens": 17}, check_dims=checks,
+        description="one block's attention probabilities over a chunk (mean over heads), given the whole slide's "
+                    "max logit and sum of exp")
+    finish = ResamplerChunkExport(
+        _ResamplerFinish, component=names.RESAMPLER_FINISH,
+        inputs=[lat, TensorSpec("block", "int64", (1,)), TensorSpec("attended", "float32", attended)],
+        outputs=[TensorSpec("latents_out", "float32", lat.shape), TensorSpec("latents_normed", "float32", lat.shape),
+                 TensorSpec("initial_latents", "float32", lat.shape)],
+        sample_dims={"batch": 2}, check_dims=[{"batch": 1}, {"batch": 3}],
+        description="the rest of a resampler block from its merged cross-attention output; the final norm; and the "
+                    "learned latents block 0 starts from")
+    return [partial, weights, finish]
 
 
 # -- TIS --------------------------------------------------------------------------
@@ -289,6 +375,11 @@ def decoder_config(model: LocPathModel) -> ExportConfig:
     )
 
 
+def vision_configs(model: LocPathModel) -> list[ExportConfig]:
+    """Every graph before the decoder (what a streamed bundle exports from its skeleton too)."""
+    return [tile_encoder_config(model), resampler_config(model), *resampler_chunk_configs(model), tis_config(model),
+            cross_kv_config(model)]
+
+
 def export_configs(model: LocPathModel) -> list[ExportConfig]:
-    return [tile_encoder_config(model), resampler_config(model), tis_config(model), cross_kv_config(model),
-            decoder_config(model)]
+    return [*vision_configs(model), decoder_config(model)]

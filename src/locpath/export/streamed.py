@@ -29,7 +29,7 @@ from ..fsutil import atomic_dir
 from ..runtime.pipeline import peak_rss_mb
 from ..text import CHAT_TEMPLATE
 from .bundle import CHAT_TEMPLATE_FILE, export_graph, write_bundle_manifest
-from .configs import cross_kv_config, resampler_config, tile_encoder_config, tis_config
+from .configs import vision_configs
 
 
 def skeleton_model(cfg: ModelConfig, hf: HFFolder):
@@ -161,7 +161,7 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
     report: dict = {"components": {}}
     with atomic_dir(out) as tmp:
         components: dict[str, ComponentEntry] = {}
-        for ec in (tile_encoder_config(model), resampler_config(model), tis_config(model), cross_kv_config(model)):
+        for ec in vision_configs(model):
             components[ec.component], rep = export_graph(ec, model, tmp, validate, max_length, log)
             report["components"][ec.component] = {"seconds": round(rep.seconds, 1), "max_abs_diff": rep.max_abs_diff}
         name = f"{names.DECODER_FUSED}.onnx" if quant == "fp32" else f"{names.DECODER_FUSED}.{quant}.onnx"

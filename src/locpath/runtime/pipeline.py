@@ -51,6 +51,7 @@ from .evidence import Evidence, tile_weights
 from .generator import GenerationStats, Generator
 from .machine import describe_machine
 from .prompt import ChatTemplate
+from .resampler_chunks import RESAMPLER_CHUNK, ChunkedResampler
 from .runner import Runner
 from .sampler import SamplingParams
 from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
@@ -194,11 +195,14 @@ class Pipeline:
     def __init__(self, bundle_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
                  threads: int | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                  tile_batch: int = 32, reader_workers: int = 2, decoder: str = "auto", decoder_spin: bool = True,
-                 memory_slides: int = 8, max_batch: int = 8, prefill_graph: bool = True):
+                 memory_slides: int = 8, max_batch: int = 8, prefill_graph: bool = True,
+                 resampler_chunk: int = RESAMPLER_CHUNK):
         """`manifest` must come from `verify_bundle` (as `from_bundle` does); `memory_slides` bounds the slides
         whose latents stay in memory (least recently used go first; the disk cache keeps the rest); `max_batch`:
         the most answers decoded as one batch; `prefill_graph`: run prompts on the bundle's decoder_fused_prefill
-        graph when it has one (False: the decoder graph runs both phases)."""
+        graph when it has one (False: the decoder graph runs both phases); `resampler_chunk`: a slide with more STM
+        tokens than this runs the bundle's chunked resampler graphs when it has them, so the resampler's memory
+        follows the chunk rather than the slide (0: always the one-graph resampler)."""
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.cfg = manifest.model_config
@@ -221,6 +225,13 @@ class Pipeline:
         self.decoder_state: DecoderState = decoder_state(self.runners[self.decoder_component],
                                                          manifest.decoder_contract(self.decoder_component),
                                                          self.runners.get(names.DECODER_FUSED_PREFILL))
+        if isinstance(resampler_chunk, bool) or not isinstance(resampler_chunk, int) or resampler_chunk < 0:
+            raise ConfigError(f"resampler_chunk must be a non-negative integer, got {resampler_chunk!r}")
+        self.chunked_resampler = None
+        if resampler_chunk and all(n in self.runners for n in names.RESAMPLER_CHUNKS):
+            r = self.cfg.resampler
+            self.chunked_resampler = ChunkedResampler(*(self.runners[n] for n in names.RESAMPLER_CHUNKS), r.depth,
+                                                      r.num_heads, r.num_latents, r.dim, resampler_chunk)
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.max_batch = max_batch
@@ -300,14 +311,19 @@ class Pipeline:
                               stm["enabled"] and ff.spatial)
         timings["stm"] = _ms(t0)
         t0 = time.perf_counter()
-        out = self.runners[names.RESAMPLER].run({
-            "tokens": merged.features[None].astype(np.float32),
-            "positions": merged.positions[None].astype(np.float32),
-            "counts": merged.counts[None].astype(np.float32),
-            "token_mask": np.ones((1, len(merged)), bool),
-        }, ["latents", "attention"])
+        chunked = self.chunked_resampler
+        if chunked is not None and len(merged) > chunked.chunk:
+            latents, attention = chunked.run(merged.features, merged.positions, merged.counts)
+        else:
+            out = self.runners[names.RESAMPLER].run({
+                "tokens": merged.features[None].astype(np.float32, copy=False),
+                "positions": merged.positions[None].astype(np.float32, copy=False),
+                "counts": merged.counts[None].astype(np.float32, copy=False),
+                "token_mask": np.ones((1, len(merged)), bool),
+            }, ["latents", "attention"])
+            latents, attention = out["latents"], out["attention"]
         timings["resampler"] = _ms(t0)
-        return Compressed(out["latents"], out["attention"][0], merged.assignment.astype(np.int64))
+        return Compressed(latents, attention[0], merged.assignment.astype(np.int64, copy=False))
 
     def _context(self, source: str, ff: FeatureFile, comp: Compressed, cache_hit: bool, tiles_read: int,
                  timings: dict) -> SlideContext:

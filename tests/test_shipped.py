@@ -27,7 +27,8 @@ def test_shipped_bundle_is_an_export_of_the_shipped_checkpoint(ref_bundle, eval_
     m = verify_bundle(shipped_bundle())
     assert m.source["weights_sha256"] == sha256_file(shipped_checkpoint("reference") / "model.safetensors"), \
         "the shipped checkpoint changed: re-export src/locpath/checkpoints/bundles/reference"
-    assert set(m.components) == {"tile_encoder", "resampler", "tis", "cross_kv", "decoder", "decoder_fused"}
+    assert set(m.components) == {"tile_encoder", "resampler", "resampler_partial", "resampler_weights",
+                                 "resampler_finish", "tis", "cross_kv", "decoder", "decoder_fused"}
     shipped = Pipeline.from_bundle(shipped_bundle(), use_cache=False)
     fresh = Pipeline.from_bundle(ref_bundle, use_cache=False)
     for q in ("What is the diagnosis?", "Is necrosis present?", "Which organ is this?", "What is the tumor grade?"):

@@ -12,7 +12,7 @@ from locpath.config import ModelConfig, TileEncoderConfig, preset
 from locpath.encoders import ENCODERS, encoder_spec
 from locpath.errors import CheckpointError, ConfigError
 from locpath.models.encoders import (ConchVisionTower, TimmTileEncoder, build_tile_encoder, encoder_config,
-                                     load_encoder_weights, tile_target_mpp)
+                                     load_encoder_weights, random_state_dict, tile_target_mpp)
 
 DEPTH = 1
 N_TILES = 5
@@ -56,26 +56,6 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # -- random weights in the real layouts ---------------------------------------------
-def randomised(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """timm's init leaves LayerNorms at 1/0, layer scale at 1e-5 and CLS/registers near 0, which would hide the
-    blocks from the check: draw every tensor instead."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if k.endswith("gamma"):
-            out[k] = 0.5 + 0.5 * r.abs()
-        elif v.ndim == 1 and k.endswith("weight"):  # norms
-            out[k] = 1.0 + 0.1 * r
-        elif k.endswith("bias"):
-            out[k] = 0.02 * r
-        elif k.endswith(("cls_token", "reg_token", "pos_embed", "query")):
-            out[k] = 0.5 * r
-        else:  # matrices and the patch projection: fan-in scaled
-            out[k] = r / np.sqrt(max(1, v[0].numel()))
-    return out
-
-
 def conch_extras(g: torch.Generator) -> dict[str, torch.Tensor]:
     """The rest of CONCH v1's released checkpoint (coca_model.py, conch_ViT-B-16.json): the caption pooler (256
     queries at 768), the contrastive projection, and a sample of the text tower's and decoder's keys at their real
@@ -105,7 +85,7 @@ def release_file(name: str, tmp_path, seed: int = 0):
     """(path, model-key state dict) of a random checkpoint written as the release ships it."""
     torch.manual_seed(seed)
     src = build_tile_encoder(encoder_config(name, depth=DEPTH))
-    sd = randomised(src, seed)
+    sd = random_state_dict(src, seed)
     if name == "conch_v1":
         layout = {f"visual.{k}": v for k, v in sd.items()}
         layout.update(conch_extras(torch.Generator().manual_seed(seed + 1)))
@@ -164,7 +144,7 @@ def test_timm_builds_the_registered_poolings():
 
     c = build_tile_encoder(encoder_config("conch_v1", depth=1)).eval()
     assert isinstance(c, ConchVisionTower)
-    c.load_state_dict(randomised(c, 3))
+    c.load_state_dict(random_state_dict(c, 3))
     tokens = torch.randn(3, 20, 768)
     p = c.attn_pool_contrast
     with torch.no_grad():

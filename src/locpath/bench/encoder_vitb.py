@@ -76,38 +76,17 @@ def _cos(a: np.ndarray, b: np.ndarray, held: np.ndarray) -> dict:
             "cosine_min_calibration": float(c[~held].min()), "cosine_min_held_out": float(c[held].min())}
 
 
-def _drawn_weights(enc, seed: int = 1) -> None:
-    """Every tensor drawn (as tests/test_encoders.py does), so each block changes the features."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, v in enc.state_dict().items():
-        r = torch.randn(v.shape, generator=g)
-        if k.endswith("gamma"):
-            sd[k] = 0.5 + 0.5 * r.abs()
-        elif v.ndim == 1 and k.endswith("weight"):
-            sd[k] = 1.0 + 0.1 * r
-        elif k.endswith("bias"):
-            sd[k] = 0.02 * r
-        elif k.endswith(("cls_token", "pos_embed", "reg_token")):
-            sd[k] = 0.5 * r
-        else:
-            sd[k] = r / np.sqrt(max(1, v[0].numel()))
-    enc.load_state_dict(sd)
-
-
 def _build_encoder(shape: EncoderShape):
     import torch
 
     from ..config import TileEncoderConfig
-    from ..models.encoders import build_tile_encoder, encoder_config
+    from ..models.encoders import build_tile_encoder, encoder_config, random_state_dict
 
     torch.manual_seed(0)
     cfg = encoder_config(shape.registered) if shape.registered else TileEncoderConfig(out_dim=512, name="vit-b16-random")
     enc = build_tile_encoder(cfg).eval()
     if shape.registered:
-        _drawn_weights(enc)
+        enc.load_state_dict(random_state_dict(enc, 1))
     return cfg, enc
 
 

@@ -24,6 +24,7 @@ that does not match, naming the file and the keys.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -302,3 +303,24 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> dict:
             sd[k] = v.to(own[k].dtype)
     model.load_state_dict(sd, strict=True)
     return {"file": str(p), "loaded": len(sd), "ignored": ignored, "cast_from": sorted(cast)}
+
+
+def random_state_dict(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in a model's own layout for tests and benches (nothing is downloaded). timm's init leaves
+    LayerNorms at 1/0, layer scale at 1e-5 and CLS/registers near 0, which would hide the blocks from a check:
+    every tensor is drawn instead, matrices fan-in scaled."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.state_dict().items():
+        r = torch.randn(v.shape, generator=g)
+        if k.endswith("gamma"):
+            out[k] = 0.5 + 0.5 * r.abs()
+        elif v.ndim == 1 and k.endswith("weight"):  # norms
+            out[k] = 1.0 + 0.1 * r
+        elif k.endswith("bias"):
+            out[k] = 0.02 * r
+        elif k.endswith(("cls_token", "reg_token", "pos_embed", "query")):
+            out[k] = 0.5 * r
+        else:  # matrices and the patch projection
+            out[k] = r / math.sqrt(max(1, v[0].numel()))
+    return out

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"  # shipped with the tests (see data/README.md)
 REAL_SVS = DATA / "cmu_small_region.svs"
 
 

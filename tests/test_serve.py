@@ -17,78 +17,9 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from servers import Server, free_port, register, wait_ready  # noqa: E402
+
 Q = "What is the diagnosis?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, bundle: Path, work: Path, *extra, env: dict | None = None):
-        self.bundle, self.work, self.extra, self.env = bundle, work, list(map(str, extra)), env or {}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def cmd(self) -> list[str]:
-        return [sys.executable, "-m", "locpath.cli", "serve", str(self.bundle), "--port", str(self.port),
-                "--data-dir", str(self.work / "data"), "--cache-dir", str(self.work / "cache"), *self.extra]
-
-    def start(self, wait: bool = True) -> "Server":
-        self.log = open(self.work / f"serve-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(self.cmd(), stdout=self.log, stderr=self.log, env=dict(os.environ, **self.env))
-        if wait:
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"server exited: {(self.work / f'serve-{self.port}.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                        return self
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
-            raise AssertionError("server did not become ready")
-        return self
-
-    def __enter__(self) -> "Server":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self, sig=signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-    def client(self, key: str | None = None) -> "httpx.Client":
-        return httpx.Client(base_url=self.url, timeout=60,
-                            headers={"Authorization": f"Bearer {key}"} if key else {})
-
-
-def wait_ready(c, slide_id: str, timeout: float = 120) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        s = c.get(f"/v1/slides/{slide_id}").json()
-        if s["status"] in ("ready", "failed"):
-            return s
-        time.sleep(0.2)
-    raise AssertionError(f"slide {slide_id} not ready: {s}")
-
-
-def register(c, path) -> dict:
-    r = c.post("/v1/slides", json={"path": str(path)})
-    assert r.status_code == 202, r.text
-    return wait_ready(c, r.json()["slide"]["id"])
 
 
 def sse(text: str) -> list[tuple[str, str]]:

@@ -1,0 +1,106 @@
+"""Shared helpers for tests that run `locpath serve` as its users meet it: a real uvicorn process on a loopback
+port, driven with real HTTP clients. `shipped()` is the reference bundle shipped in the package (no torch export)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def shipped() -> Path:
+    from locpath.checkpoints import shipped_bundle
+
+    return shipped_bundle("reference")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """`locpath ARGS` in its own process (text output captured)."""
+    return subprocess.run([sys.executable, "-m", "locpath.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+class Server:
+    def __init__(self, bundle: Path, work: Path, *extra, env: dict | None = None):
+        self.bundle, self.work, self.extra, self.env = bundle, work, list(map(str, extra)), env or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def cmd(self) -> list[str]:
+        return [sys.executable, "-m", "locpath.cli", "serve", str(self.bundle), "--port", str(self.port),
+                "--data-dir", str(self.work / "data"), "--cache-dir", str(self.work / "cache"), *self.extra]
+
+    @property
+    def log_path(self) -> Path:
+        return self.work / f"serve-{self.port}.log"
+
+    def start(self, wait: bool = True) -> "Server":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.cmd(), stdout=self.log, stderr=self.log, env=dict(os.environ, **self.env))
+        if wait:
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"server exited: {self.log_path.read_text()[-2000:]}")
+                try:
+                    if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            raise AssertionError("server did not become ready")
+        return self
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self, sig=signal.SIGTERM, wait: float = 20) -> float:
+        """Stops the server; returns how long it took to exit after the signal."""
+        t0 = time.monotonic()
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        return time.monotonic() - t0
+
+    def client(self, key: str | None = None, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60,
+                            headers={"Authorization": f"Bearer {key}"} if key else {}, **kw)
+
+
+def wait_ready(c, slide_id: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    s = None
+    while time.time() < deadline:
+        s = c.get(f"/v1/slides/{slide_id}").json()
+        if s["status"] in ("ready", "failed"):
+            return s
+        time.sleep(0.2)
+    raise AssertionError(f"slide {slide_id} not ready: {s}")
+
+
+def register(c, path) -> dict:
+    r = c.post("/v1/slides", json={"path": str(path)})
+    assert r.status_code == 202, r.text
+    return wait_ready(c, r.json()["slide"]["id"])

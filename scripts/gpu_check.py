@@ -130,7 +130,7 @@ def encoder_timings(work: Path, tiles: np.ndarray, device: str, batch: int, cloc
     from locpath.bench.report import row_cosines
     from locpath.config import TileEncoderConfig
     from locpath.engines.quantize_ort import to_fp16
-    from locpath.models.vit import VisionTransformer
+    from locpath.models.encoders import build_tile_encoder
     from locpath.runtime.ort_runner import OrtRunner
 
     out = {}
@@ -142,7 +142,7 @@ def encoder_timings(work: Path, tiles: np.ndarray, device: str, batch: int, cloc
             continue
         torch.manual_seed(0)
         cfg = TileEncoderConfig(name=name, **dict(kw, depth=2) if small else kw)
-        enc = VisionTransformer(cfg).eval()
+        enc = build_tile_encoder(cfg).eval()
         fp32 = work / f"{name}.onnx"
         try:
             from types import SimpleNamespace

@@ -599,6 +599,7 @@ def _serve_config(args):
                        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
                        decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
+                       ingest_timeout_s=args.ingest_timeout,
                        trusted_keys=args.trusted_keys, log_json=not args.plain_logs)
 
 
@@ -1009,6 +1010,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 8; 1 = one at a time)")
     sv.add_argument("--ingest-queue", type=_positive_int, default=64, help="waiting slides before 429")
     sv.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per question")
+    sv.add_argument("--ingest-timeout", type=_positive_float, default=7200.0, metavar="S",
+                    help="seconds one slide's ingestion may take before it is failed (default 7200)")
     sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local cluster unless "
                                                        "--ray-address)")

@@ -45,15 +45,14 @@ def check_tiff_budget(source: str | os.PathLike, name: str | None = None) -> Non
     name = name or str(source)
     if not is_tiff(source):
         return
-    import logging
-
     import tifffile
 
-    quiet = logging.getLogger("tifffile")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # an IFD loop is logged and cut short by tifffile: the file is refused here
-    try:
-        with tifffile.TiffFile(source, _multifile=False) as tif:
+    from .liblog import collecting
+
+    try:  # what tifffile logs about the header (a loop it cut short, a missing tag) is dropped: refused here or by
+        # the slide library, in one line
+        # a file object: given a name, tifffile resolves links itself (and would read what the name now leads to)
+        with collecting([]), open(source, "rb") as fh, tifffile.TiffFile(fh, _multifile=False) as tif:
             size = os.fstat(tif.filehandle.fileno()).st_size if hasattr(tif.filehandle, "fileno") else None
             pages = _pages(tif, name)
             decoded = sum(_check_page(p, i, name) for i, p in enumerate(pages))
@@ -61,8 +60,6 @@ def check_tiff_budget(source: str | os.PathLike, name: str | None = None) -> Non
         raise
     except Exception as exc:  # tifffile's own error kinds; never quote the file's bytes
         raise SlideError(f"{name}: not a readable TIFF ({_describe(exc)})") from None
-    finally:
-        quiet.setLevel(level)
     size = size or os.path.getsize(source)
     if decoded > MAX_EXPANSION * max(size, 1):
         raise SlideError(f"{name}: declares {decoded / 1e9:.1f} GB of pixels in a {size / 1e6:.1f} MB file (more than "

@@ -281,7 +281,8 @@ def _mpp_from_tiff_tags(path: str) -> float | None:
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        # a file object: given a name, tifffile resolves links itself and would read whatever the name now leads to
+        with open(path, "rb") as fh, tifffile.TiffFile(fh) as tif:
             page = tif.pages[0]
             tags = page.tags
             if "XResolution" not in tags or "ResolutionUnit" not in tags:
@@ -412,10 +413,17 @@ class TiffSlideSlide(Slide):
         super().__init__(path, mpp_override, source)
         import tiffslide
 
-        with collecting(self.library_messages):
-            self._ts = tiffslide.TiffSlide(self.source)
-            # tiffslide parses lazily: parse now, so what tifffile says about the file is collected here
-            self._ts.properties, self._ts.level_dimensions, self._ts.level_downsamples
+        # a file object (each reader thread opens its own): given a name, tifffile resolves links itself and would
+        # read whatever the name leads to by then, not the pinned file
+        self._fh = open(self.source, "rb")
+        try:
+            with collecting(self.library_messages):
+                self._ts = tiffslide.TiffSlide(self._fh)
+                # tiffslide parses lazily: parse now, so what tifffile says about the file is collected here
+                self._ts.properties, self._ts.level_dimensions, self._ts.level_downsamples
+        except BaseException:
+            self._fh.close()
+            raise
 
     @property
     def level_dimensions(self):
@@ -456,6 +464,7 @@ class TiffSlideSlide(Slide):
 
     def close(self):
         self._ts.close()
+        self._fh.close()
         super().close()
 
 

@@ -18,12 +18,7 @@ from PIL import Image
 
 from ..errors import SlideError
 from .grid import TileGrid
-from .slide import Slide, UnreadableRegion
-
-# Scanners and interrupted copies leave a few damaged tiles in real slides: those are skipped (one warning). A slide
-# with more than this fraction of its tissue tiles unreadable is refused: its answer would rest on too little (one
-# damaged 240-px storage tile spoils up to four 224-px grid tiles).
-MAX_UNREADABLE_FRACTION = 0.10
+from .slide import MAX_UNREADABLE_FRACTION, Slide, UnreadableRegion
 
 
 @dataclass

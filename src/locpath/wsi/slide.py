@@ -20,6 +20,12 @@ from .liblog import collecting
 WHITE = 255
 
 
+# Scanners and interrupted copies leave a few damaged tiles in real slides: those are skipped (one warning). A slide
+# with more than this fraction of its tissue tiles (or of an overview strip) unreadable is refused: its answer would
+# rest on too little (one damaged 240-px storage tile spoils up to four 224-px grid tiles).
+MAX_UNREADABLE_FRACTION = 0.10
+
+
 class UnreadableRegion(SlideError):
     """Pixels the slide libraries could not decode (corrupt tile data), after every retry."""
 
@@ -106,6 +112,11 @@ class Slide(ABC):
             self._pin.close()
             self._pin = None
 
+    def decode_errors(self) -> tuple[type[Exception], ...]:
+        """The library's errors for pixel data it cannot decode (a corrupt tile: retried, then skipped); any other
+        error (a disk gone) stops the read."""
+        return ()
+
     def _recover(self, level: int, x: int, y: int, w: int, h: int, exc: Exception) -> np.ndarray:
         """A read the library failed: backends that can retry (another handle, another library) override this."""
         raise exc
@@ -170,13 +181,14 @@ class Slide(ABC):
                     out = self._read(level, int(x), int(y), int(w), int(h))
                 except SlideError:
                     raise
-                except Exception as exc:
+                except self.decode_errors() as exc:
                     out = self._recover(level, int(x), int(y), int(w), int(h), exc)
         except SlideError:
             raise
         except Exception as exc:  # the libraries raise many types; name the file and the problem
-            raise UnreadableRegion(f"{self.path}: cannot read region at level {level} ({x},{y}) {w}x{h}: "
-                                   f"{_one_line(exc).replace(self.source, self.path)}") from None
+            kind = UnreadableRegion if isinstance(exc, self.decode_errors()) else SlideError
+            raise kind(f"{self.path}: cannot read region at level {level} ({x},{y}) {w}x{h}: "
+                       f"{_one_line(exc).replace(self.source, self.path)}") from None
         return out
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
@@ -213,9 +225,10 @@ class Slide(ABC):
         them in the grid, so the tile reader meets them, counts them and skips them)."""
         try:
             return self.read_region(level, 0, y0, lw, rows)
-        except UnreadableRegion:
-            pass
+        except UnreadableRegion as exc:
+            first = exc
         ds = self.level_downsamples[level]
+        bad = 0
         out = np.full((rows, lw, 3), WHITE, np.uint8)
         for r in range(0, rows, piece):
             h = min(piece, rows - r)
@@ -226,6 +239,10 @@ class Slide(ABC):
                     out[r:r + h, x:x + w] = self.read_region(level, x0, y, w, h)
                 except UnreadableRegion:
                     self.unreadable_boxes.append((x0, y, int(round(w * ds)), int(round(h * ds))))
+                    bad += w * h
+        if bad > MAX_UNREADABLE_FRACTION * rows * lw:  # a truncated file, not a few damaged tiles
+            raise UnreadableRegion(f"{first}; more than {MAX_UNREADABLE_FRACTION:.0%} of it is unreadable: the file "
+                                   "is damaged or truncated")
         return out
 
     def info(self) -> SlideInfo:
@@ -356,6 +373,11 @@ class OpenSlideSlide(Slide):
         self._thread.generation = self._generation
         return _rgba_to_rgb(np.asarray(self._osr.read_region((x, y), level, (w, h))))
 
+    def decode_errors(self):
+        import openslide
+
+        return (openslide.OpenSlideError,)
+
     def _recover(self, level, x, y, w, h, exc):
         """OpenSlide leaves a handle in a sticky error state after one undecodable tile (every later call fails):
         take a fresh handle for the reads that follow, then try this region once more through tiffslide."""
@@ -368,8 +390,8 @@ class OpenSlideSlide(Slide):
                 self._osr = openslide.OpenSlide(self.source)
                 self._generation += 1
         try:  # the failure may have come from the old handle's sticky state, not from this region
-            return _rgba_to_rgb(np.asarray(self._osr.read_region((x, y), level, (w, h))))
-        except Exception:
+            return self._read(level, x, y, w, h)
+        except self.decode_errors():
             pass
         with self._lock:
             self._stale.append(self._osr)
@@ -381,7 +403,7 @@ class OpenSlideSlide(Slide):
                 if self._fallback.level_dimensions != self.level_dimensions:
                     raise exc
                 out = self._fallback._read(level, x, y, w, h)
-            except Exception:
+            except Exception:  # tiffslide cannot either: the original error says what is wrong
                 raise exc from None
         # tiffslide decodes what OpenSlide refused (leniently: the pixels may be wrong): said once, at close
         note = f"openslide: {_one_line(exc)} (such regions were read through tiffslide)"
@@ -454,6 +476,9 @@ class TiffSlideSlide(Slide):
     def _read(self, level, x, y, w, h):
         arr = self._ts.read_region((x, y), level, (w, h), as_array=True)
         return _rgba_to_rgb(np.asarray(arr))
+
+    def decode_errors(self):
+        return (RuntimeError, ValueError)  # imagecodecs' codec errors are RuntimeErrors; tifffile raises ValueError
 
     def reopen(self):
         # tiffslide shares a file handle between calls; each reader thread gets its own, reporting to this slide

@@ -116,6 +116,10 @@ def _read_all(slide, grid, args) -> dict:
     reader = TileReader(slide, grid, batch_size=args.batch_size, workers=args.workers, progress=None)
     n = sum(len(b.tiles) for b in reader)
     dt = time.perf_counter() - t0
+    if reader.unreadable:
+        from .errors import warn
+
+        warn(f"{slide.path}: {reader.unreadable} of {len(grid)} tiles unreadable (corrupt data); they were skipped")
     return {"tiles": n, "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1) if dt else None,
             "workers": args.workers, "batch_size": args.batch_size, "peak_rss_before_read_mb": round(before, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -17,6 +17,7 @@ from .identity import PinnedFile, pin
 from .liblog import collecting
 from .slide import OpenSlideSlide, Slide, TiffSlideSlide, _one_line, _positive_float
 
+BY_NAME_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide", ".dcm")  # OpenSlide finds these by name or folder
 BACKENDS = ("auto", "openslide", "tiffslide")  # a DICOM series folder always opens with wsidicom (dicom.py)
 
 
@@ -46,9 +47,12 @@ def open_slide(
         pinned = owned = pin(os.path.realpath(p), name=str(p))
     else:
         owned = None
+    # formats whose reader finds companion files beside the one named (or the format by its suffix) need the real
+    # path; it was checked and pinned all the same
+    source = os.path.realpath(p) if p.suffix.lower() in BY_NAME_SUFFIXES else os.fspath(pinned)
     try:
         check_tiff_budget(os.fspath(pinned), str(p))
-        slide = _open_file(p, os.fspath(pinned), mpp_override, backend)
+        slide = _open_file(p, source, mpp_override, backend)
     except BaseException:
         if owned is not None:
             owned.close()

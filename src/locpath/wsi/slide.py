@@ -337,7 +337,8 @@ class OpenSlideSlide(Slide):
         self._generation = 0  # bumped at each fresh handle, so threads failing together reopen once
         self._thread = threading.local()  # the handle generation each reader thread last read with
         self._lock = threading.Lock()
-        self._stale: list = []  # handles left in OpenSlide's sticky error state, closed with the slide
+        self._stale: list = []  # handles left in OpenSlide's sticky error state, closed once unused
+        self._busy: dict[int, int] = {}  # id(handle) -> threads reading with it
         self._fallback = None  # a tiffslide reader for tiles OpenSlide cannot decode (opened on the first one)
 
     @property
@@ -370,8 +371,23 @@ class OpenSlideSlide(Slide):
         return _rgba_to_rgb(np.asarray(self._osr.associated_images[name]))
 
     def _read(self, level, x, y, w, h):
-        self._thread.generation = self._generation
-        return _rgba_to_rgb(np.asarray(self._osr.read_region((x, y), level, (w, h))))
+        with self._lock:  # count the handle's readers, so a replaced one is closed only once none is inside it
+            osr = self._osr
+            self._thread.generation = self._generation
+            self._busy[id(osr)] = self._busy.get(id(osr), 0) + 1
+        try:
+            return _rgba_to_rgb(np.asarray(osr.read_region((x, y), level, (w, h))))
+        finally:
+            with self._lock:
+                self._busy[id(osr)] -= 1
+                self._close_stale()
+
+    def _close_stale(self) -> None:
+        """Close replaced handles no thread is reading with (a slide with many bad tiles would pile them up)."""
+        for old in [o for o in self._stale if not self._busy.get(id(o))]:
+            self._stale.remove(old)
+            self._busy.pop(id(old), None)
+            old.close()
 
     def decode_errors(self):
         import openslide
@@ -389,14 +405,17 @@ class OpenSlideSlide(Slide):
                 self._stale.append(self._osr)
                 self._osr = openslide.OpenSlide(self.source)
                 self._generation += 1
+                self._close_stale()
         try:  # the failure may have come from the old handle's sticky state, not from this region
             return self._read(level, x, y, w, h)
         except self.decode_errors():
             pass
         with self._lock:
-            self._stale.append(self._osr)
-            self._osr = openslide.OpenSlide(self.source)
-            self._generation += 1
+            if self._generation == self._thread.generation:  # the retry's handle is sticky now: replace it too
+                self._stale.append(self._osr)
+                self._osr = openslide.OpenSlide(self.source)
+                self._generation += 1
+                self._close_stale()
             try:
                 if self._fallback is None:
                     self._fallback = TiffSlideSlide(self.path, None, self.source)

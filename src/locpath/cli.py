@@ -116,6 +116,10 @@ def _read_all(slide, grid, args) -> dict:
     reader = TileReader(slide, grid, batch_size=args.batch_size, workers=args.workers, progress=None)
     n = sum(len(b.tiles) for b in reader)
     dt = time.perf_counter() - t0
+    if reader.unreadable:
+        from .errors import warn
+
+        warn(f"{slide.path}: {reader.unreadable} of {len(grid)} tiles unreadable (corrupt data); they were skipped")
     return {"tiles": n, "seconds": round(dt, 3), "tiles_per_s": round(n / dt, 1) if dt else None,
             "workers": args.workers, "batch_size": args.batch_size, "peak_rss_before_read_mb": round(before, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -599,6 +603,7 @@ def _serve_config(args):
                        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
                        decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
+                       ingest_timeout_s=args.ingest_timeout,
                        trusted_keys=args.trusted_keys, log_json=not args.plain_logs)
 
 
@@ -1009,6 +1014,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default 8; 1 = one at a time)")
     sv.add_argument("--ingest-queue", type=_positive_int, default=64, help="waiting slides before 429")
     sv.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per question")
+    sv.add_argument("--ingest-timeout", type=_positive_float, default=7200.0, metavar="S",
+                    help="seconds one slide's ingestion may take before it is failed (default 7200)")
     sv.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
     sv.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment (a local cluster unless "
                                                        "--ray-address)")

@@ -44,6 +44,7 @@ from ..wsi import GridConfig, TissueConfig, open_slide
 from ..wsi.extract import TilePlan, extract_features, plan_tiles
 from ..wsi.features import FEATURE_SUFFIXES, FeatureFile, read_features
 from ..wsi.factory import check_slide_file
+from ..wsi.identity import PinnedFile
 from .backends import make_runner
 from .decoder_state import DecoderState, decoder_state
 from .detok import StreamingDetokenizer
@@ -345,20 +346,23 @@ class Pipeline:
         return ff
 
     def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None,
-                keep_features: bool = False, digest: str | None = None) -> SlideContext:
+                keep_features: bool = False, digest: str | None = None, check=None) -> SlideContext:
         """Latents for a slide file, a DICOM series folder or a feature file (TRIDENT/CLAM .h5, SlideChat .csv), from
         memory or cache when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or
         callable(done, total). `keep_features`: also return the tile features (a batch run writes them out).
         `digest`: the slide's content digest when the caller has just computed it from the file
-        (`SlideCache.content_hash`), so it is not read a second time."""
-        path = Path(slide)
+        (`SlideCache.content_hash`), so it is not read a second time. `slide` may be a wsi.identity.PinnedFile (a
+        file opened and checked by the caller: a service's registered slide): every read below goes to that open
+        file. `check()`: called between tile batches; it raises to stop the ingestion (cancel, time bound)."""
+        path = Path(os.fspath(slide))  # what is read (a pinned file's /proc/self/fd entry)
+        name = str(slide)  # what messages and the answer call it
         timings: dict[str, float] = {}
-        if path.suffix.lower() in FEATURE_SUFFIXES:
+        if Path(name).suffix.lower() in FEATURE_SUFFIXES:
             ff = self.read_feature_file(path)
             ctx = self._context(str(path), ff, self.compress(ff, timings), False, 0, timings)
             return dataclasses.replace(ctx, features=ff) if keep_features else ctx
         t0 = time.perf_counter()
-        check_slide_file(path)
+        check_slide_file(slide if isinstance(slide, PinnedFile) else path)
         fprint = fingerprint(path)
         computed = digest is not None
         if not computed:
@@ -377,14 +381,15 @@ class Pipeline:
         if hit is not None:
             timings["cache_read"] = timings["hash"]
             comp = Compressed(hit.latents, hit.attention, hit.assignment)
-            ctx = self._remember(key, self._context(str(path), hit.features, comp, True, 0, timings))
+            ctx = self._remember(key, self._context(name, hit.features, comp, True, 0, timings))
             return dataclasses.replace(ctx, features=hit.features) if keep_features else ctx
-        ff, tiles, timings = self._encode_slide(path, mpp_override, progress, timings)
+        ff, tiles, timings = self._encode_slide(slide if isinstance(slide, PinnedFile) else path, mpp_override,
+                                                progress, timings, check)
         comp = self.compress(ff, timings)
         if self.cache:
             self.cache.put(entry_name(digest, mpp_override), fprint, ff, comp,
-                           {"tiles": tiles, "tokens": comp.tokens, "slide": str(path)})
-        ctx = self._remember(key, self._context(str(path), ff, comp, False, tiles, timings))
+                           {"tiles": tiles, "tokens": comp.tokens, "slide": name})
+        ctx = self._remember(key, self._context(name, ff, comp, False, tiles, timings))
         return dataclasses.replace(ctx, features=ff) if keep_features else ctx
 
     def plan_tiles(self, slide) -> TilePlan:
@@ -393,15 +398,18 @@ class Pipeline:
         return plan_tiles(slide, GridConfig(target_mpp=pp.target_mpp, tile_size=pp.tile_size, min_tissue=pp.min_tissue),
                           TissueConfig(mask_mpp=pp.tissue_mask_mpp))
 
-    def _encode_slide(self, path: Path, mpp_override, progress, timings: dict) -> tuple[FeatureFile, int, dict]:
+    def _encode_slide(self, path, mpp_override, progress, timings: dict, check=None) -> tuple[FeatureFile, int, dict]:
         t0 = time.perf_counter()
         with open_slide(path, mpp_override=mpp_override) as s:
             timings["open"] = _ms(t0)
+            if check is not None:
+                check()
             plan = self.plan_tiles(s)
             timings["tissue_grid"] = round(plan.seconds * 1000, 2)
             t0 = time.perf_counter()
             ff, st = extract_features(s, self.encode_tiles, plan, self.cfg.tile_encoder.name,
-                                      batch_size=self.tile_batch, workers=self.reader_workers, progress=progress)
+                                      batch_size=self.tile_batch, workers=self.reader_workers, progress=progress,
+                                      check=check)
             timings["tiles_encode"] = _ms(t0)
             timings["tile_read_wait"] = round(st.read_s * 1000, 2)
             timings["encode"] = round(st.encode_s * 1000, 2)

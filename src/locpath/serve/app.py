@@ -17,6 +17,7 @@ Errors are JSON `{"error": {"type", "message"}}` with a 4xx status for what the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -115,6 +116,7 @@ class Service:
                                                  memory_slides=cfg.memory_slides, max_batch=cfg.decode_batch)
         self.metrics = Metrics(self.store)
         self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue, self.owner)
+        self.worker.opener = self.open_slide
         self.started = False
 
     def start(self) -> None:
@@ -166,9 +168,18 @@ class Service:
         self.pipe.release()
         self.store.close()
 
+    def open_slide(self, slide_id: str):
+        """The registered slide's file, checked and pinned (serve/slide_files.py): what every reader gets."""
+        from .slide_files import SlideGone, open_registered
+
+        slide = self.store.slide(slide_id)
+        if slide is None:
+            raise SlideGone(f"slide {slide_id} was deleted")
+        return open_registered(self.cfg, self.store, slide)
+
     def ingest_task(self, job_id: str, slide) -> IngestTask:
         if slide.source_kind != "dicomweb":
-            return IngestTask(job_id, slide.id, slide.path)
+            return IngestTask(job_id, slide.id, slide.path, timeout_s=self.cfg.ingest_timeout_s)
         study, series = slide.source.split("/", 1)
         url = self.cfg.dicomweb_url
 
@@ -176,7 +187,7 @@ class Service:
             if not url:
                 raise LocpathError("no DICOMweb server is configured (--dicomweb URL)")
             return str(retrieve_series(url, study, series, self.cfg.data_dir))
-        return IngestTask(job_id, slide.id, slide.path, retrieve)
+        return IngestTask(job_id, slide.id, slide.path, retrieve, self.cfg.ingest_timeout_s)
 
 
 class ServiceRef:
@@ -323,11 +334,16 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         return d
 
     def register(name: str, kind: str, source: str, path: str, client_key: str | None) -> JSONResponse:
+        from .slide_files import record
+
+        identity = record(path) if kind != "dicomweb" else None  # the file as registered: swaps are refused later
         slide, created = svc.store.add_slide(name, kind, source, path, client_key)
         if not created:
             job = svc.store.jobs(slide.id, limit=1)
             return JSONResponse({"slide": slide_view(slide), "job": job[0].to_dict() if job else None,
                                  "existing": True}, 200)
+        if identity is not None:
+            svc.store.update_slide(slide.id, identity=identity)
         job, _ = svc.store.add_job("ingest", slide.id, {"source_kind": kind, "source": source},
                                    owner=svc.owner)
         try:
@@ -429,6 +445,8 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         if s.status != "ready":
             detail = f" ({s.progress:.0%})" if s.status == "ingesting" else (f": {s.error}" if s.error else "")
             raise ApiError(409, "not_ready", f"slide {s.id} is {s.status}{detail}; ask when it is ready")
+        with checked_file(svc, s):  # swapped or escaped since registration: refused here, before queueing
+            pass
         return s
 
     def start_question(slide, question: str, sampling: dict, client_key: str | None, request_body: dict):
@@ -440,7 +458,8 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         job, created = svc.store.add_job("question", slide.id, request_body, client_key, owner=svc.owner)
         if not created:
             return None, job
-        task = QuestionTask(job.id, slide.path, question, sampling, asyncio.get_running_loop(), asyncio.Queue())
+        task = QuestionTask(job.id, slide.path, question, sampling, asyncio.get_running_loop(), asyncio.Queue(),
+                            slide_id=slide.id)
         try:
             svc.worker.submit_question(task)
         except QueueFull as exc:
@@ -582,14 +601,32 @@ def safe_filename(name: str) -> str:
     return base
 
 
+@contextlib.contextmanager
+def checked_file(svc: Service, slide):
+    """The registered slide file, checked and pinned; a refusal is the route's JSON error (403 escaped, 409
+    changed, 410 gone), and the slide is marked failed."""
+    from ..errors import SlideError
+    from .slide_files import http_status
+
+    try:
+        with svc.open_slide(slide.id) as f:
+            yield f
+    except SlideError as exc:
+        status, kind = http_status(exc)
+        if status == 400:
+            raise
+        raise ApiError(status, kind, " ".join(str(exc).split())) from None
+
+
 def thumbnail_png(svc: Service, slide) -> bytes:
     from ..wsi import open_slide
     from ..wsi.overlay import write_overlay
 
     cached = svc.cfg.data_dir / "thumbnails" / f"{slide.id}.png"
-    if not cached.exists():
-        with open_slide(slide.path) as s:
-            write_overlay(s, svc.pipe.plan_tiles(s), cached, max_size=768)
+    with checked_file(svc, slide) as f:  # also when cached: a swapped slide shows nothing
+        if not cached.exists():
+            with open_slide(f) as s:
+                write_overlay(s, svc.pipe.plan_tiles(s), cached, max_size=768)
     return cached.read_bytes()
 
 
@@ -599,11 +636,12 @@ def evidence_png(svc: Service, slide, job: dict) -> bytes:
     from ..wsi import open_slide
     from ..wsi.overlay import evidence_image
 
-    ctx = svc.pipe.prepare(slide.path)
-    qkv = svc.pipe.question_kv(ctx.latents, job["request"]["question"])
-    ev = svc.pipe.evidence(ctx, qkv)
-    with open_slide(slide.path) as s:
-        img = evidence_image(s, ev.coords, ev.weights, ev.tile_size_level0, max_size=768)
+    with checked_file(svc, slide) as f:
+        ctx = svc.pipe.prepare(f)
+        qkv = svc.pipe.question_kv(ctx.latents, job["request"]["question"])
+        ev = svc.pipe.evidence(ctx, qkv)
+        with open_slide(f) as s:
+            img = evidence_image(s, ev.coords, ev.weights, ev.tile_size_level0, max_size=768)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()

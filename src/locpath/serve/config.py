@@ -29,6 +29,7 @@ class ServeConfig:
     decode_batch: int = 8  # questions of concurrent clients decoded as one batch
     ingest_queue: int = 64  # slides waiting to be ingested; more get 429
     question_timeout_s: float = 120.0
+    ingest_timeout_s: float = 7200.0  # one slide's ingestion; longer is failed (a forged or hopelessly slow file)
     memory_slides: int = 16
     trusted_keys: str | None = None
     log_json: bool = True
@@ -63,6 +64,8 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.question_timeout_s > 0:
             raise ConfigError("question timeout must be positive")
+        if not self.ingest_timeout_s > 0:
+            raise ConfigError("--ingest-timeout must be positive")
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             for sub in ("uploads", "dicomweb", "thumbnails"):

@@ -35,6 +35,7 @@ SLIDES = sa.Table(
     sa.Column("client_key", sa.String(128), unique=True),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("identity", sa.Text),  # the file as registered: real path, device, inode, size, mtime, fingerprint
 )
 JOBS = sa.Table(
     "jobs", META,
@@ -98,7 +99,13 @@ def _v4(conn) -> None:
     INSTANCES.create(conn, checkfirst=True)
 
 
-MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+def _v6(conn) -> None:
+    """The slide file's identity at registration, so a file swapped afterwards is refused (serve/slide_files.py)."""
+    if "identity" not in {c["name"] for c in sa.inspect(conn).get_columns("slides")}:
+        conn.execute(sa.text("ALTER TABLE slides ADD COLUMN identity TEXT"))
+
+
+MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (6, _v6)]
 STALE_AFTER_S = 60.0  # an instance (or a running job's owner) not heard of for this long is gone
 ACTIVE = ("queued", "running")
 
@@ -125,6 +132,7 @@ class Record:
             if isinstance(d.get(k), str):
                 d[k] = json.loads(d[k])
         d.pop("client_key", None)
+        d.pop("identity", None)  # a slide file's real path and inode: the server's business
         return d
 
 

@@ -13,6 +13,7 @@ from the batch between two decoded tokens.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -32,12 +33,20 @@ class QueueFull(Exception):
         self.lane, self.retry_after = lane, retry_after
 
 
+MAX_ATTEMPTS = 3  # an ingestion interrupted this many times (stop, crash, kill) is failed for good at the next
+
+
+class Interrupted(Exception):
+    """The service is stopping: the ingestion under way stops between two tile batches and resumes at next start."""
+
+
 @dataclass
 class IngestTask:
     job_id: str
     slide_id: str
     path: str
     fetch: object = None  # callable() -> local path, run first in the lane (a DICOMweb retrieval)
+    timeout_s: float | None = None  # the ingestion's time bound (ServeConfig.ingest_timeout_s)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class QuestionTask:
     events: asyncio.Queue  # ("piece", str) ... then ("done", Answer) or ("error", str)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    slide_id: str | None = None  # opened through Worker.opener when set (the registered file, checked)
 
     def emit(self, kind: str, value) -> None:
         try:
@@ -73,6 +83,10 @@ class Worker:
         self.answer_seconds = 1.0  # running estimate, for Retry-After
         self.ingest_seconds = 10.0
         self.busy_ingest: str | None = None
+        # opener(slide_id) -> context manager giving what the pipeline reads: the registered slide file, checked
+        # and pinned (serve/slide_files.py); None reads task paths as they are
+        self.opener = None
+        self.stopping = threading.Event()  # set by stop(): the ingestion under way stops between tile batches
 
     def start(self) -> "Worker":
         for t in self._threads:
@@ -80,6 +94,14 @@ class Worker:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop both lanes: the ingestion under way is interrupted between two tile batches (its job stays queued
+        for the next start), waiting ingestions are left in the database, answers under way finish."""
+        self.stopping.set()
+        while True:  # the waiting ingestions stay queued in the database: resumed at the next start
+            try:
+                self.ingests.get_nowait()
+            except queue.Empty:
+                break
         for q in (self.questions, self.ingests):
             try:
                 q.put(_STOP, timeout=timeout)
@@ -113,10 +135,9 @@ class Worker:
             raise QueueFull("ingestion", max(1, round(self.ingest_seconds))) from None
 
     # -- the lanes -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _lane(tasks: queue.Queue, run) -> None:
-        """One lane: its tasks in order, until the stop marker."""
-        while (task := tasks.get()) is not _STOP:
+    def _lane(self, tasks: queue.Queue, run) -> None:
+        """One lane: its tasks in order, until the stop marker (or stop())."""
+        while (task := tasks.get()) is not _STOP and not self.stopping.is_set():
             run(task)
 
     def _run_ingest(self, task: IngestTask) -> None:
@@ -133,6 +154,11 @@ class Worker:
     def _ingest(self, task: IngestTask) -> None:
         if not self.store.claim(task.job_id, self.owner):
             return  # deleted, finished, or running on another live replica
+        job = self.store.job(task.job_id)
+        if job is not None and job.attempts > MAX_ATTEMPTS:
+            self._fail(task, f"ingestion stopped before its end {MAX_ATTEMPTS} times (the service stopped or crashed "
+                             "while reading this slide); failed for good: register the slide again to retry")
+            return
         t0 = time.perf_counter()
         self.store.update_slide(task.slide_id, status="ingesting", error=None)
         last = [0.0]
@@ -145,14 +171,25 @@ class Worker:
                 self.store.heartbeat(task.job_id, self.owner, progress=frac)
                 self.store.update_slide(task.slide_id, progress=frac)
 
+        def check() -> None:
+            if self.stopping.is_set():
+                raise Interrupted()
+            if task.timeout_s is not None and time.perf_counter() - t0 > task.timeout_s:
+                raise LocpathError(f"ingestion stopped after {task.timeout_s:g} s (the service's --ingest-timeout); "
+                                   "the slide is too large or too slow to read")
+
         try:
             path = task.fetch() if task.fetch is not None else task.path
-            ctx = self.pipe.prepare(path, progress=progress)
+            check()
+            opened = self.opener(task.slide_id) if self.opener is not None else contextlib.nullcontext(path)
+            with opened as source:
+                ctx = self.pipe.prepare(source, progress=progress, check=check)
+        except Interrupted:
+            self.store.update_slide(task.slide_id, status="registered")
+            log.info("ingestion interrupted: resumed at the next start", extra={"job": task.job_id})
+            return
         except LocpathError as exc:
-            msg = " ".join(str(exc).split())
-            self.store.update_job(task.job_id, status="failed", error=msg, finished=time.time())
-            self.store.update_slide(task.slide_id, status="failed", error=msg)
-            log.warning("ingestion failed", extra={"job": task.job_id, "slide": task.slide_id, "error": msg})
+            self._fail(task, " ".join(str(exc).split()))
             return
         seconds = time.perf_counter() - t0
         self.ingest_seconds = 0.7 * self.ingest_seconds + 0.3 * seconds
@@ -166,6 +203,11 @@ class Worker:
         self.store.update_job(task.job_id, status="done", progress=1.0, result=result, finished=time.time())
         log.info("ingested", extra={"job": task.job_id, "slide": task.slide_id, "tiles": ctx.tiles,
                                     "cache_hit": ctx.cache_hit, "seconds": round(seconds, 3)})
+
+    def _fail(self, task: IngestTask, msg: str) -> None:
+        self.store.update_job(task.job_id, status="failed", error=msg, finished=time.time())
+        self.store.update_slide(task.slide_id, status="failed", error=msg)
+        log.warning("ingestion failed", extra={"job": task.job_id, "slide": task.slide_id, "error": msg})
 
     # -- the question lane: concurrent questions decoded as one batch -------------------------------------------
     def _question_lane(self) -> None:
@@ -223,7 +265,11 @@ class Worker:
         try:
             params = self.pipe.sampling(**task.sampling)
             self.pipe.check_question(task.question, params)
-            ctx = self.pipe.prepare(task.slide_path)
+            if self.opener is not None and task.slide_id is not None:
+                with self.opener(task.slide_id) as source:  # the registered file, checked (serve/slide_files.py)
+                    ctx = self.pipe.prepare(source)
+            else:
+                ctx = self.pipe.prepare(task.slide_path)
             batch.add(ctx, task.question, params, tag=task.job_id, t_start=task.submitted)
         except LocpathError as exc:
             msg = " ".join(str(exc).split())

@@ -11,10 +11,13 @@ import stat
 from pathlib import Path
 
 from ..errors import SlideError
+from .budget import check_tiff_budget
 from .dicom import DicomSlide, is_dicom_folder
+from .identity import PinnedFile, pin
 from .liblog import collecting
 from .slide import OpenSlideSlide, Slide, TiffSlideSlide, _one_line, _positive_float
 
+BY_NAME_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide", ".dcm")  # OpenSlide finds these by name or folder
 BACKENDS = ("auto", "openslide", "tiffslide")  # a DICOM series folder always opens with wsidicom (dicom.py)
 
 
@@ -26,47 +29,35 @@ def open_slide(
 ) -> Slide:
     """Open a slide file. `auto` tries OpenSlide first, then tiffslide for TIFFs OpenSlide rejects.
 
-    Raises SlideError with the file name and the reason on any failure.
+    A file is opened once (wsi/identity.py) and the libraries read that open file, so it cannot be swapped between
+    the checks and the reads; a TIFF's header is held to the budgets of wsi/budget.py before any pixel is decoded.
+    `path` may be a PinnedFile the caller opened (and checked) itself. Raises SlideError with the file name and the
+    reason on any failure.
     """
-    p = Path(path)
+    pinned = path if isinstance(path, PinnedFile) else None
+    p = Path(str(path))
     if backend not in BACKENDS:
         raise SlideError(f"{p}: unknown slide backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if mpp_override is not None and not (_positive_float(mpp_override)):
         raise SlideError(f"{p}: --mpp-override must be a positive number, got {mpp_override!r}")
-    check_slide_file(p)
-    if p.is_dir():  # a DICOM WSI series folder (check_slide_file let only those through)
-        slide: Slide | None = DicomSlide(p, mpp_override)
-        try:
-            _probe(slide)
-            if require_mpp:
-                slide.require_mpp()
-        except Exception as exc:
-            slide.library_messages = []
-            slide.close()
-            if isinstance(exc, SlideError):
-                raise
-            raise SlideError(f"{p}: not a readable DICOM WSI series ({_one_line(exc)})") from None
-        return slide
-
-    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
-    reasons = []
-    slide: Slide | None = None
-    for name in order:
-        try:
-            slide = OpenSlideSlide(p, mpp_override) if name == "openslide" else TiffSlideSlide(p, mpp_override)
-        except Exception as exc:  # each library has its own error types
-            reasons.append(f"{name}: {_one_line(exc)}")
-            continue
-        try:
-            _probe(slide)
-            break
-        except Exception as exc:
-            reasons.append(f"{name}: {_one_line(exc)}")
-            slide.library_messages = []  # the error line says it; no warning on top
-            slide.close()  # the handle opened, the pixels did not: do not leak it
-            slide = None
-    if slide is None:
-        raise SlideError(f"{p}: not a readable slide ({'; '.join(reasons)})")
+    if pinned is None:
+        check_slide_file(p)
+        if p.is_dir():  # a DICOM WSI series folder (check_slide_file let only those through)
+            return _open_dicom(p, mpp_override, require_mpp)
+        pinned = owned = pin(os.path.realpath(p), name=str(p))
+    else:
+        owned = None
+    # formats whose reader finds companion files beside the one named (or the format by its suffix) need the real
+    # path; it was checked and pinned all the same
+    source = os.path.realpath(p) if p.suffix.lower() in BY_NAME_SUFFIXES else os.fspath(pinned)
+    try:
+        check_tiff_budget(os.fspath(pinned), str(p))
+        slide = _open_file(p, source, mpp_override, backend)
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
+    slide._pin = owned
     if require_mpp:
         try:
             slide.require_mpp()
@@ -77,9 +68,47 @@ def open_slide(
     return slide
 
 
-def check_slide_file(p: Path) -> None:
+def _open_dicom(p: Path, mpp_override, require_mpp: bool) -> Slide:
+    slide = DicomSlide(p, mpp_override)
+    try:
+        _probe(slide)
+        if require_mpp:
+            slide.require_mpp()
+    except Exception as exc:
+        slide.library_messages = []
+        slide.close()
+        if isinstance(exc, SlideError):
+            raise
+        raise SlideError(f"{p}: not a readable DICOM WSI series ({_one_line(exc)})") from None
+    return slide
+
+
+def _open_file(p: Path, source: str, mpp_override, backend: str) -> Slide:
+    order = ["openslide", "tiffslide"] if backend == "auto" else [backend]
+    reasons = []
+    for name in order:
+        try:
+            cls = OpenSlideSlide if name == "openslide" else TiffSlideSlide
+            slide = cls(p, mpp_override, source)
+        except Exception as exc:  # each library has its own error types
+            reasons.append(f"{name}: {_one_line(exc).replace(source, str(p))}")
+            continue
+        try:
+            _probe(slide)
+            return slide
+        except Exception as exc:
+            reasons.append(f"{name}: {_one_line(exc).replace(source, str(p))}")
+            slide.library_messages = []  # the error line says it; no warning on top
+            slide.close()  # the handle opened, the pixels did not: do not leak it
+    raise SlideError(f"{p}: not a readable slide ({'; '.join(reasons)})")
+
+
+def check_slide_file(p: Path | PinnedFile) -> None:
     """A slide path must name a readable regular file, or a folder holding a DICOM WSI series: one clear SlideError
-    otherwise (missing, a symlink loop, another folder, a device or FIFO, empty, no permission)."""
+    otherwise (missing, a symlink loop, another folder, a device or FIFO, empty, no permission). Messages name the
+    file and the problem, never its content."""
+    if isinstance(p, PinnedFile):
+        return  # checked when it was pinned
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -104,8 +133,8 @@ def check_slide_file(p: Path) -> None:
     if st.st_size == 0:
         raise SlideError(f"{p}: file is empty")
     try:
-        with open(p, "rb") as f:
-            f.read(1)
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # not blocking on a FIFO swapped in since the stat
+        os.close(fd)
     except PermissionError:
         raise SlideError(f"{p}: permission denied (the file cannot be read)") from None
     except OSError as exc:

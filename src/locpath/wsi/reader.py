@@ -1,6 +1,8 @@
 """Streams tiles as uint8 NHWC batches from background threads through a bounded queue.
 
-Memory stays flat: at most `prefetch` batches are in flight, whatever the slide's size.
+Memory stays flat: at most `prefetch` batches are in flight, whatever the slide's size. A tile the slide libraries
+cannot decode (corrupt data, after the backend's own retries) is skipped: its batch marks it, the reader counts it,
+and more than MAX_UNREADABLE_FRACTION of the grid unreadable stops the read with one SlideError.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..errors import SlideError
 from .grid import TileGrid
-from .slide import Slide
+from .slide import MAX_UNREADABLE_FRACTION, Slide, UnreadableRegion
 
 
 @dataclass
@@ -23,6 +26,7 @@ class TileBatch:
     tiles: np.ndarray  # uint8 (B, tile_size, tile_size, 3)
     coords: np.ndarray  # int64 (B, 2), level-0 top-left
     start: int  # index of the first tile in the grid
+    ok: np.ndarray | None = None  # bool (B,): False for a tile that could not be decoded (its pixels are white)
 
 
 class TileReader:
@@ -48,6 +52,8 @@ class TileReader:
         self.progress = progress
         self.desc = desc
         self.tiles_read = 0
+        self.unreadable = 0  # tiles skipped because the libraries could not decode them
+        self._unreadable_lock = threading.Lock()
         self._local = threading.local()
 
     def __len__(self) -> int:
@@ -73,9 +79,24 @@ class TileReader:
         slide = self._handle()
         coords = self.grid.coords[start : start + self.batch_size]
         out = np.empty((len(coords), self.grid.tile_size, self.grid.tile_size, 3), dtype=np.uint8)
+        ok = np.ones(len(coords), bool)
         for i, (x, y) in enumerate(coords):
-            out[i] = self.read_tile(slide, int(x), int(y))
-        return TileBatch(tiles=out, coords=coords.copy(), start=start)
+            try:
+                out[i] = self.read_tile(slide, int(x), int(y))
+            except UnreadableRegion:
+                out[i] = 255
+                ok[i] = False
+                self._count_unreadable()
+        return TileBatch(tiles=out, coords=coords.copy(), start=start, ok=ok)
+
+    def _count_unreadable(self) -> None:
+        """Stop as soon as the slide holds too many unreadable tiles to answer from (not after reading it all)."""
+        with self._unreadable_lock:
+            self.unreadable += 1
+            n = len(self.grid)
+            if self.unreadable > MAX_UNREADABLE_FRACTION * n:
+                raise SlideError(f"{self.slide.path}: more than {MAX_UNREADABLE_FRACTION:.0%} of its {n} tiles are "
+                                 f"unreadable (corrupt data; {self.unreadable} so far): the file is damaged")
 
     def __iter__(self) -> Iterator[TileBatch]:
         starts = list(range(0, len(self.grid), self.batch_size))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 import numpy as np
@@ -16,6 +18,16 @@ from ..errors import SlideError, warn
 from .liblog import collecting
 
 WHITE = 255
+
+
+# Scanners and interrupted copies leave a few damaged tiles in real slides: those are skipped (one warning). A slide
+# with more than this fraction of its tissue tiles (or of an overview strip) unreadable is refused: its answer would
+# rest on too little (one damaged 240-px storage tile spoils up to four 224-px grid tiles).
+MAX_UNREADABLE_FRACTION = 0.10
+
+
+class UnreadableRegion(SlideError):
+    """Pixels the slide libraries could not decode (corrupt tile data), after every retry."""
 
 
 @dataclass(frozen=True)
@@ -53,10 +65,13 @@ class Slide(ABC):
 
     backend_name = "abstract"
 
-    def __init__(self, path: str | os.PathLike, mpp_override: float | None = None):
-        self.path = str(path)
+    def __init__(self, path: str | os.PathLike, mpp_override: float | None = None, source: str | None = None):
+        self.path = str(path)  # the file's name, in every message
+        self.source = str(source or path)  # what the library opens (a pinned file's /proc/self/fd entry)
         self._mpp_override = mpp_override
         self.library_messages: list[str] = []  # what tifffile/tiffslide logged while reading this slide
+        self._pin = None  # the PinnedFile this slide owns (closed with it)
+        self.unreadable_boxes: list[tuple[int, int, int, int]] = []  # level-0 x, y, w, h the overview could not decode
 
     # -- what each backend provides -------------------------------------------------
     @property
@@ -93,6 +108,18 @@ class Slide(ABC):
 
     def close(self) -> None:
         self.report_library_messages()
+        if self._pin is not None:
+            self._pin.close()
+            self._pin = None
+
+    def decode_errors(self) -> tuple[type[Exception], ...]:
+        """The library's errors for pixel data it cannot decode (a corrupt tile: retried, then skipped); any other
+        error (a disk gone) stops the read."""
+        return ()
+
+    def _recover(self, level: int, x: int, y: int, w: int, h: int, exc: Exception) -> np.ndarray:
+        """A read the library failed: backends that can retry (another handle, another library) override this."""
+        raise exc
 
     def report_library_messages(self) -> None:
         """One warning line for whatever the slide library complained about while this slide was read."""
@@ -150,11 +177,18 @@ class Slide(ABC):
             raise SlideError(f"{self.path}: empty region {w}x{h}")
         try:
             with collecting(self.library_messages):
-                out = self._read(level, int(x), int(y), int(w), int(h))
+                try:
+                    out = self._read(level, int(x), int(y), int(w), int(h))
+                except SlideError:
+                    raise
+                except self.decode_errors() as exc:
+                    out = self._recover(level, int(x), int(y), int(w), int(h), exc)
         except SlideError:
             raise
         except Exception as exc:  # the libraries raise many types; name the file and the problem
-            raise SlideError(f"{self.path}: cannot read region at level {level} ({x},{y}) {w}x{h}: {exc}") from exc
+            kind = UnreadableRegion if isinstance(exc, self.decode_errors()) else SlideError
+            raise kind(f"{self.path}: cannot read region at level {level} ({x},{y}) {w}x{h}: "
+                       f"{_one_line(exc).replace(self.source, self.path)}") from None
         return out
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
@@ -179,11 +213,37 @@ class Slide(ABC):
             r1 = min(th, r0 + strip_rows)
             s0 = int(np.floor(r0 * scale))
             s1 = min(lh, max(s0 + 1, int(np.ceil(r1 * scale))))
-            strip = self.read_region(level, 0, int(round(s0 * ds)), lw, s1 - s0)
+            strip = self._read_strip(level, int(round(s0 * ds)), lw, s1 - s0)
             if strip.shape[:2] != (r1 - r0, tw):
                 strip = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BILINEAR))
             out[r0:r1] = strip
         return out, w0 / tw
+
+    def _read_strip(self, level: int, y0: int, lw: int, rows: int, piece: int = 256) -> np.ndarray:
+        """A full-width strip; where the library cannot decode it (a corrupt tile), read it in pieces and leave
+        the undecodable ones white, recording their level-0 boxes in `unreadable_boxes` (tissue detection keeps
+        them in the grid, so the tile reader meets them, counts them and skips them)."""
+        try:
+            return self.read_region(level, 0, y0, lw, rows)
+        except UnreadableRegion as exc:
+            first = exc
+        ds = self.level_downsamples[level]
+        bad = 0
+        out = np.full((rows, lw, 3), WHITE, np.uint8)
+        for r in range(0, rows, piece):
+            h = min(piece, rows - r)
+            for x in range(0, lw, piece):
+                w = min(piece, lw - x)
+                x0, y = int(round(x * ds)), y0 + int(round(r * ds))
+                try:
+                    out[r:r + h, x:x + w] = self.read_region(level, x0, y, w, h)
+                except UnreadableRegion:
+                    self.unreadable_boxes.append((x0, y, int(round(w * ds)), int(round(h * ds))))
+                    bad += w * h
+        if bad > MAX_UNREADABLE_FRACTION * rows * lw:  # a truncated file, not a few damaged tiles
+            raise UnreadableRegion(f"{first}; more than {MAX_UNREADABLE_FRACTION:.0%} of it is unreadable: the file "
+                                   "is damaged or truncated")
+        return out
 
     def info(self) -> SlideInfo:
         return SlideInfo(
@@ -238,7 +298,8 @@ def _mpp_from_tiff_tags(path: str) -> float | None:
     try:
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        # a file object: given a name, tifffile resolves links itself and would read whatever the name now leads to
+        with open(path, "rb") as fh, tifffile.TiffFile(fh) as tif:
             page = tif.pages[0]
             tags = page.tags
             if "XResolution" not in tags or "ResolutionUnit" not in tags:
@@ -263,43 +324,111 @@ class OpenSlideSlide(Slide):
 
     backend_name = "openslide"
 
-    def __init__(self, path, mpp_override=None):
-        super().__init__(path, mpp_override)
+    def __init__(self, path, mpp_override=None, source=None):
+        super().__init__(path, mpp_override, source)
         import openslide
 
-        self._osr = openslide.OpenSlide(self.path)
+        self._osr = openslide.OpenSlide(self.source)
+        # read once: a handle in OpenSlide's sticky error state refuses even these (it is replaced, see _recover)
+        self._dims = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        self._downs = tuple(float(d) for d in self._osr.level_downsamples)
+        self._props = dict(self._osr.properties)
+        self._assoc = tuple(sorted(self._osr.associated_images))
+        self._generation = 0  # bumped at each fresh handle, so threads failing together reopen once
+        self._thread = threading.local()  # the handle generation each reader thread last read with
+        self._lock = threading.Lock()
+        self._stale: list = []  # handles left in OpenSlide's sticky error state, closed once unused
+        self._busy: dict[int, int] = {}  # id(handle) -> threads reading with it
+        self._fallback = None  # a tiffslide reader for tiles OpenSlide cannot decode (opened on the first one)
 
     @property
     def level_dimensions(self):
-        return tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)
+        return self._dims
 
     @property
     def level_downsamples(self):
-        return tuple(float(d) for d in self._osr.level_downsamples)
+        return self._downs
 
     @property
     def metadata_mpp(self):
-        props = self._osr.properties
+        props = self._props
         mpp = _positive_float(props.get("openslide.mpp-x"))
         if mpp is None:
-            mpp = _mpp_from_tiff_tags(self.path) if self.vendor == "generic-tiff" else None
+            mpp = _mpp_from_tiff_tags(self.source) if self.vendor == "generic-tiff" else None
         return mpp
 
     @property
     def vendor(self):
-        return self._osr.properties.get("openslide.vendor")
+        return self._props.get("openslide.vendor")
 
     @property
     def associated_images(self):
-        return tuple(sorted(self._osr.associated_images))
+        return self._assoc
 
     def read_associated(self, name):
-        if name not in self._osr.associated_images:
+        if name not in self._assoc:
             return super().read_associated(name)
         return _rgba_to_rgb(np.asarray(self._osr.associated_images[name]))
 
     def _read(self, level, x, y, w, h):
-        return _rgba_to_rgb(np.asarray(self._osr.read_region((x, y), level, (w, h))))
+        with self._lock:  # count the handle's readers, so a replaced one is closed only once none is inside it
+            osr = self._osr
+            self._thread.generation = self._generation
+            self._busy[id(osr)] = self._busy.get(id(osr), 0) + 1
+        try:
+            return _rgba_to_rgb(np.asarray(osr.read_region((x, y), level, (w, h))))
+        finally:
+            with self._lock:
+                self._busy[id(osr)] -= 1
+                self._close_stale()
+
+    def _close_stale(self) -> None:
+        """Close replaced handles no thread is reading with (a slide with many bad tiles would pile them up)."""
+        for old in [o for o in self._stale if not self._busy.get(id(o))]:
+            self._stale.remove(old)
+            self._busy.pop(id(old), None)
+            old.close()
+
+    def decode_errors(self):
+        import openslide
+
+        return (openslide.OpenSlideError,)
+
+    def _recover(self, level, x, y, w, h, exc):
+        """OpenSlide leaves a handle in a sticky error state after one undecodable tile (every later call fails):
+        take a fresh handle for the reads that follow, then try this region once more through tiffslide."""
+        import openslide
+
+        seen = getattr(self._thread, "generation", self._generation)
+        with self._lock:
+            if self._generation == seen:  # not already replaced by another thread
+                self._stale.append(self._osr)
+                self._osr = openslide.OpenSlide(self.source)
+                self._generation += 1
+                self._close_stale()
+        try:  # the failure may have come from the old handle's sticky state, not from this region
+            return self._read(level, x, y, w, h)
+        except self.decode_errors():
+            pass
+        with self._lock:
+            if self._generation == self._thread.generation:  # the retry's handle is sticky now: replace it too
+                self._stale.append(self._osr)
+                self._osr = openslide.OpenSlide(self.source)
+                self._generation += 1
+                self._close_stale()
+            try:
+                if self._fallback is None:
+                    self._fallback = TiffSlideSlide(self.path, None, self.source)
+                if self._fallback.level_dimensions != self.level_dimensions:
+                    raise exc
+                out = self._fallback._read(level, x, y, w, h)
+            except Exception:  # tiffslide cannot either: the original error says what is wrong
+                raise exc from None
+        # tiffslide decodes what OpenSlide refused (leniently: the pixels may be wrong): said once, at close
+        note = f"openslide: {_one_line(exc)} (such regions were read through tiffslide)"
+        if note not in self.library_messages:
+            self.library_messages.append(note)
+        return out
 
     def reopen(self):
         # OpenSlide handles are thread-safe; one handle serves every reader thread.
@@ -307,6 +436,12 @@ class OpenSlideSlide(Slide):
 
     def close(self):
         self._osr.close()
+        for h in self._stale:
+            h.close()
+        self._stale = []
+        if self._fallback is not None:
+            self._fallback.library_messages = []  # its complaints are the bad tiles, counted by the reader
+            self._fallback.close()
         super().close()
 
 
@@ -315,14 +450,21 @@ class TiffSlideSlide(Slide):
 
     backend_name = "tiffslide"
 
-    def __init__(self, path, mpp_override=None):
-        super().__init__(path, mpp_override)
+    def __init__(self, path, mpp_override=None, source=None):
+        super().__init__(path, mpp_override, source)
         import tiffslide
 
-        with collecting(self.library_messages):
-            self._ts = tiffslide.TiffSlide(self.path)
-            # tiffslide parses lazily: parse now, so what tifffile says about the file is collected here
-            self._ts.properties, self._ts.level_dimensions, self._ts.level_downsamples
+        # a file object (each reader thread opens its own): given a name, tifffile resolves links itself and would
+        # read whatever the name leads to by then, not the pinned file
+        self._fh = open(self.source, "rb")
+        try:
+            with collecting(self.library_messages):
+                self._ts = tiffslide.TiffSlide(self._fh)
+                # tiffslide parses lazily: parse now, so what tifffile says about the file is collected here
+                self._ts.properties, self._ts.level_dimensions, self._ts.level_downsamples
+        except BaseException:
+            self._fh.close()
+            raise
 
     @property
     def level_dimensions(self):
@@ -335,7 +477,7 @@ class TiffSlideSlide(Slide):
     @property
     def metadata_mpp(self):
         mpp = _positive_float(self._ts.properties.get("tiffslide.mpp-x"))
-        return mpp if mpp is not None else _mpp_from_tiff_tags(self.path)
+        return mpp if mpp is not None else _mpp_from_tiff_tags(self.source)
 
     @property
     def vendor(self):
@@ -354,15 +496,19 @@ class TiffSlideSlide(Slide):
         arr = self._ts.read_region((x, y), level, (w, h), as_array=True)
         return _rgba_to_rgb(np.asarray(arr))
 
+    def decode_errors(self):
+        return (RuntimeError, ValueError)  # imagecodecs' codec errors are RuntimeErrors; tifffile raises ValueError
+
     def reopen(self):
         # tiffslide shares a file handle between calls; each reader thread gets its own, reporting to this slide
         with collecting(self.library_messages):
-            other = TiffSlideSlide(self.path, self._mpp_override)
+            other = TiffSlideSlide(self.path, self._mpp_override, self.source)
         other.library_messages = self.library_messages
         return other
 
     def close(self):
         self._ts.close()
+        self._fh.close()
         super().close()
 
 
@@ -403,7 +549,13 @@ class ArraySlide(Slide):
         return out
 
 
+_BYTES = re.compile(r"""(?<!\w)b(['"]).*?(?<!\\)\1|(?<!\w)b(['"]).*""")  # a bytes repr, closed or cut off
+
+
 def _one_line(exc: Exception) -> str:
-    """A library's exception as one line of a message (its type when it says nothing)."""
+    """A library's exception as one line of a message (its type when it says nothing). Never quotes file content:
+    the libraries put a file's first bytes in some errors (tifffile's `not a TIFF file b'...'`), which would leak
+    what an unexpected file holds, so bytes reprs are cut out."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = _BYTES.sub("(file content not shown)", text[0] if text else type(exc).__name__)
+    return line.strip()[:300]

@@ -81,4 +81,7 @@ def detect_tissue(slide: Slide, cfg: TissueConfig = TissueConfig()) -> TissueMas
     downsample = max(cfg.mask_mpp / mpp, 1.0)
     rgb, actual_ds = slide.read_downsampled(downsample)
     mask, thr = detect_tissue_rgb(rgb, cfg)
+    for x, y, w, h in slide.unreadable_boxes:  # corrupt data: unknown, not background; the tile reader counts it
+        x0, y0 = int(x // actual_ds), int(y // actual_ds)
+        mask[y0:int(np.ceil((y + h) / actual_ds)), x0:int(np.ceil((x + w) / actual_ds))] = True
     return TissueMask(mask=mask, downsample=actual_ds, threshold=thr)

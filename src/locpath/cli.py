@@ -599,7 +599,8 @@ def _serve_config(args):
                        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
                        decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
-                       trusted_keys=args.trusted_keys, log_json=not args.plain_logs)
+                       trusted_keys=args.trusted_keys, log_json=not args.plain_logs,
+                       allowed_hosts=args.allowed_host or [])
 
 
 def cmd_serve(args) -> int:
@@ -994,6 +995,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("bundle")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
     sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--allowed-host", action="append", metavar="NAME",
+                    help="a name clients reach the service by (repeatable). Requests whose Host header is not "
+                         "localhost, 127.0.0.1, [::1], the --host address or such a name are refused (421), "
+                         "against DNS rebinding: behind a proxy or on 0.0.0.0, name the host clients use")
     sv.add_argument("--data-dir", default=None, help="database, uploads, retrieved DICOM (default ~/.cache/locpath/serve)")
     sv.add_argument("--database", default=None, help="SQLAlchemy URL (default: SQLite in the data folder)")
     sv.add_argument("--slide-root", action="append", type=Path, help="a folder slides may be registered from by path "

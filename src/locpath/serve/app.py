@@ -32,13 +32,16 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ConfigError, LocpathError
 from . import auth
 from .config import ServeConfig
 from .dicomweb import check_uid, retrieve_series
+from .guard import Guard, Refused, parse_json
 from .limits import BodyLimit
 from .metrics import Metrics
 from .openai_api import chunk, completion, completion_id, parse_chat
@@ -75,9 +78,9 @@ class RegisterSlide(_Body):
 
 class Ask(_Body):
     question: str = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False  # lax bool reads "no" as false and "yes" as true
     max_new_tokens: int | None = Field(default=None, ge=1)
-    sample: bool = False
+    sample: StrictBool = False
     temperature: float | None = Field(default=None, gt=0, le=100)
     top_k: int | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -223,6 +226,7 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
     def limit_for(path: str) -> int:
         return cfg.max_upload_bytes if path == "/v1/slides/upload" else cfg.max_request_bytes
 
+    app.add_middleware(Guard, names=cfg.host_names)  # Host, Origin, Content-Type, JSON shape: inside BodyLimit
     app.add_middleware(BodyLimit, limit_for=limit_for)
 
     # -- errors and request logs ---------------------------------------------------------------------------------
@@ -240,6 +244,25 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
     @app.exception_handler(LocpathError)
     async def _user_error(request, exc: LocpathError):
         return JSONResponse({"error": {"type": "invalid_request_error", "message": " ".join(str(exc).split())}}, 400)
+
+    @app.exception_handler(Refused)
+    async def _refused(request, exc: Refused):
+        return JSONResponse({"error": {"type": exc.kind, "message": exc.message}}, exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):  # unknown route, wrong method, FastAPI's own 4xx
+        kind = HTTP_KINDS.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, exc.status_code,
+                            headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc: ClientDisconnect):  # nobody reads it; the request log line says 499
+        return JSONResponse({"error": {"type": "cancelled", "message": "the client went away"}}, 499)
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):  # a bug: its traceback goes to the log, the client gets JSON
+        return JSONResponse({"error": {"type": "server_error", "message": "internal error (see the service log)"}},
+                            500)
 
     @app.middleware("http")
     async def _log_requests(request: Request, call_next):
@@ -375,6 +398,11 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
                 from ..wsi.factory import check_slide_file
 
                 check_slide_file(tmp)
+        except ClientDisconnect:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("upload abandoned: the client went away mid-body; partial file removed",
+                        extra={"upload": safe})
+            raise ApiError(499, "cancelled", "the client went away during the upload") from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -511,17 +539,12 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
 
     @app.post("/v1/chat/completions", dependencies=[submit])
     async def chat(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "invalid_request_error", "the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_request_error", "the body must be a JSON object")
-        slide_id, question, sampling = parse_chat(body)
+        body = parse_json(await request.body())  # bounded depth, strict JSON (also checked by Guard)
+        slide_id, question, sampling, stream = parse_chat(body)
         slide = ready_slide(slide_id)
         task, job = start_question(slide, question, sampling, None, {"question": question, "openai": True, **sampling})
         cid, model = completion_id(), body.get("model") or MODEL
-        if not body.get("stream"):
+        if not stream:
             return completion(cid, model, await whole_answer(task, request))
         created = int(time.time())
 
@@ -557,21 +580,29 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
 
 # -- helpers -----------------------------------------------------------------------------------------------------------------
 def resolve_under_roots(text: str, roots: list[Path]) -> Path:
-    """The slide path if, symlinks resolved, it lies under one of the configured slide roots; else 400/404."""
+    """The slide path if, symlinks and `..` resolved, it lies under one of the configured slide roots; else 400/404.
+    A path outside the roots gets the same 404 whether or not it exists (no probing the server's files)."""
     if not roots:
         raise ApiError(400, "invalid_request_error", "registering slides by path is off (start with --slide-root DIR)")
     if "\x00" in text:
         raise ApiError(400, "invalid_request_error", "the path holds a NUL character")
+    missing = ApiError(404, "not_found", f"{text[:1000]}: no such slide under the slide roots")
     try:
         real = Path(text).resolve(strict=True)
-    except (FileNotFoundError, RuntimeError, OSError):
-        raise ApiError(404, "not_found", f"{text}: no such slide under the slide roots") from None
-    if not any(real == r.resolve() or r.resolve() in real.parents for r in roots):
-        raise ApiError(403, "permission_error", f"{text}: outside the slide roots")
+        inside = any(real == r.resolve() or r.resolve() in real.parents for r in roots)
+    except (RuntimeError, OSError, ValueError):
+        raise missing from None
+    if not inside:
+        raise missing
     from ..wsi.factory import check_slide_file
 
     check_slide_file(real)
     return real
+
+
+HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found",
+              405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
+              422: "invalid_request_error"}
 
 
 def safe_filename(name: str) -> str:

@@ -603,6 +603,9 @@ def _serve_config(args):
                        allowed_hosts=args.allowed_host or [])
 
 
+MAX_HEADER_BYTES = 64 << 10  # the request line and headers of one request to `locpath serve`
+
+
 def cmd_serve(args) -> int:
     try:
         import uvicorn
@@ -624,7 +627,9 @@ def cmd_serve(args) -> int:
     print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
           f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
           flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    # h11 bounds a request's header block (httptools takes headers of any size: memory for anyone who connects)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, http="h11",
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return 0
 
 

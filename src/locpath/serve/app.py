@@ -32,7 +32,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -78,15 +78,16 @@ class RegisterSlide(_Body):
 
 class Ask(_Body):
     question: str = Field(min_length=1)
-    stream: StrictBool = False  # lax bool reads "no" as false and "yes" as true
-    max_new_tokens: int | None = Field(default=None, ge=1)
+    # strict types: lax ones read "no" as false, true as 1 and "0.5" as 0.5 (the chat route refuses them too)
+    stream: StrictBool = False
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
     sample: StrictBool = False
-    temperature: float | None = Field(default=None, gt=0, le=100)
-    top_k: int | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    seed: int | None = Field(default=None, ge=0)
-    evidence_tiles: int = Field(default=32, ge=0, le=100000)
+    temperature: StrictFloat | None = Field(default=None, gt=0, le=100)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0, le=100)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    evidence_tiles: StrictInt = Field(default=32, ge=0, le=100000)
     client_key: str | None = Field(default=None, min_length=1, max_length=128)
 
     def sampling(self) -> dict:
@@ -232,37 +233,35 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
     # -- errors and request logs ---------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return JSONResponse({"error": {"type": exc.kind, "message": exc.message}}, exc.status, headers=exc.headers)
+        return error_json(exc.status, exc.kind, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid request")
-        return JSONResponse({"error": {"type": "invalid_request_error", "message": msg}}, 400)
+        return error_json(400, "invalid_request_error", msg)
 
     @app.exception_handler(LocpathError)
     async def _user_error(request, exc: LocpathError):
-        return JSONResponse({"error": {"type": "invalid_request_error", "message": " ".join(str(exc).split())}}, 400)
+        return error_json(400, "invalid_request_error", " ".join(str(exc).split()))
 
     @app.exception_handler(Refused)
     async def _refused(request, exc: Refused):
-        return JSONResponse({"error": {"type": exc.kind, "message": exc.message}}, exc.status)
+        return error_json(exc.status, exc.kind, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc: StarletteHTTPException):  # unknown route, wrong method, FastAPI's own 4xx
         kind = HTTP_KINDS.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
-        return JSONResponse({"error": {"type": kind, "message": str(exc.detail)}}, exc.status_code,
-                            headers=dict(exc.headers or {}))
+        return error_json(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request, exc: ClientDisconnect):  # nobody reads it; the request log line says 499
-        return JSONResponse({"error": {"type": "cancelled", "message": "the client went away"}}, 499)
+        return error_json(499, "cancelled", "the client went away")
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):  # a bug: its traceback goes to the log, the client gets JSON
-        return JSONResponse({"error": {"type": "server_error", "message": "internal error (see the service log)"}},
-                            500)
+        return error_json(500, "server_error", "internal error (see the service log)")
 
     @app.middleware("http")
     async def _log_requests(request: Request, call_next):
@@ -603,6 +602,12 @@ def resolve_under_roots(text: str, roots: list[Path]) -> Path:
 HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found",
               405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
               422: "invalid_request_error"}
+
+
+def error_json(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """The one error shape; a message quoting the client's text cannot fail to encode (a lone surrogate)."""
+    text = message.encode("utf-8", "replace").decode("utf-8")
+    return JSONResponse({"error": {"type": kind, "message": text}}, status, headers=headers or None)
 
 
 def safe_filename(name: str) -> str:

@@ -20,6 +20,8 @@ import json
 import math
 import re
 
+import numpy as np
+
 MAX_DEPTH = 32  # a chat request nests ~6 deep; the recursive parser gives up near 1,000
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -29,7 +31,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAME = re.compile(r"([a-z0-9](?:[a-z0-9_.-]{0,251}[a-z0-9])?)\.?(?::([0-9]{1,5}))?")
 _IPV6 = re.compile(r"\[([0-9a-f:.]{2,45})\](?::([0-9]{1,5}))?")
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKET = re.compile(rb"[][{}]")
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
 
 
 class Refused(Exception):
@@ -139,16 +142,11 @@ def check_content_type(headers: dict, path: str) -> bool:
     return True
 
 
-def json_depth(body: bytes, limit: int) -> int:
-    """The nesting depth of a JSON text (strings skipped), counted up to `limit` + 1 without parsing."""
-    depth = deepest = 0
-    for m in _BRACKET.finditer(_STRING.sub(b"", body)):
-        depth += 1 if m.group() in (b"[", b"{") else -1
-        if depth > deepest:
-            deepest = depth
-            if deepest > limit:
-                break
-    return deepest
+def json_depth(body: bytes) -> int:
+    """The nesting depth of a JSON text (strings skipped), without parsing it: a running sum of its brackets."""
+    brackets = np.frombuffer(_STRING.sub(b"", body), dtype=np.uint8)
+    steps = _STEP[brackets]
+    return int(np.cumsum(steps, dtype=np.int64).max(initial=0)) if steps.any() else 0
 
 
 def _no_constant(name: str):
@@ -174,7 +172,7 @@ def _unique(pairs: list) -> dict:
 def parse_json(body: bytes) -> dict:
     """The JSON object of a request body; refuses (400) what a recursive parser would choke on (deep nesting) or
     what two parsers could read differently (a byte-order mark, NaN, 1e999, a repeated key)."""
-    if json_depth(body, MAX_DEPTH) > MAX_DEPTH:
+    if json_depth(body) > MAX_DEPTH:
         raise Refused(400, "invalid_request_error", f"the JSON body nests deeper than {MAX_DEPTH} levels")
     if body.startswith(b"\xef\xbb\xbf"):
         raise Refused(400, "invalid_request_error", "the body is not JSON: it starts with a byte-order mark")
@@ -187,7 +185,24 @@ def parse_json(body: bytes) -> dict:
         raise Refused(400, "invalid_request_error", f"the body is not JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise Refused(400, "invalid_request_error", "the body must be a JSON object")
+    if not _utf8(doc):
+        raise Refused(400, "invalid_request_error", "the body is not JSON text: an unpaired surrogate (\\ud800)")
     return doc
+
+
+def _utf8(value) -> bool:
+    """No lone surrogate in any string (JSON's \\uXXXX escapes can make one; nothing downstream can encode it)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_utf8(k) and _utf8(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_utf8(v) for v in value)
+    return True
 
 
 class Guard:

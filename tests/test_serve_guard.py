@@ -86,7 +86,7 @@ def test_header_block_is_bounded(server):
                 sock.sendall(b"a" * (1 << 20))
         except OSError:  # reset once the limit is passed
             pass
-        assert sent < 8, f"{sent} MiB of one header accepted"
+        assert sent < 32, f"{sent} MiB of one header accepted"
     with server.client() as c:
         assert c.get("/readyz").status_code == 200
 
@@ -268,3 +268,72 @@ def test_every_error_is_json(server):
         error(c.get("/static/../../etc/passwd"), 404)
         for r in (c.get("/nope"), c.post("/nope", json={}), c.patch("/v1/slides", json={})):
             assert "detail" not in r.json()
+
+
+# -- a real browser: the page still works, an attacker's page does not -------------------------------------------------
+ATTACK = """<!doctype html><body><form id=f method=POST enctype=text/plain action="{url}/v1/slides">
+<input name='{{"path": "{target}", "x": "' value='"}}'></form><script>
+(async () => {{
+  const post = (path, body, type) => fetch("{url}" + path, {{method: "POST", mode: "no-cors", body,
+                                                             headers: type ? {{"Content-Type": type}} : {{}}}});
+  await post("/v1/slides/upload?filename=a.svs", new Blob([new Uint8Array([73, 73, 42, 0, 1, 2])]));
+  await post("/v1/slides/upload?filename=b.svs", "II*", "text/plain");
+  await post("/v1/chat/completions", JSON.stringify({chat}), "text/plain");
+  await post("/v1/slides", JSON.stringify({{path: "{target}"}}), "application/x-www-form-urlencoded");
+  document.title = "sent";
+  document.getElementById("f").submit();
+}})();
+</script>"""
+
+
+def _refused(c) -> int:
+    text = c.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("locpath_http_requests_total{") and 'status="403"' in line)
+
+
+def test_in_chromium_the_page_works_and_a_cross_site_page_is_refused(server, roots, small_svs, tmp_path):
+    import shutil
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    shutil.copy(small_svs, roots / "target.svs")
+    (tmp_path / "upload.svs").write_bytes(small_svs.read_bytes())
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text(ATTACK.format(url=server.url, target=roots / "target.svs",
+                                                               chat=json.dumps(CHAT)))
+    evil = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=tmp_path / "www"))
+    threading.Thread(target=evil.serve_forever, daemon=True).start()
+    with server.client() as c:
+        before, names = _refused(c), {s["name"] for s in c.get("/v1/slides").json()["slides"]}
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--no-first-run", "--host-resolver-rules=MAP evil.test 127.0.0.1"])
+            try:
+                page = browser.new_page()  # the attacker's page, on another site
+                page.goto(f"http://evil.test:{evil.server_address[1]}/")
+                page.wait_for_function("document.title === 'sent'", timeout=30000)
+                page.wait_for_url(f"{server.url}/v1/slides", timeout=30000)  # the form posted
+                assert json.loads(page.inner_text("body"))["error"]["type"] == "permission_error"
+                with server.client() as c:
+                    assert _refused(c) - before == 5
+                    assert {s["name"] for s in c.get("/v1/slides").json()["slides"]} == names  # nothing registered
+                page = browser.new_page()  # the service's own page: registering and uploading still work
+                page.goto(server.url + "/")
+                page.fill("#register-path", str(roots / "target.svs"))
+                page.click("#register-form button")
+                page.set_input_files("#upload-file", str(tmp_path / "upload.svs"))
+                page.click("#upload-form button")
+                page.wait_for_selector("#slides li >> text=upload.svs", timeout=30000)
+                page.wait_for_selector("#slides li >> text=target.svs", timeout=30000)
+                assert page.inner_text("#slides-error").strip() == ""
+            finally:
+                browser.close()
+    finally:
+        evil.shutdown()

@@ -280,7 +280,6 @@ ATTACK = """<!doctype html><body><form id=f method=POST enctype=text/plain actio
   await post("/v1/slides/upload?filename=b.svs", "II*", "text/plain");
   await post("/v1/chat/completions", JSON.stringify({chat}), "text/plain");
   await post("/v1/slides", JSON.stringify({{path: "{target}"}}), "application/x-www-form-urlencoded");
-  document.title = "sent";
   document.getElementById("f").submit();
 }})();
 </script>"""
@@ -318,8 +317,7 @@ def test_in_chromium_the_page_works_and_a_cross_site_page_is_refused(server, roo
             try:
                 page = browser.new_page()  # the attacker's page, on another site
                 page.goto(f"http://evil.test:{evil.server_address[1]}/")
-                page.wait_for_function("document.title === 'sent'", timeout=30000)
-                page.wait_for_url(f"{server.url}/v1/slides", timeout=30000)  # the form posted
+                page.wait_for_url(f"{server.url}/v1/slides", timeout=30000)  # the form posted, after the fetches
                 assert json.loads(page.inner_text("body"))["error"]["type"] == "permission_error"
                 with server.client() as c:
                     assert _refused(c) - before == 5

@@ -604,7 +604,11 @@ def _serve_config(args):
                        decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
                        ingest_timeout_s=args.ingest_timeout,
-                       trusted_keys=args.trusted_keys, log_json=not args.plain_logs)
+                       trusted_keys=args.trusted_keys, log_json=not args.plain_logs,
+                       allowed_hosts=args.allowed_host or [])
+
+
+MAX_HEADER_BYTES = 64 << 10  # the request line and headers of one request to `locpath serve`
 
 
 def cmd_serve(args) -> int:
@@ -628,7 +632,9 @@ def cmd_serve(args) -> int:
     print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
           f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
           flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    # h11 bounds a request's header block (httptools takes headers of any size: memory for anyone who connects)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, http="h11",
+                h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     return 0
 
 
@@ -999,6 +1005,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("bundle")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (non-loopback needs an API key)")
     sv.add_argument("--port", type=_positive_int, default=8000)
+    sv.add_argument("--allowed-host", action="append", metavar="NAME",
+                    help="a name clients reach the service by (repeatable). Requests whose Host header is not "
+                         "localhost, 127.0.0.1, [::1], the --host address or such a name are refused (421), "
+                         "against DNS rebinding: behind a proxy or on 0.0.0.0, name the host clients use")
     sv.add_argument("--data-dir", default=None, help="database, uploads, retrieved DICOM (default ~/.cache/locpath/serve)")
     sv.add_argument("--database", default=None, help="SQLAlchemy URL (default: SQLite in the data folder)")
     sv.add_argument("--slide-root", action="append", type=Path, help="a folder slides may be registered from by path "

@@ -33,13 +33,16 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ConfigError, LocpathError
 from . import auth
 from .config import ServeConfig
 from .dicomweb import check_uid, retrieve_series
+from .guard import Guard, Refused, parse_json
 from .limits import BodyLimit
 from .metrics import Metrics
 from .openai_api import chunk, completion, completion_id, parse_chat
@@ -76,15 +79,16 @@ class RegisterSlide(_Body):
 
 class Ask(_Body):
     question: str = Field(min_length=1)
-    stream: bool = False
-    max_new_tokens: int | None = Field(default=None, ge=1)
-    sample: bool = False
-    temperature: float | None = Field(default=None, gt=0, le=100)
-    top_k: int | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=100)
-    seed: int | None = Field(default=None, ge=0)
-    evidence_tiles: int = Field(default=32, ge=0, le=100000)
+    # strict types: lax ones read "no" as false, true as 1 and "0.5" as 0.5 (the chat route refuses them too)
+    stream: StrictBool = False
+    max_new_tokens: StrictInt | None = Field(default=None, ge=1)
+    sample: StrictBool = False
+    temperature: StrictFloat | None = Field(default=None, gt=0, le=100)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    top_p: StrictFloat | None = Field(default=None, gt=0, le=1)
+    repetition_penalty: StrictFloat | None = Field(default=None, gt=0, le=100)
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
+    evidence_tiles: StrictInt = Field(default=32, ge=0, le=100000)
     client_key: str | None = Field(default=None, min_length=1, max_length=128)
 
     def sampling(self) -> dict:
@@ -234,23 +238,41 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
     def limit_for(path: str) -> int:
         return cfg.max_upload_bytes if path == "/v1/slides/upload" else cfg.max_request_bytes
 
+    app.add_middleware(Guard, names=cfg.host_names)  # Host, Origin, Content-Type, JSON shape: inside BodyLimit
     app.add_middleware(BodyLimit, limit_for=limit_for)
 
     # -- errors and request logs ---------------------------------------------------------------------------------
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
-        return JSONResponse({"error": {"type": exc.kind, "message": exc.message}}, exc.status, headers=exc.headers)
+        return error_json(exc.status, exc.kind, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid request")
-        return JSONResponse({"error": {"type": "invalid_request_error", "message": msg}}, 400)
+        return error_json(400, "invalid_request_error", msg)
 
     @app.exception_handler(LocpathError)
     async def _user_error(request, exc: LocpathError):
-        return JSONResponse({"error": {"type": "invalid_request_error", "message": " ".join(str(exc).split())}}, 400)
+        return error_json(400, "invalid_request_error", " ".join(str(exc).split()))
+
+    @app.exception_handler(Refused)
+    async def _refused(request, exc: Refused):
+        return error_json(exc.status, exc.kind, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):  # unknown route, wrong method, FastAPI's own 4xx
+        kind = HTTP_KINDS.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_json(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc: ClientDisconnect):  # nobody reads it; the request log line says 499
+        return error_json(499, "cancelled", "the client went away")
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):  # a bug: its traceback goes to the log, the client gets JSON
+        return error_json(500, "server_error", "internal error (see the service log)")
 
     @app.middleware("http")
     async def _log_requests(request: Request, call_next):
@@ -391,6 +413,11 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
                 from ..wsi.factory import check_slide_file
 
                 check_slide_file(tmp)
+        except ClientDisconnect:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.warning("upload abandoned: the client went away mid-body; partial file removed",
+                        extra={"upload": safe})
+            raise ApiError(499, "cancelled", "the client went away during the upload") from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -530,17 +557,12 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
 
     @app.post("/v1/chat/completions", dependencies=[submit])
     async def chat(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "invalid_request_error", "the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_request_error", "the body must be a JSON object")
-        slide_id, question, sampling = parse_chat(body)
+        body = parse_json(await request.body())  # bounded depth, strict JSON (also checked by Guard)
+        slide_id, question, sampling, stream = parse_chat(body)
         slide = ready_slide(slide_id)
         task, job = start_question(slide, question, sampling, None, {"question": question, "openai": True, **sampling})
         cid, model = completion_id(), body.get("model") or MODEL
-        if not body.get("stream"):
+        if not stream:
             return completion(cid, model, await whole_answer(task, request))
         created = int(time.time())
 
@@ -576,21 +598,35 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
 
 # -- helpers -----------------------------------------------------------------------------------------------------------------
 def resolve_under_roots(text: str, roots: list[Path]) -> Path:
-    """The slide path if, symlinks resolved, it lies under one of the configured slide roots; else 400/404."""
+    """The slide path if, symlinks and `..` resolved, it lies under one of the configured slide roots; else 400/404.
+    A path outside the roots gets the same 404 whether or not it exists (no probing the server's files)."""
     if not roots:
         raise ApiError(400, "invalid_request_error", "registering slides by path is off (start with --slide-root DIR)")
     if "\x00" in text:
         raise ApiError(400, "invalid_request_error", "the path holds a NUL character")
+    missing = ApiError(404, "not_found", f"{text[:1000]}: no such slide under the slide roots")
     try:
         real = Path(text).resolve(strict=True)
-    except (FileNotFoundError, RuntimeError, OSError):
-        raise ApiError(404, "not_found", f"{text}: no such slide under the slide roots") from None
-    if not any(real == r.resolve() or r.resolve() in real.parents for r in roots):
-        raise ApiError(403, "permission_error", f"{text}: outside the slide roots")
+        inside = any(real == r.resolve() or r.resolve() in real.parents for r in roots)
+    except (RuntimeError, OSError, ValueError):
+        raise missing from None
+    if not inside:
+        raise missing
     from ..wsi.factory import check_slide_file
 
     check_slide_file(real)
     return real
+
+
+HTTP_KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found",
+              405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
+              422: "invalid_request_error"}
+
+
+def error_json(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+    """The one error shape; a message quoting the client's text cannot fail to encode (a lone surrogate)."""
+    text = message.encode("utf-8", "replace").decode("utf-8")
+    return JSONResponse({"error": {"type": kind, "message": text}}, status, headers=headers or None)
 
 
 def safe_filename(name: str) -> str:

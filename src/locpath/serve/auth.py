@@ -40,6 +40,6 @@ def bearer(authorization: str | None, x_api_key: str | None) -> str | None:
     if x_api_key:
         return x_api_key.strip()
     if authorization:
-        m = re.fullmatch(r"\s*Bearer\s+(\S+)\s*", authorization)
+        m = re.fullmatch(r"\s*Bearer\s+(\S+)\s*", authorization, re.IGNORECASE)  # schemes are case-blind (RFC 7235)
         return m.group(1) if m else None
     return None

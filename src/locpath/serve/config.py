@@ -33,11 +33,13 @@ class ServeConfig:
     memory_slides: int = 16
     trusted_keys: str | None = None
     log_json: bool = True
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and --host
 
     def __post_init__(self):
         self.bundle = Path(self.bundle)
         self.data_dir = Path(self.data_dir)
         self.slide_roots = [Path(p) for p in self.slide_roots]
+        self.allowed_hosts = list(self.allowed_hosts)
 
     @property
     def database_url(self) -> str:
@@ -52,9 +54,23 @@ class ServeConfig:
         except ValueError:
             return False
 
+    @property
+    def host_names(self) -> frozenset[str]:
+        """The `Host` names requests may carry (guard.py): loopback, a concrete --host, --allowed-host."""
+        from .guard import allowed_names
+
+        return allowed_names(self.host, self.allowed_hosts)
+
     def validate(self) -> "ServeConfig":
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be 1-65535, got {self.port}")
+        from .guard import parse_host
+
+        for name in self.allowed_hosts:
+            parsed = parse_host(f"[{name}]" if ":" in name and not name.startswith("[") else name)
+            if parsed is None or parsed[1] is not None:
+                raise ConfigError(f"--allowed-host {name!r} is not a host name or IP address (no scheme, port or "
+                                  "wildcard)")
         for root in self.slide_roots:
             if not root.is_dir():
                 raise ConfigError(f"{root}: --slide-root is not a folder")

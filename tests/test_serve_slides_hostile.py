@@ -65,8 +65,15 @@ def test_file_swapped_for_link_out_of_roots(site, small_svs):
         # the slide is marked: every later use is refused too, and says why
         refused(c.post(f"/v1/slides/{s['id']}/questions", json=Q), 409, "failed", "outside the slide roots")
         assert c.get(f"/v1/slides/{s['id']}").json()["status"] == "failed"
-        # registering the link again is refused as outside the roots
-        refused(c.post("/v1/slides", json={"path": str(target)}), 403)
+        # registering the link again is refused like any path outside the roots (no existence oracle)
+        refused(c.post("/v1/slides", json={"path": str(target)}), 404, "no such slide under the slide roots")
+        # a link to a missing file outside the roots is refused exactly like one to an existing file
+        t2 = root / "a2.svs"
+        shutil.copy(small_svs, t2)
+        s2 = registered(c, t2)
+        t2.unlink()
+        os.symlink(outside / "does-not-exist.svs", t2)
+        refused(c.get(f"/v1/slides/{s2['id']}/thumbnail.png"), 403, "outside the slide roots")
 
 
 def test_file_swapped_for_link_to_a_valid_slide(site, small_svs):

@@ -71,6 +71,11 @@ def _real_path(cfg, slide) -> Path:
     except (ValueError, AttributeError):
         recorded = None
     stored = Path(recorded or slide.path)
+    # where the path leads is checked before whether it exists, so the answer says nothing about files outside the
+    # roots (a link to a missing file and one to an existing file are refused alike)
+    if not _under(Path(os.path.realpath(stored)), roots_of(cfg, slide)):
+        raise SlideEscaped(f"{label}: its path now leads outside the slide roots (a link was put in place of the file "
+                           "or a folder above it); refused")
     try:
         real = Path(os.path.realpath(stored, strict=True))
     except (FileNotFoundError, NotADirectoryError):

@@ -175,10 +175,11 @@ class Service:
         last = time.monotonic()
         while not self._stopping.wait(CLEAN_S):
             try:
-                self._clean_uploads()
+                self._clean_failed_uploads()
                 if time.monotonic() - last < SWEEP_S:
                     continue
                 last = time.monotonic()
+                self._clean_uploads()
                 self.store.beat(self.owner)
                 self.store.abandon_questions(self.owner, include_own=False)
                 taken = self._resume(self.store.adopt_ingestions(self.owner))
@@ -187,17 +188,23 @@ class Service:
             except Exception:  # the database may be briefly unreachable; try again next round
                 log.exception("sweep failed")
 
-    def _clean_uploads(self, at_start: bool = False) -> None:
-        """Uploads whose ingestion failed lose their file (the slide row keeps its error); upload folders no slide
-        refers to (a server killed mid-upload: `.part` files) are removed: at start, when no other instance shares
-        the database, all of them; otherwise those untouched for ORPHAN_AGE_S."""
+    def _clean_failed_uploads(self) -> None:
+        """Uploads whose ingestion failed for good lose their file (the slide row keeps its error, and the key's
+        quota gets the bytes back)."""
         uploads = self.cfg.data_dir / "uploads"
         for slide in self.store.failed_uploads():
             folder = Path(slide.path).parent
             if folder.parent == uploads:
                 shutil.rmtree(folder, ignore_errors=True)
             self.store.update_slide(slide.id, bytes=None)
-        busy = set(self.uploading)  # before the slide rows: an upload registers its row, then leaves `uploading`
+
+    def _clean_uploads(self, at_start: bool = False) -> None:
+        """Failed uploads' files, and upload folders no slide refers to (a server killed mid-upload: `.part`
+        files): at start, when no other instance shares the database, all of them; otherwise those untouched for
+        ORPHAN_AGE_S."""
+        self._clean_failed_uploads()
+        uploads = self.cfg.data_dir / "uploads"
+        busy = set(self.uploading.copy())  # before the slide rows: an upload registers its row, then leaves
         keep = {Path(p).parent.name for p in self.store.upload_paths()}
         alone = at_start and not (self.store.live_owners() - {self.owner})
         try:
@@ -681,7 +688,7 @@ def resolve_under_roots(text: str, roots: list[Path]) -> Path:
 
 
 # -- what a non-admin key sees: no server paths ---------------------------------------------------------------
-_ABS_PATH = re.compile(r"(?<![\w.~-])/(?:[^/\s'\"]+/)+[^/\s'\"]*")
+_ABS_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^/\s'\"]+/)+[^/\s'\"]*")
 
 
 def _server_paths(cfg: ServeConfig) -> list[str]:

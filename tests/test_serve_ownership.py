@@ -164,6 +164,12 @@ def test_no_server_paths_in_non_admin_responses(keyed):
         ask_failed = a.post(f"/v1/slides/{failed['id']}/questions", json={"question": Q})
         assert ask_failed.status_code == 409
         bodies.append(ask_failed.text)
+        shutil.copy(keyed.root / "cmu.svs", keyed.root / "gone.svs")  # ready, then removed: the thumbnail fails
+        gone = register(a, keyed.root / "gone.svs")
+        (keyed.root / "gone.svs").unlink()
+        thumb = a.get(f"/v1/slides/{gone['id']}/thumbnail.png")
+        assert thumb.status_code >= 400 and "gone.svs" in thumb.text, thumb.text
+        bodies.append(thumb.text)
         for body in bodies:
             for h in hidden:
                 assert h not in body, (h, body[:500])

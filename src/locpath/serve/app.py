@@ -127,7 +127,7 @@ class Service:
         self.store = JobStore(cfg.database_url, init=cfg.init_database)
         self.uploading: dict[str, tuple[str | None, int]] = {}  # upload folder -> (API key id, bytes so far)
         self.server_paths = _server_paths(cfg)
-        if not cfg.loopback and not self.auth_required:
+        if not cfg.loopback and not self.store.active_keys():
             raise ConfigError(f"--host {cfg.host} is not a loopback address: add an API key first "
                               f"(locpath keys add NAME --data-dir {cfg.data_dir}), or bind to 127.0.0.1")
         self.pipe = pipe or Pipeline.from_bundle(cfg.bundle, trusted_keys=cfg.trusted_keys, device=cfg.device,

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"must be a positive finite number: {text!r}")
+    return v
+
+
+def _byte_size(text: str) -> int:
+    """A positive size in bytes: `123`, or with a suffix K, M, G, T (powers of 1024), e.g. `64G`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (e.g. 500M, 64G): {text!r}")
+    v = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte: {text!r}")
     return v
 
 
@@ -601,6 +613,7 @@ def _serve_config(args):
                        slide_roots=args.slide_root or [], database=args.database, cache_dir=args.cache_dir,
                        device=args.device, threads=args.threads, dicomweb_url=args.dicomweb,
                        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
+                       upload_quota_bytes=args.upload_quota, init_database=args.init,
                        decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
                        ingest_timeout_s=args.ingest_timeout,
@@ -647,8 +660,11 @@ def cmd_keys(args) -> int:
         from .runtime.slide_cache import cache_root
 
         data = cache_root() / "serve"
-    data.mkdir(parents=True, exist_ok=True)
-    store = JobStore(args.database or f"sqlite:///{data / 'locpath.db'}")
+    try:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise LocpathError(f"{data}: cannot create the data folder ({exc.strerror or exc})") from None
+    store = JobStore(args.database or f"sqlite:///{data / 'locpath.db'}", init=args.init)
     if args.action == "add":
         if not args.name:
             raise LocpathError("keys add needs a NAME")
@@ -1018,6 +1034,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", choices=("cpu", "cuda", "tensorrt"), default="cpu")
     sv.add_argument("--threads", type=_positive_int, default=None)
     sv.add_argument("--max-upload-mb", type=_positive_float, default=4096.0)
+    sv.add_argument("--upload-quota", type=_byte_size, default=64 << 30, metavar="BYTES",
+                    help="per API key: the most bytes its stored uploads may take (suffix K, M, G or T; default 64G); "
+                         "more is refused with 413 while streaming; failed and deleted uploads free their share")
+    sv.add_argument("--init", action="store_true",
+                    help="accept a database file that is empty or not locpath's (refused otherwise: its keys would "
+                         "be gone); a missing file is always created")
     sv.add_argument("--question-queue", type=_positive_int, default=16, help="waiting questions before 429")
     sv.add_argument("--decode-batch", type=_positive_int, default=8, metavar="N",
                     help="decode up to N clients' questions as one batch; a question joins as soon as a row is free "
@@ -1072,6 +1094,7 @@ def build_parser() -> argparse.ArgumentParser:
     ks.add_argument("--scopes", default="read,submit", help="comma-separated: read, submit, admin")
     ks.add_argument("--data-dir", default=None)
     ks.add_argument("--database", default=None)
+    ks.add_argument("--init", action="store_true", help="accept a database file that is empty or not locpath's")
     ks.set_defaults(func=cmd_keys)
 
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: PREFIX.key and PREFIX.pub")

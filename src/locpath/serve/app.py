@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
+import os
 import re
 import shutil
 import socket
@@ -46,7 +48,7 @@ from .guard import Guard, Refused, parse_json
 from .limits import BodyLimit
 from .metrics import Metrics
 from .openai_api import chunk, completion, completion_id, parse_chat
-from .store import JobStore, new_id
+from .store import ANY_KEY, JobStore, new_id
 from .worker import IngestTask, QueueFull, QuestionTask, Worker
 
 log = logging.getLogger("locpath.serve")
@@ -98,6 +100,22 @@ class Ask(_Body):
 
 # -- the application --------------------------------------------------------------------------------------------------
 SWEEP_S = 15.0  # how often an instance says it is alive and looks for the work of lost ones
+CLEAN_S = 2.0  # how often the files of failed uploads are removed
+ORPHAN_AGE_S = 3600.0  # an upload folder with no slide row, untouched this long, is removed (another replica's crash)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who sent a request: an API key's id (None in open loopback mode) and whether it may see everything."""
+
+    key_id: str | None
+    admin: bool
+
+    def owns(self, row) -> bool:
+        return self.admin or (row.key_id is not None and row.key_id == self.key_id)
+
+
+OPEN = Caller(None, True)  # no key exists and the service is on loopback: as before keys, everyone sees all
 
 
 class Service:
@@ -107,12 +125,14 @@ class Service:
     def __init__(self, cfg: ServeConfig, pipe=None, owner: str | None = None):
         from ..runtime.pipeline import Pipeline
 
+        _private_dirs(cfg.data_dir)
         self.cfg = cfg.validate()
         # stable across restarts of the same server (its unfinished jobs resume at once), distinct between servers
         self.owner = owner or f"{socket.gethostname()}:{cfg.port}"
-        self.store = JobStore(cfg.database_url)
-        self.auth_required = self.store.active_keys() > 0
-        if not cfg.loopback and not self.auth_required:
+        self.store = JobStore(cfg.database_url, init=cfg.init_database)
+        self.uploading: dict[str, tuple[str | None, int]] = {}  # upload folder -> (API key id, bytes so far)
+        self.server_paths = _server_paths(cfg)
+        if not cfg.loopback and not self.store.active_keys():
             raise ConfigError(f"--host {cfg.host} is not a loopback address: add an API key first "
                               f"(locpath keys add NAME --data-dir {cfg.data_dir}), or bind to 127.0.0.1")
         self.pipe = pipe or Pipeline.from_bundle(cfg.bundle, trusted_keys=cfg.trusted_keys, device=cfg.device,
@@ -123,6 +143,11 @@ class Service:
         self.worker.opener = self.open_slide
         self.started = False
 
+    @property
+    def auth_required(self) -> bool:
+        """Read from the store each time: a key added or revoked while the service runs counts at once."""
+        return self.store.active_keys() > 0 or not self.cfg.loopback
+
     def start(self) -> None:
         if self.started:
             return
@@ -131,6 +156,7 @@ class Service:
         self.store.beat(self.owner)
         cancelled = self.store.abandon_questions(self.owner, include_own=True)
         resumed = self._resume(self.store.adopt_ingestions(self.owner, include_own=True))
+        self._clean_uploads(at_start=True)
         self._stopping = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="locpath-sweep", daemon=True)
         self._sweeper.start()
@@ -151,9 +177,15 @@ class Service:
 
     def _sweep(self) -> None:
         """Every few seconds: say this instance is alive, take over the ingestions of instances that are gone
-        (a lost node or replica) and close their questions."""
-        while not self._stopping.wait(SWEEP_S):
+        (a lost node or replica) and close their questions; remove the files of failed uploads."""
+        last = time.monotonic()
+        while not self._stopping.wait(CLEAN_S):
             try:
+                self._clean_failed_uploads()
+                if time.monotonic() - last < SWEEP_S:
+                    continue
+                last = time.monotonic()
+                self._clean_uploads()
                 self.store.beat(self.owner)
                 self.store.abandon_questions(self.owner, include_own=False)
                 taken = self._resume(self.store.adopt_ingestions(self.owner))
@@ -161,6 +193,38 @@ class Service:
                     log.warning("took over ingestions of a lost instance", extra={"jobs": taken})
             except Exception:  # the database may be briefly unreachable; try again next round
                 log.exception("sweep failed")
+
+    def _clean_failed_uploads(self) -> None:
+        """Uploads whose ingestion failed for good lose their file (the slide row keeps its error, and the key's
+        quota gets the bytes back)."""
+        uploads = self.cfg.data_dir / "uploads"
+        for slide in self.store.failed_uploads():
+            folder = Path(slide.path).parent
+            if folder.parent == uploads:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.store.update_slide(slide.id, bytes=None)
+
+    def _clean_uploads(self, at_start: bool = False) -> None:
+        """Failed uploads' files, and upload folders no slide refers to (a server killed mid-upload: `.part`
+        files): at start, when no other instance shares the database, all of them; otherwise those untouched for
+        ORPHAN_AGE_S."""
+        self._clean_failed_uploads()
+        uploads = self.cfg.data_dir / "uploads"
+        busy = set(self.uploading.copy())  # before the slide rows: an upload registers its row, then leaves
+        keep = {Path(p).parent.name for p in self.store.upload_paths()}
+        alone = at_start and not (self.store.live_owners() - {self.owner})
+        try:
+            entries = list(uploads.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name in keep or entry.name in busy or not (alone or _age(entry) > ORPHAN_AGE_S):
+                continue
+            log.warning("removing an unfinished upload", extra={"folder": entry.name})
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """Stop the lanes and the sweeper when started; always free the pipeline's sessions and the database."""
@@ -290,21 +354,29 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
 
     # -- auth ---------------------------------------------------------------------------------------------------------
     def require(scope: str):
+        """The key state is read from the store at every request: a key added with `locpath keys add` while the
+        service runs is required at once, and a non-loopback service whose keys are all revoked refuses."""
         async def check(request: Request, authorization: str | None = Header(default=None),
-                        x_api_key: str | None = Header(default=None)):
-            if not svc.auth_required:
-                return None
+                        x_api_key: str | None = Header(default=None)) -> Caller:
             token = auth.bearer(authorization, x_api_key)
+            key = svc.store.key_by_hash(auth.token_hash(token)) if token else None
+            if key is not None and key.revoked is None:
+                if not auth.allows(key.scopes, scope):
+                    raise ApiError(403, "permission_error", f"this key lacks the {scope!r} scope")
+                request.state.key_name = key.name
+                request.state.caller = Caller(key.id, "admin" in key.scopes.split(","))
+                return request.state.caller
+            challenge = {"WWW-Authenticate": "Bearer"}
+            if not svc.store.active_keys():
+                if svc.cfg.loopback:
+                    request.state.caller = OPEN
+                    return OPEN
+                raise ApiError(401, "authentication_error", "no API key is active on this service (it is not on "
+                               "loopback): add one with `locpath keys add`", challenge)
             if not token:
                 raise ApiError(401, "authentication_error", "an API key is required (Authorization: Bearer <key>)",
-                               {"WWW-Authenticate": "Bearer"})
-            key = svc.store.key_by_hash(auth.token_hash(token))
-            if key is None or key.revoked is not None:
-                raise ApiError(401, "authentication_error", "unknown or revoked API key", {"WWW-Authenticate": "Bearer"})
-            if not auth.allows(key.scopes, scope):
-                raise ApiError(403, "permission_error", f"this key lacks the {scope!r} scope")
-            request.state.key_name = key.name
-            return key
+                               challenge)
+            raise ApiError(401, "authentication_error", "unknown or revoked API key", challenge)
         return Depends(check)
 
     read, submit, admin = require("read"), require("submit"), require("admin")
@@ -349,40 +421,43 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
             raise ApiError(404, "not_found", f"no slide {slide_id!r}")
         return s
 
-    def slide_view(s) -> dict:
+    def slide_view(s, caller: Caller) -> dict:
         d = s.to_dict()
         d.pop("path", None)
         d["thumbnail"] = f"/v1/slides/{s.id}/thumbnail.png"
-        return d
+        return d if caller.admin else public_slide(d, svc.server_paths)
 
-    def register(name: str, kind: str, source: str, path: str, client_key: str | None) -> JSONResponse:
+    def register(name: str, kind: str, source: str, path: str, client_key: str | None, caller: Caller,
+                 size: int | None = None) -> JSONResponse:
         from .slide_files import record
 
         identity = record(path) if kind != "dicomweb" else None  # the file as registered: swaps are refused later
-        slide, created = svc.store.add_slide(name, kind, source, path, client_key)
+        slide, created = svc.store.add_slide(name, kind, source, path, client_key, caller.key_id, size)
         if not created:
-            job = svc.store.jobs(slide.id, limit=1)
-            return JSONResponse({"slide": slide_view(slide), "job": job[0].to_dict() if job else None,
+            job = svc.store.jobs(slide.id, limit=1, key_id=caller.key_id if not caller.admin else ANY_KEY,
+                                 kind="ingest")
+            return JSONResponse({"slide": slide_view(slide, caller),
+                                 "job": public_job(job[0], caller, svc.server_paths) if job else None,
                                  "existing": True}, 200)
         if identity is not None:
             svc.store.update_slide(slide.id, identity=identity)
         job, _ = svc.store.add_job("ingest", slide.id, {"source_kind": kind, "source": source},
-                                   owner=svc.owner)
+                                   owner=svc.owner, key_id=caller.key_id)
         try:
             svc.worker.submit_ingest(svc.ingest_task(job.id, svc.store.slide(slide.id)))
         except QueueFull as exc:
             svc.store.delete_slide(slide.id)  # nothing stored for a refused request
             raise ApiError(429, "rate_limit_error", str(exc), {"Retry-After": str(exc.retry_after)}) from None
-        return JSONResponse({"slide": slide_view(svc.store.slide(slide.id)), "job": job.to_dict(), "existing": False},
-                            202)
+        return JSONResponse({"slide": slide_view(svc.store.slide(slide.id), caller),
+                             "job": public_job(job, caller, svc.server_paths), "existing": False}, 202)
 
     @app.post("/v1/slides", dependencies=[submit])
-    async def register_slide(body: RegisterSlide):
+    async def register_slide(body: RegisterSlide, caller: Caller = submit):
         if (body.path is None) == (body.dicomweb is None):
             raise ApiError(400, "invalid_request_error", "give exactly one of 'path' or 'dicomweb'")
         if body.path is not None:
             path = resolve_under_roots(body.path, svc.cfg.slide_roots)
-            return register(body.name or path.name, "path", body.path, str(path), body.client_key)
+            return register(body.name or path.name, "path", body.path, str(path), body.client_key, caller)
         if not svc.cfg.dicomweb_url:
             raise ApiError(400, "invalid_request_error", "this service has no DICOMweb server (--dicomweb URL)")
         study = check_uid(body.dicomweb.study, "dicomweb.study")
@@ -390,29 +465,45 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         from .dicomweb import series_folder
 
         folder = series_folder(svc.cfg.data_dir, study, series)
-        return register(body.name or f"DICOM {series}", "dicomweb", f"{study}/{series}", str(folder), body.client_key)
+        return register(body.name or f"DICOM {series}", "dicomweb", f"{study}/{series}", str(folder), body.client_key,
+                        caller)
 
     @app.post("/v1/slides/upload", dependencies=[submit])
-    async def upload_slide(request: Request, filename: str, name: str | None = None, client_key: str | None = None):
+    async def upload_slide(request: Request, filename: str, name: str | None = None, client_key: str | None = None,
+                           caller: Caller = submit):
+        """Streamed into a private folder, counted against the key's quota as it arrives; whatever is refused
+        (quota, a bad file, 429, a client that leaves) leaves nothing on disk."""
         safe = safe_filename(filename)
         if client_key:
-            old = svc.store.slide_by_key(client_key)
-            if old is not None:
-                return JSONResponse({"slide": slide_view(old), "existing": True}, 200)
+            old = svc.store.slide_by_key(client_key, caller.key_id)
+            if old is not None and old.status != "failed":
+                return JSONResponse({"slide": slide_view(old, caller), "existing": True}, 200)
         from ..fsutil import atomic_file
 
-        folder = svc.cfg.data_dir / "uploads" / new_id()
+        quota = UploadQuota(svc, caller.key_id, new_id())
+        folder = svc.cfg.data_dir / "uploads" / quota.folder
         target = folder / safe
         try:
+            declared = request.headers.get("content-length", "")
+            quota.check(int(declared) if declared.isdigit() else 0)  # refused before a byte is stored
+            folder.mkdir(mode=0o700)
             with atomic_file(target, suffix=".part") as tmp:
+                os.chmod(tmp, 0o600)
                 with open(tmp, "wb") as out:
                     async for chunk_ in request.stream():
                         out.write(chunk_)
-                if tmp.stat().st_size == 0:
+                        quota.grow(len(chunk_))
+                if quota.size == 0:
                     raise ApiError(400, "invalid_request_error", "the upload is empty")
                 from ..wsi.factory import check_slide_file
 
                 check_slide_file(tmp)
+            os.chmod(target, 0o600)
+            quota.check(quota.size, fresh=True)
+            response = register(name or safe, "upload", safe, str(target), client_key, caller, quota.size)
+            if response.status_code != 202:  # the same client_key registered meanwhile: keep that one
+                shutil.rmtree(folder, ignore_errors=True)
+            return response
         except ClientDisconnect:
             shutil.rmtree(folder, ignore_errors=True)
             log.warning("upload abandoned: the client went away mid-body; partial file removed",
@@ -421,15 +512,16 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return register(name or safe, "upload", safe, str(target), client_key)
+        finally:
+            svc.uploading.pop(quota.folder, None)
 
     @app.get("/v1/slides", dependencies=[read])
-    async def list_slides():
-        return {"slides": [slide_view(s) for s in svc.store.slides()]}
+    async def list_slides(caller: Caller = read):
+        return {"slides": [slide_view(s, caller) for s in svc.store.slides()]}
 
     @app.get("/v1/slides/{slide_id}", dependencies=[read])
-    async def get_slide(slide_id: str):
-        return slide_view(slide_or_404(slide_id))
+    async def get_slide(slide_id: str, caller: Caller = read):
+        return slide_view(slide_or_404(slide_id), caller)
 
     @app.delete("/v1/slides/{slide_id}", dependencies=[admin])
     async def delete_slide(slide_id: str):
@@ -441,48 +533,60 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         return {"deleted": s.id}
 
     @app.get("/v1/slides/{slide_id}/thumbnail.png", dependencies=[read])
-    async def thumbnail(slide_id: str, evidence: str | None = None):
+    async def thumbnail(slide_id: str, evidence: str | None = None, caller: Caller = read):
         s = slide_or_404(slide_id)
         if s.status != "ready":
             raise ApiError(409, "not_ready", f"slide {s.id} is {s.status}")
-        if evidence is not None:
-            job = svc.store.job(evidence) if re.fullmatch(r"[0-9a-f]{16}", evidence) else None
-            if job is None or job.slide_id != s.id or job.kind != "question" or job.status != "done":
-                raise ApiError(404, "not_found", f"no finished question {evidence!r} about slide {s.id}")
-            png = await asyncio.to_thread(evidence_png, svc, s, job.to_dict())
-            return Response(png, media_type="image/png")
-        png = await asyncio.to_thread(thumbnail_png, svc, s)
+        try:
+            if evidence is not None:
+                job = svc.store.job(evidence) if re.fullmatch(r"[0-9a-f]{16}", evidence) else None
+                if job is None or not caller.owns(job) or job.slide_id != s.id or job.kind != "question" \
+                        or job.status != "done":  # another key's question reads as a missing one
+                    raise ApiError(404, "not_found", f"no finished question {evidence!r} about slide {s.id}")
+                png = await asyncio.to_thread(evidence_png, svc, s, job.to_dict())
+                return Response(png, media_type="image/png")
+            png = await asyncio.to_thread(thumbnail_png, svc, s)
+        except LocpathError as exc:
+            if not caller.admin:  # same error and status, without the server's paths
+                exc.args = (hide_paths(str(exc), svc.server_paths),)
+            raise
         return Response(png, media_type="image/png")
 
     # -- jobs ---------------------------------------------------------------------------------------------------------------
     @app.get("/v1/jobs", dependencies=[read])
-    async def list_jobs(slide_id: str | None = None, limit: int = 100):
-        return {"jobs": [j.to_dict() for j in svc.store.jobs(slide_id, min(max(limit, 1), 1000))]}
+    async def list_jobs(slide_id: str | None = None, limit: int = 100, caller: Caller = read):
+        """A key's own jobs (an admin key: everyone's)."""
+        jobs = svc.store.jobs(slide_id, min(max(limit, 1), 1000), key_id=ANY_KEY if caller.admin else caller.key_id)
+        return {"jobs": [public_job(j, caller, svc.server_paths) for j in jobs]}
 
     @app.get("/v1/jobs/{job_id}", dependencies=[read])
-    async def get_job(job_id: str):
+    async def get_job(job_id: str, caller: Caller = read):
         job = svc.store.job(job_id) if re.fullmatch(r"[0-9a-f]{16}", job_id) else None
-        if job is None:
+        if job is None or not caller.owns(job):  # another key's job reads as a missing one
             raise ApiError(404, "not_found", f"no job {job_id!r}")
-        return job.to_dict()
+        return public_job(job, caller, svc.server_paths)
 
     # -- questions ------------------------------------------------------------------------------------------------------------
     def ready_slide(slide_id: str):
         s = slide_or_404(slide_id)
         if s.status != "ready":
-            detail = f" ({s.progress:.0%})" if s.status == "ingesting" else (f": {s.error}" if s.error else "")
+            error = hide_paths(s.error, svc.server_paths) if s.error else ""
+            detail = f" ({s.progress:.0%})" if s.status == "ingesting" else (f": {error}" if error else "")
             raise ApiError(409, "not_ready", f"slide {s.id} is {s.status}{detail}; ask when it is ready")
         with checked_file(svc, s):  # swapped or escaped since registration: refused here, before queueing
             pass
         return s
 
-    def start_question(slide, question: str, sampling: dict, client_key: str | None, request_body: dict):
+    def start_question(request: Request, slide, question: str, sampling: dict, client_key: str | None,
+                       request_body: dict):
+        """A new question job of the caller's key (and its task), or (None, the job) a client_key already names."""
         if len(question) > svc.cfg.max_question_chars:
             raise ApiError(400, "invalid_request_error",
                            f"the question is {len(question)} characters; at most {svc.cfg.max_question_chars}")
         params = svc.pipe.sampling(**sampling)
         svc.pipe.check_question(question, params)  # too long for the KV cache, bad options: 400 before queueing
-        job, created = svc.store.add_job("question", slide.id, request_body, client_key, owner=svc.owner)
+        job, created = svc.store.add_job("question", slide.id, request_body, client_key, owner=svc.owner,
+                                         key_id=request.state.caller.key_id)
         if not created:
             return None, job
         task = QuestionTask(job.id, slide.path, question, sampling, asyncio.get_running_loop(), asyncio.Queue(),
@@ -502,7 +606,8 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
                 task.cancelled.set()
                 raise ApiError(504, "timeout", f"no answer within {svc.cfg.question_timeout_s:g} s")
             try:
-                return await asyncio.wait_for(task.events.get(), timeout=min(left, 0.5))
+                event = await asyncio.wait_for(task.events.get(), timeout=min(left, 0.5))
+                return event if request.state.caller.admin else public_event(event, svc.server_paths)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     task.cancelled.set()
@@ -517,18 +622,25 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
             if kind == "error":
                 raise ApiError(400, "invalid_request_error", value)
 
-    def stored_answer(job):
+    def stored_answer(job, request: Request, slide_id: str, question: str):
+        """The answer of an earlier question with this client_key (the caller's own: keys are scoped)."""
+        asked = job.to_dict()["request"]
+        if job.slide_id != slide_id or asked.get("question") != question:
+            raise ApiError(409, "conflict", f"this client_key was used for another question (job {job.id})")
         if job.status == "done":
-            return JSONResponse(job.to_dict()["result"])
-        raise ApiError(409, "conflict", f"a question with this client_key is {job.status} (job {job.id})")
+            caller = request.state.caller
+            result = job.to_dict()["result"]
+            return JSONResponse(dict(result if caller.admin else public_answer(result, svc.server_paths), job=job.id))
+        raise ApiError(409, "conflict", f"a question with this client_key is {job.status} (job {job.id})",
+                       {"Retry-After": str(max(1, round(svc.worker.answer_seconds)))})
 
     @app.post("/v1/slides/{slide_id}/questions", dependencies=[submit])
     async def ask(slide_id: str, body: Ask, request: Request):
         slide = ready_slide(slide_id)
-        task, job = start_question(slide, body.question, body.sampling(), body.client_key,
+        task, job = start_question(request, slide, body.question, body.sampling(), body.client_key,
                                    body.model_dump(exclude={"client_key"}))
         if task is None:
-            return stored_answer(job)
+            return stored_answer(job, request, slide.id, body.question)
         if not body.stream:
             answer = await whole_answer(task, request)
             return dict(answer.to_dict(body.evidence_tiles), job=job.id)
@@ -560,7 +672,8 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
         body = parse_json(await request.body())  # bounded depth, strict JSON (also checked by Guard)
         slide_id, question, sampling, stream = parse_chat(body)
         slide = ready_slide(slide_id)
-        task, job = start_question(slide, question, sampling, None, {"question": question, "openai": True, **sampling})
+        task, job = start_question(request, slide, question, sampling, None,
+                                   {"question": question, "openai": True, **sampling})
         cid, model = completion_id(), body.get("model") or MODEL
         if not stream:
             return completion(cid, model, await whole_answer(task, request))
@@ -627,6 +740,122 @@ def error_json(status: int, kind: str, message: str, headers: dict | None = None
     """The one error shape; a message quoting the client's text cannot fail to encode (a lone surrogate)."""
     text = message.encode("utf-8", "replace").decode("utf-8")
     return JSONResponse({"error": {"type": kind, "message": text}}, status, headers=headers or None)
+
+
+# -- what a non-admin key sees: no server paths ---------------------------------------------------------------
+_ABS_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^/\s'\"]+/)+[^/\s'\"]*")
+
+
+def _server_paths(cfg: ServeConfig) -> list[str]:
+    """The folders whose names a non-admin key must not learn (as given and resolved), longest first."""
+    found = set()
+    for p in (cfg.data_dir, cfg.cache_dir, cfg.bundle, *cfg.slide_roots):
+        if p is None:
+            continue
+        for q in (Path(p), Path(p).resolve(), Path(p).absolute()):
+            if len(str(q)) > 1:
+                found.add(str(q).rstrip("/"))
+    return sorted(found, key=len, reverse=True)
+
+
+def hide_paths(text: str, server_paths: list[str]) -> str:
+    """A message with every server path shortened to its file name (known folders first, so names with spaces
+    go whole; then anything that looks like an absolute path)."""
+    for prefix in server_paths:
+        text = re.sub(re.escape(prefix) + r"(?:/[^\s'\"]*)?", lambda m: Path(m.group(0)).name, text)
+    return _ABS_PATH.sub(lambda m: Path(m.group(0)).name, text)
+
+
+def public_answer(answer: dict, server_paths: list[str]) -> dict:
+    slide = dict(answer.get("slide") or {})
+    if isinstance(slide.get("source"), str):
+        slide["source"] = Path(slide["source"]).name
+    return dict(answer, slide=slide)
+
+
+def public_event(event: tuple, server_paths: list[str]) -> tuple:
+    kind, value = event
+    if kind == "done":
+        return kind, dataclasses.replace(value, slide=public_answer({"slide": value.slide}, server_paths)["slide"])
+    if kind == "error":
+        return kind, hide_paths(value, server_paths)
+    return event
+
+
+def public_slide(d: dict, server_paths: list[str]) -> dict:
+    d = dict(d)
+    d.pop("key_id", None)
+    if d.get("source_kind") == "path":
+        d["source"] = Path(d["source"]).name
+    if d.get("error"):
+        d["error"] = hide_paths(d["error"], server_paths)
+    return d
+
+
+def public_job(job, caller: Caller, server_paths: list[str]) -> dict:
+    d = job.to_dict()
+    if caller.admin:
+        return d
+    for k in ("key_id", "owner"):  # internal: which key (the caller's own) and which server host ran it
+        d.pop(k, None)
+    if d.get("error"):
+        d["error"] = hide_paths(d["error"], server_paths)
+    req = d.get("request")
+    if isinstance(req, dict) and req.get("source_kind") == "path" and isinstance(req.get("source"), str):
+        d["request"] = dict(req, source=Path(req["source"]).name)
+    if isinstance(d.get("result"), dict) and "slide" in d["result"]:
+        d["result"] = public_answer(d["result"], server_paths)
+    return d
+
+
+# -- uploads ---------------------------------------------------------------------------------------------------------
+class UploadQuota:
+    """One upload's share of its key's quota: the key's stored uploads (from the store, refreshed every 64 MiB)
+    plus its other uploads in flight on this instance plus this one's bytes so far must stay within the quota."""
+
+    REFRESH = 64 << 20
+
+    def __init__(self, svc: Service, key_id: str | None, folder: str):
+        self.svc, self.key_id, self.folder, self.size = svc, key_id, folder, 0
+        self.stored = svc.store.upload_bytes(key_id)
+        self.checked = 0
+        svc.uploading[folder] = (key_id, 0)
+
+    def grow(self, n: int) -> None:
+        self.size += n
+        self.svc.uploading[self.folder] = (self.key_id, self.size)
+        self.check(self.size, fresh=self.size - self.checked >= self.REFRESH)
+
+    def check(self, size: int, fresh: bool = False) -> None:
+        if fresh:
+            self.stored, self.checked = self.svc.store.upload_bytes(self.key_id), size
+        others = sum(n for f, (k, n) in list(self.svc.uploading.items()) if k == self.key_id and f != self.folder)
+        quota = self.svc.cfg.upload_quota_bytes
+        if self.stored + others + size > quota:
+            raise ApiError(413, "insufficient_quota", f"this upload would take the key's uploads past its quota of "
+                           f"{quota} bytes ({self.stored + others} bytes stored or arriving); delete slides first")
+
+
+def _private_dirs(data_dir: Path) -> None:
+    """The data folder (when made here) and its subfolders: this user's only (uploads are patients' data)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for sub in ("uploads", "dicomweb", "thumbnails"):
+            (data_dir / sub).mkdir(exist_ok=True, mode=0o700)
+            st = (data_dir / sub).stat()
+            if st.st_mode & 0o077 and st.st_uid == os.getuid():
+                os.chmod(data_dir / sub, 0o700)
+    except OSError:
+        pass  # ServeConfig.validate says what is wrong
+
+
+def _age(path: Path) -> float:
+    """Seconds since anything in an upload folder last changed."""
+    try:
+        times = [path.lstat().st_mtime] + ([p.lstat().st_mtime for p in path.iterdir()] if path.is_dir() else [])
+    except OSError:
+        return 0.0
+    return time.time() - max(times)
 
 
 def safe_filename(name: str) -> str:

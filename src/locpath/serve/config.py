@@ -23,6 +23,8 @@ class ServeConfig:
     threads: int | None = None
     dicomweb_url: str | None = None  # a DICOMweb server slides can be pulled from by study/series UID
     max_upload_bytes: int = 4 << 30
+    upload_quota_bytes: int = 64 << 30  # per API key: the bytes of its stored uploads (checked while streaming)
+    init_database: bool = False  # accept an empty or non-locpath database file (else refused: keys would be gone)
     max_request_bytes: int = 64 << 10  # JSON bodies
     max_question_chars: int = 2000
     question_queue: int = 16  # questions waiting for the decoder; more get 429

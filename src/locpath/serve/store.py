@@ -133,7 +133,8 @@ MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6)]
 STALE_AFTER_S = 60.0  # an instance (or a running job's owner) not heard of for this long is gone
 ACTIVE = ("queued", "running")
 RETRYABLE = ("cancelled", "failed")  # a client_key whose job ended so may run again
-ANY_KEY = object()
+ANY_KEY = "*"  # jobs(key_id=ANY_KEY): every key's. A string, not object(): Ray ships the app's closures by value,
+# and a pickled copy of a sentinel object is no longer `is` the store's (every listing failed on Ray Serve)
 
 
 class StoreError(LocpathError):
@@ -333,7 +334,7 @@ class JobStore:
                 q = q.where(JOBS.c.slide_id == slide_id)
             if kind:
                 q = q.where(JOBS.c.kind == kind)
-            if key_id is not ANY_KEY:
+            if key_id != ANY_KEY:
                 q = q.where(JOBS.c.key_id.is_(None) if key_id is None else JOBS.c.key_id == key_id)
             return [Record(dict(r)) for r in conn.execute(q).mappings()]
 

@@ -202,25 +202,6 @@ def saved_module_keys(cfg: dict, names: list[str], where: object) -> dict[str, s
     return out
 
 
-def peft_replaced_modules(folder: str | os.PathLike) -> dict[str, dict[str, tuple[int, ...]]]:
-    """module -> {base weight name: shape} that a PEFT adapter folder replaces wholesale (headers only)."""
-    folder = Path(folder)
-    cfg = load_json(folder / "adapter_config.json", "adapter config", folder)
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{folder / 'adapter_config.json'}: not a JSON object")
-    st = folder / "adapter_model.safetensors"
-    if not (st.exists() or st.is_symlink()):
-        return {}
-    files = SafetensorsFiles([st], folder)
-    try:
-        out: dict[str, dict[str, tuple[int, ...]]] = {}
-        for k, w in saved_module_keys(cfg, files.names(), folder / "adapter_config.json").items():
-            out.setdefault(w.rsplit(".", 1)[0], {})[w] = files.shape(k)
-        return out
-    finally:
-        files.close()
-
-
 def check_replaced(replaced: dict[str, dict[str, tuple[int, ...]]], base: dict[str, tuple[int, ...]], tied: bool,
                    source: object) -> list[str]:
     """Modules an adapter replaces wholesale, checked against the base LLM's weight shapes; returns one warning

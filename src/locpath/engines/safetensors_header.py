@@ -202,3 +202,40 @@ def read_index(index: Path, folder: Path) -> dict[str, str]:
         if not v.endswith(".safetensors"):
             raise CheckpointError(f"{index}: shard {v[:120]!r} is not safetensors (torch shards: not supported)")
     return wm
+
+
+MAX_FOLDER_ENTRIES = 100_000
+
+
+def check_folder(folder: Path) -> None:
+    """Every entry of a checkpoint folder (what Hugging Face loaders may open by name) resolves inside it and is a
+    regular file or a folder: a symlink out of it, a loop, a FIFO or a device is refused in one line naming it.
+    (Hugging Face cache snapshots, whose files are symlinks into ../../blobs, are refused: download with
+    `--local-dir` for a folder of real files.)"""
+    folder = Path(folder)
+    try:
+        root = folder.resolve(strict=True)
+        entries = []
+        with os.scandir(root) as it:
+            for e in it:
+                entries.append(e.name)
+                if len(entries) > MAX_FOLDER_ENTRIES:
+                    raise CheckpointError(f"{folder}: over {MAX_FOLDER_ENTRIES} entries; not a checkpoint folder")
+    except CheckpointError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{folder}: cannot be listed ({getattr(exc, 'strerror', None) or exc})") from None
+    for name in sorted(entries):
+        p = folder / name
+        try:
+            real = p.resolve(strict=True)
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise CheckpointError(f"{p}: a broken symbolic link") from None
+        except (OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{p}: cannot be read ({getattr(exc, 'strerror', None) or 'symbolic link loop'})") \
+                from None
+        if real != root and root not in real.parents:
+            raise CheckpointError(f"{p}: resolves to {real}, outside its folder {root}; refused")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise CheckpointError(f"{p}: not a regular file (a FIFO, socket or device)")

@@ -29,10 +29,13 @@ _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2
 FLOAT_DTYPES = tuple(_DTYPES)
 
 
-def _confined(folder: Path, name: object, where: Path) -> Path:
+def confined_name(folder: Path, name: object, where: Path) -> Path:
     """folder/name for a name an index or config gives; the file is checked again (resolved inside the folder,
     regular) when it is opened."""
-    return folder / plain_name(name, where)
+    p = folder / plain_name(name, where)
+    if not (p.exists() or p.is_symlink()):
+        raise CheckpointError(f"{where}: names shard {name!r}, which is not in {folder}")
+    return p
 
 
 class SafetensorsFiles:
@@ -151,7 +154,7 @@ class HFFolder:
         index = self.folder / "model.safetensors.index.json"
         if index.exists() or index.is_symlink():
             wm = read_index(index, self.folder)
-            files = sorted({_confined(self.folder, v, index) for v in wm.values()})
+            files = sorted({confined_name(self.folder, v, index) for v in wm.values()})
             self.weights = SafetensorsFiles(files, self.folder)
             unlisted = sorted(set(wm) - set(self.weights.names()))
             if unlisted:

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engines.hf_weights import SafetensorsFiles
+from ..engines.hf_weights import SafetensorsFiles, confined_name
 from ..engines.safetensors_header import ST_DTYPES, load_json, read_index
 from ..errors import CheckpointError
 
@@ -115,7 +115,7 @@ def _sharded(folder: Path, index: Path, kind: str, meta: dict) -> TensorSource:
     infos, where = {}, {}
     try:
         for name in shards:
-            f = folder / name
+            f = confined_name(folder, name, index)
             reader = SafetensorsFiles([f], folder, dtypes=tuple(ST_DTYPES))
             listed = {k for k, v in weight_map.items() if v == name}
             absent = sorted(listed - set(reader.entries))

@@ -297,3 +297,76 @@ def test_import_refuses_an_llm_folder_with_escaping_or_special_files(tmp_path):
     (llm4 / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
     _one_line(_import(llm4, stage2, km, tmp_path / "out"), "config.json", "nested too deeply")
     assert not (tmp_path / "out").exists()
+
+
+# -- PEFT modules_to_save -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm_and_adapter(tmp_path_factory):
+    """The reduced Qwen2.5 folder of test_import.py and a PEFT adapter trained with modules_to_save=["lm_head"]:
+    PEFT saves a whole lm_head, which replaces the base's at merge."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from test_import import write_qwen_folder
+
+    root = tmp_path_factory.mktemp("peft_save")
+    hf = write_qwen_folder(root / "Qwen2.5-reduced")
+    base = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True, dtype=torch.float32)
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    pm.save_pretrained(root / "adapter")
+    return hf, root / "adapter"
+
+
+def _peft_import(hf, adapter, out, *extra):
+    from test_import import HEADS, LOCPATH_OVERRIDES
+
+    config = dict(LOCPATH_OVERRIDES, cara={"num_heads": HEADS})
+    return cli("import", "--llm", hf, "--lora", adapter, "--out", out, "--allow-missing", "--cara-layers", "1,3",
+               "--config", json.dumps(config), "--json", *extra, timeout=600)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("stream", ["off", "on"])
+def test_peft_modules_to_save_is_said_recorded_and_applied(llm_and_adapter, tmp_path, stream):
+    from safetensors.numpy import load_file
+
+    hf, adapter = llm_and_adapter
+    res = _peft_import(hf, adapter, tmp_path / "ckpt", "--stream", stream, "--dtype", "float32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    warnings = [ln for ln in res.stderr.splitlines() if "wholesale" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("locpath: warning: ") and "lm_head" in warnings[0], \
+        res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["lora"][0]["replaced_modules"] == ["lm_head"]
+    saved = json.loads((tmp_path / "ckpt" / "import.json").read_text())
+    assert saved["lora"][0]["replaced_modules"] == ["lm_head"]
+    want = load_file(str(adapter / "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
+    got = load_file(str(tmp_path / "ckpt" / "model.safetensors"))["llm.lm_head.weight"]
+    np.testing.assert_array_equal(got, want)  # the adapter's lm_head, not the base's
+
+
+@pytest.mark.torch
+def test_peft_modules_to_save_with_another_shape_is_refused(llm_and_adapter, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    hf, adapter = llm_and_adapter
+    bad = tmp_path / "adapter"
+    shutil.copytree(adapter, bad)
+    sd = load_file(str(bad / "adapter_model.safetensors"))
+    w = sd["base_model.model.lm_head.weight"]
+    sd["base_model.model.lm_head.weight"] = np.zeros((w.shape[0] + 64, w.shape[1]), w.dtype)  # a grown vocabulary
+    save_file(sd, str(bad / "adapter_model.safetensors"))
+    for stream in ("off", "on"):
+        line = _one_line(_peft_import(hf, bad, tmp_path / "ckpt", "--stream", stream), bad, "lm_head",
+                         f"[{w.shape[0] + 64}, {w.shape[1]}]", f"[{w.shape[0]}, {w.shape[1]}]")
+        assert "modules_to_save" in line
+    assert not (tmp_path / "ckpt").exists()

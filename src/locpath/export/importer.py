@@ -150,12 +150,27 @@ def _read_text(p: Path, folder: Path | None = None) -> str:
         os.close(fd)
 
 
-def check_llm_weights(folder: Path) -> None:
+def check_llm_weights(folder: Path) -> dict[str, tuple[int, ...]] | None:
     """The LLM folder's safetensors (index, shards, headers) checked as the streamed import reads them, before
-    transformers opens them by name: a shard outside the folder or a malformed header is one line here."""
+    transformers opens them by name: a shard outside the folder or a malformed header is one line here. Returns
+    the weights' shapes (None for a folder without safetensors)."""
     if any((folder / n).exists() or (folder / n).is_symlink()
            for n in ("model.safetensors.index.json", "model.safetensors")):
-        HFFolder(folder).weights.close()
+        w = HFFolder(folder).weights
+        w.close()
+        return {k: e.shape for k, e in w.entries.items()}
+    return None
+
+
+def check_adapter_modules(src: TensorSource, base: dict[str, tuple[int, ...]], tied: bool) -> list[str]:
+    """A PEFT adapter's modules_to_save: a warning line for each module it replaces wholesale (never silent), one
+    error line for a replacement whose shape is not the base's; returns the modules, for import.json."""
+    replaced: dict[str, dict[str, tuple]] = {}
+    for k, w in saved_module_keys(src.meta, src.keys(), src.path / "adapter_config.json").items():
+        replaced.setdefault(w.rsplit(".", 1)[0], {})[w] = src.infos[k].shape
+    for line in check_replaced(replaced, base, tied, src.path):
+        warn(line)
+    return sorted(replaced)
 
 
 # -- config -------------------------------------------------------------------------------------------------------
@@ -429,18 +444,13 @@ def lora_file_factors(src: TensorSource) -> dict[str, dict[str, object]]:
 
 # -- the import ---------------------------------------------------------------------------------------------------
 def import_checkpoint(opts: ImportOptions, log=print) -> dict:
-    import torch
-
-    from ..models.checkpoint import save_checkpoint  # writes atomically (fsutil.atomic_dir)
-    from ..models.slide_llm import LocPathModel
-
     t0 = time.time()
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
     kmap = load_keymap(opts.key_map) if opts.release or opts.key_map else None
     hf, tok, template, template_from = read_llm_folder(Path(opts.llm), opts.chat_template)
-    check_llm_weights(Path(opts.llm))
+    llm_shapes = check_llm_weights(Path(opts.llm))
     files: list[ReleaseFile] = []
     for role in RELEASE_FILES:
         if role in opts.release:
@@ -453,7 +463,18 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
         if Path(opts.lora).is_dir():
             check_folder(Path(opts.lora))
         lora_src = open_source(opts.lora)
+    replaced_modules: list[str] = []
+    if lora_src is not None and lora_src.kind == "peft-adapter" and llm_shapes is not None:  # before torch loads
+        replaced_modules = check_adapter_modules(lora_src, llm_shapes, bool(hf.get("tie_word_embeddings", False)))
     planned = {t for rf in files for a in rf.plan.assignments for t in a.targets}
+    try:
+        import torch  # imported once the files are checked: a bad file is refused in well under a second
+    except ImportError as exc:
+        raise LocpathError(f"import needs the training extra (pip install 'locpath[train]'): {exc}") from None
+
+    from ..models.checkpoint import save_checkpoint  # writes atomically (fsutil.atomic_dir)
+    from ..models.slide_llm import LocPathModel
+
     cfg = build_config(opts, hf, kmap, planned)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     with torch.device("meta"):
@@ -470,15 +491,9 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
         raise CheckpointError(f"{len(missing)} locpath tensors are filled by no release file ({where}) and no "
                               f"`from` rule: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} "
                               "(check the key map, or --allow-missing to keep them random)")
-    replaced_modules: list[str] = []
-    if lora_src is not None and lora_src.kind == "peft-adapter":  # modules_to_save: said, and checked, never silent
-        replaced: dict[str, dict[str, tuple]] = {}
-        for k, w in saved_module_keys(lora_src.meta, lora_src.keys(), Path(opts.lora) / "adapter_config.json").items():
-            replaced.setdefault(w.rsplit(".", 1)[0], {})[w] = lora_src.infos[k].shape
+    if lora_src is not None and lora_src.kind == "peft-adapter" and llm_shapes is None:  # a .bin LLM folder
         base = {k: tuple(v.shape) for k, v in meta.llm.state_dict().items()}
-        for line in check_replaced(replaced, base, bool(cfg.llm.tie_word_embeddings), Path(opts.lora)):
-            warn(line)
-        replaced_modules = sorted(replaced)
+        replaced_modules = check_adapter_modules(lora_src, base, bool(cfg.llm.tie_word_embeddings))
     if lora_src is not None and lora_src.kind != "peft-adapter":
         _check_factors({m: {ab: tuple(t.shape) for ab, t in f.items()} for m, f in lora_file_factors(lora_src).items()},
                        meta.llm, str(lora_src.path))

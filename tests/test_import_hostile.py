@@ -50,6 +50,14 @@ def test_a_well_formed_file_still_reads(tmp_path):
     assert inv["tensors"] == 2 and inv["parameters"] == 4 and inv["bytes"] == 16
 
 
+def test_names_with_terminal_escapes_are_shown_escaped(tmp_path):
+    header = {"evil\x1b]0;owned\x07\x1b[2J": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    p = write_st(tmp_path / "esc.safetensors", header, b"\0" * 4)
+    res = inspect(p)
+    assert res.returncode == 0, res.stderr
+    assert "\x1b" not in res.stdout and "\x07" not in res.stdout and "evil\\x1b]0;owned\\x07" in res.stdout
+
+
 def _bad_headers():
     h = good_header()
     neg_dim = {"a": {"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]}}  # (-2)(-1)(4) = 8 bytes: passed
@@ -65,7 +73,7 @@ def _bad_headers():
         ("overlap", overlap, 12, "overlaps"),
         ("same-bytes", same, 8, "overlaps"),
         ("hole", hole, 16, "belong to no tensor"),
-        ("past-end", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "past the end"),
+        ("past-end", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "outside the file"),
         ("numel", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, 16, "needs 12 bytes"),
         ("dtype", {"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, 8, "unknown dtype 'F33'"),
         ("float-dim", {"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, 8, "non-negative integers"),

@@ -181,8 +181,8 @@ def _entry(path: Path, name: str, e: object, data_len: int) -> tuple[int, int, s
         raise CheckpointError(f"{what}: data_offsets {str(offs)[:120]} are not [start, end] with 0 <= start <= end")
     start, end = offs
     if end > data_len:
-        raise CheckpointError(f"{what}: bytes {start}-{end} lie past the end of the file's {data_len} data bytes "
-                              "(truncated file?)")
+        raise CheckpointError(f"{what}: bytes {start}-{end} lie outside the file, past the end of its {data_len} "
+                              "data bytes (truncated file?)")
     need = math.prod(shape) * ST_DTYPES[dtype][1]
     if end - start != need:
         raise CheckpointError(f"{what}: shape {shape} of {dtype} needs {need} bytes, its offsets span {end - start}")

@@ -323,4 +323,12 @@ def format_inventory(inv: dict) -> str:
     for r in inv["groups"]:
         lines.append(f"{r['prefix']:<{width}}  {r['count']:>5}  {_shape_text(r):<24} {','.join(r['dtypes']):<10} "
                      f"{_human(r['parameters']):>10}")
-    return "\n".join(lines)
+    return _printable("\n".join(lines))
+
+
+def _printable(text: str) -> str:
+    """Names and config values come from the file: control characters (terminal escapes) and lone surrogates are
+    shown escaped, never sent to the terminal as they are."""
+    if text.isprintable() or all(c.isprintable() or c == "\n" for c in text):
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode("ascii") for c in text)

@@ -213,7 +213,8 @@ class KeyMap:
 
 
 def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(i if len(i) <= 200 else i[:200] + "..." for i in items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+    cut = [i if len(i) <= 200 else i[:200] + "..." for i in items[:n]]
+    return ", ".join(cut) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _targets(rule: Rule, m: re.Match, key: str, where: str) -> list[str]:

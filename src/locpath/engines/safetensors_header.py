@@ -93,12 +93,12 @@ def pread_all(fd: int, n: int, offset: int, where: object) -> bytes:
 
 
 def _no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise ValueError(f"the name {k[:120]!r} appears twice")
-        seen[k] = v
-    return seen
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        k = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the name {k[:120]!r} appears twice")
+    return d
 
 
 def parse_json(raw: bytes | str, where: object, what: str):

@@ -304,6 +304,16 @@ def test_import_refuses_an_llm_folder_with_escaping_or_special_files(tmp_path):
     llm4 = _tiny_llm(tmp_path / "llm4")
     (llm4 / "config.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
     _one_line(_import(llm4, stage2, km, tmp_path / "out"), "config.json", "nested too deeply")
+    llm = _tiny_llm(tmp_path / "llm5")
+    fifo = tmp_path / "options.fifo"
+    os.mkfifo(fifo)
+    t0 = time.monotonic()  # option files that are FIFOs or nested past the parser: one line, never blocked
+    _one_line(_import(llm, stage2, km, tmp_path / "out", "--config", fifo), fifo, "not a regular file")
+    _one_line(_import(llm, stage2, km, tmp_path / "out", "--chat-template", fifo), fifo, "not a regular file")
+    deep = tmp_path / "deep.json"
+    deep.write_text("{" + '"a": {' * 100_000 + "}" * 100_001)
+    _one_line(_import(llm, stage2, km, tmp_path / "out", "--config", deep), deep, "not valid JSON")
+    assert time.monotonic() - t0 < 60
     assert not (tmp_path / "out").exists()
 
 

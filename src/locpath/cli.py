@@ -253,14 +253,16 @@ def _json_arg(text: str | None, option: str):
         return None
     raw = text
     if not text.lstrip().startswith("{"):
-        try:
-            raw = Path(text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise LocpathError(f"{option} {text}: cannot read ({exc})") from None
+        from .bundle.paths import read_bounded
+
+        try:  # a regular file of at most 1 MiB: never a FIFO or device read for ever
+            raw = read_bounded(Path(text), 1 << 20, f"{option} file").decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LocpathError(f"{option} {text}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LocpathError(f"{option} {text[:80]}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise LocpathError(f"{option} {text[:80]}: not valid JSON ({str(exc)[:200] or 'nested too deeply'})") from None
     if not isinstance(value, dict):
         raise LocpathError(f"{option}: a JSON object of ModelConfig fields, e.g. '{{\"resampler\": {{\"depth\": 1}}}}'")
     return value

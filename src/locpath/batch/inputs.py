@@ -6,7 +6,10 @@ numbers; otherwise (e.g. slides.csv, one path per line) it is a slide list."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 from ..bundle.paths import read_bounded
@@ -16,6 +19,7 @@ SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".bif", ".v
                   ".h5", ".hdf5")
 TEXT_LIMIT = 16 << 20  # a slide list or questions file larger than this is not one
 SNIFF_BYTES = 1 << 20  # what is read of a .csv to tell a feature file from a slide list
+MAX_QUESTIONS = 4096  # every slide is asked every question: more than this is a mistake, not a study
 
 
 def is_feature_csv(p: Path) -> bool:
@@ -71,17 +75,49 @@ def list_slides(source: str | Path) -> list[Path]:
         found = [p]  # one slide or feature file
     else:
         lines = _read_text(p, "slide list").splitlines()
-        found = [Path(x.strip()) if Path(x.strip()).is_absolute() else p.parent / x.strip()
-                 for x in lines if x.strip() and not x.lstrip().startswith("#")]
+        found = [_list_entry(p, n, x.strip()) for n, x in enumerate(lines, 1)
+                 if x.strip() and not x.lstrip().startswith("#")]
         if not found:
             raise LocpathError(f"{p}: the slide list is empty")
     out, seen = [], set()
     for f in found:
-        r = f.resolve()
+        try:
+            r = f.resolve()
+        except (OSError, RuntimeError) as exc:  # a loop in a parent folder
+            raise LocpathError(f"{f}: cannot be resolved ({getattr(exc, 'strerror', None) or exc})") from None
         if r not in seen:
             seen.add(r)
             out.append(r)
     return out
+
+
+def _list_entry(listing: Path, line: int, entry: str) -> Path:
+    """One entry of a slide list, refused in one line naming the list, the line and the entry when it can never be a
+    slide (a symlink loop, a folder that is no DICOM series, a FIFO, socket or device, a name the system refuses).
+    A missing file is left to the run: it becomes that slide's failed row, as a slide that vanishes mid-run does."""
+    from ..wsi.dicom import is_dicom_folder
+
+    where = f"{listing}: line {line}: {entry[:200]!r}"
+    f = Path(entry) if Path(entry).is_absolute() else listing.parent / entry
+    try:
+        st = os.stat(f)
+    except FileNotFoundError:
+        return f
+    except ValueError:  # an embedded NUL
+        raise LocpathError(f"{where}: not a valid path") from None
+    except OSError as exc:
+        what = "a symbolic link loop" if exc.errno == errno.ELOOP else f"cannot be read ({exc.strerror or exc})"
+        raise LocpathError(f"{where}: {what}") from None
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            dicom = is_dicom_folder(f)
+        except OSError:
+            dicom = False
+        if not dicom:
+            raise LocpathError(f"{where}: is a folder, not a slide file (nor a DICOM series folder)")
+    elif not stat.S_ISREG(st.st_mode):
+        raise LocpathError(f"{where}: not a regular file (a FIFO, socket or device)")
+    return f
 
 
 def read_questions(path: str | Path) -> list[str]:
@@ -90,13 +126,22 @@ def read_questions(path: str | Path) -> list[str]:
     if text.lstrip().startswith("["):
         try:
             qs = json.loads(text)
-        except ValueError as exc:
-            raise LocpathError(f"{p}: not a JSON list of questions ({exc})") from None
+        except (ValueError, RecursionError) as exc:
+            raise LocpathError(f"{p}: not a JSON list of questions ({str(exc)[:200] or 'nested too deeply'})") \
+                from None
         if not isinstance(qs, list) or not all(isinstance(q, str) for q in qs):
             raise LocpathError(f"{p}: a JSON questions file must be a list of strings")
     else:
         qs = [line for line in text.splitlines()]
+    from ..runtime.pipeline import MAX_QUESTION_CHARS
+
     qs = [q.strip() for q in qs if q.strip()]
     if not qs:
         raise LocpathError(f"{p}: no questions in it")
+    if len(qs) > MAX_QUESTIONS:
+        raise LocpathError(f"{p}: {len(qs)} questions, over the limit of {MAX_QUESTIONS} (every slide is asked "
+                           "every question)")
+    for i, q in enumerate(qs, 1):
+        if len(q) > MAX_QUESTION_CHARS:
+            raise LocpathError(f"{p}: question {i} is {len(q)} characters long; at most {MAX_QUESTION_CHARS}")
     return qs

@@ -1,6 +1,7 @@
 """One slide of a batch, through the pipeline's public stages, in two halves so a runner can overlap them:
 
-    staged = stage_slide(pipe, out, path, questions, sampling)   # hash; skip when its content has a record; check
+    staged = stage_slide(pipe, out, path, questions, sampling)   # hash; skip when a record has this content, these
+                                                                 # questions and options and this bundle; check
                                                                  # the questions; prepare (tiles, encoder, STM,
                                                                  # resampler; latents into the slide cache)
     row = finish_slide(pipe, out, staged, questions, sampling)   # answer every question as one batch, write its
@@ -46,7 +47,7 @@ def stage_slide(pipe, out: Output, path: Path, questions: list[str], sampling: d
         check_slide_file(path)
         digest = pipe.cache.content_hash(path) if pipe.cache else content_digest(path)
         row["digest"] = digest
-        if out.done(digest):
+        if out.done(digest, questions, sampling):
             row.update(status="skipped")
         else:
             params = pipe.sampling(**sampling)
@@ -69,7 +70,7 @@ def finish_slide(pipe, out: Output, staged: Staged, questions: list[str], sampli
     try:
         answers = pipe.answer_many(staged.ctx.again({}), questions, **sampling)
         seconds = staged.seconds + time.perf_counter() - t0
-        out.write(row["digest"], row["slide"], staged.ctx, answers, seconds)
+        out.write(row["digest"], row["slide"], staged.ctx, answers, seconds, questions, sampling)
         row.update(status="done", tiles=staged.ctx.tiles)
     except (LocpathError, OSError) as exc:
         row["error"] = _error(exc, Path(row["slide"]))

@@ -27,12 +27,12 @@ class SlideWorker:
     """The map step: constructed once per actor (loads the bundle), called with one slide at a time."""
 
     def __init__(self, bundle: str, out: str, questions: list[str], sampling: dict, cache_dir: str | None,
-                 threads: int | None, device: str, trusted_keys: str | None):
+                 threads: int | None, device: str, trusted_keys: str | None, bundle_digest: str = ""):
         from ..runtime.pipeline import Pipeline
 
         self.pipe = Pipeline.from_bundle(bundle, trusted_keys=trusted_keys, device=device, threads=threads,
                                          cache_dir=cache_dir, memory_slides=1)
-        self.out = Output(out)
+        self.out = Output(out, bundle=bundle_digest)
         self.questions, self.sampling = questions, sampling
 
     def __call__(self, batch: dict) -> dict:
@@ -59,7 +59,8 @@ def run_on_ray(cfg: BatchConfig, slides: list[Path], questions: list[str], out: 
         fn_constructor_kwargs=dict(bundle=str(Path(cfg.bundle).resolve()), out=str(out.dir.resolve()),
                                    questions=questions, sampling=cfg.sampling,
                                    cache_dir=str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None,
-                                   threads=threads, device=cfg.device, trusted_keys=cfg.trusted_keys))
+                                   threads=threads, device=cfg.device, trusted_keys=cfg.trusted_keys,
+                                   bundle_digest=out.bundle))
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a worker that dies is restarted
     # and its slide retried (tests/test_batch.py kills one).
     prog = Progress(len(slides), cfg.progress)

@@ -19,7 +19,7 @@ from pathlib import Path
 from .inputs import list_slides, read_questions
 from .job import finish_slide, run_slide, stage_slide
 from .progress import Progress
-from .records import Output
+from .records import Output, bundle_digest
 from .settings import BatchConfig
 
 
@@ -27,16 +27,17 @@ def run_batch(cfg: BatchConfig) -> dict:
     cfg.validate()
     slides = list_slides(cfg.slides)
     questions = read_questions(cfg.questions)
-    out = Output(cfg.out).prepare()
+    out = Output(cfg.out, bundle=bundle_digest(cfg.bundle)).prepare()
     if cfg.ray or cfg.ray_address:
         from .ray_runner import run_on_ray
 
         summary = run_on_ray(cfg, slides, questions, out)
     else:
         summary = run_embedded(cfg, slides, questions, out)
-    records = out.all_records()
+    records = out.all_records(questions, cfg.sampling)  # this run's: its questions, options and bundle
     summary["output"] = str(out.consolidate(records, cfg.fmt))
     summary["records"] = len(records)
+    summary["run"] = out.run_digest(questions, cfg.sampling)
     return summary
 
 
@@ -100,4 +101,4 @@ def run_pass(bundle: Path, slides: Path, questions: Path, out: Path, cache_dir: 
     cfg = BatchConfig(bundle=bundle, slides=slides, questions=questions, out=out, cache_dir=cache_dir, progress=False,
                       overlap=overlap, lanes=lanes)
     summary = run_batch(cfg)
-    return summary, Output(out).all_records()
+    return summary, Output(out, bundle=bundle_digest(bundle)).all_records(read_questions(questions), cfg.sampling)

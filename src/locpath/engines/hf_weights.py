@@ -17,78 +17,53 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
+from .safetensors_header import Entry, load_json, open_confined, parse_header, plain_name, read_index
 
 _DTYPES = {"F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
-MAX_HEADER = 100 * 2**20
+FLOAT_DTYPES = tuple(_DTYPES)
 
 
-def _confined(folder: Path, name: object, where: Path) -> Path:
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") \
-            or name.startswith("."):
-        raise CheckpointError(f"{where}: shard name {name!r} is not a plain file name inside the folder")
-    p = folder / name
-    if p.is_symlink() or not p.is_file():
-        raise CheckpointError(f"{where}: shard {name!r} is missing or not a regular file")
+def confined_name(folder: Path, name: object, where: Path) -> Path:
+    """folder/name for a name an index or config gives; the file is checked again (resolved inside the folder,
+    regular) when it is opened."""
+    p = folder / plain_name(name, where)
+    if not (p.exists() or p.is_symlink()):
+        raise CheckpointError(f"{where}: names shard {name!r}, which is not in {folder}")
     return p
 
 
-@dataclass
-class _Entry:
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
 class SafetensorsFiles:
-    """Named tensors over one or more safetensors files; read on demand, converted to float32."""
+    """Named tensors over one or more safetensors files; read on demand, converted to float32. Each file is opened
+    once, checked (`open_confined`: inside `folder` when one is given) and its header validated
+    (`parse_header`); tensors are read later through that same descriptor. `dtypes`: the dtype codes taken (the
+    float ones by default: what the decoder is built from)."""
 
-    def __init__(self, files: list[Path]):
-        self.entries: dict[str, _Entry] = {}
+    def __init__(self, files: list[Path], folder: Path | None = None, dtypes: tuple[str, ...] = FLOAT_DTYPES):
+        self.entries: dict[str, Entry] = {}
+        self.metadata: dict[Path, dict] = {}
         self._fds: dict[Path, int] = {}
-        for f in files:
-            self._read_header(f)
+        try:
+            for f in files:
+                self._read_header(Path(f), folder, dtypes)
+        except BaseException:
+            self.close()
+            raise
 
-    def _read_header(self, f: Path) -> None:
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            head = fh.read(8)
-            if len(head) != 8:
-                raise CheckpointError(f"{f}: not a safetensors file (shorter than its header length)")
-            n = int.from_bytes(head, "little")
-            if not 2 <= n <= min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{f}: not a safetensors file (header length {n} of a {size}-byte file)")
-            try:
-                header = json.loads(fh.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{f}: safetensors header is not JSON ({exc})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{f}: safetensors header is not a JSON object")
-        base, data_len = 8 + n, size - 8 - n
-        for name, e in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (a, b) = e["dtype"], tuple(int(d) for d in e["shape"]), e["data_offsets"]
-                a, b = int(a), int(b)
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{f}: tensor {name!r} has a malformed header entry") from None
-            if dtype not in _DTYPES:
-                raise CheckpointError(f"{f}: tensor {name!r} is {dtype}; only F32, F16 and BF16 weights are read")
-            want = math.prod(shape) * _DTYPES[dtype][1]
-            if any(d < 0 for d in shape) or not 0 <= a <= b <= data_len or b - a != want:
-                raise CheckpointError(f"{f}: tensor {name!r} lies outside the file or does not match its shape "
-                                      f"{list(shape)} and dtype {dtype}")
+    def _read_header(self, f: Path, folder: Path | None, dtypes: tuple[str, ...]) -> None:
+        fd = self._fds[f] = open_confined(f, folder)
+        entries, self.metadata[f] = parse_header(fd, f)
+        for name, e in entries.items():
+            if e.dtype not in dtypes:
+                raise CheckpointError(f"{f}: tensor {name!r} is {e.dtype}; only {', '.join(dtypes)} weights are read")
             if name in self.entries:
                 raise CheckpointError(f"{f}: tensor {name!r} is stored twice (also in {self.entries[name].file.name})")
-            self.entries[name] = _Entry(f, dtype, shape, base + a, base + b)
+            self.entries[name] = e
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -99,7 +74,7 @@ class SafetensorsFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entry(name).shape
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> Entry:
         try:
             return self.entries[name]
         except KeyError:
@@ -119,17 +94,20 @@ class SafetensorsFiles:
                 raise ValueError("row slices must be contiguous")
             row = math.prod(shape[1:]) * size
             start, end, shape = e.start + lo * row, e.start + max(lo, hi) * row, (max(0, hi - lo), *shape[1:])
+        buf = self.read_bytes(e, start, end, name)
+        return buf.view(np_dtype).reshape(shape)
+
+    def read_bytes(self, e: Entry, start: int, end: int, name: str) -> np.ndarray:
+        """Bytes start..end of e's file (pread through the descriptor checked at open)."""
         buf = np.empty(end - start, np.uint8)
-        fd = self._fds.get(e.file)
-        if fd is None:
-            fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+        fd = self._fds[e.file]
         got, view = 0, memoryview(buf)
         while got < len(buf):
             n = os.preadv(fd, [view[got:]], start + got)
             if n <= 0:
                 raise CheckpointError(f"{e.file}: ends inside tensor {name!r} (the file was truncated)")
             got += n
-        return buf.view(np_dtype).reshape(shape)
+        return buf
 
     def array(self, name: str, rows: slice | None = None) -> np.ndarray:
         """float32 copy of a tensor (or of a range of its rows)."""
@@ -162,34 +140,27 @@ class SafetensorsFiles:
 
 
 class HFFolder:
-    """A local Hugging Face causal-LM folder: config.json plus model.safetensors or shards with their index."""
+    """A local Hugging Face causal-LM folder: config.json plus model.safetensors or shards with their index. Every
+    file is checked as it is opened: inside the folder once resolved, a regular file, its header valid."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         cfg = self.folder / "config.json"
         if not cfg.is_file():
             raise CheckpointError(f"{self.folder}: not a Hugging Face model folder (no config.json)")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{cfg}: invalid JSON ({exc})") from None
+        self.config = load_json(cfg, "model config", self.folder)
         if not isinstance(self.config, dict):
             raise CheckpointError(f"{cfg}: not a JSON object")
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                wm = json.loads(index.read_text()).get("weight_map")
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-                raise CheckpointError(f"{index}: invalid index ({exc})") from None
-            if not isinstance(wm, dict) or not wm:
-                raise CheckpointError(f"{index}: no weight_map")
-            files = sorted({_confined(self.folder, v, index) for v in wm.values()})
-            self.weights = SafetensorsFiles(files)
+        if index.exists() or index.is_symlink():
+            wm = read_index(index, self.folder)
+            files = sorted({confined_name(self.folder, v, index) for v in wm.values()})
+            self.weights = SafetensorsFiles(files, self.folder)
             unlisted = sorted(set(wm) - set(self.weights.names()))
             if unlisted:
                 raise CheckpointError(f"{index}: names tensors its shards do not hold: {', '.join(unlisted[:4])}")
-        elif (self.folder / "model.safetensors").is_file():
-            self.weights = SafetensorsFiles([_confined(self.folder, "model.safetensors", self.folder)])
+        elif (self.folder / "model.safetensors").exists() or (self.folder / "model.safetensors").is_symlink():
+            self.weights = SafetensorsFiles([self.folder / "model.safetensors"], self.folder)
         else:
             raise CheckpointError(f"{self.folder}: no model.safetensors or model.safetensors.index.json "
                                   "(only safetensors weights are read)")
@@ -215,14 +186,55 @@ class HFFolder:
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
+def saved_module_keys(cfg: dict, names: list[str], where: object) -> dict[str, str]:
+    """adapter key -> base weight name, for the keys of a PEFT adapter that are whole modules (`modules_to_save`:
+    PEFT saves `base_model.model.lm_head.weight` and replaces the base's lm_head with it), not LoRA factors."""
+    mts = cfg.get("modules_to_save") or []
+    if isinstance(mts, str):
+        mts = [mts]
+    if not isinstance(mts, list) or not all(isinstance(m, str) and m for m in mts):
+        raise CheckpointError(f"{where}: modules_to_save must be a list of module names")
+    out = {}
+    for k in names:
+        if _LORA_KEY.match(k):
+            continue
+        w = k.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+        module = w.rsplit(".", 1)[0]
+        if any(module == m or module.endswith("." + m) for m in mts):
+            out[k] = w
+    return out
+
+
+def check_replaced(replaced: dict[str, dict[str, tuple[int, ...]]], base: dict[str, tuple[int, ...]], tied: bool,
+                   source: object) -> list[str]:
+    """Modules an adapter replaces wholesale, checked against the base LLM's weight shapes; returns one warning
+    line per module (a replacement is never silent), or raises one CheckpointError line."""
+    lines = []
+    for module, weights in sorted(replaced.items()):
+        for w, shape in sorted(weights.items()):
+            if tied and w.split(".")[-2] in ("lm_head", "embed_tokens"):
+                raise CheckpointError(f"{source}: replaces {module} wholesale (modules_to_save), but the LLM ties "
+                                      "lm_head to embed_tokens: not supported")
+            if w not in base:
+                raise CheckpointError(f"{source}: replaces {w} (modules_to_save), which the base LLM does not have")
+            if tuple(base[w]) != tuple(shape):
+                raise CheckpointError(f"{source}: replaces {module} wholesale (modules_to_save) with {w} "
+                                      f"{list(shape)}, the base's is {list(base[w])}")
+        lines.append(f"{source}: replaces {module} wholesale (PEFT modules_to_save: "
+                     + ", ".join(f"{w} {list(s)}" for w, s in sorted(weights.items())) + "), not a LoRA delta")
+    return lines
+
+
 @dataclass
 class LoraAdapter:
-    """LoRA A/B pairs by the base weight they modify ("model.layers.0.self_attn.q_proj.weight")."""
+    """LoRA A/B pairs by the base weight they modify ("model.layers.0.self_attn.q_proj.weight"), and the weights of
+    modules it replaces wholesale (PEFT's modules_to_save)."""
 
     pairs: dict[str, tuple[np.ndarray, np.ndarray]]  # weight name -> (A [r, in], B [out, r]) float32
     alpha: float | None  # None: alpha equals each pair's own rank (scale 1), as `locpath import` merges state dicts
     rslora: bool = False
     source: str = "adapter"
+    replaced: dict[str, np.ndarray] = field(default_factory=dict)  # weight name -> the whole new tensor (float32)
 
     def scale(self, rank: int) -> float:
         if self.alpha is None:
@@ -264,33 +276,48 @@ class LoraAdapter:
         cfg_file = folder / "adapter_config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+        cfg = load_json(cfg_file, "adapter config", folder)
         try:
-            cfg = json.loads(cfg_file.read_text())
             alpha, r = float(cfg["lora_alpha"]), int(cfg["r"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{cfg_file}: not a LoRA adapter config ({exc})") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise CheckpointError(f"{cfg_file}: not a LoRA adapter config ({type(exc).__name__}: {exc})") from None
         if cfg.get("peft_type", "LORA") != "LORA":
             raise CheckpointError(f"{cfg_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
         if cfg.get("fan_in_fan_out"):
             raise CheckpointError(f"{cfg_file}: fan_in_fan_out adapters (Conv1D models) are not supported")
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise CheckpointError(f"{cfg_file}: per-module rank/alpha patterns are not supported")
-        files = SafetensorsFiles([_confined(folder, "adapter_model.safetensors", folder)])
-        ad = cls.from_tensors({k: files.array(k) for k in files.names()}, alpha, bool(cfg.get("use_rslora")),
-                              str(folder))
+        files = SafetensorsFiles([folder / "adapter_model.safetensors"], folder)
+        try:
+            saved = saved_module_keys(cfg, files.names(), cfg_file)
+            ad = cls.from_tensors({k: files.array(k) for k in files.names() if k not in saved}, alpha,
+                                  bool(cfg.get("use_rslora")), str(folder))
+            ad.replaced = {w: files.array(k) for k, w in saved.items()}
+        finally:
+            files.close()
         bad = [w for w, (a, _) in ad.pairs.items() if a.shape[0] != r]
         if bad:
             raise CheckpointError(f"{folder}: {bad[0]} has rank {ad.pairs[bad[0]][0].shape[0]}, the config says {r}")
         return ad
 
-    def check_against(self, hf: HFFolder) -> None:
-        """Every adapted weight exists in the base model with the shape B @ A gives."""
+    def replaced_modules(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        out: dict[str, dict[str, tuple[int, ...]]] = {}
+        for w, x in self.replaced.items():
+            out.setdefault(w.rsplit(".", 1)[0], {})[w] = tuple(x.shape)
+        return out
+
+    def check_against(self, hf: HFFolder) -> list[str]:
+        """Every adapted weight exists in the base model with the shape B @ A gives, every replaced one with its
+        shape; returns the warning lines naming the modules replaced wholesale."""
+        base = {w: hf.weights.shape(w) for w in hf.weights.names()}
+        lines = check_replaced(self.replaced_modules(), base, bool(hf.get("tie_word_embeddings")), self.source)
         for w, (a, b) in self.pairs.items():
             if w not in hf.weights:
                 raise CheckpointError(f"{self.source}: adapts {w}, which {hf.folder} does not have")
             if hf.weights.shape(w) != (b.shape[0], a.shape[1]):
                 raise CheckpointError(f"{self.source}: {w}: B @ A is {[b.shape[0], a.shape[1]]}, "
                                       f"the base weight is {list(hf.weights.shape(w))}")
+        return lines
 
 
 # -- writing ----------------------------------------------------------------------------------------------------

@@ -96,11 +96,15 @@ def write_streamed_checkpoint(opts, cfg, tok, template: str, template_from: str,
     adapters = _adapters(opts, lora_src, release_lora[-1] if release_lora else None, kmap, produce,
                          lora_file_factors, _kind)
     for ad in adapters:
-        ad.check_against(hf)
-        log(f"import: LoRA {ad.source}: {len(ad.pairs)} weights, merged per tensor while writing")
+        ad.check_against(hf)  # its warning lines were logged by the importer's own check, before this path
+        log(f"import: LoRA {ad.source}: {len(ad.pairs)} weights, merged per tensor while writing"
+            + (f"; replaced wholesale: {', '.join(sorted(ad.replaced_modules()))}" if ad.replaced else ""))
 
     def llm_tensor(name: str) -> np.ndarray:
         w = replaced[name].copy() if name in replaced else hf.weights.array(name)
+        for ad in adapters:
+            if name in ad.replaced:  # PEFT modules_to_save: the adapter's own copy of the whole module
+                w = ad.replaced[name].copy()
         for ad in adapters:
             d = ad.delta(name)
             if d is not None:
@@ -136,7 +140,8 @@ def write_streamed_checkpoint(opts, cfg, tok, template: str, template_from: str,
                 "replaced_by_release": counts},
         "dtype": dtype, "tokenizer": str(Path(opts.llm) / "tokenizer.json"), "chat_template": template_from,
         "lora": [{"source": ad.source, "weights": len(ad.pairs), "alpha": ad.alpha if ad.alpha is not None else "rank",
-                  "how": "merged per tensor while writing (W + scale B A)"} for ad in adapters],
+                  "how": "merged per tensor while writing (W + scale B A)",
+                  "replaced_modules": sorted(ad.replaced_modules())} for ad in adapters],
         "release": {rf.role: {"file": str(rf.source.path), "tensors": len(rf.source.infos),
                               "assignments": len(rf.plan.assignments), "ignored": len(rf.plan.ignored),
                               "adapter_tensors_loaded": loaded.get(rf.role, 0)} for rf in files},

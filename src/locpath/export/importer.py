@@ -33,12 +33,15 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import ModelConfig, preset
-from ..errors import CheckpointError, ConfigError, LocpathError
+from ..engines.hf_weights import HFFolder, check_replaced, saved_module_keys
+from ..engines.safetensors_header import check_folder, load_json, open_confined, pread_all
+from ..errors import CheckpointError, ConfigError, LocpathError, warn
 from ..text import ChatTemplate, load_tokenizer
 from .inventory import TensorSource, open_source
 from .keymap import Assignment, FilePlan, KeyMap, load_keymap, produce
 
 IMPORT_SCHEMA = "locpath-import/1"
+MAX_TEMPLATE_BYTES = 1 << 20
 RELEASE_FILES = ("mae", "stage1", "stage2")
 REQUIRED_GROUPS = ("resampler.", "tis.", "cara.")  # an imported model needs every one of these tensors filled
 OPTIONAL_GROUPS = ("mae_head.", "tile_encoder.")  # pretraining-only / loaded from --encoder-weights
@@ -72,6 +75,7 @@ def release_dir(folder: str | os.PathLike) -> dict[str, Path]:
         raise CheckpointError(f"{p}: release folder not found")
     if (p / "checkpoints").is_dir():
         p = p / "checkpoints"
+    check_folder(p)
     out = {}
     for name in RELEASE_FILES:
         for suffix in (".pth", ".safetensors", ".bin", ".pt"):
@@ -88,13 +92,11 @@ def read_llm_folder(folder: Path, template_file: Path | None) -> tuple[dict, obj
     """(config.json, tokenizer, chat template text, where the template came from), checked."""
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: LLM folder not found")
+    check_folder(folder)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    try:
-        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({exc})") from None
+    hf = load_json(cfg_file, "model config", folder)
     if not isinstance(hf, dict) or hf.get("model_type") not in ("qwen2", "llama"):
         raise CheckpointError(f"{cfg_file}: model_type {hf.get('model_type') if isinstance(hf, dict) else None!r} "
                               "is not supported (qwen2 or llama)")
@@ -111,15 +113,12 @@ def read_llm_folder(folder: Path, template_file: Path | None) -> tuple[dict, obj
     if template_file is not None:
         text, where = _read_text(template_file), str(template_file)
     elif (folder / "chat_template.jinja").is_file():
-        text, where = _read_text(folder / "chat_template.jinja"), str(folder / "chat_template.jinja")
+        text, where = _read_text(folder / "chat_template.jinja", folder), str(folder / "chat_template.jinja")
     else:
         tc = folder / "tokenizer_config.json"
         text = None
         if tc.is_file():
-            try:
-                data = json.loads(tc.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{tc}: not valid JSON ({exc})") from None
+            data = load_json(tc, "tokenizer config", folder)
             text = data.get("chat_template") if isinstance(data, dict) else None
             if isinstance(text, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
                 text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"),
@@ -132,11 +131,46 @@ def read_llm_folder(folder: Path, template_file: Path | None) -> tuple[dict, obj
     return hf, tok, text, where
 
 
-def _read_text(p: Path) -> str:
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def _read_text(p: Path, folder: Path | None = None) -> str:
+    """A chat template: a regular file (inside `folder` when given), at most MAX_TEMPLATE_BYTES, UTF-8."""
+    fd = open_confined(p, folder)
     try:
-        return p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{p}: cannot read ({exc})") from None
+        size = os.fstat(fd).st_size
+        if size > MAX_TEMPLATE_BYTES:
+            raise CheckpointError(f"{p}: a chat template of {size} bytes, over the {MAX_TEMPLATE_BYTES}-byte limit")
+        return pread_all(fd, size, 0, p).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    finally:
+        os.close(fd)
+
+
+def check_llm_weights(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """The LLM folder's safetensors (index, shards, headers) checked as the streamed import reads them, before
+    transformers opens them by name: a shard outside the folder or a malformed header is one line here. Returns
+    the weights' shapes (None for a folder without safetensors)."""
+    if any((folder / n).exists() or (folder / n).is_symlink()
+           for n in ("model.safetensors.index.json", "model.safetensors")):
+        w = HFFolder(folder).weights
+        w.close()
+        return {k: e.shape for k, e in w.entries.items()}
+    return None
+
+
+def check_adapter_modules(src: TensorSource, base: dict[str, tuple[int, ...]], tied: bool) -> list[str]:
+    """A PEFT adapter's modules_to_save: a warning line for each module it replaces wholesale (never silent), one
+    error line for a replacement whose shape is not the base's; returns the modules, for import.json."""
+    replaced: dict[str, dict[str, tuple]] = {}
+    for k, w in saved_module_keys(src.meta, src.keys(), src.path / "adapter_config.json").items():
+        replaced.setdefault(w.rsplit(".", 1)[0], {})[w] = src.infos[k].shape
+    for line in check_replaced(replaced, base, tied, src.path):
+        warn(line)
+    return sorted(replaced)
 
 
 # -- config -------------------------------------------------------------------------------------------------------
@@ -182,7 +216,7 @@ def build_config(opts: ImportOptions, hf: dict, kmap: KeyMap | None, filled: set
     try:
         hf_cfg = AutoConfig.from_pretrained(str(opts.llm), local_files_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{opts.llm}: cannot read config.json ({str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{opts.llm}: cannot read config.json ({_line(exc)})") from None
     import dataclasses
 
     base["llm"] = dataclasses.asdict(llm_config(hf_cfg))
@@ -372,7 +406,7 @@ def merge_lora(llm, factors: dict[str, dict[str, object]], alpha: float | None, 
         raise
     except Exception as exc:
         raise CheckpointError(f"{label}: merging LoRA through peft failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+                              f"{_line(exc)})") from None
     return merged, {"source": label, "modules": len(ranks), "rank": r, "ranks": sorted(set(ranks.values())),
                     "alpha": float(alpha) if alpha is not None else "rank", "how": "peft get_peft_model + merge"}
 
@@ -380,18 +414,16 @@ def merge_lora(llm, factors: dict[str, dict[str, object]], alpha: float | None, 
 def merge_peft_folder(llm, folder: Path):
     from peft import PeftModel
 
-    try:
-        meta = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder / 'adapter_config.json'}: not valid JSON ({exc})") from None
-    if meta.get("peft_type") != "LORA":
+    meta = load_json(folder / "adapter_config.json", "adapter config", folder)
+    if not isinstance(meta, dict) or meta.get("peft_type") != "LORA":
+        meta = meta if isinstance(meta, dict) else {}
         raise CheckpointError(f"{folder}: a {meta.get('peft_type')!r} adapter; only LoRA adapters merge")
     try:
         pm = PeftModel.from_pretrained(llm, str(folder), is_trainable=False, local_files_only=True)
         merged = pm.merge_and_unload(safe_merge=True)
     except Exception as exc:
         raise CheckpointError(f"{folder}: cannot merge the PEFT adapter ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+                              f"{_line(exc)})") from None
     return merged, {"source": str(folder), "how": "peft PeftModel.from_pretrained + merge_and_unload",
                     "rank": meta.get("r"), "alpha": meta.get("lora_alpha"),
                     "target_modules": meta.get("target_modules")}
@@ -412,17 +444,13 @@ def lora_file_factors(src: TensorSource) -> dict[str, dict[str, object]]:
 
 # -- the import ---------------------------------------------------------------------------------------------------
 def import_checkpoint(opts: ImportOptions, log=print) -> dict:
-    import torch
-
-    from ..models.checkpoint import save_checkpoint  # writes atomically (fsutil.atomic_dir)
-    from ..models.slide_llm import LocPathModel
-
     t0 = time.time()
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
     kmap = load_keymap(opts.key_map) if opts.release or opts.key_map else None
     hf, tok, template, template_from = read_llm_folder(Path(opts.llm), opts.chat_template)
+    llm_shapes = check_llm_weights(Path(opts.llm))
     files: list[ReleaseFile] = []
     for role in RELEASE_FILES:
         if role in opts.release:
@@ -432,8 +460,21 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
                 f"assignments, {len(files[-1].plan.ignored)} ignored")
     lora_src = None
     if opts.lora is not None:
+        if Path(opts.lora).is_dir():
+            check_folder(Path(opts.lora))
         lora_src = open_source(opts.lora)
+    replaced_modules: list[str] = []
+    if lora_src is not None and lora_src.kind == "peft-adapter" and llm_shapes is not None:  # before torch loads
+        replaced_modules = check_adapter_modules(lora_src, llm_shapes, bool(hf.get("tie_word_embeddings", False)))
     planned = {t for rf in files for a in rf.plan.assignments for t in a.targets}
+    try:
+        import torch  # imported once the files are checked: a bad file is refused in well under a second
+    except ImportError as exc:
+        raise LocpathError(f"import needs the training extra (pip install 'locpath[train]'): {exc}") from None
+
+    from ..models.checkpoint import save_checkpoint  # writes atomically (fsutil.atomic_dir)
+    from ..models.slide_llm import LocPathModel
+
     cfg = build_config(opts, hf, kmap, planned)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     with torch.device("meta"):
@@ -450,6 +491,9 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
         raise CheckpointError(f"{len(missing)} locpath tensors are filled by no release file ({where}) and no "
                               f"`from` rule: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} "
                               "(check the key map, or --allow-missing to keep them random)")
+    if lora_src is not None and lora_src.kind == "peft-adapter" and llm_shapes is None:  # a .bin LLM folder
+        base = {k: tuple(v.shape) for k, v in meta.llm.state_dict().items()}
+        replaced_modules = check_adapter_modules(lora_src, base, bool(cfg.llm.tie_word_embeddings))
     if lora_src is not None and lora_src.kind != "peft-adapter":
         _check_factors({m: {ab: tuple(t.shape) for ab, t in f.items()} for m, f in lora_file_factors(lora_src).items()},
                        meta.llm, str(lora_src.path))
@@ -478,7 +522,7 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
         llm = AutoModelForCausalLM.from_pretrained(str(opts.llm), local_files_only=True, dtype=tdtype)
     except Exception as exc:
         raise CheckpointError(f"{opts.llm}: cannot load the LLM ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+                              f"{_line(exc)})") from None
     llm.eval()
     llm_state = llm.state_dict()
     replaced = Counter()
@@ -494,10 +538,12 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
     if lora_src is not None:
         if lora_src.kind == "peft-adapter":
             llm, info = merge_peft_folder(llm, Path(opts.lora))
+            info["replaced_modules"] = replaced_modules
         else:
             llm, info = merge_lora(llm, lora_file_factors(lora_src), opts.lora_alpha, str(lora_src.path))
         loras.append(info)
-        log(f"import: merged LoRA {info['source']} (rank {info['rank']}, alpha {info['alpha']})")
+        log(f"import: merged LoRA {info['source']} (rank {info['rank']}, alpha {info['alpha']})"
+            + (f"; replaced wholesale: {', '.join(info['replaced_modules'])}" if info.get("replaced_modules") else ""))
     release_lora = [rf for rf in files if rf.role in checked["lora"]]
     if release_lora:
         rf = release_lora[-1]  # a later stage's LoRA is the one trained last

@@ -17,23 +17,16 @@ x28); `depth` keeps only the first N components of that pattern.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engines.hf_weights import SafetensorsFiles, confined_name
+from ..engines.safetensors_header import ST_DTYPES, load_json, read_index
 from ..errors import CheckpointError
 
 INVENTORY_SCHEMA = "locpath-inventory/1"
-MAX_HEADER = 256 << 20  # a safetensors JSON header larger than this is not a header
-
-# safetensors dtype codes -> the torch names the rest of locpath prints
-ST_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-             "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-             "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8), "BOOL": ("bool", 1),
-             "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1)}
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 WRAPPERS = ("state_dict", "model", "module")
 
@@ -62,9 +55,8 @@ class TensorSource:
     files: list[str] = field(default_factory=list)
     non_tensor: dict[str, str] = field(default_factory=dict)  # key -> type name (torch files only)
     meta: dict = field(default_factory=dict)  # config.json / adapter_config.json facts
-    _where: dict[str, Path] = field(default_factory=dict)  # tensor -> safetensors file
+    _where: dict[str, SafetensorsFiles] = field(default_factory=dict)  # tensor -> its checked, open file
     _torch: dict | None = None  # flattened torch state dict (mmap'd tensors)
-    _handles: dict = field(default_factory=dict)
 
     def keys(self) -> list[str]:
         return list(self.infos)
@@ -75,22 +67,20 @@ class TensorSource:
             raise CheckpointError(f"{self.path}: no tensor {key!r}")
         if self._torch is not None:
             return self._torch[key]
-        f = self._where[key]
-        h = self._handles.get(f)
-        if h is None:
-            from safetensors import safe_open
+        import torch
 
-            try:
-                h = self._handles[f] = safe_open(str(f), framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"{f}: cannot read tensors ({_first_line(exc)})") from exc
-        try:
-            return h.get_tensor(key)
-        except Exception as exc:
-            raise CheckpointError(f"{f}: cannot read {key} ({_first_line(exc)})") from exc
+        reader = self._where[key]
+        e = reader.entries[key]
+        dtype = getattr(torch, ST_DTYPES[e.dtype][0])
+        if e.end == e.start:
+            return torch.empty(e.shape, dtype=dtype)
+        raw = reader.read_bytes(e, e.start, e.end, key)  # through the descriptor checked when the header was read
+        return torch.from_numpy(raw).view(dtype).reshape(e.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        for reader in set(self._where.values()):
+            reader.close()
+        self._where = {}
         self._torch = None
 
 
@@ -100,77 +90,48 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- readers ----------------------------------------------------------------------------------------------------
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """name -> TensorInfo from the header alone (validated: dtype known, offsets inside the file and consistent)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (shorter than its header length)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
-            raw = fh.read(n)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
-    data_len = size - 8 - n
-    out = {}
-    for key, e in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, width = ST_DTYPES[e["dtype"]]
-            shape = tuple(int(s) for s in e["shape"])
-            start, end = (int(o) for o in e["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {e!r}"[:400]) from None
-        nbytes = width
-        for s in shape:
-            nbytes *= s
-        if not 0 <= start <= end <= data_len or end - start != nbytes:
-            raise CheckpointError(f"{path}: tensor {key!r}: offsets {start}-{end} do not hold {shape} {dtype} "
-                                  f"in {data_len} data bytes (truncated file?)")
-        out[key] = TensorInfo(shape, dtype, nbytes)
-    return out
+def _infos(reader: SafetensorsFiles) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(e.shape, ST_DTYPES[e.dtype][0], e.end - e.start) for k, e in reader.entries.items()}
 
 
-def _safetensors_file(path: Path) -> TensorSource:
-    infos = read_safetensors_header(path)
-    return TensorSource(path, "safetensors", infos, files=[path.name], _where={k: path for k in infos})
+def read_safetensors_header(path: Path, folder: Path | None = None) -> dict[str, TensorInfo]:
+    """name -> TensorInfo from the header alone, validated (`engines/safetensors_header.parse_header`)."""
+    reader = SafetensorsFiles([path], folder, dtypes=tuple(ST_DTYPES))
+    reader.close()
+    return _infos(reader)
+
+
+def _safetensors_file(path: Path, folder: Path | None = None) -> TensorSource:
+    reader = SafetensorsFiles([path], folder, dtypes=tuple(ST_DTYPES))
+    return TensorSource(path, "safetensors", _infos(reader), files=[path.name], _where=dict.fromkeys(reader.entries,
+                                                                                                     reader))
 
 
 def _sharded(folder: Path, index: Path, kind: str, meta: dict) -> TensorSource:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"{index}: not a shard index (a JSON object with a 'weight_map')") from None
+    """Every shard the index names, each opened inside the folder and its header checked; each listed tensor must
+    be in the shard the index names."""
+    weight_map = read_index(index, folder)
     shards = sorted(set(weight_map.values()))
     infos, where = {}, {}
-    for name in shards:
-        f = folder / name
-        if Path(name).name != name or not f.is_file():
-            raise CheckpointError(f"{index}: names shard {name!r}, which is not a file in {folder}")
-        if not name.endswith(".safetensors"):
-            raise CheckpointError(f"{index}: shard {name!r} is not safetensors (torch shards: not supported)")
-        header = read_safetensors_header(f)
-        listed = {k for k, v in weight_map.items() if v == name}
-        absent = sorted(listed - set(header))
-        if absent:
-            raise CheckpointError(f"{f}: lacks {len(absent)} tensors its index lists there, e.g. {absent[:3]}")
-        for k in sorted(listed):
-            infos[k], where[k] = header[k], f
+    try:
+        for name in shards:
+            f = confined_name(folder, name, index)
+            reader = SafetensorsFiles([f], folder, dtypes=tuple(ST_DTYPES))
+            listed = {k for k, v in weight_map.items() if v == name}
+            absent = sorted(listed - set(reader.entries))
+            if absent:
+                reader.close()
+                raise CheckpointError(f"{f}: lacks {len(absent)} tensors its index lists there, e.g. {absent[:3]}")
+            mine = _infos(reader)
+            for k in sorted(listed):
+                infos[k], where[k] = mine[k], reader
+    except BaseException:
+        for reader in set(where.values()):
+            reader.close()
+        raise
     src = TensorSource(folder, kind, infos, files=[index.name] + shards, meta=meta, _where=where)
-    total = (data.get("metadata") or {}).get("total_size")
+    data = load_json(index, "shard index", folder)
+    total = (data.get("metadata") or {}).get("total_size") if isinstance(data.get("metadata"), dict) else None
     if isinstance(total, int):
         src.meta["index_total_size"] = total
     return src
@@ -218,17 +179,17 @@ def _torch_file(path: Path) -> TensorSource:
             obj = obj[inner[0]]
             continue
         break
-    walk("", obj)
+    try:
+        walk("", obj)
+    except RecursionError:
+        raise CheckpointError(f"{path}: its dicts are nested too deeply to be a state dict") from None
     infos = {k: TensorInfo(tuple(v.shape), str(v.dtype).removeprefix("torch."), v.numel() * v.element_size())
              for k, v in flat.items()}
     return TensorSource(path, "torch", infos, files=[path.name], non_tensor=odd, _torch=flat)
 
 
 def _config_facts(p: Path) -> dict:
-    try:
-        c = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{p}: not valid JSON") from None
+    c = load_json(p, "config", p.parent)
     if not isinstance(c, dict):
         raise CheckpointError(f"{p}: not a JSON object")
     keep = ("model_type", "architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -237,30 +198,44 @@ def _config_facts(p: Path) -> dict:
     return {k: c[k] for k in keep if k in c}
 
 
+def _named(p: Path) -> bool:
+    """A folder entry exists under this name (a broken or escaping symlink too: it is then refused, not skipped)."""
+    return p.exists() or p.is_symlink()
+
+
+def _inside(p: Path, folder: Path) -> Path:
+    """p's resolved path, refused when it is outside `folder` or not a regular file (what torch.load opens)."""
+    from ..engines.safetensors_header import open_confined
+
+    os.close(open_confined(p, folder))
+    return p.resolve()
+
+
 def open_source(path: str | os.PathLike) -> TensorSource:
     """A TensorSource for a file or folder, or a CheckpointError naming it and saying what is wrong."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: not found")
     if p.is_dir():
-        if (p / "adapter_config.json").is_file():
+        if _named(p / "adapter_config.json"):
             meta = _config_facts(p / "adapter_config.json")
             for name in ("adapter_model.safetensors", "adapter_model.bin"):
-                if (p / name).is_file():
-                    src = _safetensors_file(p / name) if name.endswith(".safetensors") else _torch_file(p / name)
+                if (p / name).exists() or (p / name).is_symlink():
+                    src = _safetensors_file(p / name, p) if name.endswith(".safetensors") else \
+                        _torch_file(_inside(p / name, p))
                     src.path, src.kind, src.meta = p, "peft-adapter", meta
                     src.files = ["adapter_config.json", name]
                     return src
             raise CheckpointError(f"{p}: a PEFT adapter folder without adapter_model.safetensors or adapter_model.bin")
-        meta = _config_facts(p / "config.json") if (p / "config.json").is_file() else {}
-        if (p / "model.safetensors.index.json").is_file():
+        meta = _config_facts(p / "config.json") if _named(p / "config.json") else {}
+        if _named(p / "model.safetensors.index.json"):
             return _sharded(p, p / "model.safetensors.index.json", "hf-folder", meta)
-        if (p / "model.safetensors").is_file():
-            src = _safetensors_file(p / "model.safetensors")
+        if _named(p / "model.safetensors"):
+            src = _safetensors_file(p / "model.safetensors", p)
             src.path, src.kind, src.meta = p, "hf-folder", meta
             return src
-        if (p / "pytorch_model.bin").is_file():
-            src = _torch_file(p / "pytorch_model.bin")
+        if _named(p / "pytorch_model.bin"):
+            src = _torch_file(_inside(p / "pytorch_model.bin", p))
             src.path, src.kind, src.meta = p, "hf-folder", meta
             return src
         if (p / "pytorch_model.bin.index.json").is_file():
@@ -348,4 +323,12 @@ def format_inventory(inv: dict) -> str:
     for r in inv["groups"]:
         lines.append(f"{r['prefix']:<{width}}  {r['count']:>5}  {_shape_text(r):<24} {','.join(r['dtypes']):<10} "
                      f"{_human(r['parameters']):>10}")
-    return "\n".join(lines)
+    return _printable("\n".join(lines))
+
+
+def _printable(text: str) -> str:
+    """Names and config values come from the file: control characters (terminal escapes) and lone surrogates are
+    shown escaped, never sent to the terminal as they are."""
+    if text.isprintable() or all(c.isprintable() or c == "\n" for c in text):
+        return text
+    return "".join(c if c.isprintable() or c == "\n" else c.encode("unicode_escape").decode("ascii") for c in text)

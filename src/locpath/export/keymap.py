@@ -26,7 +26,8 @@ A key map is a JSON file (format `locpath-keymap/1`):
       "ignore": ["${P}mae_decoder\\\\..*"]
     }
 
-- `match` is a Python regex matched against the whole source key; `target` one template or a list (one per piece
+- `match` is a regex in RE2 syntax (Python's, less backreferences and lookaround), matched against the whole source
+  key by a linear-time engine (google-re2): a pattern from a file never backtracks for ever; `target` one template or a list (one per piece
   of a `split`), with `{1}`, `{2}`... (groups), `{name}` (named groups) and `{0}` (the whole key).
 - `transform`, applied in order: "transpose" (2-D), "squeeze", {"squeeze": d}, {"unsqueeze": d},
   {"reshape": [..]} (-1 allowed, [] for a scalar), {"permute": [..]}, {"scale": x}, {"dtype": "float32"},
@@ -50,13 +51,13 @@ tensor is transformed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engines.safetensors_header import load_json
 from ..errors import CheckpointError
 
 KEYMAP_FORMAT = "locpath-keymap/1"
@@ -67,6 +68,30 @@ DEFAULT_KEYMAP = "locpath-release-v1"
 TRANSFORMS = ("transpose", "squeeze", "unsqueeze", "reshape", "permute", "scale", "dtype", "slice", "split")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 MACRO = re.compile(r"\$\{(\w+)\}")
+MAX_KEYMAP_BYTES = 8 << 20
+MAX_RULES = 4096  # rules and ignore patterns each: every key is matched against all of them
+MAX_PATTERN = 8192  # characters of one pattern, macros expanded
+MAX_CONFIG_DEPTH = 8
+
+
+def compile_pattern(text: str):
+    """A compiled RE2 pattern (linear-time matching, never catastrophic backtracking), or re2.error for syntax RE2
+    cannot run (backreferences, lookaround) or a pattern too large for its memory budget."""
+    import re2
+
+    opts = re2.Options()
+    opts.log_errors = False  # the error comes back as an exception: no C++ log lines on stderr
+    return re2.compile(text, opts)
+
+
+def _depth(x, limit: int) -> int:
+    if limit < 0:
+        return 1
+    if isinstance(x, dict):
+        return 1 + max((_depth(v, limit - 1) for v in x.values()), default=0)
+    if isinstance(x, list):
+        return 1 + max((_depth(v, limit - 1) for v in x), default=0)
+    return 0
 
 
 def shipped_keymap(name: str = DEFAULT_KEYMAP) -> Path:
@@ -131,6 +156,10 @@ class KeyMap:
         singles: list[Assignment] = []
         concats: dict[tuple[int, tuple[str, ...]], dict[str, str]] = {}
         for key in keys:
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CheckpointError(f"{label}: key {key[:80]!a} is not valid Unicode text") from None
             hits = [(r, m) for r in self.rules if r.match is not None and (m := r.match.fullmatch(key))]
             ign = [text for pat, text in self.ignore if pat.fullmatch(key)]
             if len(hits) + len(ign) == 0:
@@ -184,7 +213,8 @@ class KeyMap:
 
 
 def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+    cut = [i if len(i) <= 200 else i[:200] + "..." for i in items[:n]]
+    return ", ".join(cut) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
 def _targets(rule: Rule, m: re.Match, key: str, where: str) -> list[str]:
@@ -207,12 +237,7 @@ def load_keymap(path: str | os.PathLike | None = None) -> KeyMap:
     """A key map file (default: the shipped guess), validated field by field: one CheckpointError line naming the
     file and the rule for anything wrong (unknown fields, bad regex, a template naming a group the regex lacks)."""
     p = Path(path) if path is not None else shipped_keymap()
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{p}: cannot read the key map ({exc.strerror or exc})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{p}: key map is not valid JSON ({exc})") from None
+    data = load_json(p, "key map", limit=MAX_KEYMAP_BYTES)
     where = str(p)
 
     def fail(msg: str):
@@ -238,17 +263,26 @@ def load_keymap(path: str | os.PathLike | None = None) -> KeyMap:
                 fail(f"{what}: unknown macro ${{{m.group(1)}}} (defined: {sorted(macros)})")
             return macros[m.group(1)]
 
-        return MACRO.sub(sub, text)
+        out = MACRO.sub(sub, text)
+        if len(out) > MAX_PATTERN:
+            fail(f"{what}: a pattern of {len(out)} characters (macros expanded), over the {MAX_PATTERN} limit")
+        return out
 
-    def compile_(text: str, what: str) -> re.Pattern:
+    def compile_(text: str, what: str):
         try:
-            return re.compile(text)
-        except re.error as exc:
-            fail(f"{what}: bad regex {text!r} ({exc})")
+            return compile_pattern(text)
+        except ImportError:
+            raise CheckpointError("key maps need google-re2 (pip install google-re2)") from None
+        except Exception as exc:  # re2.error; its message is bytes
+            msg = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+            fail(f"{what}: bad regex {text[:200]!r} ({msg}; key maps are RE2 patterns, matched in linear time: no "
+                 "backreferences or lookaround)")
 
     raw_rules = data.get("rules", [])
     if not isinstance(raw_rules, list):
         fail("rules must be a list")
+    if len(raw_rules) > MAX_RULES:
+        fail(f"{len(raw_rules)} rules, over the limit of {MAX_RULES}")
     rules = []
     for i, r in enumerate(raw_rules):
         what = f"rule {i}"
@@ -295,9 +329,12 @@ def load_keymap(path: str | os.PathLike | None = None) -> KeyMap:
             refs = set(rule.lookup)
             for t in targets:
                 try:
-                    refs |= {f for _, f, _, _ in string.Formatter().parse(t) if f is not None}
+                    parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t) if f is not None]
                 except ValueError as exc:
                     fail(f"{what}: bad target template {t!r} ({exc})")
+                if any(spec or conv for _, spec, conv in parts):
+                    fail(f"{what}: target template {t[:120]!r}: fields are {{N}} or {{name}}, without ! or :")
+                refs |= {f for f, _, _ in parts}
             for f in refs:
                 ok = (f.isdigit() and int(f) <= rule.match.groups) or f in names
                 if not ok:
@@ -309,12 +346,14 @@ def load_keymap(path: str | os.PathLike | None = None) -> KeyMap:
     raw_ignore = data.get("ignore", [])
     if not isinstance(raw_ignore, list):
         fail("ignore must be a list of regex patterns")
+    if len(raw_ignore) > MAX_RULES:
+        fail(f"{len(raw_ignore)} ignore patterns, over the limit of {MAX_RULES}")
     for j, text in enumerate(raw_ignore):
         pat = expand(text, f"ignore {j}")
         ignore.append((compile_(pat, f"ignore {j}"), pat))
     config = data.get("config", {})
-    if not isinstance(config, dict):
-        fail("config must be an object (ModelConfig fields)")
+    if not isinstance(config, dict) or _depth(config, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
+        fail(f"config must be an object (ModelConfig fields), nested at most {MAX_CONFIG_DEPTH} deep")
     lora = data.get("lora", {})
     if not isinstance(lora, dict) or set(lora) - {"alpha", "doc"}:
         fail("lora is {\"alpha\": number or null}")

@@ -1,0 +1,61 @@
+"""Variants of issue 22's attacks that its own tests did not try, through the real server (uvicorn on loopback):
+each test here failed before its fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from servers import Server, cli, shipped, wait_ready  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A server with keys (two `submit` clients, an admin), one slide root and an `outside` folder beside it."""
+    work = tmp_path_factory.mktemp("red")
+    root, outside = work / "root", work / "outside"
+    root.mkdir()
+    outside.mkdir()
+    keys = {}
+    for name, scopes in (("alice", "submit"), ("bob", "submit"), ("boss", "admin")):
+        res = cli("keys", "add", name, "--scopes", scopes, "--data-dir", work / "data")
+        assert res.returncode == 0, res.stderr
+        keys[name] = res.stdout.split()[0]
+    with Server(shipped(), work, "--slide-root", root) as srv:
+        yield srv, root, outside, keys
+
+
+def dicomize(svs, out) -> list:
+    pytest.importorskip("wsidicomizer")
+    exe = shutil.which("wsidicomizer") or os.path.join(os.path.dirname(os.sys.executable), "wsidicomizer")
+    res = subprocess.run([exe, "-i", str(svs), "-o", str(out)], capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        pytest.skip(f"wsidicomizer cannot convert here: {res.stderr[-300:]}")
+    return sorted(out.glob("*.dcm"))
+
+
+def test_dicom_folder_with_links_out_of_the_roots(site, real_svs):
+    """A DICOM series folder inside the roots whose level files are symbolic links to another series outside:
+    wsidicom, given the folder, followed the links and the slide was ingested from files outside the roots."""
+    srv, root, outside, keys = site
+    files = dicomize(real_svs, outside / "series")
+    folder = root / "series"
+    folder.mkdir()
+    smallest = min(files, key=lambda f: f.stat().st_size)
+    for f in files:
+        if f == smallest:
+            shutil.copy(f, folder / f.name)  # one real file makes it a DICOM folder
+        else:
+            os.symlink(f, folder / f.name)
+    with srv.client(keys["alice"]) as c:
+        r = c.post("/v1/slides", json={"path": str(folder)})
+        assert r.status_code == 202, r.text
+        s = wait_ready(c, r.json()["slide"]["id"])
+        assert s["status"] == "failed", s
+        assert "not a readable DICOM WSI series" in s["error"] and str(outside) not in s["error"]

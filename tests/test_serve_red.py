@@ -59,3 +59,20 @@ def test_dicom_folder_with_links_out_of_the_roots(site, real_svs):
         s = wait_ready(c, r.json()["slide"]["id"])
         assert s["status"] == "failed", s
         assert "not a readable DICOM WSI series" in s["error"] and str(outside) not in s["error"]
+
+
+def test_registration_errors_do_not_show_resolved_paths(site):
+    """A relative path (resolved against the server's working folder) or one through a link inside the roots:
+    the error named the resolved absolute path, the server's own folders, to a non-admin key."""
+    srv, root, outside, keys = site
+    (root / "folder").mkdir()
+    os.symlink(root, root / "alias")
+    with srv.client(keys["alice"]) as c:
+        for given in (str(root / "alias" / "folder"), str(root / "folder" / ".." / "folder")):
+            r = c.post("/v1/slides", json={"path": given})
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"] == f"{given}: is a directory, not a slide file (nor a folder of " \
+                                                   "DICOM files)"
+        rel = os.path.relpath(root / "folder")  # the server's working folder is the test's
+        r = c.post("/v1/slides", json={"path": rel})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(f"{rel}: is a directory"), r.text

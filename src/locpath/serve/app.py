@@ -725,9 +725,15 @@ def resolve_under_roots(text: str, roots: list[Path]) -> Path:
         raise missing from None
     if not inside:
         raise missing
+    from ..errors import SlideError
     from ..wsi.factory import check_slide_file
 
-    check_slide_file(real)
+    try:
+        check_slide_file(real)
+    except SlideError as exc:  # named as the client wrote it: the resolved path shows the server's folders
+        msg = str(exc)
+        raise SlideError(f"{text[:1000]}: {msg[len(str(real)) + 2:] if msg.startswith(f'{real}: ') else msg}") \
+            from None
     return real
 
 

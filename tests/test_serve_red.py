@@ -76,3 +76,39 @@ def test_registration_errors_do_not_show_resolved_paths(site):
         rel = os.path.relpath(root / "folder")  # the server's working folder is the test's
         r = c.post("/v1/slides", json={"path": rel})
         assert r.status_code == 400 and r.json()["error"]["message"].startswith(f"{rel}: is a directory"), r.text
+
+
+def test_dicomweb_credentials_not_in_errors(tmp_path):
+    """`--dicomweb http://user:password@pacs/...`: a failed retrieval's error (the slide's and the job's, which every
+    key reads, and the log) quoted the URL with its password."""
+    import http.server
+    import threading
+
+    from servers import free_port
+
+    class NoSeries(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    pacs = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), NoSeries)
+    threading.Thread(target=pacs.serve_forever, daemon=True).start()
+    res = cli("keys", "add", "alice", "--scopes", "submit", "--data-dir", tmp_path / "data")
+    key = res.stdout.split()[0]
+    url = f"http://pacsuser:S3cretPass@127.0.0.1:{pacs.server_address[1]}/dicom-web"
+    try:
+        with Server(shipped(), tmp_path, "--dicomweb", url) as srv, srv.client(key) as c:
+            r = c.post("/v1/slides", json={"dicomweb": {"study": "1.2.3", "series": "1.2.3.4"}})
+            assert r.status_code == 202, r.text
+            s = wait_ready(c, r.json()["slide"]["id"], timeout=120)
+            assert s["status"] == "failed" and "cannot retrieve series 1.2.3.4" in s["error"], s
+            jobs = c.get("/v1/jobs").text
+            assert "S3cretPass" not in s["error"] and "S3cretPass" not in jobs and "pacsuser" not in jobs
+            assert f"127.0.0.1:{pacs.server_address[1]}/dicom-web" in s["error"]  # still says which server
+        assert "S3cretPass" not in srv.log_path.read_text()
+    finally:
+        pacs.shutdown()

@@ -112,3 +112,16 @@ def test_dicomweb_credentials_not_in_errors(tmp_path):
         assert "S3cretPass" not in srv.log_path.read_text()
     finally:
         pacs.shutdown()
+
+
+def test_upload_name_and_client_key_bounded(site, real_svs):
+    """The upload's `name` and `client_key` (query parameters) took any length, where the JSON routes refuse more
+    than 256 and 128 characters (the database columns: a 500 on a database that enforces them), after the whole
+    file was stored."""
+    srv, root, outside, keys = site
+    data = real_svs.read_bytes()
+    with srv.client(keys["bob"]) as c:
+        for params, field in (({"name": "n" * 257}, "name"), ({"client_key": "k" * 129}, "client_key")):
+            r = c.post("/v1/slides/upload", params={"filename": "x.svs", **params}, content=data)
+            assert r.status_code == 400 and r.json()["error"]["message"].startswith(f"query.{field}:"), r.text
+        assert not any((srv.work / "data" / "uploads").iterdir())

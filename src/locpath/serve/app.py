@@ -32,7 +32,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
@@ -469,8 +469,9 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
                         caller)
 
     @app.post("/v1/slides/upload", dependencies=[submit])
-    async def upload_slide(request: Request, filename: str, name: str | None = None, client_key: str | None = None,
-                           caller: Caller = submit):
+    async def upload_slide(request: Request, filename: str, caller: Caller = submit,
+                           name: str | None = Query(default=None, max_length=256),  # the JSON route's bounds
+                           client_key: str | None = Query(default=None, min_length=1, max_length=128)):
         """Streamed into a private folder, counted against the key's quota as it arrives; whatever is refused
         (quota, a bad file, 429, a client that leaves) leaves nothing on disk."""
         safe = safe_filename(filename)

@@ -59,6 +59,14 @@ def test_dicom_folder_with_links_out_of_the_roots(site, real_svs):
         s = wait_ready(c, r.json()["slide"]["id"])
         assert s["status"] == "failed", s
         assert "not a readable DICOM WSI series" in s["error"] and str(outside) not in s["error"]
+        # the same series as regular files inside the roots still reads (each file pinned), answers and draws
+        shutil.copytree(outside / "series", root / "series2")
+        r = c.post("/v1/slides", json={"path": str(root / "series2")})
+        s = wait_ready(c, r.json()["slide"]["id"])
+        assert s["status"] == "ready", s
+        r = c.post(f"/v1/slides/{s['id']}/questions", json={"question": "What is it?", "max_new_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert c.get(f"/v1/slides/{s['id']}/thumbnail.png").content[:4] == b"\x89PNG"
 
 
 def test_registration_errors_do_not_show_resolved_paths(site):

@@ -133,3 +133,30 @@ def test_upload_name_and_client_key_bounded(site, real_svs):
             r = c.post("/v1/slides/upload", params={"filename": "x.svs", **params}, content=data)
             assert r.status_code == 400 and r.json()["error"]["message"].startswith(f"query.{field}:"), r.text
         assert not any((srv.work / "data" / "uploads").iterdir())
+
+
+def test_data_folder_others_control_is_refused(tmp_path):
+    """A --data-dir every user may write (say a folder under /tmp made by someone else), or a database file that
+    belongs to another user: the service started on it, so whoever controls it could put a database holding their
+    own admin key in place, or swap upload folders."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    try:
+        res = cli("serve", shipped(), "--data-dir", shared, "--port", 1, "--cache-dir", tmp_path / "c", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the service started on a data folder every user may write")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        f"locpath: error: {shared}: the data folder is writable by every user; chmod o-w it or use another "
+        "--data-dir"], res.stderr
+    os.chmod(shared, 0o700)
+    if os.getuid() != 0:
+        return
+    os.chmod(shared, 0o1777)  # sticky, like /tmp: the folder is fine, but a database file made by another user is not
+    assert cli("keys", "add", "evil", "--scopes", "admin", "--data-dir", shared).returncode == 0
+    os.chown(shared / "locpath.db", 12345, 12345)
+    for args in (("keys", "list", "--data-dir", shared),
+                 ("serve", shipped(), "--data-dir", shared, "--port", 1, "--cache-dir", tmp_path / "c")):
+        res = cli(*args, timeout=60)
+        assert res.returncode == 2 and "locpath.db: the database file belongs to another user (uid 12345)" \
+            in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
@@ -469,8 +469,9 @@ def create_app(cfg: ServeConfig, pipe=None, eager: bool = True, owner: Callable[
                         caller)
 
     @app.post("/v1/slides/upload", dependencies=[submit])
-    async def upload_slide(request: Request, filename: str, name: str | None = None, client_key: str | None = None,
-                           caller: Caller = submit):
+    async def upload_slide(request: Request, filename: str, caller: Caller = submit,
+                           name: str | None = Query(default=None, max_length=256),  # the JSON route's bounds
+                           client_key: str | None = Query(default=None, min_length=1, max_length=128)):
         """Streamed into a private folder, counted against the key's quota as it arrives; whatever is refused
         (quota, a bad file, 429, a client that leaves) leaves nothing on disk."""
         safe = safe_filename(filename)
@@ -725,9 +726,15 @@ def resolve_under_roots(text: str, roots: list[Path]) -> Path:
         raise missing from None
     if not inside:
         raise missing
+    from ..errors import SlideError
     from ..wsi.factory import check_slide_file
 
-    check_slide_file(real)
+    try:
+        check_slide_file(real)
+    except SlideError as exc:  # named as the client wrote it: the resolved path shows the server's folders
+        msg = str(exc)
+        raise SlideError(f"{text[:1000]}: {msg[len(str(real)) + 2:] if msg.startswith(f'{real}: ') else msg}") \
+            from None
     return real
 
 

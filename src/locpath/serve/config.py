@@ -92,4 +92,21 @@ class ServeConfig:
             raise ConfigError(f"{self.data_dir}: cannot create the data folder ({exc.strerror or exc})") from None
         if not os.access(self.data_dir, os.W_OK):
             raise ConfigError(f"{self.data_dir}: the data folder is not writable")
+        for folder in (self.data_dir, *(self.data_dir / sub for sub in ("uploads", "dicomweb", "thumbnails"))):
+            check_not_others(folder, "data folder")
         return self
+
+
+def check_not_others(path: Path, what: str, mode: bool = True) -> None:
+    """The data folder, its subfolders and the database must be this user's (or root's) and not writable by every
+    user: whoever else controls them can swap uploads or put a database with their own admin key in place."""
+    try:
+        st = path.stat()
+    except OSError:
+        return  # missing or unreadable: said where it is used
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{path}: the {what} belongs to another user (uid {st.st_uid}); use a data folder "
+                          f"of this user's own (--data-dir)")
+    if mode and st.st_mode & 0o002 and not st.st_mode & 0o1000:
+        raise ConfigError(f"{path}: the {what} is writable by every user; chmod o-w it or use another "
+                          f"--data-dir")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import LocpathError
 from ..fsutil import atomic_dir
@@ -22,6 +23,15 @@ def check_uid(uid: object, what: str) -> str:
     if not isinstance(uid, str) or len(uid) > 64 or not UID_RE.fullmatch(uid):
         raise DicomWebError(f"{what} must be a DICOM UID (digits and dots, at most 64 characters), got {uid!r}"[:200])
     return uid
+
+
+def shown(url: str) -> str:
+    """The server's URL as messages name it: without a user name and password (errors reach every key)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the DICOMweb server"
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def series_folder(data_dir: Path, study: str, series: str) -> Path:
@@ -40,10 +50,10 @@ def retrieve_series(url: str, study: str, series: str, data_dir: Path) -> Path:
     try:
         instances = DICOMwebClient(url=url).retrieve_series(study_instance_uid=study, series_instance_uid=series)
     except Exception as exc:
-        raise DicomWebError(f"{url}: cannot retrieve series {series} of study {study} "
-                            f"({str(exc).splitlines()[0][:200]})") from None
+        why = re.sub(r"//[^/\s@]*@", "//", (str(exc).splitlines() or [type(exc).__name__])[0])  # URLs it quotes
+        raise DicomWebError(f"{shown(url)}: cannot retrieve series {series} of study {study} ({why[:200]})") from None
     if not instances:
-        raise DicomWebError(f"{url}: series {series} of study {study} holds no instances")
+        raise DicomWebError(f"{shown(url)}: series {series} of study {study} holds no instances")
     with atomic_dir(folder) as tmp:
         for i, ds in enumerate(instances):
             sop = str(getattr(ds, "SOPInstanceUID", "")) or f"instance-{i}"

@@ -491,6 +491,9 @@ def _prepare_sqlite_file(url: str, init: bool) -> Path | None:
             what = "database file" if not os.access(path, os.W_OK) else "folder of the database"
             raise StoreError(f"{path}: the {what} is read-only (locpath writes its jobs and keys there)")
         size = path.stat().st_size
+        from .config import check_not_others
+
+        check_not_others(path, "database file", mode=False)  # its mode is made private below
     except FileExistsError:
         return None
     except OSError as exc:

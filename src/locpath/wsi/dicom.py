@@ -63,9 +63,19 @@ class DicomSlide(Slide):
             from wsidicom import WsiDicom
         except ImportError as exc:
             raise SlideError(f"{path}: reading DICOM WSI needs wsidicom (pip install wsidicom)") from exc
+        # the folder's own regular files, each opened once without following a link: given the folder, wsidicom
+        # would also read files that are symbolic links to anywhere (outside the slide roots)
+        from .identity import pin
+
+        self._pins = []
         try:
-            self._wsi = WsiDicom.open(str(path))
+            folder = Path(path).is_dir()
+            self._pins = [pin(f, name=f.name) for f in dicom_files(path)] if folder else []
+            self._wsi = WsiDicom.open([os.fspath(f) for f in self._pins] if folder else str(path))
         except Exception as exc:  # wsidicom raises its own error kinds for missing levels, bad files, ...
+            self._close_pins()
+            if isinstance(exc, SlideError):
+                raise SlideError(f"{path}: {str(exc).split(': ', 1)[-1]}") from None
             raise SlideError(f"{path}: not a readable DICOM WSI series ({_one_line(exc)})") from None
         self._levels = list(self._wsi.levels)
         base = self._levels[0].size
@@ -107,6 +117,12 @@ class DicomSlide(Slide):
     def reopen(self):
         return self  # wsidicom serialises its file access internally
 
+    def _close_pins(self):
+        for f in self._pins:
+            f.close()
+        self._pins = []
+
     def close(self):
         self._wsi.close()
+        self._close_pins()
         super().close()

@@ -104,3 +104,29 @@ def register(c, path) -> dict:
     r = c.post("/v1/slides", json={"path": str(path)})
     assert r.status_code == 202, r.text
     return wait_ready(c, r.json()["slide"]["id"])
+
+
+def sse(text: str) -> list[tuple[str, str]]:
+    """(event, data) of each server-sent event in a response body."""
+    out = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        ev, data = "message", []
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                ev = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        if data:
+            out.append((ev, "\n".join(data)))
+    return out
+
+
+def one_line(res, *fragments) -> str:
+    """A CLI refusal as users must see it: exit 2, one `locpath: error:` line holding each fragment, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stdout[-1000:], res.stderr[-2000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("locpath: error: "), lines
+    assert "Traceback" not in res.stderr
+    for f in fragments:
+        assert str(f) in lines[0], (f, lines[0])
+    return lines[0]

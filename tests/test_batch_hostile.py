@@ -9,16 +9,7 @@ import time
 import pytest
 
 from servers import cli, shipped
-
-
-def _one_line(res, *fragments) -> str:
-    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("locpath: error: "), lines
-    assert "Traceback" not in res.stderr
-    for f in fragments:
-        assert str(f) in lines[0], (f, lines[0])
-    return lines[0]
+from servers import one_line as _one_line
 
 
 def _batch(slides, questions, out, *extra, cache):

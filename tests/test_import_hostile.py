@@ -12,16 +12,7 @@ import numpy as np
 import pytest
 
 from servers import cli
-
-
-def _one_line(res, *fragments) -> str:
-    assert res.returncode == 2, (res.returncode, res.stdout[-1000:], res.stderr[-2000:])
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("locpath: error: "), lines
-    assert "Traceback" not in res.stderr
-    for f in fragments:
-        assert str(f) in lines[0], (f, lines[0])
-    return lines[0]
+from servers import one_line as _one_line
 
 
 def write_st(path, header, data: bytes = b"", length: int | None = None, raw: bytes | None = None):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,23 +16,9 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from servers import Server, free_port, register, wait_ready  # noqa: E402
+from servers import Server, free_port, register, sse, wait_ready  # noqa: E402
 
 Q = "What is the diagnosis?"
-
-
-def sse(text: str) -> list[tuple[str, str]]:
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        ev, data = "message", []
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                ev = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            out.append((ev, "\n".join(data)))
-    return out
 
 
 @pytest.fixture(scope="module")

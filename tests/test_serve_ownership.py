@@ -18,7 +18,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from servers import Server, cli, register, shipped, wait_ready  # noqa: E402
+from servers import Server, cli, register, shipped, sse, wait_ready  # noqa: E402
 
 SECRET = "PATIENT-SECRET-1234"
 Q = "What is the diagnosis?"
@@ -28,20 +28,6 @@ def add_key(data: Path, name: str, scopes: str = "read,submit") -> str:
     out = cli("keys", "add", name, "--scopes", scopes, "--data-dir", data, timeout=60)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
-
-
-def sse_events(text: str) -> list[tuple[str, str]]:
-    out = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        ev, data = "message", []
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                ev = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        if data:
-            out.append((ev, "\n".join(data)))
-    return out
 
 
 def restart(s: Server, *extra) -> Server:
@@ -85,7 +71,7 @@ def test_another_keys_question_and_answer_are_unreachable(keyed):
         assert r.status_code == 200, r.text
         ajob = r.json()["job"]
         with a.stream("POST", f"/v1/slides/{sid}/questions", json={"question": secret_q, "stream": True}) as st:
-            sjob = json.loads([d for e, d in sse_events(st.read().decode()) if e == "done"][0])["job"]
+            sjob = json.loads([d for e, d in sse(st.read().decode()) if e == "done"][0])["job"]
         chat = a.post("/v1/chat/completions", json={"model": "locpath", "messages": [
             {"role": "user", "content": [{"type": "text", "text": secret_q},
                                          {"type": "image_url", "image_url": {"url": f"slide:{sid}"}}]}]})

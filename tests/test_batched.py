@@ -132,7 +132,7 @@ def test_plain_decoder_interleaves_with_the_same_answers(ref_bundle, latents):
 def test_answer_many_and_ask_many_equal_answers_one_by_one(ref_bundle, eval_slide):
     from locpath.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(ref_bundle, use_cache=False, max_batch=2)
+    pipe = Pipeline.from_bundle(ref_bundle, use_cache=False, decode_batch=2)
     qs = ["What is the diagnosis?", "Is necrosis present?", "Which organ is this?", "What is the grade?"]
     ctx = pipe.prepare(eval_slide)
     alone = [pipe.answer(ctx, q) for q in qs]

@@ -308,7 +308,7 @@ def _pipeline(args):
 
     return Pipeline.from_bundle(args.bundle, trusted_keys=args.trusted_keys, device=args.device, threads=args.threads,
                                 cache_dir=args.cache_dir, use_cache=not args.no_cache, decoder=args.decoder,
-                                max_batch=args.decode_batch)
+                                decode_batch=args.decode_batch)
 
 
 def _sampling(args) -> dict:

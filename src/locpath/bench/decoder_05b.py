@@ -211,15 +211,8 @@ def _ours(int4: Path, contract, prompt: list[int], new: int, threads: int, prefi
     st = decoder_state(OrtRunner(int4, "decoder", threads=threads, spin=True), contract, pre)
 
     def run():
-        cache = st.new_cache(1, len(prompt) + new + 1)
-        t0 = time.perf_counter()
-        logits = st.step(np.asarray([prompt]), cache, np.ones((1, len(prompt)), np.int64), {})
-        t1 = time.perf_counter()
-        toks = [int(logits[0, -1].argmax())]
-        for _ in range(new - 1):
-            logits = st.step(np.asarray([[toks[-1]]]), cache, np.ones((1, cache.length + 1), np.int64), {})
-            toks.append(int(logits[0, -1].argmax()))
-        return t1 - t0, time.perf_counter() - t1, new - 1, toks
+        r = st.greedy(prompt, {}, new)
+        return r.prefill_s, r.decode_s, r.steps, r.tokens
 
     return run
 

@@ -126,11 +126,9 @@ def validate_fused(path, model, spec: FusedDecoderSpec, prompt_len: int = 9, ste
         ref = model.llm(input_ids=ids).logits[0].numpy()
     runner = OrtRunner(path, names.DECODER_FUSED)
     st = FusedDecoderState(runner, spec.contract())
-    cache = st.new_cache(1, total)
-    ids_np = ids.numpy()
-    got = [st.step(ids_np[:, :prompt_len], cache, np.ones((1, prompt_len), np.int64), cross)[0, -1].copy()]
-    for t in range(prompt_len, total):
-        got.append(st.step(ids_np[:, t:t + 1], cache, np.ones((1, t + 1), np.int64), cross)[0, -1].copy())
+    ids_np = ids.numpy()[0]
+    got = st.greedy(ids_np[:prompt_len].tolist(), cross, forced=ids_np[prompt_len:total].tolist(),
+                    keep_logits=True).logits
     runner.release()
     want = ref[prompt_len - 1:]
     diff = float(np.abs(np.stack(got) - want).max())

@@ -3,11 +3,26 @@ cache's K/V in; logits out, the cache advanced. Names come from the decoder cont
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import numpy as np
 
 from ..bundle.decoder_io import DecoderContract
 from .kv_cache import KVCache, SharedKVCache
 from .runner import Runner
+
+
+@dataclass
+class GreedyRun:
+    """What `DecoderState.greedy` ran: the tokens after the prompt, optionally each step's last logits, and the
+    prefill's and the decode steps' wall time."""
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)  # with keep_logits: the prompt's last, then each step's
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0  # decode steps run (model calls after the prefill)
 
 
 class DecoderState:
@@ -47,6 +62,42 @@ class DecoderState:
         out = self.runner.run(self._feeds(input_ids, cache, mask, cross), self.outputs)
         cache.update(out, cache.length + input_ids.shape[1])
         return out["logits"]
+
+    def greedy(self, prompt: Sequence[int], cross: dict[str, np.ndarray], new_tokens: int = 0, *,
+               forced: Sequence[int] | None = None, stop_ids: Sequence[int] = (),
+               keep_logits: bool = False) -> GreedyRun:
+        """One answer of argmax tokens straight on the graph, with no sampler, for the checks and measurements that
+        compare graphs (export validation, `build`'s prefill choice, the bench). `new_tokens` tokens are chosen
+        (the last one is not fed), stopping early on a stop token (not kept); with `forced`, those tokens are fed
+        instead (teacher forcing) and every one of them is run. Answers go through runtime/generator.py."""
+        cross = self.prepare_cross(cross)
+        fed = list(forced) if forced is not None else None
+        cache = self.new_cache(1, len(prompt) + (len(fed) if fed is not None else new_tokens) + 1)
+        run = GreedyRun()
+        t0 = time.perf_counter()
+        logits = self.step(np.asarray([list(prompt)], np.int64), cache, np.ones((1, len(prompt)), np.int64), cross)
+        run.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        todo = fed if fed is not None else range(new_tokens)
+        for n, tok in enumerate(todo):
+            if keep_logits:
+                run.logits.append(logits[0, -1].copy())
+            if fed is None:
+                tok = int(logits[0, -1].argmax())
+                if tok in stop_ids:
+                    break
+                run.tokens.append(tok)
+                if n + 1 == new_tokens:
+                    break
+            else:
+                run.tokens.append(int(tok))
+            logits = self.step(np.asarray([[tok]], np.int64), cache, np.ones((1, cache.length + 1), np.int64), cross)
+            run.steps += 1
+        else:
+            if keep_logits and fed is not None:
+                run.logits.append(logits[0, -1].copy())
+        run.decode_s = time.perf_counter() - t0
+        return run
 
 
 class FusedDecoderState(DecoderState):

@@ -51,8 +51,9 @@ from .detok import StreamingDetokenizer
 from .evidence import Evidence, tile_weights
 from .generator import GenerationStats, Generator
 from .machine import describe_machine
+from .options import DECODER_CHOICES, RuntimeOptions
 from .prompt import ChatTemplate
-from .resampler_chunks import RESAMPLER_CHUNK, ChunkedResampler
+from .resampler_chunks import ChunkedResampler
 from .runner import Runner
 from .sampler import SamplingParams
 from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
@@ -60,8 +61,13 @@ from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, fi
 if TYPE_CHECKING:
     from .answer_batch import AnswerBatch
 
-DECODER_CHOICES = ("auto", "fused", "plain")
 MAX_QUESTION_CHARS = 8192
+
+
+class NotPrepared(LocpathError):
+    """`prepare(..., cached_only=True)` found the slide neither in memory nor in the slide cache: it must go through
+    ingestion (tiles read and encoded) first. A question lane raises it rather than encode a whole slide while
+    every decoding client waits."""
 
 
 def check_engines(bundle_dir: Path, manifest: Manifest, device: str) -> None:
@@ -193,17 +199,18 @@ class StreamedAnswer:
 
 
 class Pipeline:
-    def __init__(self, bundle_dir: str | os.PathLike, manifest: Manifest, device: str = "cpu",
-                 threads: int | None = None, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
-                 tile_batch: int = 32, reader_workers: int = 2, decoder: str = "auto", decoder_spin: bool = True,
-                 memory_slides: int = 8, max_batch: int = 8, prefill_graph: bool = True,
-                 resampler_chunk: int = RESAMPLER_CHUNK):
-        """`manifest` must come from `verify_bundle` (as `from_bundle` does); `memory_slides` bounds the slides
-        whose latents stay in memory (least recently used go first; the disk cache keeps the rest); `max_batch`:
-        the most answers decoded as one batch; `prefill_graph`: run prompts on the bundle's decoder_fused_prefill
-        graph when it has one (False: the decoder graph runs both phases); `resampler_chunk`: a slide with more STM
+    def __init__(self, bundle_dir: str | os.PathLike, manifest: Manifest, options: RuntimeOptions | None = None,
+                 **changes):
+        """`manifest` must come from `verify_bundle` (as `from_bundle` does); `options` (runtime/options.py) say how
+        it runs, `changes` override single fields (`use_cache=False`). `memory_slides` bounds the slides whose
+        latents stay in memory (least recently used go first; the disk cache keeps the rest); `decode_batch`: the
+        most answers decoded as one batch; `prefill_graph`: run prompts on the bundle's decoder_fused_prefill graph
+        when it has one (False: the decoder graph runs both phases); `resampler_chunk`: a slide with more STM
         tokens than this runs the bundle's chunked resampler graphs when it has them, so the resampler's memory
         follows the chunk rather than the slide (0: always the one-graph resampler)."""
+        opts = (options or RuntimeOptions()).replace(**changes)
+        self.options = opts
+        device, threads, decoder = opts.device, opts.threads, opts.decoder
         self.bundle_dir = Path(bundle_dir)
         self.manifest = manifest
         self.cfg = manifest.model_config
@@ -215,38 +222,32 @@ class Pipeline:
         check_engines(self.bundle_dir, manifest, device)
         self.decoder_component = choose_decoder(manifest, decoder, self.bundle_dir, device)
         skip = set(names.DECODERS) - {self.decoder_component}  # the other decoder graph is never loaded
-        if self.decoder_component != names.DECODER_FUSED or not prefill_graph:
+        if self.decoder_component != names.DECODER_FUSED or not opts.prefill_graph:
             skip.add(names.DECODER_FUSED_PREFILL)
         self.runners: dict[str, Runner] = {
             name: make_runner(c.backend, self.bundle_dir / c.file, name, precision=c.precision, device=device,
                               threads=threads, entry=c, engine_cache=self._engine_cache(c, device),
-                              **self._spin(name, c, decoder_spin), **_ov_hint(c))
+                              **self._spin(name, c, opts.decoder_spin), **_ov_hint(c))
             for name, c in manifest.components.items() if name not in skip
         }
         self.decoder_state: DecoderState = decoder_state(self.runners[self.decoder_component],
                                                          manifest.decoder_contract(self.decoder_component),
                                                          self.runners.get(names.DECODER_FUSED_PREFILL))
-        if isinstance(resampler_chunk, bool) or not isinstance(resampler_chunk, int) or resampler_chunk < 0:
-            raise ConfigError(f"resampler_chunk must be a non-negative integer, got {resampler_chunk!r}")
         self.chunked_resampler = None
-        if resampler_chunk and all(n in self.runners for n in names.RESAMPLER_CHUNKS):
+        if opts.resampler_chunk and all(n in self.runners for n in names.RESAMPLER_CHUNKS):
             r = self.cfg.resampler
             self.chunked_resampler = ChunkedResampler(*(self.runners[n] for n in names.RESAMPLER_CHUNKS), r.depth,
-                                                      r.num_heads, r.num_latents, r.dim, resampler_chunk)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigError(f"max_batch must be a positive integer, got {max_batch!r}")
-        self.max_batch = max_batch
+                                                      r.num_heads, r.num_latents, r.dim, opts.resampler_chunk)
+        self.max_batch = opts.decode_batch
         self.stop_ids = self._stop_ids()
         self.max_length = self.decoder_state.capacity(manifest.generation.max_length)
-        self.tile_batch = tile_batch
-        self.reader_workers = reader_workers
+        self.tile_batch = opts.tile_batch
+        self.reader_workers = opts.reader_workers
         self.cache = None
-        if use_cache:
+        if opts.use_cache:
             expected = Expected(self.cfg.resampler.num_latents, self.cfg.resampler.dim, self.cfg.feature_dim)
-            self.cache = SlideCache(cache_dir or default_cache_dir(), self.bundle_key(), expected)
-        if not isinstance(memory_slides, int) or memory_slides < 0:
-            raise ConfigError(f"memory_slides must be a non-negative integer, got {memory_slides!r}")
-        self.memory_slides = memory_slides
+            self.cache = SlideCache(opts.cache_dir or default_cache_dir(), self.bundle_key(), expected)
+        self.memory_slides = opts.memory_slides
         self._memory: OrderedDict[str, SlideContext] = OrderedDict()
         self._memory_lock = threading.Lock()  # a service prepares slides and answers questions in two threads
         self._warned: set[str] = set()  # feature files already warned about (once per file)
@@ -279,11 +280,13 @@ class Pipeline:
         return ids
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | os.PathLike, trusted_keys: TrustedKeys | str | os.PathLike | None = None,
-                    **kw) -> "Pipeline":
-        """Verify the bundle (and its signature, when trusted keys are given or $LOCPATH_TRUSTED_KEYS is set)."""
-        keys = trusted_keys if isinstance(trusted_keys, TrustedKeys) else TrustedKeys.from_setting(trusted_keys)
-        return cls(bundle_dir, verify_bundle(bundle_dir, trusted_keys=keys), **kw)
+    def from_bundle(cls, bundle_dir: str | os.PathLike, options: RuntimeOptions | None = None, **changes) -> "Pipeline":
+        """Verify the bundle (and its signature, when `options.trusted_keys` is given or $LOCPATH_TRUSTED_KEYS is
+        set), then load it; `changes` override single options (`from_bundle(b, use_cache=False)`)."""
+        opts = (options or RuntimeOptions()).replace(**changes)
+        keys = opts.trusted_keys if isinstance(opts.trusted_keys, TrustedKeys) else \
+            TrustedKeys.from_setting(opts.trusted_keys)
+        return cls(bundle_dir, verify_bundle(bundle_dir, trusted_keys=keys), opts)
 
     def bundle_key(self) -> str:
         """What the slide cache depends on: tile encoder, resampler and preprocessing."""
@@ -346,18 +349,23 @@ class Pipeline:
         return ff
 
     def prepare(self, slide: str | os.PathLike, mpp_override: float | None = None, progress=None,
-                keep_features: bool = False, digest: str | None = None, check=None) -> SlideContext:
+                keep_features: bool = False, digest: str | None = None, check=None,
+                cached_only: bool = False) -> SlideContext:
         """Latents for a slide file, a DICOM series folder or a feature file (TRIDENT/CLAM .h5, SlideChat .csv), from
         memory or cache when possible. `progress`: a terminal bar (True/False/None = when on a terminal) or
         callable(done, total). `keep_features`: also return the tile features (a batch run writes them out).
         `digest`: the slide's content digest when the caller has just computed it from the file
         (`SlideCache.content_hash`), so it is not read a second time. `slide` may be a wsi.identity.PinnedFile (a
         file opened and checked by the caller: a service's registered slide): every read below goes to that open
-        file. `check()`: called between tile batches; it raises to stop the ingestion (cancel, time bound)."""
+        file. `check()`: called between tile batches; it raises to stop the ingestion (cancel, time bound).
+        `cached_only`: answer from memory or the slide cache only (the content digest from its memo, never read
+        again), else raise NotPrepared: no tile is read and no encoder runs."""
         path = Path(os.fspath(slide))  # what is read (a pinned file's /proc/self/fd entry)
         name = str(slide)  # what messages and the answer call it
         timings: dict[str, float] = {}
         if Path(name).suffix.lower() in FEATURE_SUFFIXES:
+            if cached_only:
+                raise NotPrepared(f"{name}: a feature file is compressed when it is prepared, not from the cache")
             ff = self.read_feature_file(path)
             ctx = self._context(str(path), ff, self.compress(ff, timings), False, 0, timings)
             return dataclasses.replace(ctx, features=ff) if keep_features else ctx
@@ -374,6 +382,8 @@ class Pipeline:
                 self._memory.move_to_end(key)
                 return known.again({"hash": _ms(t0)})
         hit = self.cache.get(entry_name(digest, mpp_override), fprint) if digest and self.cache else None
+        if hit is None and cached_only:
+            raise NotPrepared(f"{name}: this slide is not prepared (not in memory or in the slide cache)")
         if hit is None and self.cache and not computed:
             digest = self.cache.content_hash(path)  # a memo miss, or a memo the entry does not confirm
             hit = self.cache.get(entry_name(digest, mpp_override), fprint)

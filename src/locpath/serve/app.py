@@ -137,7 +137,7 @@ class Service:
                               f"(locpath keys add NAME --data-dir {cfg.data_dir}), or bind to 127.0.0.1")
         self.pipe = pipe or Pipeline.from_bundle(cfg.bundle, trusted_keys=cfg.trusted_keys, device=cfg.device,
                                                  threads=cfg.threads, cache_dir=cfg.cache_dir,
-                                                 memory_slides=cfg.memory_slides, max_batch=cfg.decode_batch)
+                                                 memory_slides=cfg.memory_slides, decode_batch=cfg.decode_batch)
         self.metrics = Metrics(self.store)
         self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue, self.owner)
         self.worker.opener = self.open_slide

@@ -56,6 +56,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from ..engines.safetensors_header import load_json
 from ..errors import CheckpointError
@@ -238,131 +239,167 @@ def load_keymap(path: str | os.PathLike | None = None) -> KeyMap:
     file and the rule for anything wrong (unknown fields, bad regex, a template naming a group the regex lacks)."""
     p = Path(path) if path is not None else shipped_keymap()
     data = load_json(p, "key map", limit=MAX_KEYMAP_BYTES)
-    where = str(p)
+    kf = _KeymapFile(str(p), {})
+    kf.macros = _check_top(data, kf)
+    rules = _load_rules(data.get("rules", []), kf)
+    ignore = _load_ignore(data.get("ignore", []), kf)
+    config = data.get("config", {})
+    if not isinstance(config, dict) or _depth(config, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
+        kf.fail(f"config must be an object (ModelConfig fields), nested at most {MAX_CONFIG_DEPTH} deep")
+    alpha = _lora_alpha(data.get("lora", {}), kf)
+    doc = data.get("doc", "")
+    return KeyMap(kf.where, str(data.get("name", p.stem)), doc if isinstance(doc, str) else " ".join(map(str, doc)),
+                  rules, ignore, config, None if alpha is None else float(alpha))
 
-    def fail(msg: str):
-        raise CheckpointError(f"{where}: {msg}")
 
-    if not isinstance(data, dict):
-        fail("a key map is a JSON object")
-    unknown = sorted(set(data) - set(TOP_FIELDS))
-    if unknown:
-        fail(f"unknown fields {unknown} (allowed: {', '.join(TOP_FIELDS)})")
-    if data.get("format") != KEYMAP_FORMAT:
-        fail(f"format must be {KEYMAP_FORMAT!r}, got {data.get('format')!r}")
-    macros = data.get("macros", {})
-    if not isinstance(macros, dict) or not all(isinstance(v, str) for v in macros.values()):
-        fail("macros must map names to regex text")
+@dataclass
+class _KeymapFile:
+    """The key map being loaded: its path (every error line starts with it) and its macros (expanded in patterns)."""
 
-    def expand(text, what: str) -> str:
+    where: str
+    macros: dict[str, str]
+
+    def fail(self, msg: str) -> NoReturn:
+        raise CheckpointError(f"{self.where}: {msg}")
+
+    def expand(self, text, what: str) -> str:
         if not isinstance(text, str) or not text:
-            fail(f"{what}: a pattern must be a non-empty string, got {text!r}")
+            self.fail(f"{what}: a pattern must be a non-empty string, got {text!r}")
 
         def sub(m):
-            if m.group(1) not in macros:
-                fail(f"{what}: unknown macro ${{{m.group(1)}}} (defined: {sorted(macros)})")
-            return macros[m.group(1)]
+            if m.group(1) not in self.macros:
+                self.fail(f"{what}: unknown macro ${{{m.group(1)}}} (defined: {sorted(self.macros)})")
+            return self.macros[m.group(1)]
 
         out = MACRO.sub(sub, text)
         if len(out) > MAX_PATTERN:
-            fail(f"{what}: a pattern of {len(out)} characters (macros expanded), over the {MAX_PATTERN} limit")
+            self.fail(f"{what}: a pattern of {len(out)} characters (macros expanded), over the {MAX_PATTERN} limit")
         return out
 
-    def compile_(text: str, what: str):
+    def compile(self, text: str, what: str):
         try:
             return compile_pattern(text)
         except ImportError:
             raise CheckpointError("key maps need google-re2 (pip install google-re2)") from None
         except Exception as exc:  # re2.error; its message is bytes
             msg = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-            fail(f"{what}: bad regex {text[:200]!r} ({msg}; key maps are RE2 patterns, matched in linear time: no "
-                 "backreferences or lookaround)")
+            self.fail(f"{what}: bad regex {text[:200]!r} ({msg}; key maps are RE2 patterns, matched in linear time: "
+                      "no backreferences or lookaround)")
 
-    raw_rules = data.get("rules", [])
+
+def _check_top(data, kf: _KeymapFile) -> dict:
+    """The top level: an object of known fields in the right format; returns its macros."""
+    if not isinstance(data, dict):
+        kf.fail("a key map is a JSON object")
+    unknown = sorted(set(data) - set(TOP_FIELDS))
+    if unknown:
+        kf.fail(f"unknown fields {unknown} (allowed: {', '.join(TOP_FIELDS)})")
+    if data.get("format") != KEYMAP_FORMAT:
+        kf.fail(f"format must be {KEYMAP_FORMAT!r}, got {data.get('format')!r}")
+    macros = data.get("macros", {})
+    if not isinstance(macros, dict) or not all(isinstance(v, str) for v in macros.values()):
+        kf.fail("macros must map names to regex text")
+    return macros
+
+
+def _load_rules(raw_rules, kf: _KeymapFile) -> list[Rule]:
     if not isinstance(raw_rules, list):
-        fail("rules must be a list")
+        kf.fail("rules must be a list")
     if len(raw_rules) > MAX_RULES:
-        fail(f"{len(raw_rules)} rules, over the limit of {MAX_RULES}")
-    rules = []
-    for i, r in enumerate(raw_rules):
-        what = f"rule {i}"
-        if not isinstance(r, dict):
-            fail(f"{what}: a rule is a JSON object")
-        bad = sorted(set(r) - set(RULE_FIELDS))
-        if bad:
-            fail(f"{what}: unknown fields {bad} (allowed: {', '.join(RULE_FIELDS)})")
-        targets = r.get("target")
-        targets = [targets] if isinstance(targets, str) else targets
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
-            fail(f"{what}: target must be a non-empty string or list of strings")
-        rule = Rule(i, list(targets))
-        if ("match" in r) == ("from" in r):
-            fail(f"{what}: give exactly one of match (source keys) or from (a locpath tensor)")
-        if "from" in r:
-            if not isinstance(r["from"], str) or not r["from"]:
-                fail(f"{what}: from must name a locpath tensor")
-            if any(k in r for k in ("concat", "lookup")) or "{" in "".join(targets):
-                fail(f"{what}: a from rule has fixed targets (no concat, lookup or {{groups}})")
-            rule.source = r["from"]
-        else:
-            rule.pattern = expand(r["match"], what)
-            rule.match = compile_(rule.pattern, what)
-        rule.transforms = _check_transforms(r.get("transform", []), len(targets), f"{where}: {what}")
-        if "concat" in r:
-            c = r["concat"]
-            if not (isinstance(c, dict) and set(c) <= {"group", "order", "dim"} and isinstance(c.get("group"), str)
-                    and isinstance(c.get("order"), list) and len(c["order"]) >= 2
-                    and all(isinstance(o, str) for o in c["order"]) and isinstance(c.get("dim", 0), int)):
-                fail(f"{what}: concat is {{\"group\": NAME, \"order\": [PART, ...], \"dim\": D}}")
-            if c["group"] not in rule.match.groupindex:
-                fail(f"{what}: concat group {c['group']!r} is not a named group of the match pattern")
-            rule.concat = {"group": c["group"], "order": list(c["order"]), "dim": int(c.get("dim", 0))}
-        if "lookup" in r:
-            lk = r["lookup"]
-            if not (isinstance(lk, dict) and all(isinstance(t, dict) and all(isinstance(v, (str, int))
-                                                                               for v in t.values())
-                                                 for t in lk.values())):
-                fail(f"{what}: lookup maps a group to a table of value -> replacement")
-            rule.lookup = {str(g): {str(k): str(v) for k, v in t.items()} for g, t in lk.items()}
-        if rule.match is not None:
-            names = set(rule.match.groupindex)
-            refs = set(rule.lookup)
-            for t in targets:
-                try:
-                    parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t) if f is not None]
-                except ValueError as exc:
-                    fail(f"{what}: bad target template {t!r} ({exc})")
-                if any(spec or conv for _, spec, conv in parts):
-                    fail(f"{what}: target template {t[:120]!r}: fields are {{N}} or {{name}}, without ! or :")
-                refs |= {f for f, _, _ in parts}
-            for f in refs:
-                ok = (f.isdigit() and int(f) <= rule.match.groups) or f in names
-                if not ok:
-                    fail(f"{what}: {f!r} is not a group of {rule.pattern!r}")
-            if rule.concat is not None and any(rule.concat["group"] in _fields(t) for t in targets):
-                fail(f"{what}: the targets of a concat must not name its group {rule.concat['group']!r}")
-        rules.append(rule)
-    ignore = []
-    raw_ignore = data.get("ignore", [])
+        kf.fail(f"{len(raw_rules)} rules, over the limit of {MAX_RULES}")
+    return [_load_rule(i, r, kf) for i, r in enumerate(raw_rules)]
+
+
+def _load_rule(i: int, r, kf: _KeymapFile) -> Rule:
+    what = f"rule {i}"
+    if not isinstance(r, dict):
+        kf.fail(f"{what}: a rule is a JSON object")
+    bad = sorted(set(r) - set(RULE_FIELDS))
+    if bad:
+        kf.fail(f"{what}: unknown fields {bad} (allowed: {', '.join(RULE_FIELDS)})")
+    targets = r.get("target")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+        kf.fail(f"{what}: target must be a non-empty string or list of strings")
+    rule = Rule(i, list(targets))
+    if ("match" in r) == ("from" in r):
+        kf.fail(f"{what}: give exactly one of match (source keys) or from (a locpath tensor)")
+    if "from" in r:
+        if not isinstance(r["from"], str) or not r["from"]:
+            kf.fail(f"{what}: from must name a locpath tensor")
+        if any(k in r for k in ("concat", "lookup")) or "{" in "".join(targets):
+            kf.fail(f"{what}: a from rule has fixed targets (no concat, lookup or {{groups}})")
+        rule.source = r["from"]
+    else:
+        rule.pattern = kf.expand(r["match"], what)
+        rule.match = kf.compile(rule.pattern, what)
+    rule.transforms = _check_transforms(r.get("transform", []), len(targets), f"{kf.where}: {what}")
+    if "concat" in r:
+        rule.concat = _rule_concat(r["concat"], rule, kf, what)
+    if "lookup" in r:
+        rule.lookup = _rule_lookup(r["lookup"], kf, what)
+    if rule.match is not None:
+        _check_template_groups(rule, targets, kf, what)
+    return rule
+
+
+def _rule_concat(c, rule: Rule, kf: _KeymapFile, what: str) -> dict:
+    if not (isinstance(c, dict) and set(c) <= {"group", "order", "dim"} and isinstance(c.get("group"), str)
+            and isinstance(c.get("order"), list) and len(c["order"]) >= 2
+            and all(isinstance(o, str) for o in c["order"]) and isinstance(c.get("dim", 0), int)):
+        kf.fail(f"{what}: concat is {{\"group\": NAME, \"order\": [PART, ...], \"dim\": D}}")
+    if c["group"] not in rule.match.groupindex:
+        kf.fail(f"{what}: concat group {c['group']!r} is not a named group of the match pattern")
+    return {"group": c["group"], "order": list(c["order"]), "dim": int(c.get("dim", 0))}
+
+
+def _rule_lookup(lk, kf: _KeymapFile, what: str) -> dict[str, dict[str, str]]:
+    if not (isinstance(lk, dict) and all(isinstance(t, dict) and all(isinstance(v, (str, int))
+                                                                       for v in t.values())
+                                         for t in lk.values())):
+        kf.fail(f"{what}: lookup maps a group to a table of value -> replacement")
+    return {str(g): {str(k): str(v) for k, v in t.items()} for g, t in lk.items()}
+
+
+def _check_template_groups(rule: Rule, targets: list[str], kf: _KeymapFile, what: str) -> None:
+    """Every {field} of the targets (and every lookup) names a group of the match pattern."""
+    names = set(rule.match.groupindex)
+    refs = set(rule.lookup)
+    for t in targets:
+        try:
+            parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t) if f is not None]
+        except ValueError as exc:
+            kf.fail(f"{what}: bad target template {t!r} ({exc})")
+        if any(spec or conv for _, spec, conv in parts):
+            kf.fail(f"{what}: target template {t[:120]!r}: fields are {{N}} or {{name}}, without ! or :")
+        refs |= {f for f, _, _ in parts}
+    for f in refs:
+        ok = (f.isdigit() and int(f) <= rule.match.groups) or f in names
+        if not ok:
+            kf.fail(f"{what}: {f!r} is not a group of {rule.pattern!r}")
+    if rule.concat is not None and any(rule.concat["group"] in _fields(t) for t in targets):
+        kf.fail(f"{what}: the targets of a concat must not name its group {rule.concat['group']!r}")
+
+
+def _load_ignore(raw_ignore, kf: _KeymapFile) -> list[tuple[re.Pattern, str]]:
     if not isinstance(raw_ignore, list):
-        fail("ignore must be a list of regex patterns")
+        kf.fail("ignore must be a list of regex patterns")
     if len(raw_ignore) > MAX_RULES:
-        fail(f"{len(raw_ignore)} ignore patterns, over the limit of {MAX_RULES}")
+        kf.fail(f"{len(raw_ignore)} ignore patterns, over the limit of {MAX_RULES}")
+    ignore = []
     for j, text in enumerate(raw_ignore):
-        pat = expand(text, f"ignore {j}")
-        ignore.append((compile_(pat, f"ignore {j}"), pat))
-    config = data.get("config", {})
-    if not isinstance(config, dict) or _depth(config, MAX_CONFIG_DEPTH) > MAX_CONFIG_DEPTH:
-        fail(f"config must be an object (ModelConfig fields), nested at most {MAX_CONFIG_DEPTH} deep")
-    lora = data.get("lora", {})
+        pat = kf.expand(text, f"ignore {j}")
+        ignore.append((kf.compile(pat, f"ignore {j}"), pat))
+    return ignore
+
+
+def _lora_alpha(lora, kf: _KeymapFile) -> float | None:
     if not isinstance(lora, dict) or set(lora) - {"alpha", "doc"}:
-        fail("lora is {\"alpha\": number or null}")
+        kf.fail("lora is {\"alpha\": number or null}")
     alpha = lora.get("alpha")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        fail(f"lora.alpha must be a positive number or null, got {alpha!r}")
-    doc = data.get("doc", "")
-    return KeyMap(where, str(data.get("name", p.stem)), doc if isinstance(doc, str) else " ".join(map(str, doc)),
-                  rules, ignore, config, None if alpha is None else float(alpha))
+        kf.fail(f"lora.alpha must be a positive number or null, got {alpha!r}")
+    return alpha
 
 
 def _fields(template: str) -> set[str]:

@@ -38,7 +38,8 @@ from ..engines.safetensors_header import check_folder, load_json, open_confined,
 from ..errors import CheckpointError, ConfigError, LocpathError, warn
 from ..text import ChatTemplate, load_tokenizer
 from .inventory import TensorSource, open_source
-from .keymap import Assignment, FilePlan, KeyMap, load_keymap, produce
+from .import_plan import ImportInputs, ImportPlan, ReleaseFile
+from .keymap import Assignment, KeyMap, load_keymap, produce
 
 IMPORT_SCHEMA = "locpath-import/1"
 MAX_TEMPLATE_BYTES = 1 << 20
@@ -294,13 +295,6 @@ def choose_dtype(requested: str, llm_params: int, total_params: int, folder: Pat
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
-@dataclass
-class ReleaseFile:
-    role: str
-    source: TensorSource
-    plan: FilePlan
-
-
 def _kind(target: str) -> str:
     if target.startswith("llm.") and target.endswith((".lora_A", ".lora_B")):
         return "lora"
@@ -448,6 +442,26 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
+    inp = read_inputs(opts, log)
+    try:
+        import torch  # noqa: F401 (imported once the files are checked: a bad file is refused in well under a second)
+    except ImportError as exc:
+        raise LocpathError(f"import needs the training extra (pip install 'locpath[train]'): {exc}") from None
+    plan = plan_model(opts, inp)
+    if opts.stream not in ("auto", "on", "off"):
+        raise ConfigError(f"--stream must be auto, on or off, not {opts.stream!r}")
+    if opts.stream == "on" or (opts.stream == "auto" and plan.llm_params > BF16_ABOVE):
+        from .import_stream import write_streamed_checkpoint
+
+        return write_streamed_checkpoint(opts, inp, plan, t0, kind=_kind, lora_file_factors=lora_file_factors,
+                                         load_tile_encoder_weights=load_tile_encoder_weights, schema=IMPORT_SCHEMA,
+                                         log=log)
+    dtype = choose_dtype(opts.dtype, plan.llm_params, plan.total_params, Path(opts.llm))
+    return _import_in_memory(opts, inp, plan, dtype, t0, log)
+
+
+def read_inputs(opts: ImportOptions, log=print) -> ImportInputs:
+    """Steps 1 and 2: the key map, the LLM folder, the release files opened and planned, the LoRA source."""
     kmap = load_keymap(opts.key_map) if opts.release or opts.key_map else None
     hf, tok, template, template_from = read_llm_folder(Path(opts.llm), opts.chat_template)
     llm_shapes = check_llm_weights(Path(opts.llm))
@@ -466,21 +480,35 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
     replaced_modules: list[str] = []
     if lora_src is not None and lora_src.kind == "peft-adapter" and llm_shapes is not None:  # before torch loads
         replaced_modules = check_adapter_modules(lora_src, llm_shapes, bool(hf.get("tie_word_embeddings", False)))
-    planned = {t for rf in files for a in rf.plan.assignments for t in a.targets}
-    try:
-        import torch  # imported once the files are checked: a bad file is refused in well under a second
-    except ImportError as exc:
-        raise LocpathError(f"import needs the training extra (pip install 'locpath[train]'): {exc}") from None
+    return ImportInputs(kmap, hf, tok, template, template_from, llm_shapes, files, lora_src, replaced_modules)
 
-    from ..models.checkpoint import save_checkpoint  # writes atomically (fsutil.atomic_dir)
+
+def plan_model(opts: ImportOptions, inp: ImportInputs) -> ImportPlan:
+    """Steps 3 and 4: the model config, then the whole model on the meta device to check every planned tensor."""
+    import torch
+
     from ..models.slide_llm import LocPathModel
 
-    cfg = build_config(opts, hf, kmap, planned)
+    planned = {t for rf in inp.files for a in rf.plan.assignments for t in a.targets}
+    cfg = build_config(opts, inp.hf, inp.kmap, planned)
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 8)))
     with torch.device("meta"):
         meta = LocPathModel(cfg)
-    checked = check_plans(files, kmap, meta)
-    own = meta.state_dict()
+    checked = check_plans(inp.files, inp.kmap, meta)
+    missing, random_groups = _unfilled(opts, inp.files, meta.state_dict(), checked)
+    lora_src = inp.lora_src
+    if lora_src is not None and lora_src.kind == "peft-adapter" and inp.llm_shapes is None:  # a .bin LLM folder
+        base = {k: tuple(v.shape) for k, v in meta.llm.state_dict().items()}
+        inp.replaced_modules = check_adapter_modules(lora_src, base, bool(cfg.llm.tie_word_embeddings))
+    if lora_src is not None and lora_src.kind != "peft-adapter":
+        _check_factors({m: {ab: tuple(t.shape) for ab, t in f.items()} for m, f in lora_file_factors(lora_src).items()},
+                       meta.llm, str(lora_src.path))
+    return ImportPlan(cfg, checked, missing, random_groups, llm_params=sum(p.numel() for p in meta.llm.parameters()),
+                      total_params=sum(p.numel() for p in meta.parameters()))
+
+
+def _unfilled(opts: ImportOptions, files: list[ReleaseFile], own: dict, checked: dict) -> tuple[list, list]:
+    """(the required tensors no file fills, refused unless --allow-missing; the optional groups left random)."""
     missing = [k for k in own if k.startswith(REQUIRED_GROUPS) and k not in checked["filled"]]
     random_groups = sorted({k.split(".")[0] for k in own if k.startswith(OPTIONAL_GROUPS)
                             and k not in checked["filled"]})
@@ -491,30 +519,42 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
         raise CheckpointError(f"{len(missing)} locpath tensors are filled by no release file ({where}) and no "
                               f"`from` rule: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''} "
                               "(check the key map, or --allow-missing to keep them random)")
-    if lora_src is not None and lora_src.kind == "peft-adapter" and llm_shapes is None:  # a .bin LLM folder
-        base = {k: tuple(v.shape) for k, v in meta.llm.state_dict().items()}
-        replaced_modules = check_adapter_modules(lora_src, base, bool(cfg.llm.tie_word_embeddings))
-    if lora_src is not None and lora_src.kind != "peft-adapter":
-        _check_factors({m: {ab: tuple(t.shape) for ab, t in f.items()} for m, f in lora_file_factors(lora_src).items()},
-                       meta.llm, str(lora_src.path))
-    llm_params = sum(p.numel() for p in meta.llm.parameters())
-    total = sum(p.numel() for p in meta.parameters())
-    if opts.stream not in ("auto", "on", "off"):
-        raise ConfigError(f"--stream must be auto, on or off, not {opts.stream!r}")
-    if opts.stream == "on" or (opts.stream == "auto" and llm_params > BF16_ABOVE):
-        from .import_stream import write_streamed_checkpoint
+    return missing, random_groups
 
-        del meta
-        return write_streamed_checkpoint(opts, cfg, tok, template, template_from, files, checked, kmap, lora_src,
-                                         random_groups, missing, llm_params, t0, kind=_kind,
-                                         lora_file_factors=lora_file_factors,
-                                         load_tile_encoder_weights=load_tile_encoder_weights, schema=IMPORT_SCHEMA,
-                                         log=log)
-    dtype = choose_dtype(opts.dtype, llm_params, total, Path(opts.llm))
-    del meta
+
+# -- the real work (in memory) -------------------------------------------------------------------------------------
+def _import_in_memory(opts: ImportOptions, inp: ImportInputs, plan: ImportPlan, dtype: str, t0: float, log) -> dict:
+    """Step 5: the LLM loaded, release tensors put in, LoRA merged, the LocPathModel filled and saved."""
+    import torch
+
+    from ..models.checkpoint import save_checkpoint  # writes atomically (fsutil.atomic_dir)
+    from ..models.slide_llm import LocPathModel
+
     tdtype = getattr(torch, dtype)
+    llm = _load_llm(opts, plan.llm_params, dtype, tdtype, log)
+    replaced = _put_llm_tensors(llm, inp.files)
+    llm, loras = _merge_loras(llm, opts, inp, plan, log)
+    model = LocPathModel(plan.cfg, llm=llm)
+    loaded = _put_adapter_tensors(model, inp)
+    encoder = None
+    if opts.encoder_weights is not None:
+        encoder = load_tile_encoder_weights(model, Path(opts.encoder_weights))
+    model = model.to(tdtype).eval()
+    model.chat_template = ChatTemplate(inp.template, inp.template_from)
+    summary = _summary(opts, inp, plan, dtype, replaced, loras, loaded, encoder)
+    for g in plan.random_groups:
+        log(f"import: {g}: random weights ({'pretraining only, not exported' if g == 'mae_head' else 'pass --encoder-weights'})")
+    out = Path(opts.out)
+    save_checkpoint(model, inp.tok, out, chat_template=inp.template,
+                    extra_files={"import.json": json.dumps(summary, indent=2)})
+    for rf in inp.files:
+        rf.source.close()
+    summary["seconds"] = round(time.time() - t0, 1)
+    log(f"import: checkpoint {out} ({dtype}, CARA layers {list(plan.cfg.cara.layers)}) in {summary['seconds']} s")
+    return summary
 
-    # -- the real work --------------------------------------------------------------------------------------------
+
+def _load_llm(opts: ImportOptions, llm_params: int, dtype: str, tdtype, log):
     from transformers import AutoModelForCausalLM
 
     log(f"import: loading {opts.llm} ({llm_params / 1e6:.1f} M parameters, {dtype})")
@@ -524,6 +564,13 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
         raise CheckpointError(f"{opts.llm}: cannot load the LLM ({type(exc).__name__}: "
                               f"{_line(exc)})") from None
     llm.eval()
+    return llm
+
+
+def _put_llm_tensors(llm, files: list[ReleaseFile]) -> Counter:
+    """The release's `llm.*` tensors copied over the folder's; returns how many each file replaced."""
+    import torch
+
     llm_state = llm.state_dict()
     replaced = Counter()
     with torch.no_grad():
@@ -534,17 +581,23 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
                 for t, x in zip(a.targets, produce(a, rf.source.get)):
                     llm_state[t[len("llm."):]].copy_(x)
                     replaced[rf.role] += 1
+    return replaced
+
+
+def _merge_loras(llm, opts: ImportOptions, inp: ImportInputs, plan: ImportPlan, log) -> tuple[object, list[dict]]:
+    """--lora (a PEFT folder or a PEFT-named state dict), then the release's own LoRA factors, merged into the LLM."""
     loras = []
+    lora_src = inp.lora_src
     if lora_src is not None:
         if lora_src.kind == "peft-adapter":
             llm, info = merge_peft_folder(llm, Path(opts.lora))
-            info["replaced_modules"] = replaced_modules
+            info["replaced_modules"] = inp.replaced_modules
         else:
             llm, info = merge_lora(llm, lora_file_factors(lora_src), opts.lora_alpha, str(lora_src.path))
         loras.append(info)
         log(f"import: merged LoRA {info['source']} (rank {info['rank']}, alpha {info['alpha']})"
             + (f"; replaced wholesale: {', '.join(info['replaced_modules'])}" if info.get("replaced_modules") else ""))
-    release_lora = [rf for rf in files if rf.role in checked["lora"]]
+    release_lora = [rf for rf in inp.files if rf.role in plan.checked["lora"]]
     if release_lora:
         rf = release_lora[-1]  # a later stage's LoRA is the one trained last
         factors: dict[str, dict[str, object]] = {}
@@ -552,52 +605,53 @@ def import_checkpoint(opts: ImportOptions, log=print) -> dict:
             if any(_kind(t) == "lora" for t in a.targets):
                 for t, x in zip(a.targets, produce(a, rf.source.get)):
                     factors.setdefault(t[len("llm."):-len(".lora_A")], {})[t[-1]] = x
+        kmap = inp.kmap
         alpha = opts.lora_alpha if opts.lora_alpha is not None else (kmap.lora_alpha if kmap else None)
         llm, info = merge_lora(llm, factors, alpha, str(rf.source.path))
         loras.append(info)
         log(f"import: merged LoRA from {rf.source.path} ({info['modules']} modules, rank {info['rank']}, "
             f"alpha {info['alpha']})")
-    model = LocPathModel(cfg, llm=llm)
+    return llm, loras
+
+
+def _put_adapter_tensors(model, inp: ImportInputs) -> Counter:
+    """The release's adapter tensors (resampler, TIS, CARA, ...) and the key map's `from` rules put into the model;
+    returns how many each file loaded."""
+    import torch
+
     state = model.state_dict()
     loaded = Counter()
     with torch.no_grad():
-        for rf in files:
+        for rf in inp.files:
             for a in rf.plan.assignments:
                 if not all(_kind(t) == "adapter" for t in a.targets):
                     continue
                 for t, x in zip(a.targets, produce(a, rf.source.get)):
                     state[t].copy_(x)
                     loaded[rf.role] += 1
-        for rule in (kmap.derived if kmap else []):
+        for rule in (inp.kmap.derived if inp.kmap else []):
             for t, x in zip(rule.targets, produce(Assignment(rule, [rule.source], rule.targets), lambda k: state[k])):
                 state[t].copy_(x)
-    encoder = None
-    if opts.encoder_weights is not None:
-        encoder = load_tile_encoder_weights(model, Path(opts.encoder_weights))
-    model = model.to(tdtype).eval()
-    model.chat_template = ChatTemplate(template, template_from)
-    summary = {
-        "schema": IMPORT_SCHEMA, "locpath_version": __version__, "checkpoint": str(out),
-        "llm": {"folder": str(opts.llm), "model_type": hf.get("model_type"), "parameters": llm_params,
+    return loaded
+
+
+def _summary(opts: ImportOptions, inp: ImportInputs, plan: ImportPlan, dtype: str, replaced: Counter,
+             loras: list[dict], loaded: Counter, encoder: dict | None) -> dict:
+    """import.json of the in-memory path."""
+    hf, kmap, files, cfg = inp.hf, inp.kmap, inp.files, plan.cfg
+    return {
+        "schema": IMPORT_SCHEMA, "locpath_version": __version__, "checkpoint": str(Path(opts.out)),
+        "llm": {"folder": str(opts.llm), "model_type": hf.get("model_type"), "parameters": plan.llm_params,
                 "layers": hf.get("num_hidden_layers"), "hidden_size": hf.get("hidden_size"),
                 "replaced_by_release": dict(replaced)},
-        "dtype": dtype, "tokenizer": str(Path(opts.llm) / "tokenizer.json"), "chat_template": template_from,
+        "dtype": dtype, "tokenizer": str(Path(opts.llm) / "tokenizer.json"), "chat_template": inp.template_from,
         "lora": loras,
         "release": {rf.role: {"file": str(rf.source.path), "tensors": len(rf.source.infos),
                               "assignments": len(rf.plan.assignments), "ignored": len(rf.plan.ignored),
                               "adapter_tensors_loaded": loaded[rf.role]} for rf in files},
         "key_map": {"file": kmap.path, "name": kmap.name} if kmap else None,
         "derived": [f"{r.targets[0]} <- {r.source}" for r in (kmap.derived if kmap else [])],
-        "cara_layers": list(cfg.cara.layers), "random": random_groups + (["(missing) " + m for m in missing]
-                                                                         if missing else []),
+        "cara_layers": list(cfg.cara.layers), "random": plan.random_groups + (["(missing) " + m for m in plan.missing]
+                                                                              if plan.missing else []),
         "tile_encoder": {"name": cfg.tile_encoder.name, "weights": encoder},
     }
-    for g in random_groups:
-        log(f"import: {g}: random weights ({'pretraining only, not exported' if g == 'mae_head' else 'pass --encoder-weights'})")
-    save_checkpoint(model, tok, out, chat_template=template,
-                    extra_files={"import.json": json.dumps(summary, indent=2)})
-    for rf in files:
-        rf.source.close()
-    summary["seconds"] = round(time.time() - t0, 1)
-    log(f"import: checkpoint {out} ({dtype}, CARA layers {list(cfg.cara.layers)}) in {summary['seconds']} s")
-    return summary

@@ -189,7 +189,21 @@ class KeyMap:
         if ambiguous:
             raise CheckpointError(f"{label}: {len(ambiguous)} keys match more than one rule of key map {self.path}: "
                                   f"{_few(ambiguous, 3)}")
-        out = list(singles)
+        out = singles + self._concats(concats, label)
+        seen: dict[str, str] = {}
+        twice = []
+        for a in out:
+            for t in a.targets:
+                if t in seen:
+                    twice.append(f"{t} (from {seen[t]} and {a.sources[0]})")
+                seen[t] = a.sources[0]
+        if twice:
+            raise CheckpointError(f"{label}: key map {self.path} fills {len(twice)} targets twice: {_few(twice, 3)}")
+        return FilePlan(label, out, ignored)
+
+    def _concats(self, concats: dict[tuple[int, tuple[str, ...]], dict[str, str]], label: str) -> list[Assignment]:
+        """One assignment per concat target, its parts in the rule's order; a missing or unexpected part refused."""
+        out = []
         rules = {r.index: r for r in self.rules}
         for (idx, targets), parts in concats.items():
             rule = rules[idx]
@@ -201,16 +215,7 @@ class KeyMap:
                                       f"{order}; missing {missing}" + (f", unexpected {extra}" if extra else "")
                                       + f" (found {sorted(parts.values())[:3]})")
             out.append(Assignment(rule, [parts[p] for p in order], list(targets)))
-        seen: dict[str, str] = {}
-        twice = []
-        for a in out:
-            for t in a.targets:
-                if t in seen:
-                    twice.append(f"{t} (from {seen[t]} and {a.sources[0]})")
-                seen[t] = a.sources[0]
-        if twice:
-            raise CheckpointError(f"{label}: key map {self.path} fills {len(twice)} targets twice: {_few(twice, 3)}")
-        return FilePlan(label, out, ignored)
+        return out
 
 
 def _few(items: list[str], n: int = 5) -> str:

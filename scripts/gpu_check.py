@@ -12,7 +12,9 @@ runs every component (and reports which would need the CPU), compares answers wi
 held-out synthetic slides, and times, against PyTorch bf16 on the same card: the tile encoder at the reference,
 ViT-B/16 and ViT-L/16 shapes, a Qwen2.5-0.5B-shaped decoder (prefill and decode), and a 10k-tile slide end to
 end. Everything lands in the JSON (schema locpath-gpu-check/1); a part that cannot run says why under `skipped`.
-`--cpu` runs the same code on the CPU at small sizes (how the script itself is tested without a GPU).
+It ends with one line per check (`check NAME: passed (...)` or `FAILED: why`, also under `checks`) and exits 1
+when a part raised or a check failed. `--cpu` runs the same code on the CPU at small sizes (how the script itself
+is tested without a GPU: tests/test_gpu_check_script.py).
 """
 
 from __future__ import annotations
@@ -73,8 +75,10 @@ def _write_slide(path: str, tiles: int) -> None:
 def card(device: str) -> dict:
     import onnxruntime as ort
 
+    import locpath
+
     info = {"python": platform.python_version(), "onnxruntime": ort.__version__,
-            "providers": ort.get_available_providers()}
+            "providers": ort.get_available_providers(), "locpath": str(Path(locpath.__file__).parent)}
     try:
         import torch
 
@@ -261,9 +265,11 @@ def _torch_decoder(shape: dict, weights: dict, prompt: np.ndarray, new: int, dev
 
 # -- 4. a 10k-tile slide end to end -----------------------------------------------------------------------------------------
 def slide_end_to_end(bundle: Path, slide: Path, device: str) -> dict:
+    from locpath.runtime.options import RuntimeOptions
     from locpath.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_bundle(bundle, device=device, use_cache=False, tile_batch=256, reader_workers=8)
+    pipe = Pipeline.from_bundle(bundle, RuntimeOptions(device=device, use_cache=False, tile_batch=256,
+                                                       reader_workers=8))
     a = pipe.ask(slide, QUESTIONS[0])
     b = pipe.ask(slide, QUESTIONS[1])  # the slide is in memory now: the question alone
     out = {"tiles": a.slide["tiles"], "tokens_after_stm": a.slide["tokens_after_stm"], "cold_ms": a.timings_ms,
@@ -309,6 +315,51 @@ def _torch_end_to_end(slide: Path, device: str) -> dict:
     return {"total_ms": 1000 * (time.perf_counter() - t0), "answer": answer}
 
 
+# -- verdicts --------------------------------------------------------------------------------------------------------------
+MIN_AGREEMENT = 0.75  # fp16 rounding may flip an answer or two; a broken fp16 build agrees on almost none
+MIN_COSINE = 0.99  # fp16 ViT features against PyTorch fp32: ~0.9999 when right
+
+
+def verdicts(report: dict) -> dict[str, str]:
+    """One line per check, "passed (what it saw)" or "FAILED: why", from what the parts measured; a part that
+    raised or was skipped fails its check."""
+    def verdict(name: str, res, judge) -> str:
+        if res is None:
+            return "FAILED: " + str(report["errors"].get(name) or report["skipped"].get(name) or "did not run")
+        ok, what = judge(res)
+        return f"passed ({what})" if ok else f"FAILED: {what}"
+
+    def providers(res):
+        off = [c for c, r in res.items() if not r["all_nodes_on_device"]]
+        return not off, f"components needing another provider: {off}" if off else f"{len(res)} components"
+
+    def agree(res):
+        return (res["agreement"] >= MIN_AGREEMENT,
+                f"{res['token_identical']}/{res['questions']} answers token-identical; {MIN_AGREEMENT:.0%} wanted")
+
+    def encoders(res):
+        seen = [f"{n}: {r['skipped']}" if "skipped" in r else f"{n} cosine min {r['cosine_min']:.5f}"
+                for n, r in res.items()]
+        return (all("skipped" not in r and r["cosine_min"] >= MIN_COSINE for r in res.values()) and bool(res),
+                ", ".join(seen) + f"; {MIN_COSINE} wanted")
+
+    def decoder(res):
+        tps = res["locpath_fused_fp16"]["tokens_per_s"]
+        return tps > 0, f"{tps:.1f} tokens/s"
+
+    def slide(res):
+        ok = res["tiles"] > 0 and all(isinstance(a, str) and a for a in res["answers"])
+        return ok, f"{res['tiles']} tiles, answers {res['answers']}"
+
+    built = "build_fp16" not in report["errors"] and "build_fp16" not in report["skipped"]
+    return {"build_fp16": "passed" if built else verdict("build_fp16", None, None),
+            "providers": verdict("providers", report.get("providers"), providers),
+            "agreement": verdict("agreement", report.get("agreement_fp16_gpu_vs_fp32_cpu"), agree),
+            "encoders": verdict("encoders", report.get("encoders"), encoders),
+            "decoder_0.5b": verdict("decoder_0.5b", report.get("decoder_0.5b"), decoder),
+            "slide_10k": verdict("slide_10k", report.get("slide_10k"), slide)}
+
+
 # -- main -------------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -317,14 +368,23 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=280.0, help="seconds; later parts are skipped past it")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU at small sizes")
     args = ap.parse_args(argv)
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        return run_checks(args, Path(args.work))
+    with tempfile.TemporaryDirectory(prefix="locpath-gpu-") as tmp:  # ~0.3 GB on --cpu: removed at the end
+        return run_checks(args, Path(tmp))
+
+
+def run_checks(args, work: Path) -> int:
     device = "cpu" if args.cpu else "cuda"
     clock = Clock(args.budget)
     if args.cpu:  # the fp16 bundle's engine configs say CUDA; the dry run runs it on the CPU anyway
         import locpath.runtime.pipeline as pipeline_mod
 
+        if not callable(getattr(pipeline_mod, "check_engines", None)):
+            raise SystemExit("gpu_check --cpu: locpath.runtime.pipeline.check_engines is gone; the dry run bypasses "
+                             "it to run the CUDA build on the CPU: update this script")
         pipeline_mod.check_engines = lambda *a, **k: None
-    work = Path(args.work or tempfile.mkdtemp(prefix="locpath-gpu-"))
-    work.mkdir(parents=True, exist_ok=True)
     report: dict = {"schema": "locpath-gpu-check/1", "device": device, "skipped": {}, "errors": {}}
     n_tiles = 600 if args.cpu else 10000
     slide = work / "slides" / f"scaling_{n_tiles}.tiff"
@@ -355,6 +415,7 @@ def main(argv=None) -> int:
     from locpath.checkpoints import shipped_bundle
     from locpath.engines.build import build_bundle
     from locpath.eval import eval_slides
+    from locpath.runtime.options import RuntimeOptions
     from locpath.runtime.pipeline import Pipeline
 
     fp32 = shipped_bundle()
@@ -364,8 +425,8 @@ def main(argv=None) -> int:
 
         def agree():
             slides = [p for _, p, _ in eval_slides(1, 3 if args.cpu else 8, work / "eval")]
-            return agreement(Pipeline.from_bundle(fp16, device=device, use_cache=False),
-                             Pipeline.from_bundle(fp32, use_cache=False), slides)
+            return agreement(Pipeline.from_bundle(fp16, RuntimeOptions(device=device, use_cache=False)),
+                             Pipeline.from_bundle(fp32, RuntimeOptions(use_cache=False)), slides)
 
         report["agreement_fp16_gpu_vs_fp32_cpu"] = part("agreement", agree)
     tiles = None
@@ -388,10 +449,15 @@ def main(argv=None) -> int:
         report["skipped"]["slide_10k"] = "the slide was not written within the time budget"
     elif fp16 is not None:
         report["slide_10k"] = part("slide_10k", lambda: slide_end_to_end(fp16, slide, device))
+    report["checks"] = verdicts(report)
+    for name, verdict in report["checks"].items():
+        log(f"check {name}: {verdict}")
+    failed = [n for n, v in report["checks"].items() if not v.startswith("passed")]
     report["seconds"] = round(time.perf_counter() - clock.t0, 1)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
-    log(f"wrote {args.out} ({report['seconds']} s; errors: {list(report['errors']) or 'none'})")
-    return 0 if not report["errors"] else 1
+    log(f"wrote {args.out} ({report['seconds']} s; errors: {list(report['errors']) or 'none'}; failed checks: "
+        f"{failed or 'none'})")
+    return 0 if not report["errors"] and not failed else 1
 
 
 if __name__ == "__main__":

@@ -22,6 +22,21 @@ assert not bad, bad
 sys.exit(code)
 """
 
+# the shipped bundle seen as broken, so the demo falls back to an export of the shipped checkpoint; the export itself
+# stands in as a copy of the shipped bundle (same weights, no torch: a real export takes minutes)
+FALLBACK = """
+import shutil, sys, types
+from pathlib import Path
+import locpath.demo
+from locpath.checkpoints import shipped_bundle
+real = shipped_bundle()
+locpath.demo.shipped_bundle = lambda: Path(sys.argv[1])
+def export_bundle(ckpt, out, overwrite=False, log=print):
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(real, out)
+sys.modules["locpath.export.bundle"] = types.SimpleNamespace(export_bundle=export_bundle)
+""" + BLOCK_TORCH.replace("sys.argv[1:]", "sys.argv[2:]")
+
 
 def test_shipped_bundle_is_an_export_of_the_shipped_checkpoint(ref_bundle, eval_slide):
     m = verify_bundle(shipped_bundle())
@@ -43,7 +58,25 @@ def test_demo_runs_without_torch_and_reuses_everything(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert str(shipped_bundle()) in first.stdout and "accuracy" in first.stdout
     assert "tiles read and encoded" in first.stdout and "exporting" not in first.stdout
+    assert "s (torch not used)" in first.stdout
     second = run()
     assert second.returncode == 0, second.stderr[-3000:]
     assert "from cache, no tile read" in second.stdout and "writing" not in second.stdout
+    assert "s (torch not used)" in second.stdout
     assert first.stderr == second.stderr == ""
+    # the fallback path says it exports, and that torch was used for it; a later run reuses that export
+    broken = tmp_path / "no-bundle"
+    broken.mkdir()
+    fallback = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", FALLBACK, str(broken), "demo", "--workdir", str(work)],
+        capture_output=True, text=True, timeout=600)
+    third = fallback()
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "using an export of the shipped checkpoint instead" in third.stdout
+    assert f"exporting the shipped reference model to {work / 'reference-bundle'}" in third.stdout
+    assert "(torch used once, to export the bundle; the runtime runs without it)" in third.stdout
+    assert "torch not used" not in third.stdout and "accuracy" in third.stdout
+    fourth = fallback()
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert f"bundle: {work / 'reference-bundle'} (cached)" in fourth.stdout and "exporting" not in fourth.stdout
+    assert "s (torch not used)" in fourth.stdout

@@ -53,7 +53,7 @@ def answers(pipe, slide: Path, mode: str, sampling: dict) -> list[list[int]]:
     qs = questions()
     if mode == "ask":
         return [pipe.ask(slide, q, **sampling).token_ids for q in qs]
-    return [a.token_ids for a in pipe.ask_many(slide, qs, **sampling)]
+    return [a.token_ids for a in pipe.ask(slide, qs, **sampling)]
 
 
 def compute(slides: dict[str, Path], cache_dir: Path) -> dict:

@@ -1,9 +1,18 @@
-"""The torch-free pipeline and its public stage API.
+"""The torch-free pipeline and its public API.
 
     pipe = Pipeline.from_bundle("bundle/")          # verifies SHA256SUMS, manifest, every file (and signature)
-    ans = pipe.ask("slide.svs", "What is the diagnosis?")           # Answer
-    for piece in (s := pipe.stream("slide.svs", "Is necrosis present?")):
-        print(piece, end="")                                          # then s.result is the Answer
+    ans = pipe.ask("slide.svs", "What is the diagnosis?")                     # Answer
+    ctx = pipe.prepare("slide.svs")                                           # SlideContext (memory, slide cache)
+    for piece in (s := pipe.stream(ctx, "Is necrosis present?")):
+        print(piece, end="")                                                    # then s.result is the Answer
+    answers = pipe.answer(ctx, ["Which organ?", pipe.question("Grade?", max_new_tokens=8)])  # one batch
+
+    question(text, **sampling) -> Question        checked once (text, length, KV room); every path takes it
+    answer(ctx, questions) -> [Answer]            one batch (at most decode_batch rows), in question order
+    stream(ctx, question) -> StreamedAnswer       pieces, then .result
+    ask(slide, question_or_questions)             prepare, then stream (one) or answer (several)
+    batch(rows) -> AnswerBatch                    continuous batching: add(ctx, Question, tag), step(), cancel(tag)
+All of them decode through AnswerBatch (answer_batch.py) over the one decoding loop (generator.py).
 
 The stages, for callers that drive them one by one (calibration, build measurements, the bench, services):
     encode_tiles(uint8 NHWC) -> features          tile encoder graph
@@ -11,7 +20,6 @@ The stages, for callers that drive them one by one (calibration, build measureme
     prepare(slide) -> SlideContext                the two above over a slide, through the slide cache and memory
     question_kv(latents, question) -> QuestionKV  TIS graph, top-M, cross-KV graph
     evidence(ctx, qkv) -> Evidence                the tiles that weighed most for the question (evidence.py)
-    generator(qkv, question, params) -> Generator prefill done; sample with .tokens(), or force .append_tokens()
 Per-slide latents are kept on disk (slide cache) and in a bounded in-memory LRU, so a second question about the
 same slide reads no tile and runs no encoder.
 """

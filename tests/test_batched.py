@@ -1,4 +1,4 @@
-"""Batched decoding (runtime/batch_generator.py, runtime/answer_batch.py): answers decoded together equal the
+"""Batched decoding (runtime/generator.py, runtime/answer_batch.py): answers decoded together equal the
 answers decoded one by one, token for token, with ragged prompts, rows reused, per-row stop and sampling; one
 failing answer fails alone; the prefill graph hook of the fused decoder."""
 
@@ -18,6 +18,14 @@ QUESTIONS = ["What is the diagnosis?", "Is necrosis present? Describe the whole 
 
 
 @pytest.fixture(scope="module")
+def ref_bundle():
+    """The shipped bundle: the export of the shipped reference checkpoint, with no torch and no export here."""
+    from locpath.checkpoints import shipped_bundle
+
+    return shipped_bundle()
+
+
+@pytest.fixture(scope="module")
 def int4_bundle(ref_bundle, tmp_path_factory):
     from locpath.engines.build import build_bundle
 
@@ -33,22 +41,14 @@ def latents(ref_bundle):
 
 
 def one_by_one(pipe, lat, questions, params_of, stop=True):
-    from locpath.runtime.generator import Generator
-
-    out = []
-    for i, q in enumerate(questions):
-        g = Generator(pipe.decoder_state, pipe.question_kv(lat, q).cross, params_of(i), pipe.max_length,
-                      pipe.stop_ids if stop else [])
-        g.append_tokens(pipe.prompt_ids(q))
-        out.append(list(g.tokens()))
-    return out
+    """Each question alone: a batch of one row."""
+    return [batched(pipe, lat, [q], lambda _: params_of(i), 1, stop)[0][0] for i, q in enumerate(questions)]
 
 
 def batched(pipe, lat, questions, params_of, rows, stop=True, cross_of=None):
-    from locpath.runtime.batch_generator import batch_generator
-    from locpath.runtime.generator import GenerationStats
+    from locpath.runtime.generator import GenerationStats, Generator
 
-    b = batch_generator(pipe.decoder_state, rows, pipe.max_length, pipe.stop_ids if stop else [])
+    b = Generator(pipe.decoder_state, rows, pipe.max_length, pipe.stop_ids if stop else [])
     pending, slot_of, got = list(range(len(questions))), {}, {i: [] for i in range(len(questions))}
     stats = {i: GenerationStats() for i in range(len(questions))}
     most = 0
@@ -76,6 +76,8 @@ def test_batched_answers_equal_one_by_one_token_for_token(which, ref_bundle, int
     params = pipe.sampling(max_new_tokens=30)
     want = one_by_one(pipe, latents, QUESTIONS, lambda i: params, stop=False)
     assert len({tuple(w) for w in want}) > 1  # the rows really differ
+    assert want == [pipe.decoder_state.greedy(pipe.prompt_ids(q), pipe.question_kv(latents, q).cross, 30).tokens
+                    for q in QUESTIONS]  # a batch of one row is the graph's own greedy answer
     for rows in (2, 4):
         got, stats, most = batched(pipe, latents, QUESTIONS, lambda i: params, rows, stop=False)
         assert got == want, rows
@@ -118,7 +120,6 @@ def test_one_damaged_answer_fails_alone(ref_bundle, latents):
 
 
 def test_plain_decoder_interleaves_with_the_same_answers(ref_bundle, latents):
-    from locpath.runtime.batch_generator import InterleavedGenerator
     from locpath.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(ref_bundle, use_cache=False, decoder="plain")
@@ -126,23 +127,27 @@ def test_plain_decoder_interleaves_with_the_same_answers(ref_bundle, latents):
     want = one_by_one(pipe, latents, QUESTIONS[:3], lambda i: params, stop=False)
     got, stats, _ = batched(pipe, latents, QUESTIONS[:3], lambda i: params, rows=2, stop=False)
     assert got == want and all(len(g) == 5 for g in got)
-    assert isinstance(pipe.batch(2).gen, InterleavedGenerator)
+    assert not pipe.batch(2).gen.shared  # each row its own cache, stepped in turn
 
 
-def test_answer_many_and_ask_many_equal_answers_one_by_one(ref_bundle, eval_slide):
+def test_answer_and_ask_with_several_questions_equal_answers_one_by_one(ref_bundle, eval_slide):
     from locpath.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_bundle(ref_bundle, use_cache=False, decode_batch=2)
     qs = ["What is the diagnosis?", "Is necrosis present?", "Which organ is this?", "What is the grade?"]
     ctx = pipe.prepare(eval_slide)
-    alone = [pipe.answer(ctx, q) for q in qs]
+    alone = [pipe.stream(ctx, q) for q in qs]
+    for s in alone:
+        list(s)
+    alone = [s.result for s in alone]
     pieces: dict = {}
-    many = pipe.answer_many(ctx, qs, on_piece=lambda i, p: pieces.setdefault(i, []).append(p))
+    many = pipe.answer(ctx, qs, on_piece=lambda i, p: pieces.setdefault(i, []).append(p))
     assert [a.token_ids for a in many] == [a.token_ids for a in alone]
     assert [a.answer for a in many] == [a.answer for a in alone]
     assert all("".join(pieces.get(i, [])).strip() == a.answer for i, a in enumerate(many))
     assert all(a.generation["batch_rows"] == 2 for a in many)
-    asked = pipe.ask_many(eval_slide, qs)
+    assert many[0].timings_ms.get("tiles_encode") and not any("tiles_encode" in a.timings_ms for a in many[1:])
+    asked = pipe.ask(eval_slide, qs)
     assert [a.answer for a in asked] == [a.answer for a in alone]
     assert asked[0].slide["cache_hit"] is True  # prepared above: served from memory
 
@@ -196,6 +201,14 @@ def _with_prefill(src, dst, prefill_file):
     return dst
 
 
+def prefill_logits(pipe, qkv, q, params):
+    """The last logits of the prompt's prefill (one row)."""
+    from locpath.runtime.generator import Generator
+
+    gen = Generator(pipe.decoder_state, 1, pipe.max_length, pipe.stop_ids)
+    return gen.rows[gen.add(qkv.cross, pipe.prompt_ids(q), params)].logits.copy()
+
+
 def test_prefill_graph_runs_the_prompt_and_the_decoder_the_steps(ref_bundle, int4_bundle, latents, tmp_path):
     """An fp32 bundle whose prefill graph is the INT4 one: the prompt's logits come from the INT4 graph (they
     differ from fp32's), the steps from fp32, on one shared cache; prefill_graph=False ignores it."""
@@ -209,11 +222,11 @@ def test_prefill_graph_runs_the_prompt_and_the_decoder_the_steps(ref_bundle, int
     q = QUESTIONS[1]
     params = pipe.sampling(max_new_tokens=8)
     qkv = pipe.question_kv(latents, q)
-    mixed = pipe.generator(qkv, q, params).logits.copy()
+    mixed = prefill_logits(pipe, qkv, q, params)
     plain = Pipeline.from_bundle(b, use_cache=False, prefill_graph=False)
     assert "decoder_fused_prefill" not in plain.runners
-    fp32 = plain.generator(qkv, q, params).logits.copy()
-    int4 = Pipeline.from_bundle(int4_bundle, use_cache=False).generator(qkv, q, params).logits.copy()
+    fp32 = prefill_logits(plain, qkv, q, params)
+    int4 = prefill_logits(Pipeline.from_bundle(int4_bundle, use_cache=False), qkv, q, params)
     assert np.allclose(mixed, int4, atol=1e-5) and not np.allclose(mixed, fp32, atol=1e-5)
     # batched rows prefill on it too, and answer as the one-by-one path of the same pipeline
     want = one_by_one(pipe, latents, QUESTIONS[:3], lambda i: params, stop=False)
@@ -267,13 +280,13 @@ def test_bench_target_takes_the_fastest_graph_the_runtime_batches():
 def test_batching_only_where_batched_steps_are_exact(ref_bundle, int4_bundle):
     """The runtime batches a fused graph only when a batched step gives every row its one-row logits bit for bit
     (probed once); a graph whose multi-row kernel differs in the last bits gets interleaved answers instead."""
-    from locpath.runtime.batch_generator import BatchGenerator, InterleavedGenerator, batch_generator, rows_are_exact
+    from locpath.runtime.generator import Generator, rows_are_exact
     from locpath.runtime.pipeline import Pipeline
 
     for b in (ref_bundle, int4_bundle):
         pipe = Pipeline.from_bundle(b, use_cache=False)
         assert rows_are_exact(pipe.decoder_state, 4)
-        assert isinstance(pipe.batch(4).gen, BatchGenerator)
+        assert pipe.batch(4).gen.shared
 
     pipe = Pipeline.from_bundle(ref_bundle, use_cache=False)
     state = pipe.decoder_state
@@ -287,5 +300,5 @@ def test_batching_only_where_batched_steps_are_exact(ref_bundle, int4_bundle):
 
     state.decode_rows = last_bit_off
     assert not rows_are_exact(state, 4)
-    assert isinstance(batch_generator(state, 4, pipe.max_length, pipe.stop_ids), InterleavedGenerator)
-    assert isinstance(batch_generator(state, 1, pipe.max_length, pipe.stop_ids), BatchGenerator)
+    assert not Generator(state, 4, pipe.max_length, pipe.stop_ids).shared
+    assert Generator(state, 1, pipe.max_length, pipe.stop_ids).shared

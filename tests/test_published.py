@@ -278,7 +278,7 @@ def test_checkpoint_exported_with_a_streamed_decoder_answers_like_the_shipped_bu
     streamed, shipped = Pipeline.from_bundle(bundle, use_cache=False), Pipeline.from_bundle(ref_bundle, use_cache=False)
     ctx_a, ctx_b = streamed.prepare(small_svs), shipped.prepare(small_svs)
     for q in ("What is the diagnosis?", "Is there necrosis?", "What is the tumor grade?"):
-        assert streamed.answer(ctx_a, q).token_ids == shipped.answer(ctx_b, q).token_ids
+        assert streamed.answer(ctx_a, [q])[0].token_ids == shipped.answer(ctx_b, [q])[0].token_ids
 
 
 def test_export_cli_streams_the_decoder_on_request(tmp_path, shipped_reference):

@@ -42,14 +42,14 @@ def test_second_question_reads_no_tile(ref_bundle, eval_slide, tmp_path, monkeyp
     again = pipe.ask(eval_slide, "What is the diagnosis?")
     assert again.slide["cache_hit"] and again.slide["tiles_read"] == 0
     assert again.answer == first.answer and again.token_ids == first.token_ids
-    many = pipe.ask_many(eval_slide, ["Is necrosis present?", "What is the tumor grade?"])
+    many = pipe.ask(eval_slide, ["Is necrosis present?", "What is the tumor grade?"])
     assert all(a.slide["tiles_read"] == 0 for a in many)
     assert "tiles_encode" not in again.timings_ms
 
 
 def test_streaming_pieces_make_the_answer(ref_bundle, eval_slide, tmp_path):
     pipe = Pipeline.from_bundle(ref_bundle, cache_dir=tmp_path)
-    stream = pipe.stream(eval_slide, "What is the diagnosis?")
+    stream = pipe.stream(pipe.prepare(eval_slide), "What is the diagnosis?")
     pieces = list(stream)
     assert "".join(pieces).strip() == stream.result.answer
     assert stream.result.timings_ms["time_to_first_token"] > 0

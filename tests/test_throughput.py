@@ -52,7 +52,7 @@ def test_overlapped_equals_sequential_and_a_failing_slide_keeps_its_row(ref_bund
 
 class _FakePipe:
     """The stage API the runner drives, scripted: prepare fails with a bug on slides named *bug*, or runs slowly
-    (tile batches reported to `progress`) on *slow* ones; answer_many raises `answer_raises` when set."""
+    (tile batches reported to `progress`) on *slow* ones; answer raises `answer_raises` when set."""
 
     cache = None
 
@@ -60,11 +60,8 @@ class _FakePipe:
         self.answer_raises = answer_raises
         self.slow_batches_done = 0
 
-    def sampling(self, **kw):
-        return SimpleNamespace(**kw)
-
-    def check_question(self, q, params):
-        return [1]
+    def question(self, q, **sampling):
+        return SimpleNamespace(text=q, prompt_ids=(1,), params=SimpleNamespace(**sampling))
 
     def prepare(self, path, keep_features=False, digest=None, progress=None):
         if "bug" in path.name:
@@ -79,10 +76,10 @@ class _FakePipe:
                          patch_size_level0=224, level0_mpp=0.5, target_mpp=0.5, encoder="tiny", name=str(path))
         return SimpleNamespace(tiles=2, tokens=1, timings_ms={}, features=ff, again=lambda t: None)
 
-    def answer_many(self, ctx, questions, **kw):
+    def answer(self, ctx, questions):
         if self.answer_raises is not None:
             raise self.answer_raises
-        return [SimpleNamespace(question=q, answer="x", token_ids=[1], generation={"stop_reason": "eos"},
+        return [SimpleNamespace(question=q.text, answer="x", token_ids=[1], generation={"stop_reason": "eos"},
                                 timings_ms={}) for q in questions]
 
     def forget_slides(self):

@@ -100,12 +100,17 @@ def run_demo(args) -> int:
     for path in slides:
         truth = json.loads(truth_path(path).read_text())
         print(f"== {path.name}: {truth['organ']}, {truth['diagnosis']}, {truth['grade']}, necrosis {truth['necrosis']}")
+        ctx = None
         for k, q in enumerate(truth["questions"]):
             print(f"Q: {q['question']}\nA: ", end="", flush=True)
-            stream = pipe.stream(path, q["question"])
-            for piece in stream:
-                print(piece, end="", flush=True)
-            a = stream.result
+            if ctx is None:  # the first question pays for the slide (or reads it from the cache)
+                a = pipe.ask(path, q["question"], on_piece=lambda _, piece: print(piece, end="", flush=True))
+                ctx = pipe.prepare(path)  # from memory now
+            else:
+                stream = pipe.stream(ctx, q["question"])
+                for piece in stream:
+                    print(piece, end="", flush=True)
+                a = stream.result
             ok = normalize_answer(a.answer) == normalize_answer(q["answer"])
             correct += ok
             total += 1

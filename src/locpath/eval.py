@@ -120,7 +120,7 @@ def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | P
         work = Path(keep_dir) if keep_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         for k, (spec, path, qs) in enumerate(eval_slides(seed, count, work)):
-            answers = pipe.ask_many(path, [q["question"] for q in qs])
+            answers = pipe.ask(path, [q["question"] for q in qs])
             for q, a in zip(qs, answers):
                 records.append(_record(path, q, a.answer, a.token_ids))
             if progress:

@@ -133,7 +133,7 @@ def read_questions(path: str | Path) -> list[str]:
             raise LocpathError(f"{p}: a JSON questions file must be a list of strings")
     else:
         qs = [line for line in text.splitlines()]
-    from ..runtime.pipeline import MAX_QUESTION_CHARS
+    from ..runtime.question import MAX_QUESTION_CHARS
 
     qs = [q.strip() for q in qs if q.strip()]
     if not qs:

@@ -2,8 +2,9 @@
 
     staged = stage_slide(pipe, out, path, questions, sampling)   # hash; skip when a record has this content, these
                                                                  # questions and options and this bundle; check
-                                                                 # the questions; prepare (tiles, encoder, STM,
-                                                                 # resampler; latents into the slide cache)
+                                                                 # the questions (pipe.question, once); prepare
+                                                                 # (tiles, encoder, STM, resampler; latents into
+                                                                 # the slide cache)
     row = finish_slide(pipe, out, staged, questions, sampling)   # answer every question as one batch, write its
                                                                  # features and record
 `run_slide` is the two back to back (the Ray workers and the sequential runner). A slide's failure is its row's
@@ -28,6 +29,7 @@ class Staged:
 
     row: dict
     ctx: object = None
+    questions: list | None = None  # the checked Questions (runtime/question.py), answered by finish_slide
     seconds: float = 0.0  # the first half's own time (a slide waiting in a queue is not charged for the wait)
 
 
@@ -50,9 +52,8 @@ def stage_slide(pipe, out: Output, path: Path, questions: list[str], sampling: d
         if out.done(digest, questions, sampling):
             row.update(status="skipped")
         else:
-            params = pipe.sampling(**sampling)
-            for q in questions:  # a question that cannot fit fails before the slide is tiled
-                pipe.check_question(q, params)
+            # a question that cannot fit fails before the slide is tiled
+            staged.questions = [pipe.question(q, **sampling) for q in questions]
             staged.ctx = pipe.prepare(path, keep_features=True, digest=digest, progress=progress)
     except (LocpathError, OSError) as exc:
         row["error"] = _error(exc, path)
@@ -68,7 +69,7 @@ def finish_slide(pipe, out: Output, staged: Staged, questions: list[str], sampli
         return row
     t0 = time.perf_counter()
     try:
-        answers = pipe.answer_many(staged.ctx.again({}), questions, **sampling)
+        answers = pipe.answer(staged.ctx.again({}), staged.questions)
         seconds = staged.seconds + time.perf_counter() - t0
         out.write(row["digest"], row["slide"], staged.ctx, answers, seconds, questions, sampling)
         row.update(status="done", tiles=staged.ctx.tiles)

@@ -12,11 +12,13 @@ whose record exists is skipped, so a retried or repeated slide is recorded once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
 from ..raycluster import connect
+from ..runtime.options import RuntimeOptions
 from .job import run_slide
 from .records import Output
 from .progress import Progress
@@ -26,12 +28,11 @@ from .settings import BatchConfig
 class SlideWorker:
     """The map step: constructed once per actor (loads the bundle), called with one slide at a time."""
 
-    def __init__(self, bundle: str, out: str, questions: list[str], sampling: dict, cache_dir: str | None,
-                 threads: int | None, device: str, trusted_keys: str | None, bundle_digest: str = ""):
+    def __init__(self, bundle: str, out: str, questions: list[str], sampling: dict, runtime: RuntimeOptions,
+                 bundle_digest: str = ""):
         from ..runtime.pipeline import Pipeline
 
-        self.pipe = Pipeline.from_bundle(bundle, trusted_keys=trusted_keys, device=device, threads=threads,
-                                         cache_dir=cache_dir, memory_slides=1)
+        self.pipe = Pipeline.from_bundle(bundle, runtime, memory_slides=1)
         self.out = Output(out, bundle=bundle_digest)
         self.questions, self.sampling = questions, sampling
 
@@ -50,16 +51,16 @@ def run_on_ray(cfg: BatchConfig, slides: list[Path], questions: list[str], out: 
     ctx.enable_progress_bars = False  # our progress line instead; Ray Data's own log stays in the session folder
     ctx.verbose_progress = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    threads = cfg.threads or max(1, int(cfg.cpus_per_worker))
+    cache_dir = cfg.runtime.cache_dir
+    runtime = dataclasses.replace(cfg.runtime, threads=cfg.runtime.threads or max(1, int(cfg.cpus_per_worker)),
+                                  cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None)
     ds = ray.data.from_items([{"path": str(p)} for p in slides], override_num_blocks=max(1, len(slides)))
     results = ds.map_batches(
         SlideWorker, batch_size=1, num_cpus=cfg.cpus_per_worker,
         compute=ray.data.ActorPoolStrategy(size=cfg.workers, max_tasks_in_flight_per_actor=1),
         num_gpus=cfg.gpus_per_worker or None,
         fn_constructor_kwargs=dict(bundle=str(Path(cfg.bundle).resolve()), out=str(out.dir.resolve()),
-                                   questions=questions, sampling=cfg.sampling,
-                                   cache_dir=str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None,
-                                   threads=threads, device=cfg.device, trusted_keys=cfg.trusted_keys,
+                                   questions=questions, sampling=cfg.sampling, runtime=runtime,
                                    bundle_digest=out.bundle))
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a worker that dies is restarted
     # and its slide retried (tests/test_batch.py kills one).

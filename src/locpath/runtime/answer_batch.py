@@ -1,11 +1,11 @@
-"""Answers about prepared slides decoded as one batch, at the level of questions and text: each added question
-runs its TIS and cross-KV, takes a free row of the batch generator (runtime/batch_generator.py) and streams its
-pieces; a finished answer frees its row for the next question. Used by `Pipeline.answer_many`/`ask_many` (the
-questions of one slide), `chat` (the questions waiting on stdin) and the service's question lane (concurrent
-requests, added while others decode).
+"""Answers about prepared slides, at the level of questions and text, over the one decoding loop
+(runtime/generator.py): each added question runs its TIS and cross-KV, takes a free row and streams its pieces; a
+finished answer frees its row for the next question. Every way of answering goes through it: `Pipeline.answer` and
+`stream` (one batch; a single question is a batch of one row), `chat` and the service's question lane (questions
+added while others decode: continuous batching).
 
     batch = pipe.batch(rows=4)
-    batch.add(ctx, "What is the diagnosis?", pipe.sampling(), tag="a")
+    batch.add(ctx, pipe.question("What is the diagnosis?"), tag="a")
     while batch.active:
         for ev in batch.step():     # BatchEvent(tag, piece) ... then BatchEvent(tag, answer=Answer) or error
             ...
@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..errors import LocpathError
-from .batch_generator import batch_generator
 from .detok import StreamingDetokenizer
-from .generator import GenerationStats
+from .generator import GenerationStats, Generator
+from .question import Question
 from .sampler import SamplingParams
 
 
@@ -35,8 +37,7 @@ class BatchEvent:
 class _Live:
     tag: object
     ctx: object
-    question: str
-    params: SamplingParams
+    question: Question
     qkv: object
     stats: GenerationStats
     detok: StreamingDetokenizer
@@ -49,7 +50,7 @@ class _Live:
 class AnswerBatch:
     def __init__(self, pipe, rows: int):
         self.pipe = pipe
-        self.gen = batch_generator(pipe.decoder_state, rows, pipe.max_length, pipe.stop_ids)
+        self.gen = Generator(pipe.decoder_state, rows, pipe.max_length, pipe.stop_ids)
         self.live: dict[int, _Live] = {}
 
     @property
@@ -64,15 +65,18 @@ class AnswerBatch:
     def active(self) -> bool:
         return bool(self.live)
 
-    def add(self, ctx, question: str, params: SamplingParams, tag=None, t_start: float | None = None) -> None:
-        """TIS, cross-KV and prefill of one question about a prepared slide (LocpathError if it cannot run)."""
+    def add(self, ctx, question: Question, params: SamplingParams | None = None, tag=None,
+            t_start: float | None = None) -> None:
+        """TIS, cross-KV and prefill of one question about a prepared slide (LocpathError if it cannot run).
+        Temporary: a str question with its `params` (serve/'s call shape) is made a Question here."""
         t_start = t_start if t_start is not None else time.perf_counter()
-        prompt = self.pipe.check_question(question, params)
+        if not isinstance(question, Question):
+            question = self.pipe._question(question, params or self.pipe.sampling())
         timings = dict(ctx.timings_ms)
         qkv = self.pipe.question_kv(ctx.latents, question, timings)
         stats = GenerationStats()
-        slot = self.gen.add(qkv.cross, prompt, params, stats)
-        self.live[slot] = _Live(tag, ctx, question, params, qkv, stats, StreamingDetokenizer(self.pipe.tokenizer),
+        slot = self.gen.add(qkv.cross, question.prompt_ids, question.params, stats)
+        self.live[slot] = _Live(tag, ctx, question, qkv, stats, StreamingDetokenizer(self.pipe.tokenizer),
                                 timings, t_start)
 
     def cancel(self, tag) -> bool:
@@ -101,21 +105,21 @@ class AnswerBatch:
             if live.stats.error:
                 events.append(BatchEvent(live.tag, error=live.stats.error))
                 continue
-            answer = self.pipe.make_answer(live.ctx, live.question, live.params, live.qkv, live.stats, live.detok,
-                                           live.timings, live.t_start, live.first, batch_rows=self.rows)
+            answer = make_answer(self.pipe, live.ctx, live.question.text, live.question.params, live.qkv, live.stats,
+                                 live.detok, live.timings, live.t_start, live.first, batch_rows=self.rows)
             events.append(BatchEvent(live.tag, answer=answer))
         return events
 
-    def run(self, jobs: list[tuple], on_piece=None, on_answer=None) -> list:
-        """Answers to `jobs` = [(ctx, question, params)], in order; `on_piece(index, text)` as text is decoded,
-        `on_answer(index, Answer)` as each ends."""
+    def run(self, jobs: list[tuple], on_piece=None, on_answer=None, t_start: float | None = None) -> list:
+        """Answers to `jobs` = [(ctx, Question)], in order; `on_piece(index, text)` as text is decoded,
+        `on_answer(index, Answer)` as each ends. A question that fails raises its LocpathError."""
         answers: list = [None] * len(jobs)
         pending = list(enumerate(jobs))
-        t_start = time.perf_counter()
+        t_start = t_start if t_start is not None else time.perf_counter()
         while pending or self.active:
             while pending and self.free:
-                i, (ctx, q, params) = pending.pop(0)
-                self.add(ctx, q, params, tag=i, t_start=t_start)
+                i, (ctx, q) = pending.pop(0)
+                self.add(ctx, q, tag=i, t_start=t_start)
             for ev in self.step():
                 if ev.error is not None:
                     raise LocpathError(ev.error)
@@ -126,3 +130,40 @@ class AnswerBatch:
                 elif on_piece is not None:
                     on_piece(ev.tag, ev.piece)
         return answers
+
+    def pieces(self, ctx, question: Question, t_start: float):
+        """One question alone, as a generator of text pieces that returns its Answer (`Pipeline.stream`)."""
+        self.add(ctx, question, tag=0, t_start=t_start)
+        answer = None
+        while self.active:
+            for ev in self.step():
+                if ev.error is not None:
+                    raise LocpathError(ev.error)
+                if ev.piece is not None:
+                    yield ev.piece
+                elif ev.answer is not None:
+                    answer = ev.answer
+        return answer
+
+
+def make_answer(pipe, ctx, question: str, params: SamplingParams, qkv, stats: GenerationStats,
+                detok: StreamingDetokenizer, timings: dict, t_start: float, first: float | None,
+                batch_rows: int = 1):
+    """The Answer of a finished generation (one row of a batch, or a batch of one)."""
+    from .pipeline import Answer, _ms, peak_rss_mb
+
+    timings["prefill"] = round(stats.prefill_ms, 2)
+    timings["decode_per_token"] = round(stats.decode_ms_per_token, 3)
+    timings["decode_total"] = round(float(np.sum(stats.decode_ms)), 2)
+    timings["time_to_first_token"] = round(((first or time.perf_counter()) - t_start) * 1000, 2)
+    timings["total"] = _ms(t_start)
+    return Answer(
+        question=question, answer=detok.text().strip(), token_ids=list(detok.ids), timings_ms=timings,
+        peak_rss_mb=peak_rss_mb(), evidence=pipe.evidence(ctx, qkv),
+        slide={"source": ctx.source, "tiles": ctx.tiles, "tokens_after_stm": ctx.tokens, "cache_hit": ctx.cache_hit,
+               "tiles_read": ctx.tiles_read},
+        generation={"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
+                    "stop_reason": stats.stop_reason, "kv_cache_bytes": stats.kv_cache_bytes,
+                    "decoder": pipe.decoder_component, "batch_rows": batch_rows,
+                    "decoded_with": stats.batch_peak, "params": params.__dict__},
+    )

@@ -1,9 +1,18 @@
-"""The torch-free pipeline and its public stage API.
+"""The torch-free pipeline and its public API.
 
     pipe = Pipeline.from_bundle("bundle/")          # verifies SHA256SUMS, manifest, every file (and signature)
-    ans = pipe.ask("slide.svs", "What is the diagnosis?")           # Answer
-    for piece in (s := pipe.stream("slide.svs", "Is necrosis present?")):
-        print(piece, end="")                                          # then s.result is the Answer
+    ans = pipe.ask("slide.svs", "What is the diagnosis?")                     # Answer
+    ctx = pipe.prepare("slide.svs")                                           # SlideContext (memory, slide cache)
+    for piece in (s := pipe.stream(ctx, "Is necrosis present?")):
+        print(piece, end="")                                                    # then s.result is the Answer
+    answers = pipe.answer(ctx, ["Which organ?", pipe.question("Grade?", max_new_tokens=8)])  # one batch
+
+    question(text, **sampling) -> Question        checked once (text, length, KV room); every path takes it
+    answer(ctx, questions) -> [Answer]            one batch (at most decode_batch rows), in question order
+    stream(ctx, question) -> StreamedAnswer       pieces, then .result
+    ask(slide, question_or_questions)             prepare, then stream (one) or answer (several)
+    batch(rows) -> AnswerBatch                    continuous batching: add(ctx, Question, tag), step(), cancel(tag)
+All of them decode through AnswerBatch (answer_batch.py) over the one decoding loop (generator.py).
 
 The stages, for callers that drive them one by one (calibration, build measurements, the bench, services):
     encode_tiles(uint8 NHWC) -> features          tile encoder graph
@@ -11,7 +20,6 @@ The stages, for callers that drive them one by one (calibration, build measureme
     prepare(slide) -> SlideContext                the two above over a slide, through the slide cache and memory
     question_kv(latents, question) -> QuestionKV  TIS graph, top-M, cross-KV graph
     evidence(ctx, qkv) -> Evidence                the tiles that weighed most for the question (evidence.py)
-    generator(qkv, question, params) -> Generator prefill done; sample with .tokens(), or force .append_tokens()
 Per-slide latents are kept on disk (slide cache) and in a bounded in-memory LRU, so a second question about the
 same slide reads no tile and runs no encoder.
 """
@@ -26,7 +34,7 @@ import resource
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,12 +55,12 @@ from ..wsi.factory import check_slide_file
 from ..wsi.identity import PinnedFile
 from .backends import make_runner
 from .decoder_state import DecoderState, decoder_state
-from .detok import StreamingDetokenizer
 from .evidence import Evidence, tile_weights
-from .generator import GenerationStats, Generator
+from .generator import GenerationStats, Generator, OneAnswer
 from .machine import describe_machine
 from .options import DECODER_CHOICES, RuntimeOptions
 from .prompt import ChatTemplate
+from .question import Question, make_question
 from .resampler_chunks import ChunkedResampler
 from .runner import Runner
 from .sampler import SamplingParams
@@ -60,9 +68,6 @@ from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, fi
 
 if TYPE_CHECKING:
     from .answer_batch import AnswerBatch
-
-MAX_QUESTION_CHARS = 8192
-
 
 class NotPrepared(LocpathError):
     """`prepare(..., cached_only=True)` found the slide neither in memory nor in the slide cache: it must go through
@@ -453,9 +458,10 @@ class Pipeline:
         """The decoder's prompt: the question through the bundle's chat template."""
         return self.tokenizer.encode(self.chat_template.render(question), add_special_tokens=False).ids
 
-    def question_kv(self, latents: np.ndarray, question: str, timings: dict | None = None) -> QuestionKV:
+    def question_kv(self, latents: np.ndarray, question: "str | Question", timings: dict | None = None) -> QuestionKV:
+        """The TIS graph's scores, the top-M latents and their cross K/V for one question."""
         timings = timings if timings is not None else {}
-        ids = self.question_ids(question)
+        ids = list(question.tis_ids) if isinstance(question, Question) else self.question_ids(question)
         if not ids:
             raise LocpathError("the question is empty")
         t0 = time.perf_counter()
@@ -482,121 +488,107 @@ class Pipeline:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**base).validate()
 
-    def check_question(self, question: str, params: SamplingParams) -> list[int]:
-        """The prompt ids, or a LocpathError before anything runs: not text, empty, too long for the KV cache."""
-        if not isinstance(question, str):
-            raise LocpathError(f"a question must be text, got {type(question).__name__}")
-        try:
-            question.encode("utf-8")
-        except UnicodeEncodeError:
-            raise LocpathError("the question is not valid UTF-8 text") from None
-        if not question.strip():
-            raise LocpathError("the question is empty")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise LocpathError(f"the question is {len(question)} characters long; at most {MAX_QUESTION_CHARS}")
-        prompt = self.prompt_ids(question)
-        room = self.max_length - len(prompt)
-        if room < 1:
-            raise LocpathError(f"the question's prompt is {len(prompt)} tokens; the decoder holds {self.max_length} "
-                               "positions in all: shorten the question")
-        if params.max_new_tokens > room:
-            raise LocpathError(f"max_new_tokens {params.max_new_tokens} does not fit: the prompt takes {len(prompt)} of "
-                               f"the decoder's {self.max_length} positions, so at most {room} new tokens")
-        return prompt
+    # -- answering -----------------------------------------------------------------------
+    def question(self, text: str, **sampling) -> Question:
+        """`text` checked once, with its prompt and TIS ids and its sampling options (the bundle's defaults with
+        `sampling`), before anything runs: a LocpathError if it is not text, empty, or does not fit the KV cache."""
+        return self._question(text, self.sampling(**sampling))
 
-    def generator(self, qkv: QuestionKV, question: str, params: SamplingParams,
-                  stats: GenerationStats | None = None) -> Generator:
-        """A Generator for this question with the prompt prefilled."""
-        prompt = self.check_question(question, params)
-        gen = Generator(self.decoder_state, qkv.cross, params, self.max_length, self.stop_ids, stats)
-        gen.append_tokens(prompt)
-        return gen
+    def _question(self, text: str, params: SamplingParams) -> Question:
+        return make_question(text, params, self.prompt_ids, self.question_ids, self.max_length)
 
-    def _answer(self, ctx: SlideContext, question: str, params: SamplingParams, t_start: float):
-        timings = dict(ctx.timings_ms)
-        qkv = self.question_kv(ctx.latents, question, timings)
-        stats = GenerationStats()
-        gen = self.generator(qkv, question, params, stats)
-        detok = StreamingDetokenizer(self.tokenizer)
-        first = None
-        for tok in gen.tokens():
-            first = first or time.perf_counter()
-            piece = detok.push(tok)
-            if piece:
-                yield piece
-        return self.make_answer(ctx, question, params, qkv, stats, detok, timings, t_start, first)
+    def _as_question(self, q: "str | Question", sampling: dict) -> Question:
+        if isinstance(q, Question):
+            if sampling:
+                raise ConfigError("a Question carries its own sampling options: pass them to pipe.question(...)")
+            return q
+        return self.question(q, **sampling)
 
-    def make_answer(self, ctx: SlideContext, question: str, params: SamplingParams, qkv: QuestionKV,
-                    stats: GenerationStats, detok: StreamingDetokenizer, timings: dict, t_start: float,
-                    first: float | None, batch_rows: int = 1) -> Answer:
-        """The Answer of a finished generation (one answer alone, or one row of a batch)."""
-        timings["prefill"] = round(stats.prefill_ms, 2)
-        timings["decode_per_token"] = round(stats.decode_ms_per_token, 3)
-        timings["decode_total"] = round(float(np.sum(stats.decode_ms)), 2)
-        timings["time_to_first_token"] = round(((first or time.perf_counter()) - t_start) * 1000, 2)
-        timings["total"] = _ms(t_start)
-        return Answer(
-            question=question, answer=detok.text().strip(), token_ids=list(detok.ids), timings_ms=timings,
-            peak_rss_mb=peak_rss_mb(), evidence=self.evidence(ctx, qkv),
-            slide={"source": ctx.source, "tiles": ctx.tiles, "tokens_after_stm": ctx.tokens, "cache_hit": ctx.cache_hit,
-                   "tiles_read": ctx.tiles_read},
-            generation={"prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens,
-                        "stop_reason": stats.stop_reason, "kv_cache_bytes": stats.kv_cache_bytes,
-                        "decoder": self.decoder_component, "batch_rows": batch_rows,
-                        "decoded_with": stats.batch_peak, "params": params.__dict__},
-        )
+    def answer(self, ctx: SlideContext, questions: "Sequence[str | Question]", *, on_piece=None, on_answer=None,
+               **sampling) -> list[Answer]:
+        """Questions about one prepared slide, decoded as one batch (at most `options.decode_batch` rows; a row freed
+        by a finished answer takes the next question); answers equal one-by-one answers, in question order. The
+        first answer carries the slide's preparation timings and cache state. `on_piece(index, text)`: each piece as
+        it is decoded; `on_answer(index, Answer)`: each answer as it ends.
+        Temporary (until cli/, serve/ and bench/ use the list form): one question (a str or a Question) gives one
+        Answer, as the old `answer(ctx, question)` did."""
+        if isinstance(questions, (str, Question)):
+            s = self.stream(ctx, questions, **sampling)
+            for piece in s:
+                if on_piece is not None:
+                    on_piece(0, piece)
+            if on_answer is not None:
+                on_answer(0, s.result)
+            return s.result
+        qs = [self._as_question(q, sampling) for q in questions]
+        return self._decode([(ctx if i == 0 else ctx.again({}), q) for i, q in enumerate(qs)], on_piece, on_answer)
 
-    def stream(self, slide, question: str, mpp_override: float | None = None, progress: bool | None = None,
-               **sampling) -> StreamedAnswer:
-        """Text pieces as they are decoded; the question and options are checked before the slide is touched."""
+    def _decode(self, jobs: list, on_piece, on_answer) -> list[Answer]:
+        if not jobs:
+            return []
         t_start = time.perf_counter()
-        params = self.sampling(**sampling)
-        self.check_question(question, params)
-        ctx = self.prepare(slide, mpp_override=mpp_override, progress=progress)
-        return StreamedAnswer(self._answer(ctx, question, params, t_start))
+        return self.batch(min(self.max_batch, len(jobs))).run(jobs, on_piece, on_answer, t_start)
 
-    def answer(self, ctx: SlideContext, question: str, **sampling) -> Answer:
-        """One question about a slide already prepared: prepare once, then answer each question from its context."""
+    def stream(self, ctx: SlideContext, question: "str | Question", *, mpp_override: float | None = None,
+               progress: bool | None = None, **sampling) -> StreamedAnswer:
+        """One question about a prepared slide: iterate for its text pieces as they are decoded, then `.result`.
+        Temporary (until cli/ and serve/ pass a SlideContext): `ctx` may be a slide path, prepared here (with
+        `mpp_override` and `progress`) after the question and options are checked."""
         t_start = time.perf_counter()
-        params = self.sampling(**sampling)
-        self.check_question(question, params)
-        s = StreamedAnswer(self._answer(ctx, question, params, t_start))
-        for _ in s:
-            pass
-        return s.result
+        q = self._as_question(question, sampling)
+        if not isinstance(ctx, SlideContext):
+            ctx = self.prepare(ctx, mpp_override=mpp_override, progress=progress)
+        return StreamedAnswer(self.batch(1).pieces(ctx, q, t_start))
 
-    def ask(self, slide, question: str, mpp_override: float | None = None, progress: bool | None = None,
-            **sampling) -> Answer:
-        s = self.stream(slide, question, mpp_override=mpp_override, progress=progress, **sampling)
-        for _ in s:
-            pass
-        return s.result
+    def ask(self, slide, question: "str | Question | Sequence[str | Question]", *, mpp_override: float | None = None,
+            progress: bool | None = None, on_piece=None, **sampling) -> "Answer | list[Answer]":
+        """Prepare the slide (tiles read and encoded at most once), then answer: one question gives an Answer, a
+        list of them a list of Answers (decoded as one batch, see `answer`). Every question and option is checked
+        before the slide is touched."""
+        if isinstance(question, (str, Question)):
+            s = self.stream(slide, question, mpp_override=mpp_override, progress=progress, **sampling)
+            for piece in s:
+                if on_piece is not None:
+                    on_piece(0, piece)
+            return s.result
+        qs = [self._as_question(q, sampling) for q in question]
+        return self.answer(self.prepare(slide, mpp_override=mpp_override, progress=progress), qs, on_piece=on_piece)
 
     def batch(self, rows: int | None = None) -> "AnswerBatch":
-        """Answers decoded together, added and streamed one by one (runtime/answer_batch.py)."""
+        """Answers decoded together, added while others decode (`add(ctx, Question, tag, t_start)`, `step()`,
+        `cancel(tag)`): runtime/answer_batch.py."""
         from .answer_batch import AnswerBatch
 
         return AnswerBatch(self, rows or self.max_batch)
 
+    # -- compatibility: removed once cli/, serve/ and bench/ use the API above ------------------------------------
+    def check_question(self, question: str, params: SamplingParams) -> list[int]:
+        """The prompt ids, or a LocpathError before anything runs (now: `question(text, **sampling)`)."""
+        return list(self._question(question, params).prompt_ids)
+
+    def generator(self, qkv: QuestionKV, question: str, params: SamplingParams,
+                  stats: GenerationStats | None = None) -> OneAnswer:
+        """One answer with its prompt prefilled, driven by hand (bench/: forced steps, first-token timings)."""
+        q = self._question(question, params)
+        stats = stats if stats is not None else GenerationStats()
+        gen = Generator(self.decoder_state, 1, self.max_length, self.stop_ids)
+        return OneAnswer(gen, gen.add(qkv.cross, q.prompt_ids, params, stats), stats)
+
+    def make_answer(self, ctx: SlideContext, question: str, params: SamplingParams, qkv: QuestionKV,
+                    stats: GenerationStats, detok, timings: dict, t_start: float, first: float | None,
+                    batch_rows: int = 1) -> Answer:
+        from .answer_batch import make_answer
+
+        return make_answer(self, ctx, question, params, qkv, stats, detok, timings, t_start, first, batch_rows)
+
     def answer_many(self, ctx: SlideContext, questions: list[str], on_piece=None, on_answer=None,
                     **sampling) -> list[Answer]:
-        """Several questions about one prepared slide, decoded as one batch (at most `max_batch` rows; a row freed
-        by a finished answer takes the next question). Answers equal one-by-one answers, in question order.
-        `on_piece(index, text)`: each piece as it is decoded; `on_answer(index, Answer)`: each answer as it ends."""
-        params = self.sampling(**sampling)
-        for q in questions:
-            self.check_question(q, params)
-        batch = self.batch(min(self.max_batch, max(1, len(questions))))
-        return batch.run([(ctx, q, params) for q in questions], on_piece, on_answer)
+        """As `answer(ctx, questions)`, every answer carrying `ctx`'s timings and cache state."""
+        return self._decode([(ctx, self._as_question(q, sampling)) for q in questions], on_piece, on_answer)
 
     def ask_many(self, slide, questions: list[str], mpp_override: float | None = None, progress: bool | None = None,
                  on_piece=None, on_answer=None, **sampling) -> list[Answer]:
-        """Several questions about one slide: tiles are read and encoded at most once, the answers decoded as
-        one batch. The first answer carries the slide's preparation timings and cache state, as `ask` would."""
-        params = self.sampling(**sampling)
-        for q in questions:
-            self.check_question(q, params)
-        ctx = self.prepare(slide, mpp_override=mpp_override, progress=progress)
-        batch = self.batch(min(self.max_batch, max(1, len(questions))))
-        jobs = [(ctx if i == 0 else ctx.again({}), q, params) for i, q in enumerate(questions)]
-        return batch.run(jobs, on_piece, on_answer)
+        """As `ask(slide, questions)`."""
+        qs = [self._as_question(q, sampling) for q in questions]
+        return self.answer(self.prepare(slide, mpp_override=mpp_override, progress=progress), qs, on_piece=on_piece,
+                           on_answer=on_answer)

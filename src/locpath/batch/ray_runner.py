@@ -50,7 +50,8 @@ def run_on_ray(cfg: BatchConfig, slides: list[Path], questions: list[str], out: 
     ctx.enable_progress_bars = False  # our progress line instead; Ray Data's own log stays in the session folder
     ctx.verbose_progress = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
-    threads = cfg.threads or max(1, int(cfg.cpus_per_worker))
+    threads = cfg.runtime.threads or max(1, int(cfg.cpus_per_worker))
+    cache_dir = cfg.runtime.cache_dir
     ds = ray.data.from_items([{"path": str(p)} for p in slides], override_num_blocks=max(1, len(slides)))
     results = ds.map_batches(
         SlideWorker, batch_size=1, num_cpus=cfg.cpus_per_worker,
@@ -58,8 +59,8 @@ def run_on_ray(cfg: BatchConfig, slides: list[Path], questions: list[str], out: 
         num_gpus=cfg.gpus_per_worker or None,
         fn_constructor_kwargs=dict(bundle=str(Path(cfg.bundle).resolve()), out=str(out.dir.resolve()),
                                    questions=questions, sampling=cfg.sampling,
-                                   cache_dir=str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None,
-                                   threads=threads, device=cfg.device, trusted_keys=cfg.trusted_keys,
+                                   cache_dir=str(Path(cache_dir).resolve()) if cache_dir else None,
+                                   threads=threads, device=cfg.runtime.device, trusted_keys=cfg.runtime.trusted_keys,
                                    bundle_digest=out.bundle))
     # Ray Data's actor pools default to max_restarts=-1 and max_task_retries=-1: a worker that dies is restarted
     # and its slide retried (tests/test_batch.py kills one).

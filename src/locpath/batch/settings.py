@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LocpathError
+from ..runtime.options import RuntimeOptions
 
 
 @dataclass
@@ -16,9 +17,6 @@ class BatchConfig:
     questions: Path
     out: Path
     fmt: str = "jsonl"  # jsonl | parquet
-    cache_dir: Path | None = None
-    threads: int | None = None
-    device: str = "cpu"
     sampling: dict = field(default_factory=dict)
     ray: bool = False
     ray_address: str | None = None
@@ -26,17 +24,17 @@ class BatchConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     progress: bool = True
-    trusted_keys: str | None = None
     overlap: bool = True  # in process: stage the next slides while one slide's questions are answered (runner.py)
     lanes: int = 2  # overlapped: slides staged at once, each in its own thread (measured: see threads_per_lane)
+    runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(memory_slides=1))  # how the bundle runs
 
     def pipeline_threads(self) -> int | None:
         """Intra-op threads of the in-process Pipeline. Overlapped with `--threads` unset: the cores shared out
         over the staging lanes, so concurrent encoder runs do not oversubscribe the cores (2 cores, reference
         bundle, 6 slides of ~1k tiles: 2 lanes x 1 thread 1324-1338 slides/hour, 1 lane x 2 threads 1217,
         2 lanes x 2 threads 1216, sequential 1150-1223)."""
-        if self.threads or not self.overlap:
-            return self.threads
+        if self.runtime.threads or not self.overlap:
+            return self.runtime.threads
         from ..runtime.runner import default_threads
 
         return max(1, default_threads() // self.lanes)

@@ -1,0 +1,28 @@
+"""`locpath demo`: the README's main job end to end on the shipped reference model (locpath/demo.py)."""
+
+from __future__ import annotations
+
+from ..runtime.options import RuntimeOptions, add_runtime_options, runtime_options
+from .common import retell
+
+DEFAULTS = RuntimeOptions()
+
+
+def register(sub) -> None:
+    d = sub.add_parser("demo", help="the shipped reference bundle (torch-free) on three synthetic slides: every "
+                                    "question type streamed beside the ground truth, with timings; later runs reuse "
+                                    "the slides and the slide cache")
+    d.add_argument("--workdir", default=None,
+                   help="where the slides, the slide cache (and an export, if needed) live (default ~/.cache/locpath/demo)")
+    d.add_argument("--bundle", default=None, help="run the demo with this bundle (default: the shipped reference "
+                                                  "bundle; the shipped checkpoint is exported into the work folder "
+                                                  "only if that bundle is missing or damaged)")
+    add_runtime_options(d, DEFAULTS)
+    retell(d, "--cache-dir", "slide cache folder (default WORKDIR/slide-cache)")
+    d.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..demo import run_demo
+
+    return run_demo(args.workdir, args.bundle, runtime_options(args, DEFAULTS))

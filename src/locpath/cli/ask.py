@@ -71,10 +71,10 @@ def _ask(args, answers: list) -> None:
         for q in args.questions:
             answers.append(pipe.ask(args.slide, q, mpp_override=args.mpp_override, **sampling(args)) if args.json
                            else _streamed(pipe, args, q))
+    if args.evidence is not None:  # before the JSON: a failure here is reported in the one document
+        _write_evidence(args, answers[-1])
     if args.json:
         print(answers_json(answers))
-    if args.evidence is not None:
-        _write_evidence(args, answers[-1])
 
 
 def _streamed(pipe, args, q: str):

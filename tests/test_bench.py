@@ -9,7 +9,7 @@ def test_bench_writes_report_markdown_and_plots(ref_bundle, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "report.json"
     code = main(["bench", str(ref_bundle), "--tiles", "40", "120", "--repeats", "1", "--warmup", "0",
-                 "--workdir", str(tmp_path / "work"), "--json", str(out), "--markdown", str(tmp_path / "r.md"),
+                 "--workdir", str(tmp_path / "work"), "--json-file", str(out), "--markdown", str(tmp_path / "r.md"),
                  "--plots", str(tmp_path / "plots"), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0

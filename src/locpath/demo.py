@@ -81,17 +81,18 @@ def _ensure_slides(work: Path) -> list[Path]:
     return paths
 
 
-def run_demo(args) -> int:
+def run_demo(workdir: str | None, bundle: str | None, options) -> int:
+    """`options` (RuntimeOptions) as the command's runtime flags gave them; the slide cache defaults to the work
+    folder's."""
     from .runtime.pipeline import Pipeline
     from .synth.writer import truth_path
 
     t0 = time.perf_counter()
-    work = _workdir(args.workdir)
+    work = _workdir(workdir)
     work.mkdir(parents=True, exist_ok=True)
-    bundle, exported = (Path(args.bundle), False) if args.bundle else _default_bundle(work)
+    bundle, exported = (Path(bundle), False) if bundle else _default_bundle(work)
     slides = _ensure_slides(work)
-    pipe = Pipeline.from_bundle(bundle, trusted_keys=args.trusted_keys, device=args.device,
-                                cache_dir=work / "slide-cache")
+    pipe = Pipeline.from_bundle(bundle, options.replace(cache_dir=options.cache_dir or str(work / "slide-cache")))
     print(f"bundle: {bundle}")
     torch = "torch used once, to export the bundle; the runtime runs without it" if exported else "torch not used"
     print(f"runtime ready after {time.perf_counter() - t0:.1f} s ({torch})\n")

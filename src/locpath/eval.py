@@ -109,13 +109,16 @@ def evaluate_checkpoint(checkpoint: str | Path, seed: int, count: int, keep_dir:
 
 def evaluate_bundle(bundle: str | Path, seed: int, count: int, keep_dir: str | Path | None = None,
                     progress: bool = False, device: str = "cpu", decoder: str = "auto",
-                    trusted_keys=None) -> EvalResult:
-    """The same held-out slides and questions as `evaluate_checkpoint`, answered by the torch-free runtime."""
+                    trusted_keys=None, options=None) -> EvalResult:
+    """The same held-out slides and questions as `evaluate_checkpoint`, answered by the torch-free runtime
+    (`options`, a RuntimeOptions, replaces device, decoder and trusted_keys: `locpath eval --bundle`)."""
+    from .runtime.options import RuntimeOptions
     from .runtime.pipeline import Pipeline
 
     t0 = time.time()
     records = []
-    pipe = Pipeline.from_bundle(bundle, trusted_keys=trusted_keys, device=device, use_cache=False, decoder=decoder)
+    options = options or RuntimeOptions(device=device, decoder=decoder, trusted_keys=trusted_keys, use_cache=False)
+    pipe = Pipeline.from_bundle(bundle, options)
     with tempfile.TemporaryDirectory(prefix="locpath-eval-") as tmp:
         work = Path(keep_dir) if keep_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

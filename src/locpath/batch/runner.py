@@ -48,7 +48,7 @@ def run_embedded(cfg: BatchConfig, slides: list[Path], questions: list[str], out
     from ..runtime.runner import default_threads
 
     pipe_threads = cfg.pipeline_threads()
-    pipe = Pipeline.from_bundle(cfg.bundle, cfg.runtime, memory_slides=1, threads=pipe_threads)
+    pipe = Pipeline.from_bundle(cfg.bundle, cfg.runtime, threads=pipe_threads)
     prog = Progress(len(slides), cfg.progress)
     try:
         if cfg.overlap:
@@ -98,7 +98,7 @@ def run_pass(bundle: Path, slides: Path, questions: Path, out: Path, cache_dir: 
              lanes: int) -> tuple[dict, list[dict]]:
     """One quiet in-process run and its records: a pass of `bench --throughput` (bench/throughput.py; the CLI hands
     it to the bench, which sits beside this package, not above it)."""
-    cfg = BatchConfig(bundle=bundle, slides=slides, questions=questions, out=out,
-                      runtime=RuntimeOptions(cache_dir=str(cache_dir)), progress=False, overlap=overlap, lanes=lanes)
+    cfg = BatchConfig(bundle=bundle, slides=slides, questions=questions, out=out, progress=False,
+                      overlap=overlap, lanes=lanes, runtime=RuntimeOptions(memory_slides=1, cache_dir=str(cache_dir)))
     summary = run_batch(cfg)
     return summary, Output(out, bundle=bundle_digest(bundle)).all_records(read_questions(questions), cfg.sampling)

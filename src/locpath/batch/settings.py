@@ -17,7 +17,6 @@ class BatchConfig:
     questions: Path
     out: Path
     fmt: str = "jsonl"  # jsonl | parquet
-    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # how the bundle runs (device, threads, cache)
     sampling: dict = field(default_factory=dict)
     ray: bool = False
     ray_address: str | None = None
@@ -27,6 +26,7 @@ class BatchConfig:
     progress: bool = True
     overlap: bool = True  # in process: stage the next slides while one slide's questions are answered (runner.py)
     lanes: int = 2  # overlapped: slides staged at once, each in its own thread (measured: see threads_per_lane)
+    runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(memory_slides=1))  # how the bundle runs
 
     def pipeline_threads(self) -> int | None:
         """Intra-op threads of the in-process Pipeline: `runtime.threads` when set. Overlapped with it unset: the cores shared out

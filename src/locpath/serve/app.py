@@ -135,9 +135,7 @@ class Service:
         if not cfg.loopback and not self.store.active_keys():
             raise ConfigError(f"--host {cfg.host} is not a loopback address: add an API key first "
                               f"(locpath keys add NAME --data-dir {cfg.data_dir}), or bind to 127.0.0.1")
-        self.pipe = pipe or Pipeline.from_bundle(cfg.bundle, trusted_keys=cfg.trusted_keys, device=cfg.device,
-                                                 threads=cfg.threads, cache_dir=cfg.cache_dir,
-                                                 memory_slides=cfg.memory_slides, decode_batch=cfg.decode_batch)
+        self.pipe = pipe or Pipeline.from_bundle(cfg.bundle, cfg.runtime)
         self.metrics = Metrics(self.store)
         self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue, self.owner)
         self.worker.opener = self.open_slide
@@ -756,7 +754,7 @@ _ABS_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^/\s'\"]+/)+[^/\s'\"]*")
 def _server_paths(cfg: ServeConfig) -> list[str]:
     """The folders whose names a non-admin key must not learn (as given and resolved), longest first."""
     found = set()
-    for p in (cfg.data_dir, cfg.cache_dir, cfg.bundle, *cfg.slide_roots):
+    for p in (cfg.data_dir, cfg.runtime.cache_dir, cfg.bundle, *cfg.slide_roots):
         if p is None:
             continue
         for q in (Path(p), Path(p).resolve(), Path(p).absolute()):

@@ -1,0 +1,49 @@
+"""What `ask` and `chat` share: the bundle's Pipeline from the runtime flags, the slide and sampling flags, and the
+timing lines printed under each answer."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..runtime.options import RuntimeOptions, add_runtime_options, runtime_options
+from .common import non_negative_int, positive_float, positive_int
+
+DEFAULTS = RuntimeOptions()
+
+
+def add_answer_options(p: argparse.ArgumentParser) -> None:
+    """The runtime flags, the slide's --mpp-override and the sampling flags."""
+    p.add_argument("--mpp-override", type=positive_float, default=None,
+                   help="level-0 microns per pixel (when the slide's own is missing or wrong)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help="answer length cap (default: the bundle's; must fit the KV cache with the prompt)")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=positive_float, default=None, help="with --sample; (0, 100]")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="with --sample; 0 = off")
+    p.add_argument("--top-p", type=positive_float, default=None, help="with --sample; (0, 1]")
+    p.add_argument("--repetition-penalty", type=positive_float, default=None, help="(0, 100]; 1 = off")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="sampling seed (>= 0)")
+    add_runtime_options(p, DEFAULTS)
+
+
+def pipeline(args):
+    from ..runtime.pipeline import Pipeline
+
+    return Pipeline.from_bundle(args.bundle, runtime_options(args, DEFAULTS))
+
+
+def sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample or None, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def timing_lines(ans) -> list[str]:
+    t = ans.timings_ms
+    order = ["hash", "cache_read", "open", "tissue_grid", "tiles_encode", "tile_read_wait", "encode", "stm",
+             "resampler", "tis", "cross_kv", "prefill", "decode_per_token", "time_to_first_token", "total"]
+    cells = [f"{k} {t[k]:.1f}" for k in order if k in t]
+    s = ans.slide
+    return [f"  timings (ms): {', '.join(cells)}",
+            f"  slide: {s['tiles']} tiles -> {s['tokens_after_stm']} tokens after STM, "
+            f"{'cached (no tile read)' if s['cache_hit'] else str(s['tiles_read']) + ' tiles read'}; "
+            f"{ans.generation['new_tokens']} new tokens; peak RSS {ans.peak_rss_mb:.0f} MB"]

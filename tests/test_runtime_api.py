@@ -129,7 +129,7 @@ def test_a_non_finite_row_fails_alone_while_the_others_finish(pipes, ctx, decode
     assert answers == {0: alone[0], 2: alone[2]}
     assert list(errors) == [1] and "non-finite logits" in errors[1]
     with pytest.raises(LocpathError, match="non-finite logits"):
-        pipe.answer(bad, QS[1])
+        pipe.answer(bad, [QS[1]])
 
 
 @pytest.mark.parametrize("decoder", ["fused", "plain"])

@@ -51,35 +51,43 @@ def _check(args) -> None:
         raise LocpathError(f"{args.slide}: --evidence draws over a slide file's thumbnail; a feature file has none")
 
 
-def _check_questions(pipe, questions: list[str], params) -> None:
-    for i, q in enumerate(questions, 1):
+def _questions(pipe, args) -> list:
+    """Every question checked (once) before any output: the Questions the pipeline answers."""
+    questions = []
+    for i, q in enumerate(args.questions, 1):
         try:
-            pipe.check_question(q, params)
+            questions.append(pipe.question(q, **sampling(args)))
         except LocpathError as exc:
             raise LocpathError(f"question {i}: {exc}") from None
+    return questions
 
 
 def _ask(args, answers: list) -> None:
     """Every answer is appended to `answers` as it is given."""
     _check(args)
     pipe = pipeline(args)
-    params = pipe.sampling(**sampling(args))
-    _check_questions(pipe, args.questions, params)  # every question fits before any output
-    if len(args.questions) > 1 and args.decode_batch > 1:  # decoded as one batch: answers printed as they end
-        answers.extend(_ask_batched(pipe, args))
+    questions = _questions(pipe, args)
+    if len(questions) > 1 and args.decode_batch > 1:  # decoded as one batch: answers printed as they end
+        answers.extend(_ask_batched(pipe, args, questions))
     else:
-        for q in args.questions:
-            answers.append(pipe.ask(args.slide, q, mpp_override=args.mpp_override, **sampling(args)) if args.json
-                           else _streamed(pipe, args, q))
+        ctx = pipe.prepare(args.slide, mpp_override=args.mpp_override)
+        for i, q in enumerate(questions):  # the first answer carries the slide's preparation timings
+            stream = pipe.stream(ctx if i == 0 else ctx.again({}), q)
+            answers.append(_printed(stream) if not args.json else _drained(stream))
     if args.evidence is not None:  # before the JSON: a failure here is reported in the one document
         _write_evidence(args, answers[-1])
     if args.json:
         print(answers_json(answers))
 
 
-def _streamed(pipe, args, q: str):
-    stream = pipe.stream(args.slide, q, mpp_override=args.mpp_override, progress=None, **sampling(args))
-    print(f"Q: {q}\nA: ", end="", flush=True)
+def _drained(stream):
+    for _ in stream:
+        pass
+    return stream.result
+
+
+def _printed(stream):
+    print(f"Q: {stream.question.text}\nA: ", end="", flush=True)
     for piece in stream:
         print(piece, end="", flush=True)
     print()
@@ -88,7 +96,7 @@ def _streamed(pipe, args, q: str):
     return stream.result
 
 
-def _ask_batched(pipe, args) -> list:
+def _ask_batched(pipe, args, questions: list) -> list:
     """Every question decoded as one batch; without --json each answer is printed, in question order, once it
     and the ones before it have ended."""
     done: dict = {}
@@ -103,8 +111,8 @@ def _ask_batched(pipe, args) -> list:
                 print(line)
             shown[0] += 1
 
-    return pipe.ask_many(args.slide, args.questions, mpp_override=args.mpp_override, progress=None,
-                         on_answer=None if args.json else on_answer, **sampling(args))
+    return pipe.ask(args.slide, questions, mpp_override=args.mpp_override,
+                    on_answer=None if args.json else on_answer)
 
 
 def _write_evidence(args, answer) -> None:

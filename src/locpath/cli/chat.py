@@ -35,24 +35,22 @@ def run(args) -> int:
 
 def _chat(args, answers: list) -> None:
     pipe = pipeline(args)
-    params = pipe.sampling(**sampling(args))
     print(f"preparing {args.slide} ...", file=sys.stderr, flush=True)
     ctx = pipe.prepare(args.slide, mpp_override=args.mpp_override)
     print(f"ready: {ctx.tiles} tiles, {ctx.tokens} tokens after STM ({'cached' if ctx.cache_hit else 'encoded'}). "
           "Ask a question; an empty line or 'exit' ends.", file=sys.stderr, flush=True)
     for batch in _stdin_batches(args.decode_batch):
-        questions, end = _questions(pipe, params, batch)
+        questions, end = _questions(pipe, sampling(args), batch)
         if len(questions) == 1:
             print("A: ", end="", flush=True)
-            stream = pipe.stream(args.slide, questions[0], mpp_override=args.mpp_override, **sampling(args))
+            stream = pipe.stream(ctx.again({}), questions[0])
             for piece in stream:
                 print(piece, end="", flush=True)
             print()
             print(timing_lines(stream.result)[0], file=sys.stderr, flush=True)
             answers.append(stream.result)
         elif questions:  # several questions were waiting: one batch, answers in order
-            for a in pipe.answer_many(pipe.prepare(args.slide, mpp_override=args.mpp_override), questions,
-                                      **sampling(args)):
+            for a in pipe.answer(ctx.again({}), questions):
                 print(f"A: {a.answer}", flush=True)
                 print(timing_lines(a)[0], file=sys.stderr, flush=True)
                 answers.append(a)
@@ -60,7 +58,7 @@ def _chat(args, answers: list) -> None:
             break
 
 
-def _questions(pipe, params, batch) -> tuple[list[str], bool]:
+def _questions(pipe, options: dict, batch) -> tuple[list, bool]:
     """The batch's askable questions (each other line refused on its own, the session goes on), and whether an
     empty line or exit ended the session."""
     questions = []
@@ -70,11 +68,9 @@ def _questions(pipe, params, batch) -> tuple[list[str], bool]:
         try:
             if problem is not None:
                 raise LocpathError(problem)
-            pipe.check_question(q, params)
+            questions.append(pipe.question(q, **options))
         except LocpathError as exc:
             print(f"locpath: error: {exc}; ask again", file=sys.stderr, flush=True)
-            continue
-        questions.append(q)
     return questions, False
 
 

@@ -195,8 +195,9 @@ class Answer:
 class StreamedAnswer:
     """Iterate for text pieces as they are decoded; `.result` holds the Answer once iteration ends."""
 
-    def __init__(self, gen: Iterator[str]):
+    def __init__(self, gen: Iterator[str], question: Question):
         self._gen = gen
+        self.question = question
         self.result: Answer | None = None
 
     def __iter__(self):
@@ -509,17 +510,9 @@ class Pipeline:
         """Questions about one prepared slide, decoded as one batch (at most `options.decode_batch` rows; a row freed
         by a finished answer takes the next question); answers equal one-by-one answers, in question order. The
         first answer carries the slide's preparation timings and cache state. `on_piece(index, text)`: each piece as
-        it is decoded; `on_answer(index, Answer)`: each answer as it ends.
-        Temporary (until cli/, serve/ and bench/ use the list form): one question (a str or a Question) gives one
-        Answer, as the old `answer(ctx, question)` did."""
+        it is decoded; `on_answer(index, Answer)`: each answer as it ends."""
         if isinstance(questions, (str, Question)):
-            s = self.stream(ctx, questions, **sampling)
-            for piece in s:
-                if on_piece is not None:
-                    on_piece(0, piece)
-            if on_answer is not None:
-                on_answer(0, s.result)
-            return s.result
+            raise ConfigError("answer() takes a list of questions; stream() answers one")
         qs = [self._as_question(q, sampling) for q in questions]
         return self._decode([(ctx if i == 0 else ctx.again({}), q) for i, q in enumerate(qs)], on_piece, on_answer)
 
@@ -529,30 +522,30 @@ class Pipeline:
         t_start = time.perf_counter()
         return self.batch(min(self.max_batch, len(jobs))).run(jobs, on_piece, on_answer, t_start)
 
-    def stream(self, ctx: SlideContext, question: "str | Question", *, mpp_override: float | None = None,
-               progress: bool | None = None, **sampling) -> StreamedAnswer:
+    def stream(self, ctx: SlideContext, question: "str | Question", *, t_start: float | None = None,
+               **sampling) -> StreamedAnswer:
         """One question about a prepared slide: iterate for its text pieces as they are decoded, then `.result`.
-        Temporary (until cli/ and serve/ pass a SlideContext): `ctx` may be a slide path, prepared here (with
-        `mpp_override` and `progress`) after the question and options are checked."""
-        t_start = time.perf_counter()
+        `t_start`: when the request began (its time to first token counts from there; default now)."""
+        t_start = t_start if t_start is not None else time.perf_counter()
         q = self._as_question(question, sampling)
-        if not isinstance(ctx, SlideContext):
-            ctx = self.prepare(ctx, mpp_override=mpp_override, progress=progress)
-        return StreamedAnswer(self.batch(1).pieces(ctx, q, t_start))
+        return StreamedAnswer(self.batch(1).pieces(ctx, q, t_start), q)
 
     def ask(self, slide, question: "str | Question | Sequence[str | Question]", *, mpp_override: float | None = None,
-            progress: bool | None = None, on_piece=None, **sampling) -> "Answer | list[Answer]":
+            progress: bool | None = None, on_piece=None, on_answer=None, **sampling) -> "Answer | list[Answer]":
         """Prepare the slide (tiles read and encoded at most once), then answer: one question gives an Answer, a
         list of them a list of Answers (decoded as one batch, see `answer`). Every question and option is checked
-        before the slide is touched."""
-        if isinstance(question, (str, Question)):
-            s = self.stream(slide, question, mpp_override=mpp_override, progress=progress, **sampling)
-            for piece in s:
-                if on_piece is not None:
-                    on_piece(0, piece)
-            return s.result
-        qs = [self._as_question(q, sampling) for q in question]
-        return self.answer(self.prepare(slide, mpp_override=mpp_override, progress=progress), qs, on_piece=on_piece)
+        before the slide is touched; the time to first token counts from this call."""
+        t_start = time.perf_counter()
+        one = isinstance(question, (str, Question))
+        qs = [self._as_question(q, sampling) for q in ([question] if one else question)]
+        ctx = self.prepare(slide, mpp_override=mpp_override, progress=progress)
+        if not one:
+            return self.answer(ctx, qs, on_piece=on_piece, on_answer=on_answer)
+        s = self.stream(ctx, qs[0], t_start=t_start)
+        for piece in s:
+            if on_piece is not None:
+                on_piece(0, piece)
+        return s.result
 
     def batch(self, rows: int | None = None) -> "AnswerBatch":
         """Answers decoded together, added while others decode (`add(ctx, Question, tag, t_start)`, `step()`,
@@ -574,21 +567,3 @@ class Pipeline:
         gen = Generator(self.decoder_state, 1, self.max_length, self.stop_ids)
         return OneAnswer(gen, gen.add(qkv.cross, q.prompt_ids, params, stats), stats)
 
-    def make_answer(self, ctx: SlideContext, question: str, params: SamplingParams, qkv: QuestionKV,
-                    stats: GenerationStats, detok, timings: dict, t_start: float, first: float | None,
-                    batch_rows: int = 1) -> Answer:
-        from .answer_batch import make_answer
-
-        return make_answer(self, ctx, question, params, qkv, stats, detok, timings, t_start, first, batch_rows)
-
-    def answer_many(self, ctx: SlideContext, questions: list[str], on_piece=None, on_answer=None,
-                    **sampling) -> list[Answer]:
-        """As `answer(ctx, questions)`, every answer carrying `ctx`'s timings and cache state."""
-        return self._decode([(ctx, self._as_question(q, sampling)) for q in questions], on_piece, on_answer)
-
-    def ask_many(self, slide, questions: list[str], mpp_override: float | None = None, progress: bool | None = None,
-                 on_piece=None, on_answer=None, **sampling) -> list[Answer]:
-        """As `ask(slide, questions)`."""
-        qs = [self._as_question(q, sampling) for q in questions]
-        return self.answer(self.prepare(slide, mpp_override=mpp_override, progress=progress), qs, on_piece=on_piece,
-                           on_answer=on_answer)

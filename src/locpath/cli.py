@@ -611,16 +611,16 @@ def _serve_config(args):
         from .runtime.slide_cache import cache_root
 
         data = cache_root() / "serve"
+    from .runtime.options import runtime_options
+    from .serve.config import SERVE_RUNTIME
+
     return ServeConfig(bundle=Path(args.bundle), data_dir=data, host=args.host, port=args.port,
-                       slide_roots=args.slide_root or [], database=args.database, cache_dir=args.cache_dir,
-                       device=args.device, threads=args.threads, dicomweb_url=args.dicomweb,
+                       slide_roots=args.slide_root or [], database=args.database, dicomweb_url=args.dicomweb,
                        max_upload_bytes=int(args.max_upload_mb * (1 << 20)), question_queue=args.question_queue,
                        upload_quota_bytes=args.upload_quota, init_database=args.init,
-                       decode_batch=args.decode_batch,
                        ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
-                       ingest_timeout_s=args.ingest_timeout,
-                       trusted_keys=args.trusted_keys, log_json=not args.plain_logs,
-                       allowed_hosts=args.allowed_host or [])
+                       ingest_timeout_s=args.ingest_timeout, log_json=not args.plain_logs,
+                       allowed_hosts=args.allowed_host or [], runtime=runtime_options(args, SERVE_RUNTIME))
 
 
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers of one request to `locpath serve`
@@ -632,6 +632,7 @@ def cmd_serve(args) -> int:
 
         from .serve import logs
         from .serve.app import create_app
+        from .serve.service import Service
     except ImportError as exc:
         raise LocpathError(f"`locpath serve` needs the serve extra (pip install 'locpath[serve]'): {exc}") from exc
     cfg = _serve_config(args)
@@ -643,7 +644,7 @@ def cmd_serve(args) -> int:
               file=sys.stderr, flush=True)
         run_on_ray(cfg, args.replicas, args.ray_address, args.cpus_per_replica, args.gpus_per_replica)
         return 0
-    app = create_app(cfg)
+    app = create_app(Service(cfg))
     print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
           f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
           flush=True)
@@ -1047,6 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decode up to N clients' questions as one batch; a question joins as soon as a row is free "
                          "(default 8; 1 = one at a time)")
     sv.add_argument("--ingest-queue", type=_positive_int, default=64, help="waiting slides before 429")
+    sv.add_argument("--memory-slides", type=int, default=16, metavar="N",
+                    help="slides whose latents stay in memory, least recently used dropped first (default 16)")
     sv.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds per question")
     sv.add_argument("--ingest-timeout", type=_positive_float, default=7200.0, metavar="S",
                     help="seconds one slide's ingestion may take before it is failed (default 7200)")

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..runtime.options import RuntimeOptions
+
+SERVE_RUNTIME = RuntimeOptions(memory_slides=16)  # a service keeps more slides' latents in memory than one run
 
 
 @dataclass
@@ -18,9 +21,6 @@ class ServeConfig:
     port: int = 8000
     slide_roots: list[Path] = field(default_factory=list)  # where slides may be registered by path
     database: str | None = None  # SQLAlchemy URL; default sqlite:///<data_dir>/locpath.db
-    cache_dir: Path | None = None  # the slide cache (default: locpath's)
-    device: str = "cpu"
-    threads: int | None = None
     dicomweb_url: str | None = None  # a DICOMweb server slides can be pulled from by study/series UID
     max_upload_bytes: int = 4 << 30
     upload_quota_bytes: int = 64 << 30  # per API key: the bytes of its stored uploads (checked while streaming)
@@ -28,14 +28,13 @@ class ServeConfig:
     max_request_bytes: int = 64 << 10  # JSON bodies
     max_question_chars: int = 2000
     question_queue: int = 16  # questions waiting for the decoder; more get 429
-    decode_batch: int = 8  # questions of concurrent clients decoded as one batch
     ingest_queue: int = 64  # slides waiting to be ingested; more get 429
     question_timeout_s: float = 120.0
     ingest_timeout_s: float = 7200.0  # one slide's ingestion; longer is failed (a forged or hopelessly slow file)
-    memory_slides: int = 16
-    trusted_keys: str | None = None
     log_json: bool = True
     allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and --host
+    # how the bundle runs (device, threads, slide cache, latents kept in memory, decode batch, trusted keys)
+    runtime: RuntimeOptions = SERVE_RUNTIME
 
     def __post_init__(self):
         self.bundle = Path(self.bundle)
@@ -76,8 +75,9 @@ class ServeConfig:
         for root in self.slide_roots:
             if not root.is_dir():
                 raise ConfigError(f"{root}: --slide-root is not a folder")
-        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue",
-                     "decode_batch"):
+        if not isinstance(self.runtime, RuntimeOptions):
+            raise ConfigError(f"runtime must be RuntimeOptions, got {type(self.runtime).__name__}")
+        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not self.question_timeout_s > 0:

@@ -644,9 +644,10 @@ def cmd_serve(args) -> int:
               file=sys.stderr, flush=True)
         run_on_ray(cfg, args.replicas, args.ray_address, args.cpus_per_replica, args.gpus_per_replica)
         return 0
-    app = create_app(Service(cfg))
+    service = Service(cfg)
+    app = create_app(service)
     print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
-          f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
+          f"{'API keys required' if service.auth_required else 'open: loopback only'})", file=sys.stderr,
           flush=True)
     # h11 bounds a request's header block (httptools takes headers of any size: memory for anyone who connects)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, http="h11",

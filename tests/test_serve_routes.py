@@ -292,3 +292,32 @@ def test_a_json_client_that_leaves_frees_its_decoder_row(served):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_real_server_refuses_an_unprepared_slide_then_answers_it(tmp_path):
+    """`locpath serve --memory-slides 0`: a ready slide whose slide-cache entry is deleted is not encoded on the
+    question lane: 503 not_prepared with Retry-After at once, the slide re-ingested, then the same answer."""
+    from locpath.synth import make_spec, write_slide
+    from servers import Server, shipped, wait_ready
+
+    root = tmp_path / "root"
+    root.mkdir()
+    slide = write_slide(make_spec(7, tiles=(12, 12)), root / "case.tiff", fmt="tiff")
+    with Server(shipped(), tmp_path, "--slide-root", root, "--memory-slides", "0") as s, s.client() as c:
+        r = c.post("/v1/slides", json={"path": str(slide)})
+        sid = wait_ready(c, r.json()["slide"]["id"])["id"]
+        first = c.post(f"/v1/slides/{sid}/questions", json={"question": Q})
+        assert first.status_code == 200, first.text
+        import shutil
+
+        shutil.rmtree(tmp_path / "cache")  # evicted, cleaned, or written by another replica's cache folder
+        t0 = time.monotonic()
+        r = c.post(f"/v1/slides/{sid}/questions", json={"question": Q})
+        e = error(r, 503, "not_prepared", f"slide {sid} is not prepared")
+        assert "being prepared again" in e["message"] and int(r.headers["Retry-After"]) >= 1
+        assert time.monotonic() - t0 < 5
+        assert wait_ready(c, sid)["status"] == "ready"
+        again = c.post(f"/v1/slides/{sid}/questions", json={"question": Q})
+        assert again.status_code == 200 and again.json()["answer"] == first.json()["answer"], again.text
+        kinds = [j["kind"] for j in c.get("/v1/jobs", params={"slide_id": sid}).json()["jobs"]]
+        assert kinds.count("ingest") == 2 and kinds.count("question") == 3

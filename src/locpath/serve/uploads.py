@@ -14,7 +14,6 @@ from starlette.concurrency import run_in_threadpool
 
 from .errors import ApiError
 from .service import Service
-from .store import new_id
 
 
 def safe_filename(name: str) -> str:

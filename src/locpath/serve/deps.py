@@ -1,8 +1,8 @@
 """What routes share through FastAPI's dependencies: the Service (through a ServiceRef, so it can be built where
 the app runs), the caller's API key checked for a scope, and ids checked before they reach the store. All are
-plain `def`s: FastAPI runs them in its threadpool, so their database reads never block the event loop."""
-
-from __future__ import annotations
+plain `def`s: FastAPI runs them in its threadpool, so their database reads never block the event loop. (No
+`from __future__ import annotations` here or in routers/: a Ray Serve replica re-reads the routes' signatures from
+functions shipped by value, where string annotations no longer resolve.)"""
 
 import re
 import threading

@@ -1,7 +1,5 @@
 """Liveness, readiness (the worker lanes alive), Prometheus metrics and the web page."""
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from fastapi import APIRouter

@@ -1,7 +1,5 @@
 """Ingestion and question jobs: a key sees its own (an admin key everyone's)."""
 
-from __future__ import annotations
-
 from fastapi import APIRouter
 
 from ..deps import Reader, Svc, job_or_404

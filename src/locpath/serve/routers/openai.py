@@ -1,7 +1,5 @@
 """OpenAI's shape over locpath: GET /v1/models and POST /v1/chat/completions (JSON or chunked server-sent events)."""
 
-from __future__ import annotations
-
 import json
 import time
 

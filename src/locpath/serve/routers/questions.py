@@ -1,7 +1,5 @@
 """POST /v1/slides/{id}/questions: an answer with timings and evidence, as JSON or server-sent events."""
 
-from __future__ import annotations
-
 import json
 
 from fastapi import APIRouter, Request

@@ -1,8 +1,6 @@
 """Slides: registered by path (under a slide root), by DICOMweb study/series UID or by upload; listed with their
 ingestion status; a thumbnail (or a finished question's evidence heatmap); deleted by an admin key."""
 
-from __future__ import annotations
-
 import logging
 from pathlib import Path
 

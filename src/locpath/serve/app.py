@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-import anyio.to_thread
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,8 +34,6 @@ from .logs import RequestLog
 from .routers import health, jobs, openai, questions, slides
 from .service import Service
 
-BLOCKING_THREADS = 8
-
 
 def create_app(service: Service | None = None, *, cfg: ServeConfig | None = None,
                build: Callable[[], Service] | None = None) -> FastAPI:
@@ -49,9 +46,6 @@ def create_app(service: Service | None = None, *, cfg: ServeConfig | None = None
 
     @asynccontextmanager
     async def lifespan(app):
-        # the threadpool that runs blocking work (def routes, store reads, file work): a few threads, since every
-        # thread that allocates gets a malloc arena of its own (40 threads grew the RSS ~2x under load)
-        anyio.to_thread.current_default_thread_limiter().total_tokens = BLOCKING_THREADS
         svc = ref.ensure()
         svc.start()
         try:

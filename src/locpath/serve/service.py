@@ -25,6 +25,23 @@ CLEAN_S = 2.0  # how often the files of failed uploads are removed
 ORPHAN_AGE_S = 3600.0  # an upload folder with no slide row, untouched this long, is removed (another replica's crash)
 
 
+MALLOC_ARENAS = 2  # glibc malloc arenas for the whole process (see limit_malloc_arenas)
+
+
+def limit_malloc_arenas(n: int = MALLOC_ARENAS) -> None:
+    """Blocking route work runs on the threadpool's threads, and glibc gives every thread that allocates an arena
+    of its own (up to 8 per core) that keeps what it freed: 80 questions from 8 clients grew the RSS by ~170 MB,
+    with 2 arenas by ~13 MB. Best effort: nothing happens off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
 def open_checked(cfg: ServeConfig) -> JobStore:
     """The settings checked and the job store opened (no model loaded): what `serve --ray` runs in the driver,
     where an error can be shown, before any replica builds its Service."""
@@ -71,6 +88,7 @@ class Service:
         if self.started:
             return
         self.started = True
+        limit_malloc_arenas()
         self.worker.start()
         self.store.beat(self.owner)
         cancelled = self.store.abandon_questions(self.owner, include_own=True)

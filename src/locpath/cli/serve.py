@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 from ..errors import LocpathError
-from ..runtime.options import RuntimeOptions, add_runtime_options, runtime_options
+from ..runtime.options import add_runtime_options, runtime_options
+from ..serve.config import SERVE_RUNTIME
 from .common import byte_size, positive_float, positive_int, retell, serve_data_dir
 
-DEFAULTS = RuntimeOptions(memory_slides=16)  # a service meets the same slides again
+DEFAULTS = SERVE_RUNTIME  # a service meets the same slides again: more of them kept in memory
 MAX_HEADER_BYTES = 64 << 10  # the request line and headers of one request to `locpath serve`
 
 
@@ -80,6 +81,7 @@ def run(args) -> int:
 
         from ..serve import logs
         from ..serve.app import create_app
+        from ..serve.service import Service
     except ImportError as exc:
         raise LocpathError(f"`locpath serve` needs the serve extra (pip install 'locpath[serve]'): {exc}") from exc
     cfg = serve_config(args)
@@ -91,9 +93,10 @@ def run(args) -> int:
               file=sys.stderr, flush=True)
         run_on_ray(cfg, args.replicas, args.ray_address, args.cpus_per_replica, args.gpus_per_replica)
         return 0
-    app = create_app(cfg)
+    service = Service(cfg)
+    app = create_app(service)
     print(f"locpath serve: {cfg.bundle} on http://{cfg.host}:{cfg.port} (data {cfg.data_dir}; "
-          f"{'API keys required' if app.state.service.auth_required else 'open: loopback only'})", file=sys.stderr,
+          f"{'API keys required' if service.auth_required else 'open: loopback only'})", file=sys.stderr,
           flush=True)
     # h11 bounds a request's header block (httptools takes headers of any size: memory for anyone who connects)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False, http="h11",

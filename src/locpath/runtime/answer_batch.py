@@ -22,6 +22,7 @@ from ..errors import LocpathError
 from .detok import StreamingDetokenizer
 from .generator import GenerationStats, Generator
 from .question import Question
+from .results import Answer, _ms, peak_rss_mb
 from .sampler import SamplingParams
 
 
@@ -65,13 +66,9 @@ class AnswerBatch:
     def active(self) -> bool:
         return bool(self.live)
 
-    def add(self, ctx, question: Question, params: SamplingParams | None = None, tag=None,
-            t_start: float | None = None) -> None:
-        """TIS, cross-KV and prefill of one question about a prepared slide (LocpathError if it cannot run).
-        Temporary: a str question with its `params` (serve/'s call shape) is made a Question here."""
+    def add(self, ctx, question: Question, tag=None, t_start: float | None = None) -> None:
+        """TIS, cross-KV and prefill of one question (checked: `Pipeline.question`) about a prepared slide."""
         t_start = t_start if t_start is not None else time.perf_counter()
-        if not isinstance(question, Question):
-            question = self.pipe._question(question, params or self.pipe.sampling())
         timings = dict(ctx.timings_ms)
         qkv = self.pipe.question_kv(ctx.latents, question, timings)
         stats = GenerationStats()
@@ -150,7 +147,6 @@ def make_answer(pipe, ctx, question: str, params: SamplingParams, qkv, stats: Ge
                 detok: StreamingDetokenizer, timings: dict, t_start: float, first: float | None,
                 batch_rows: int = 1):
     """The Answer of a finished generation (one row of a batch, or a batch of one)."""
-    from .pipeline import Answer, _ms, peak_rss_mb
 
     timings["prefill"] = round(stats.prefill_ms, 2)
     timings["decode_per_token"] = round(stats.decode_ms_per_token, 3)

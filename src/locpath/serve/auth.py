@@ -5,6 +5,7 @@ or `X-API-Key`. Without any key the service runs open only when bound to a loopb
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import secrets
@@ -43,3 +44,17 @@ def bearer(authorization: str | None, x_api_key: str | None) -> str | None:
         m = re.fullmatch(r"\s*Bearer\s+(\S+)\s*", authorization, re.IGNORECASE)  # schemes are case-blind (RFC 7235)
         return m.group(1) if m else None
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """Who sent a request: an API key's id (None in open loopback mode) and whether it may see everything."""
+
+    key_id: str | None
+    admin: bool
+
+    def owns(self, row) -> bool:
+        return self.admin or (row.key_id is not None and row.key_id == self.key_id)
+
+
+OPEN = Caller(None, True)  # no key exists and the service is on loopback: as before keys, everyone sees all

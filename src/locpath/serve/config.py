@@ -10,6 +10,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..runtime.options import RuntimeOptions
 
+SERVE_RUNTIME = RuntimeOptions(memory_slides=16)  # a service keeps more slides' latents in memory than one run
+
 
 @dataclass
 class ServeConfig:
@@ -29,9 +31,10 @@ class ServeConfig:
     ingest_queue: int = 64  # slides waiting to be ingested; more get 429
     question_timeout_s: float = 120.0
     ingest_timeout_s: float = 7200.0  # one slide's ingestion; longer is failed (a forged or hopelessly slow file)
-    runtime: RuntimeOptions = field(default_factory=lambda: RuntimeOptions(memory_slides=16))  # how the bundle runs
     log_json: bool = True
     allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and --host
+    # how the bundle runs (device, threads, slide cache, latents kept in memory, decode batch, trusted keys)
+    runtime: RuntimeOptions = SERVE_RUNTIME
 
     def __post_init__(self):
         self.bundle = Path(self.bundle)
@@ -72,6 +75,8 @@ class ServeConfig:
         for root in self.slide_roots:
             if not root.is_dir():
                 raise ConfigError(f"{root}: --slide-root is not a folder")
+        if not isinstance(self.runtime, RuntimeOptions):
+            raise ConfigError(f"runtime must be RuntimeOptions, got {type(self.runtime).__name__}")
         for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -32,3 +32,37 @@ def setup(json_lines: bool = True, level: int = logging.INFO) -> None:
     root.handlers = [handler]
     root.setLevel(level)
     root.propagate = False
+
+
+class RequestLog:
+    """ASGI middleware (outermost of the service's own): one log line and one metrics count per request, and the
+    answering instance in an `X-Locpath-Instance` header, written when the response starts. A plain ASGI
+    middleware, not Starlette's BaseHTTPMiddleware: that one hides a client's disconnect from the routes, so a
+    JSON client that hung up mid-answer kept its decoder row until the answer ended."""
+
+    def __init__(self, app, service):
+        self.app, self.service = app, service  # service: serve.deps.ServiceRef (ready once the Service is built)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                self._record(scope, message, t0)
+            await send(message)
+        await self.app(scope, receive, logged_send)
+
+    def _record(self, scope, message, t0: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        status = message["status"]
+        if self.service.ready:
+            svc = self.service.get()
+            message.setdefault("headers", [])
+            message["headers"] = [*message["headers"], (b"x-locpath-instance", svc.owner.encode("latin-1", "replace"))]
+            svc.metrics.requests.labels(route, str(status)).inc()
+        state = scope.get("state") or {}
+        logging.getLogger("locpath.serve").info(
+            "request", extra={"method": scope["method"], "route": route, "status": status,
+                              "ms": round((time.perf_counter() - t0) * 1000, 1), "key": state.get("key_name")})

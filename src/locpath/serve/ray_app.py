@@ -19,8 +19,9 @@ import socket
 
 from ..errors import LocpathError
 from ..raycluster import connect
-from .app import Service, create_app
+from .app import create_app
 from .config import ServeConfig
+from .service import Service, open_checked
 
 
 def _replica_name() -> str:
@@ -35,24 +36,31 @@ def _replica_name() -> str:
         return f"ray:{socket.gethostname()}:{os.getpid()}"
 
 
+def check_in_driver(cfg: ServeConfig) -> None:
+    """What can be checked without loading a model, here where an error can be shown: the settings, the data
+    folder, the database (opened, migrated, the key rule) and the bundle's manifest, checksum list and signature
+    (the files' hashes are checked by each replica as it loads them)."""
+    from ..bundle.integrity import TrustedKeys, verify_bundle
+
+    open_checked(cfg).close()
+    verify_bundle(cfg.bundle, trusted_keys=TrustedKeys.from_setting(cfg.runtime.trusted_keys), check_files=False)
+
+
 def run_on_ray(cfg: ServeConfig, replicas: int, ray_address: str | None, cpus: float, gpus: float) -> None:
     try:
         from ray import serve
     except ImportError:
         raise LocpathError("serve --ray needs Ray Serve (pip install 'locpath[cluster]')") from None
-    Service(cfg).stop()  # check the settings, the bundle and the database here, where an error can be shown
+    check_in_driver(cfg)
     started = connect(ray_address, "serve --ray")
-    app = create_app(cfg, eager=False, owner=_replica_name)
+    app = create_app(cfg=cfg, build=lambda: Service(cfg, owner=_replica_name()))
 
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
                       max_ongoing_requests=max(cfg.question_queue, 8), health_check_period_s=5)
     @serve.ingress(app)
     class LocpathReplica:
-        def __init__(self):
-            svc = app.state.service  # Ray Serve runs the app's lifespan, which builds it; older versions may not
-            if not svc.ready:
-                svc.set(Service(cfg, owner=_replica_name()))
-            svc.start()
+        def __init__(self):  # the Service (every ONNX session) is built here, on the replica, once
+            app.state.service.ensure().start()
 
         def __del__(self):
             try:

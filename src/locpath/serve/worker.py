@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import LocpathError
+from ..runtime.pipeline import NotPrepared
+from ..runtime.question import Question
 
 log = logging.getLogger("locpath.serve")
 
@@ -31,6 +33,21 @@ class QueueFull(Exception):
     def __init__(self, lane: str, retry_after: int):
         super().__init__(f"the {lane} queue is full")
         self.lane, self.retry_after = lane, retry_after
+
+
+class InferenceError(Exception):
+    """The model failed on a question (non-finite logits, a crashed decoder step): the service's fault, not the
+    client's (HTTP 500)."""
+
+
+class Reprepared(Exception):
+    """The question lane found the slide neither in memory nor in the slide cache (evicted, cleaned, or ingested by
+    another replica): the slide went back to the ingestion lane; ask again when it is ready (HTTP 503)."""
+
+    def __init__(self, slide_id: str | None, retry_after: float):
+        super().__init__(f"slide {slide_id} is not prepared on this instance (its latents are gone from memory and the "
+                         "slide cache); it is being prepared again: ask when it is ready")
+        self.slide_id, self.retry_after = slide_id, retry_after
 
 
 MAX_ATTEMPTS = 3  # an ingestion interrupted this many times (stop, crash, kill) is failed for good at the next
@@ -53,10 +70,9 @@ class IngestTask:
 class QuestionTask:
     job_id: str
     slide_path: str
-    question: str
-    sampling: dict
+    question: Question  # checked once, when the request came (Pipeline.question)
     loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue  # ("piece", str) ... then ("done", Answer) or ("error", str)
+    events: asyncio.Queue  # ("piece", str) ... then ("done", Answer) or ("error", the exception)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     slide_id: str | None = None  # opened through Worker.opener when set (the registered file, checked)
@@ -86,6 +102,7 @@ class Worker:
         # opener(slide_id) -> context manager giving what the pipeline reads: the registered slide file, checked
         # and pinned (serve/slide_files.py); None reads task paths as they are
         self.opener = None
+        self.reprepare = None  # reprepare(slide_id): a slide the question lane found unprepared, ingested again
         self.stopping = threading.Event()  # set by stop(): the ingestion under way stops between tile batches
 
     def start(self) -> "Worker":
@@ -246,9 +263,8 @@ class Worker:
                 events = batch.step()
             except Exception:  # a bug must not kill the lane: every answer under way says what happened
                 log.exception("question batch crashed")
-                for job_id, q in live.items():
-                    self.store.update_job(job_id, status="failed", error="internal error", finished=time.time())
-                    q.task.emit("error", "internal error")
+                for q in live.values():
+                    self._fail_question(q.task, InferenceError("the decoder failed (see the service log)"))
                 live.clear()
                 batch = self.pipe.batch()
                 continue
@@ -256,33 +272,52 @@ class Worker:
                 self._deliver(live, ev)
 
     def _admit(self, batch, live: dict, task: QuestionTask) -> None:
-        """Prepare the slide (from memory or the slide cache), then TIS, cross-KV and prefill in a free row."""
+        """TIS, cross-KV and prefill in a free row, for a slide in memory or the slide cache only: a slide whose
+        latents are gone goes back to the ingestion lane, never encoded here while every decoding client waits."""
         if task.cancelled.is_set():
             self.store.update_job(task.job_id, status="cancelled", error="cancelled before it ran",
                                   finished=time.time())
             return
-        self.store.update_job(task.job_id, status="running", started=time.time())
         try:
-            params = self.pipe.sampling(**task.sampling)
-            self.pipe.check_question(task.question, params)
+            self.store.update_job(task.job_id, status="running", started=time.time())
             if self.opener is not None and task.slide_id is not None:
                 with self.opener(task.slide_id) as source:  # the registered file, checked (serve/slide_files.py)
-                    ctx = self.pipe.prepare(source)
+                    ctx = self.pipe.prepare(source, cached_only=True)
             else:
-                ctx = self.pipe.prepare(task.slide_path)
-            batch.add(ctx, task.question, params, tag=task.job_id, t_start=task.submitted)
-        except LocpathError as exc:
-            msg = " ".join(str(exc).split())
-            self.store.update_job(task.job_id, status="failed", error=msg, finished=time.time())
-            task.emit("error", msg)
+                ctx = self.pipe.prepare(task.slide_path, cached_only=True)
+            batch.add(ctx, task.question, tag=task.job_id, t_start=task.submitted)
+        except NotPrepared:
+            self._fail_question(task, self._send_back(task))
             return
-        except Exception:  # a bug must not kill the lane: the job says what happened
-            log.exception("question crashed", extra={"job": task.job_id})
-            self.store.update_job(task.job_id, status="failed", error="internal error", finished=time.time())
-            task.emit("error", "internal error")
+        except Exception as exc:  # a bad question, a refused file, a bug: the job and the client say which
+            if not isinstance(exc, LocpathError):
+                log.exception("question crashed", extra={"job": task.job_id})
+            self._fail_question(task, exc)
             return
         live[task.job_id] = _LiveQuestion(task)
         self.metrics.decode_batch.set(len(live))
+
+    def _send_back(self, task: QuestionTask) -> Exception:
+        """The slide back to the ingestion lane (once: a slide already re-queued is left as it is)."""
+        try:
+            if self.reprepare is not None and task.slide_id is not None:
+                self.reprepare(task.slide_id)
+        except Exception as exc:  # a full ingestion queue, the store: the client hears of it
+            log.warning("could not queue a slide for preparation again", extra={"slide": task.slide_id,
+                                                                                 "error": str(exc)})
+            return exc
+        log.info("slide not prepared: ingested again", extra={"slide": task.slide_id, "job": task.job_id})
+        return Reprepared(task.slide_id, self.ingest_seconds)
+
+    def _fail_question(self, task: QuestionTask, exc: Exception) -> None:
+        """The job records a one-line reason (a bug's text stays in the log); the client gets the exception."""
+        known = isinstance(exc, (LocpathError, InferenceError, Reprepared, QueueFull))
+        try:
+            self.store.update_job(task.job_id, status="failed", error=" ".join(str(exc).split()) if known
+                                  else "internal error", finished=time.time())
+        except Exception:  # the store is down: the client still hears why its question failed
+            log.exception("could not record a failed question", extra={"job": task.job_id})
+        task.emit("error", exc)
 
     def _deliver(self, live: dict, ev) -> None:
         q = live.get(ev.tag)
@@ -297,10 +332,8 @@ class Worker:
             return
         del live[ev.tag]
         self.metrics.decode_batch.set(len(live))
-        if ev.error is not None:
-            msg = " ".join(ev.error.split())
-            self.store.update_job(task.job_id, status="failed", error=msg, finished=time.time())
-            task.emit("error", msg)
+        if ev.error is not None:  # this answer failed alone (non-finite logits): the model's fault, not the client's
+            self._fail_question(task, InferenceError(" ".join(ev.error.split())))
             return
         answer = ev.answer
         elapsed = time.perf_counter() - task.submitted

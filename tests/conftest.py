@@ -57,6 +57,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def shipped_reference() -> Path:
+    """The reference checkpoint shipped in the package (read, never written: exports write elsewhere)."""
     from locpath.checkpoints import shipped_checkpoint
 
     p = shipped_checkpoint("reference")
@@ -66,11 +67,26 @@ def shipped_reference() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ref_bundle(shipped_reference, tmp_path_factory) -> Path:
-    """The shipped reference exported once per session (about half a minute)."""
+def ref_bundle(tmp_path_factory) -> Path:
+    """The reference bundle shipped in the package (`locpath export` of the shipped checkpoint, as
+    test_shipped.py checks), copied once per session so that no test writes into the package. No torch."""
+    from locpath.checkpoints import shipped_bundle
+
+    src = shipped_bundle("reference")
+    if not (src / "manifest.json").exists():
+        pytest.skip("the shipped reference bundle is not present")
+    out = tmp_path_factory.mktemp("bundles") / "reference"
+    shutil.copytree(src, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(shipped_reference, tmp_path_factory) -> Path:
+    """The shipped reference exported with torch once per session (about half a minute): only for the tests whose
+    point is the export itself; everything else takes `ref_bundle`."""
     from locpath.export.bundle import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "reference"
+    out = tmp_path_factory.mktemp("bundles") / "exported"
     export_bundle(shipped_reference, out, log=lambda m: None)
     return out
 

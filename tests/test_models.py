@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
-import torch
 
-from locpath.config import ModelConfig, TileEncoderConfig, preset
-from locpath.errors import CheckpointError, ConfigError
-from locpath.models.slide_llm import LocPathModel, SlideFeatures, build_model
-from locpath.models.encoders import build_tile_encoder, load_encoder_weights
-from locpath.stm import merge_tokens
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+
+from locpath.config import ModelConfig, TileEncoderConfig, preset  # noqa: E402
+from locpath.errors import CheckpointError, ConfigError  # noqa: E402
+from locpath.models.slide_llm import LocPathModel, SlideFeatures, build_model  # noqa: E402
+from locpath.models.encoders import build_tile_encoder, load_encoder_weights  # noqa: E402
+from locpath.stm import merge_tokens  # noqa: E402
 
 # timm's VisionTransformer names, for a depth-1 model (vit_base_patch16_224 layout)
 TIMM_KEYS = {

@@ -99,6 +99,25 @@ def eval_slide(tmp_path_factory) -> Path:
     return write_slide(spec, tmp_path_factory.mktemp("evalslide") / "case.svs")
 
 
+@pytest.fixture(scope="session")
+def slide(eval_slide, tmp_path_factory) -> Path:
+    """eval_slide in a folder of its own, for the hardening tests (tests/test_*_hardening.py)."""
+    d = tmp_path_factory.mktemp("slides")
+    shutil.copy(eval_slide, d / "case.svs")
+    return d / "case.svs"
+
+
+@pytest.fixture(scope="session")
+def cached(ref_bundle, slide, tmp_path_factory):
+    """A slide cache holding the slide's entry, and the answer the bundle gives (a reference for every case); tests
+    that change the cache work on a copy (cli_checks.cache_copy)."""
+    from cli_checks import Q, assert_answered, run
+
+    cache = tmp_path_factory.mktemp("cache")
+    res = run("ask", ref_bundle, slide, Q, "--json", "--cache-dir", cache)
+    return cache, assert_answered(res, warnings=0)["answers"][0]
+
+
 def reseal(bundle: Path, mutate=None) -> dict:
     """Edit a bundle's manifest.json (mutate(dict) in place) and rewrite SHA256SUMS to match, as someone with write
     access to the bundle folder could: what integrity alone cannot catch, validation or a signature must."""

@@ -278,6 +278,7 @@ def test_batch_takes_feature_csvs_but_not_slide_lists(tmp_path, feats64):
     assert os.path.getsize(feat) > 0
 
 
+@pytest.mark.torch
 @pytest.mark.slow
 @pytest.mark.parametrize("name,alias", [("conch_v1", "CONCH"), ("uni_v1", "UNI"), ("uni_v2", "UNI2-h"),
                                         ("virchow2", "Virchow2"), ("hoptimus0", "H-optimus-0"),

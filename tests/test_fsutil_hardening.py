@@ -28,6 +28,7 @@ def test_a_killed_export_leaves_nothing_the_next_writer_keeps(ref_bundle, tmp_pa
     assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".exported.")] == []
     assert run("verify", out).returncode == 0
 
+@pytest.mark.torch
 def test_overwrite_replaces_atomically_and_keeps_the_old_bundle_on_failure(ref_bundle, tmp_path):
     out = tmp_path / "built"
     assert run("build", ref_bundle, out, "--precision", "fp32").returncode == 0

@@ -1,8 +1,14 @@
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# torch's OpenMP threads spin while they wait: on CI's 2 cores, beside ONNX Runtime, a server subprocess or a second
+# xdist worker, small torch ops then ran 10-30x slower (measured on tests/test_models.py). Waiting passively changes no
+# result; it has to be set before torch is first imported (test modules import it after this file).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the tests (see data/README.md)
 REAL_SVS = DATA / "cmu_small_region.svs"

@@ -211,6 +211,7 @@ def test_config_roundtrip_and_validation():
         ModelConfig.from_dict(bad)
 
 
+@pytest.mark.slow  # published widths (a 152k vocabulary, a 3584-wide LLM): about 20 s; the tiny preset runs the same code
 def test_published_preset_runs_a_forward_pass():
     """LoC-Path's published sizes (CONCH-like ViT-B/16 to 512-d, L=128, M=96, Qwen2.5-7B-shaped LLM with CARA),
     depth reduced so random weights fit a test: 1 ViT block, 2 LLM layers with CARA in the second."""

@@ -88,12 +88,20 @@ def ref_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_bundle(shipped_reference, tmp_path_factory) -> Path:
-    """The shipped reference exported with torch once per session (about half a minute): only for the tests whose
-    point is the export itself; everything else takes `ref_bundle`."""
+    """The shipped reference exported with torch once per run (about half a minute): only for the tests whose point
+    is the export itself; everything else takes `ref_bundle`. Under pytest-xdist the workers share one export (the
+    first writes it under a lock, the others wait and read it): nothing writes into it."""
+    from filelock import FileLock  # a dependency of torch, which this fixture needs anyway
+
     from locpath.export.bundle import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "exported"
-    export_bundle(shipped_reference, out, log=lambda m: None)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    out = root / "exported-reference"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").exists():
+            export_bundle(shipped_reference, out, log=lambda m: None)
     return out
 
 

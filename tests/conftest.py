@@ -1,8 +1,14 @@
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# torch's OpenMP threads spin while they wait: on CI's 2 cores, beside ONNX Runtime, a server subprocess or a second
+# xdist worker, small torch ops then ran 10-30x slower (measured on tests/test_models.py). Waiting passively changes no
+# result; it has to be set before torch is first imported (test modules import it after this file).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DATA = Path(__file__).resolve().parent / "data"  # shipped with the tests (see data/README.md)
 REAL_SVS = DATA / "cmu_small_region.svs"
@@ -57,6 +63,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="session")
 def shipped_reference() -> Path:
+    """The reference checkpoint shipped in the package (read, never written: exports write elsewhere)."""
     from locpath.checkpoints import shipped_checkpoint
 
     p = shipped_checkpoint("reference")
@@ -66,12 +73,35 @@ def shipped_reference() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ref_bundle(shipped_reference, tmp_path_factory) -> Path:
-    """The shipped reference exported once per session (about half a minute)."""
+def ref_bundle(tmp_path_factory) -> Path:
+    """The reference bundle shipped in the package (`locpath export` of the shipped checkpoint, as
+    test_shipped.py checks), copied once per session so that no test writes into the package. No torch."""
+    from locpath.checkpoints import shipped_bundle
+
+    src = shipped_bundle("reference")
+    if not (src / "manifest.json").exists():
+        pytest.skip("the shipped reference bundle is not present")
+    out = tmp_path_factory.mktemp("bundles") / "reference"
+    shutil.copytree(src, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(shipped_reference, tmp_path_factory) -> Path:
+    """The shipped reference exported with torch once per run (about half a minute): only for the tests whose point
+    is the export itself; everything else takes `ref_bundle`. Under pytest-xdist the workers share one export (the
+    first writes it under a lock, the others wait and read it): nothing writes into it."""
+    from filelock import FileLock  # a dependency of torch, which this fixture needs anyway
+
     from locpath.export.bundle import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "reference"
-    export_bundle(shipped_reference, out, log=lambda m: None)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    out = root / "exported-reference"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").exists():
+            export_bundle(shipped_reference, out, log=lambda m: None)
     return out
 
 
@@ -81,6 +111,25 @@ def eval_slide(tmp_path_factory) -> Path:
 
     spec = make_spec(4242, diagnosis="squamous cell carcinoma", grade="high grade", organ="colon", necrosis=True)
     return write_slide(spec, tmp_path_factory.mktemp("evalslide") / "case.svs")
+
+
+@pytest.fixture(scope="session")
+def slide(eval_slide, tmp_path_factory) -> Path:
+    """eval_slide in a folder of its own, for the hardening tests (tests/test_*_hardening.py)."""
+    d = tmp_path_factory.mktemp("slides")
+    shutil.copy(eval_slide, d / "case.svs")
+    return d / "case.svs"
+
+
+@pytest.fixture(scope="session")
+def cached(ref_bundle, slide, tmp_path_factory):
+    """A slide cache holding the slide's entry, and the answer the bundle gives (a reference for every case); tests
+    that change the cache work on a copy (cli_checks.cache_copy)."""
+    from cli_checks import Q, assert_answered, run
+
+    cache = tmp_path_factory.mktemp("cache")
+    res = run("ask", ref_bundle, slide, Q, "--json", "--cache-dir", cache)
+    return cache, assert_answered(res, warnings=0)["answers"][0]
 
 
 def reseal(bundle: Path, mutate=None) -> dict:

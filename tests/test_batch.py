@@ -74,6 +74,7 @@ def test_embedded_batch_equals_ask_and_a_rerun_does_no_work(ref_bundle, archive,
     s2 = json.loads(again.stdout)
     assert again.returncode == 0 and s2["done"] == 0 and s2["skipped"] == 6 and s2["overlap"] is False
     assert {p: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == mtimes
+    pytest.importorskip("pyarrow")  # --format parquet: the [cluster] extra
     listing = tmp_path / "list.txt"
     listing.write_text(f"# two slides\n{slides / 'cmu.svs'}\nslide-missing.svs\n")
     bad = run("batch", ref_bundle, "--slides", listing, "--questions", questions, "--out", tmp_path / "o2",

@@ -65,6 +65,7 @@ def batched(pipe, lat, questions, params_of, rows, stop=True, cross_of=None):
     return [got[i] for i in range(len(questions))], stats, most
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("which", ["fp32", "int4"])
 def test_batched_answers_equal_one_by_one_token_for_token(which, ref_bundle, int4_bundle, latents):
     """Ragged prompts (1 to 20 tokens of question), more questions than rows (freed rows are reused), greedy
@@ -209,6 +210,7 @@ def prefill_logits(pipe, qkv, q, params):
     return gen.rows[gen.add(qkv.cross, pipe.prompt_ids(q), params)].logits.copy()
 
 
+@pytest.mark.torch
 def test_prefill_graph_runs_the_prompt_and_the_decoder_the_steps(ref_bundle, int4_bundle, latents, tmp_path):
     """An fp32 bundle whose prefill graph is the INT4 one: the prompt's logits come from the INT4 graph (they
     differ from fp32's), the steps from fp32, on one shared cache; prefill_graph=False ignores it."""
@@ -277,6 +279,7 @@ def test_bench_target_takes_the_fastest_graph_the_runtime_batches():
     assert best_batched({"off": {"skipped": "not built"}}) is None
 
 
+@pytest.mark.torch
 def test_batching_only_where_batched_steps_are_exact(ref_bundle, int4_bundle):
     """The runtime batches a fused graph only when a batched step gives every row its one-row logits bit for bit
     (probed once); a graph whose multi-row kernel differs in the last bits gets interleaved answers instead."""

@@ -2,25 +2,26 @@
 depth; random weights written in each release's real key layout, read by the loader, exported through the
 tile-encoder contract and validated against PyTorch on real H&E tiles read by locpath's own tiling."""
 
+import math
+import re
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
-import torch
 
-from locpath.config import ModelConfig, TileEncoderConfig, preset
-from locpath.encoders import ENCODERS, encoder_spec
-from locpath.errors import CheckpointError, ConfigError
-from locpath.models.encoders import (ConchVisionTower, TimmTileEncoder, build_tile_encoder, encoder_config,
-                                     load_encoder_weights, random_state_dict, tile_target_mpp)
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+
+from locpath.config import ModelConfig, TileEncoderConfig, preset  # noqa: E402
+from locpath.encoders import ENCODERS, encoder_spec  # noqa: E402
+from locpath.errors import CheckpointError, ConfigError  # noqa: E402
+from locpath.models.encoders import (  # noqa: E402
+    ConchVisionTower, TimmTileEncoder, build_tile_encoder, encoder_config, load_encoder_weights, random_state_dict,
+    tile_target_mpp)
 
 DEPTH = 1
 N_TILES = 5
-# file name and format each release ships its tile-encoder weights in
-RELEASE_FILES = {"conch_v1": "pytorch_model.bin", "uni_v1": "pytorch_model.bin", "uni_v2": "pytorch_model.bin",
-                 "virchow2": "model.safetensors", "hoptimus0": "model.safetensors",
-                 "hoptimus1": "model.safetensors", "gigapath": "pytorch_model.bin"}
-FP16 = {"hoptimus1"}  # one release written in half precision: the loader casts it to the model's dtype
 
 
 class NotWeights:
@@ -81,26 +82,109 @@ def conch_extras(g: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
-def release_file(name: str, tmp_path, seed: int = 0):
-    """(path, model-key state dict) of a random checkpoint written as the release ships it."""
-    torch.manual_seed(seed)
-    src = build_tile_encoder(encoder_config(name, depth=DEPTH))
-    sd = random_state_dict(src, seed)
-    if name == "conch_v1":
-        layout = {f"visual.{k}": v for k, v in sd.items()}
-        layout.update(conch_extras(torch.Generator().manual_seed(seed + 1)))
-    else:
-        layout = dict(sd)  # timm's own keys
-    if name in FP16:
-        layout = {k: v.half() for k, v in layout.items()}
-    path = tmp_path / RELEASE_FILES[name]
+@dataclass(frozen=True)
+class Release:
+    """One release's tile-encoder checkpoint, as its model card loads it: timm's VisionTransformer names
+    (`timm.create_model(...)` then `load_state_dict(strict=True)`; CONCH: open_clip's CoCa, its tower under
+    `visual.`), at the real widths. Written out here from the cards' configurations, not taken from a built model."""
+
+    file: str  # the file name and format the release ships
+    width: int
+    patch: int
+    positions: int  # pos_embed rows: the patches, plus CLS and registers unless the model embeds only the patches
+    registers: int
+    fc1: int  # SwiGLUPacked releases pack gate and value in fc1: twice fc2's input
+    fc2_in: int
+    layer_scale: bool = True  # blocks.i.ls1.gamma / ls2.gamma
+    prefix: str = ""
+    fp16: bool = False  # written in half precision: the loader casts it to the model's dtype
+
+
+RELEASES = {
+    "conch_v1": Release("pytorch_model.bin", 768, 16, 785, 0, 3072, 3072, layer_scale=False, prefix="visual.trunk."),
+    "uni_v1": Release("pytorch_model.bin", 1024, 16, 197, 0, 4096, 4096),
+    "uni_v2": Release("pytorch_model.bin", 1536, 14, 256, 8, 8192, 4096),
+    "virchow2": Release("model.safetensors", 1280, 14, 261, 4, 6832, 3416),
+    "hoptimus0": Release("model.safetensors", 1536, 14, 256, 4, 8192, 4096),
+    "hoptimus1": Release("model.safetensors", 1536, 14, 256, 4, 8192, 4096, fp16=True),
+    "gigapath": Release("pytorch_model.bin", 1536, 16, 197, 0, 8192, 4096),
+}
+# CONCH v1's vision feature beside its trunk (coca_model.py: attn_pool_contrast with one query, 8 heads, then
+# ln_contrast); the caption pooler, contrastive projection and text towers are `conch_extras`
+CONCH_POOLER = {
+    "visual.attn_pool_contrast.query": (1, 512),
+    "visual.attn_pool_contrast.attn.q_proj_weight": (512, 512),
+    "visual.attn_pool_contrast.attn.k_proj_weight": (512, 768),
+    "visual.attn_pool_contrast.attn.v_proj_weight": (512, 768),
+    "visual.attn_pool_contrast.attn.in_proj_bias": (1536,),
+    "visual.attn_pool_contrast.attn.out_proj.weight": (512, 512),
+    "visual.attn_pool_contrast.attn.out_proj.bias": (512,),
+    "visual.attn_pool_contrast.ln_q.weight": (512,), "visual.attn_pool_contrast.ln_q.bias": (512,),
+    "visual.attn_pool_contrast.ln_k.weight": (768,), "visual.attn_pool_contrast.ln_k.bias": (768,),
+    "visual.ln_contrast.weight": (512,), "visual.ln_contrast.bias": (512,),
+}
+
+
+def vit_keys(r: Release) -> dict[str, tuple]:
+    """Key -> shape of a one-block release (every further block is named like blocks.0)."""
+    d = r.width
+    keys = {"cls_token": (1, 1, d), "pos_embed": (1, r.positions, d),
+            "patch_embed.proj.weight": (d, 3, r.patch, r.patch), "patch_embed.proj.bias": (d,),
+            "blocks.0.norm1.weight": (d,), "blocks.0.norm1.bias": (d,),
+            "blocks.0.attn.qkv.weight": (3 * d, d), "blocks.0.attn.qkv.bias": (3 * d,),
+            "blocks.0.attn.proj.weight": (d, d), "blocks.0.attn.proj.bias": (d,),
+            "blocks.0.norm2.weight": (d,), "blocks.0.norm2.bias": (d,),
+            "blocks.0.mlp.fc1.weight": (r.fc1, d), "blocks.0.mlp.fc1.bias": (r.fc1,),
+            "blocks.0.mlp.fc2.weight": (d, r.fc2_in), "blocks.0.mlp.fc2.bias": (d,),
+            "norm.weight": (d,), "norm.bias": (d,)}
+    if r.registers:
+        keys["reg_token"] = (1, r.registers, d)
+    if r.layer_scale:
+        keys.update({"blocks.0.ls1.gamma": (d,), "blocks.0.ls2.gamma": (d,)})
+    return {r.prefix + k: s for k, s in keys.items()}
+
+
+def draw(key: str, shape: tuple, g: torch.Generator) -> torch.Tensor:
+    """A random tensor of a plausible scale for its role (norms near 1, layer scale well above timm's 1e-5,
+    matrices fan-in scaled), so that every tensor shows in the features the export check compares."""
+    r = torch.randn(shape, generator=g)
+    if key.endswith("gamma"):
+        return 0.5 + 0.5 * r.abs()
+    if len(shape) == 1 and key.endswith("weight"):
+        return 1.0 + 0.1 * r
+    if key.endswith("bias"):
+        return 0.02 * r
+    if key.endswith(("cls_token", "reg_token", "pos_embed", "query")):
+        return 0.5 * r
+    return r / math.sqrt(max(1, math.prod(shape[1:])))
+
+
+def write_release(r: Release, layout: dict[str, tuple], path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the layout's names, saved in the release's format; returns what was written."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {k: draw(k, s, g) for k, s in layout.items()}
+    if r.fp16:
+        tensors = {k: v.half() for k, v in tensors.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in layout.items()}, str(path))
+        save_file(tensors, str(path))
     else:
-        torch.save(layout, path)
-    return path, sd
+        torch.save(tensors, path)
+    return tensors
+
+
+def release_file(name: str, folder, seed: int = 0):
+    """(path, {model key: tensor}) of a random checkpoint written as the release names and ships it; the model keys
+    are the release's minus the prefix the loader strips (CONCH's `visual.`), without the groups it ignores."""
+    r = RELEASES[name]
+    layout = vit_keys(r)
+    if name == "conch_v1":
+        layout.update(CONCH_POOLER)
+        layout.update({k: tuple(v.shape) for k, v in conch_extras(torch.Generator()).items()})
+    written = write_release(r, layout, folder / r.file, seed)
+    unused = set(conch_extras(torch.Generator())) if name == "conch_v1" else set()
+    return folder / r.file, {k.removeprefix("visual."): v for k, v in written.items() if k not in unused}
 
 
 # -- the registry and the config ------------------------------------------------------
@@ -164,9 +248,64 @@ def test_timm_builds_the_registered_poolings():
         torch.testing.assert_close(c(x448), c.ln_contrast(p(c.trunk.forward_features(x448))[:, 0]))
 
 
-# -- every registered encoder: load, export, validate on real tissue ------------------
-@pytest.mark.slow
+# -- every registered encoder: the release's own key names load, a neighbouring layout is refused ------------------
+# a layout each encoder must refuse: a real neighbour's checkpoint, and the lines the loader names it by
+WRONG = {
+    "conch_v1": ("the tower without its attentional pooler", RELEASES["conch_v1"],
+                 r"missing \['attn_pool_contrast\.attn\.in_proj_bias', 'attn_pool_contrast\.attn\.k_proj_weight'"),
+    "uni_v1": ("timm's ImageNet ViT-L/16 (no layer scale)", replace(RELEASES["uni_v1"], layer_scale=False),
+               r"missing \['blocks\.0\.ls1\.gamma', 'blocks\.0\.ls2\.gamma'\]\)$"),
+    "uni_v2": ("H-optimus-0 (4 registers)", RELEASES["hoptimus0"],
+               r"shape mismatch \['reg_token: file \(1, 4, 1536\) vs model \(1, 8, 1536\)'\]\)$"),
+    "virchow2": ("Virchow v1 (no registers)", replace(RELEASES["virchow2"], registers=0, positions=257),
+                 r"missing \['reg_token'\]; shape mismatch "
+                 r"\['pos_embed: file \(1, 257, 1280\) vs model \(1, 261, 1280\)'\]\)$"),
+    "hoptimus0": ("UNI2-h (8 registers)", RELEASES["uni_v2"],
+                  r"shape mismatch \['reg_token: file \(1, 8, 1536\) vs model \(1, 4, 1536\)'\]\)$"),
+    "hoptimus1": ("Prov-GigaPath (patch 16, no registers)", RELEASES["gigapath"],
+                  r"missing \['reg_token'\]; shape mismatch "
+                  r"\['pos_embed: file \(1, 197, 1536\) vs model \(1, 256, 1536\)', "
+                  r"'patch_embed\.proj\.weight: file \(1536, 3, 16, 16\) vs model \(1536, 3, 14, 14\)'\]\)$"),
+    "gigapath": ("H-optimus-0 (patch 14, 4 registers)", RELEASES["hoptimus0"],
+                 r"unexpected \['reg_token'\]; shape mismatch "
+                 r"\['pos_embed: file \(1, 256, 1536\) vs model \(1, 197, 1536\)', "
+                 r"'patch_embed\.proj\.weight: file \(1536, 3, 14, 14\) vs model \(1536, 3, 16, 16\)'\]\)$"),
+}
+
+
 @pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_each_release_layout_loads_by_its_names_and_a_neighbours_is_refused(name, tmp_path):
+    """The file the release ships, keys as the release names them (RELEASES, written out above), loads strictly:
+    every model tensor comes from the file under its release name, CONCH's other groups are ignored, fp16 is cast.
+    The checkpoint of the nearest other layout is refused, naming the file and what differs."""
+    path, want = release_file(name, tmp_path)
+    torch.manual_seed(1)
+    enc = build_tile_encoder(encoder_config(name, depth=DEPTH))
+    info = load_encoder_weights(enc, path)
+    own = enc.state_dict()
+    assert info["loaded"] == len(own) == len(want) and set(own) == set(want)
+    assert sorted(info["ignored"]) == (sorted(conch_extras(torch.Generator())) if name == "conch_v1" else [])
+    assert info["cast_from"] == (["float16"] if RELEASES[name].fp16 else [])
+    for k, v in want.items():
+        assert torch.equal(own[k], v.float()), k
+
+    what, other, refusal = WRONG[name]
+    layout = vit_keys(other)
+    wrong = tmp_path / "wrong" / other.file
+    wrong.parent.mkdir()
+    write_release(other, layout, wrong, seed=2)
+    before = {k: v.clone() for k, v in own.items()}
+    head = rf"^{re.escape(str(wrong))}: does not match the tile encoder {name} at depth 1 \("
+    with pytest.raises(CheckpointError, match=head + ".*" + refusal):
+        load_encoder_weights(enc, wrong)
+    assert all(torch.equal(v, before[k]) for k, v in enc.state_dict().items()), f"{what}: a refused file loaded"
+
+
+# -- every registered encoder: load, export, validate on real tissue ------------------
+# CONCH (its own pooler around the timm trunk, at 448 px) in every run; the six timm-only towers differ from it and
+# from each other only in widths, registers and pooling, which the layout test above loads: marked slow
+@pytest.mark.parametrize("name", [n if n == "conch_v1" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(ENCODERS)])
 def test_encoder_loads_exports_and_matches_pytorch_on_real_tiles(name, real_svs, tmp_path):
     import onnxruntime as ort
 
@@ -180,9 +319,9 @@ def test_encoder_loads_exports_and_matches_pytorch_on_real_tiles(name, real_svs,
     torch.manual_seed(1)  # a different random start: everything must come from the file
     enc = build_tile_encoder(encoder_config(name, depth=DEPTH), weights=path).eval()
     own = enc.state_dict()
+    assert set(own) == set(src)
     for k, v in src.items():
-        want = v.half().float() if name in FP16 else v
-        assert torch.equal(own[k], want), k
+        assert torch.equal(own[k], v.float()), k
     assert own[next(iter(own))].dtype == torch.float32
 
     ec = tile_encoder_config(enc)
@@ -209,7 +348,6 @@ def test_encoder_loads_exports_and_matches_pytorch_on_real_tiles(name, real_svs,
     assert np.isfinite(got).all() and float(np.std(ref, axis=0).mean()) > 0  # tiles give distinct features
 
 
-@pytest.mark.slow
 def test_ort_dynamic_int8_recipe_applies_to_a_registered_encoder(real_svs, tmp_path):
     """The bundle's tile-encoder recipe `int8-dynamic` (engines.quantize_ort) on UNI at real width: it quantizes,
     runs, and stays close to fp32 on real tiles (random weights: a sanity bound, not an accuracy claim)."""
@@ -295,7 +433,6 @@ def test_loader_never_unpickles_objects(tmp_path):
         load_encoder_weights(enc, tmp_path / "nope.pth")
 
 
-@pytest.mark.slow
 def test_bundle_preprocessing_carries_the_encoder_geometry(tmp_path, tokenizer, monkeypatch):
     """A slide model on CONCH v1 exports a bundle whose preprocessing tiles at CONCH's 448 px and 0.5 um/px with
     OpenAI CLIP's mean/std, and whose model config names the encoder as TRIDENT does (the other components are left

@@ -37,6 +37,7 @@ def test_calibration_set_is_keyed_and_cached(ref_bundle, eval_slide, calibration
     np.testing.assert_array_equal(again.tiles(), calibration.tiles())
 
 
+@pytest.mark.torch
 def test_int8_bundle_records_what_was_done_and_keeps_answers(ref_bundle, int8_bundle, eval_slide, calibration):
     m = load_manifest(int8_bundle)
     assert set(names.RESAMPLER_CHUNKS) <= set(m.components)  # the resampler stays fp32 ORT: so do its chunk graphs
@@ -68,6 +69,7 @@ def test_static_int8_needs_calibration(ref_bundle, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.torch
 def test_engine_config_mismatch_is_refused(int8_bundle, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(int8_bundle, b)
@@ -226,6 +228,7 @@ def test_auto_decision_takes_the_fastest_accurate_candidate_per_stage():
     assert decide(slow, {"ort-fp32": {"tokens_per_s": 1, "agreement": 1.0}})[2] == ("ort", "fp32")
 
 
+@pytest.mark.torch
 def test_auto_build_records_its_measurements_and_answers_like_fp32(ref_bundle, calibration, eval_slide, tmp_path):
     from locpath.bench.auto import RECIPES, build_auto
 

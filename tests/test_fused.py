@@ -46,6 +46,7 @@ def test_int4_rows_round_trip_and_extremes():
     np.testing.assert_allclose(back[np.arange(7), blk], w[np.arange(7), blk], rtol=1e-6)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
 def test_fused_graph_matches_pytorch_step_by_step(arch, tied, tmp_path):
     from locpath.export.fused import fused_decoder_inputs, validate_fused
@@ -59,6 +60,7 @@ def test_fused_graph_matches_pytorch_step_by_step(arch, tied, tmp_path):
     assert validate_fused(tmp_path / "d.onnx", model, spec) < 5e-5
 
 
+@pytest.mark.torch
 def test_fused_validation_fails_on_a_perturbed_weight(tmp_path):
     """Validation compares against PyTorch for real: a graph built before a weight changed must be refused."""
     import torch
@@ -77,6 +79,7 @@ def test_fused_validation_fails_on_a_perturbed_weight(tmp_path):
     assert exc.value.diffs["logits"] > 1e-4
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("arch,tied", [("qwen2", True), ("llama", False)])
 def test_int4_graph_is_the_fp32_graph_of_the_dequantized_weights(arch, tied, tmp_path):
     """MatMulNBits and GatherBlockQuantized read our packing as we wrote it (zero point 8, low nibble first)."""
@@ -156,6 +159,7 @@ def test_decoder_choice_errors(ref_bundle, tmp_path):
         choose_decoder(full, "fused", tmp_path, "cuda")
 
 
+@pytest.mark.torch
 def test_weights_are_checked_by_name_and_shape(ref_bundle, tmp_path):
     e = load_manifest(ref_bundle).components["decoder_fused"]
     spec = FusedDecoderSpec.from_templates(e.templates)
@@ -170,6 +174,7 @@ def test_weights_are_checked_by_name_and_shape(ref_bundle, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.torch
 def test_int4_build_quantizes_the_fused_decoder_and_keeps_answers(ref_bundle, real_svs, tmp_path):
     from locpath.engines.build import build_bundle
 
@@ -185,6 +190,7 @@ def test_int4_build_quantizes_the_fused_decoder_and_keeps_answers(ref_bundle, re
         assert q.ask(real_svs, question).answer == fp32.ask(real_svs, question).answer
 
 
+@pytest.mark.torch
 def test_fp16_build_rebuilds_the_fused_decoder_in_fp16(ref_bundle, tmp_path):
     from locpath.engines.build import build_bundle
 

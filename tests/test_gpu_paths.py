@@ -31,6 +31,7 @@ def _on_cpu(bundle, **kw) -> Pipeline:
         pipeline_mod.check_engines = real
 
 
+@pytest.mark.torch
 def test_fp16_bundle_keeps_a_float16_fused_decoder_and_fp32_norm_statistics(fp16_bundle):
     import onnx
 
@@ -50,6 +51,7 @@ def test_fp16_bundle_keeps_a_float16_fused_decoder_and_fp32_norm_statistics(fp16
     assert choose_decoder(m, "auto", fp16_bundle, "tensorrt") == "decoder"
 
 
+@pytest.mark.torch
 def test_fp16_bundle_answers_like_fp32(fp16_bundle, ref_bundle, eval_slide, real_svs):
     fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
     for decoder in ("fused", "plain"):
@@ -83,6 +85,7 @@ def test_bound_plain_state_keeps_kv_on_the_device_and_matches(ref_bundle):
     np.testing.assert_allclose(b, a, atol=1e-6)
 
 
+@pytest.mark.torch
 def test_tensorrt_provider_options_come_from_the_manifest(ref_bundle, fp16_bundle, tmp_path):
     from locpath.runtime.ort_runner import tensorrt_provider_options
 

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
 
 from locpath.bench.headline import (HeadlineConfig, PrefixSession, bench_headline, features_path,  # noqa: E402

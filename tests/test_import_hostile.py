@@ -256,6 +256,7 @@ def _bad_key_maps(tmp_path):
                     (fifo, "not a regular file")]
 
 
+@pytest.mark.torch
 def test_key_maps_the_safe_engine_cannot_run_or_that_are_not_key_maps(tmp_path):
     from locpath.errors import CheckpointError
     from locpath.export.keymap import load_keymap

@@ -1,12 +1,14 @@
 import numpy as np
 import pytest
-import torch
 
-from locpath.config import ModelConfig, TileEncoderConfig, preset
-from locpath.errors import CheckpointError, ConfigError
-from locpath.models.slide_llm import LocPathModel, SlideFeatures, build_model
-from locpath.models.encoders import build_tile_encoder, load_encoder_weights
-from locpath.stm import merge_tokens
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+
+from locpath.config import ModelConfig, TileEncoderConfig, preset  # noqa: E402
+from locpath.errors import CheckpointError, ConfigError  # noqa: E402
+from locpath.models.slide_llm import LocPathModel, SlideFeatures, build_model  # noqa: E402
+from locpath.models.encoders import build_tile_encoder, load_encoder_weights  # noqa: E402
+from locpath.stm import merge_tokens  # noqa: E402
 
 # timm's VisionTransformer names, for a depth-1 model (vit_base_patch16_224 layout)
 TIMM_KEYS = {
@@ -209,6 +211,7 @@ def test_config_roundtrip_and_validation():
         ModelConfig.from_dict(bad)
 
 
+@pytest.mark.slow  # published widths (a 152k vocabulary, a 3584-wide LLM): about 20 s; the tiny preset runs the same code
 def test_published_preset_runs_a_forward_pass():
     """LoC-Path's published sizes (CONCH-like ViT-B/16 to 512-d, L=128, M=96, Qwen2.5-7B-shaped LLM with CARA),
     depth reduced so random weights fit a test: 1 ViT block, 2 LLM layers with CARA in the second."""

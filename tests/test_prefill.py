@@ -49,6 +49,7 @@ def _greedy(spec, decode, prefill, ids, new=8):
     return toks, first
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("weights,block", [("int8", 32), ("int8-nbits", 32)])
 def test_prefill_graph_then_decode_graph_answers_as_the_decode_graph_alone(weights, block, tmp_path):
     spec, w = _tiny(tmp_path)
@@ -65,6 +66,7 @@ def test_prefill_graph_then_decode_graph_answers_as_the_decode_graph_alone(weigh
     assert np.abs(pre_first - fp32_first).max() < np.abs(q4_first - fp32_first).max()
 
 
+@pytest.mark.torch
 def test_a_wrong_prefill_graph_changes_the_answer(tmp_path):
     """The check above can fail: a prefill graph from other weights leaves other K/V behind."""
     spec, w = _tiny(tmp_path)
@@ -90,6 +92,7 @@ def test_int8_quantizers_round_trip():
         PrefillRecipe("int3").check()
 
 
+@pytest.mark.torch
 def test_build_adds_the_prefill_graph_and_the_pipeline_runs_it(ref_bundle, real_svs, tmp_path):
     from locpath.bundle.integrity import verify_bundle
     from locpath.engines.build import build_bundle
@@ -127,6 +130,7 @@ def _qwen2_folder(tmp_path):
     return tmp_path / "hf"
 
 
+@pytest.mark.torch
 def test_gguf_writer_maps_every_qwen2_tensor(tmp_path):
     gguf = pytest.importorskip("gguf")
     from safetensors.numpy import load_file
@@ -182,6 +186,7 @@ def test_choose_prefill_takes_the_fastest_graph_no_less_accurate():
     assert choose_prefill(c, "base") == "base"
 
 
+@pytest.mark.torch
 def test_llamacpp_reads_our_gguf_as_pytorch_does(tmp_path):
     """Where llama-cpp-python is built (not in CI: docs/llamacpp.md), the written GGUF decodes greedily as
     PyTorch does (f16 weights, sharp logits so the order is stable)."""

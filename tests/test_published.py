@@ -7,7 +7,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")  # the whole file needs torch
 
 from locpath.bundle import names
 from locpath.errors import CheckpointError

@@ -2,12 +2,14 @@
 
 import numpy as np
 import pytest
-import torch
 
-from locpath.cli import main
-from locpath.synth import make_spec
-from locpath.synth.world import CLASS, TUMOUR_CLASSES
-from locpath.train.data import render_tile, tissue_tiles
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+
+from locpath.cli import main  # noqa: E402
+from locpath.synth import make_spec  # noqa: E402
+from locpath.synth.world import CLASS, TUMOUR_CLASSES  # noqa: E402
+from locpath.train.data import render_tile, tissue_tiles  # noqa: E402
 
 
 @pytest.fixture(scope="module")

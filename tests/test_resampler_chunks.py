@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from conftest import reseal
 
 from locpath.bundle import names
@@ -22,9 +21,12 @@ def _tokens(n: int, dim: int, seed: int = 0):
     return feats, pos, counts
 
 
+@pytest.mark.torch
 def test_chunked_arithmetic_equals_the_resampler_in_torch():
     """Online softmax over uneven chunks, then the rest of each block, against Resampler.forward; and a chunk whose
     tokens are all masked adds nothing."""
+    import torch
+
     from locpath.config import preset
     from locpath.models.resampler import Resampler, ResamplerChunks
 

@@ -15,6 +15,7 @@ from locpath.runtime.runner import RunnerError
 from locpath.runtime.sampler import Sampler, SamplingParams
 
 
+@pytest.mark.torch
 def test_bundle_answers_token_identical_to_pytorch(ref_bundle, shipped_reference):
     from locpath.eval import evaluate_bundle, evaluate_checkpoint
 

@@ -29,7 +29,7 @@ def roots(tmp_path_factory, eval_slide, real_svs):
     return root
 
 
-@pytest.fixture(scope="module", params=["local", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=["local", "ray"])
 def server(request, ref_bundle, roots, tmp_path_factory):
     """The same API tests run against `locpath serve` and `locpath serve --ray` (two Ray Serve replicas on a local
     cluster, the job store in PostgreSQL where it is installed, else SQLite)."""

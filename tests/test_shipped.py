@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from locpath.bundle.integrity import verify_bundle
 from locpath.bundle.paths import sha256_file
 from locpath.checkpoints import shipped_bundle, shipped_checkpoint
@@ -38,14 +40,15 @@ sys.modules["locpath.export.bundle"] = types.SimpleNamespace(export_bundle=expor
 """ + BLOCK_TORCH.replace("sys.argv[1:]", "sys.argv[2:]")
 
 
-def test_shipped_bundle_is_an_export_of_the_shipped_checkpoint(ref_bundle, eval_slide):
+@pytest.mark.torch
+def test_shipped_bundle_is_an_export_of_the_shipped_checkpoint(exported_bundle, eval_slide):
     m = verify_bundle(shipped_bundle())
     assert m.source["weights_sha256"] == sha256_file(shipped_checkpoint("reference") / "model.safetensors"), \
         "the shipped checkpoint changed: re-export src/locpath/checkpoints/bundles/reference"
     assert set(m.components) == {"tile_encoder", "resampler", "resampler_partial", "resampler_weights",
                                  "resampler_finish", "tis", "cross_kv", "decoder", "decoder_fused"}
     shipped = Pipeline.from_bundle(shipped_bundle(), use_cache=False)
-    fresh = Pipeline.from_bundle(ref_bundle, use_cache=False)
+    fresh = Pipeline.from_bundle(exported_bundle, use_cache=False)
     for q in ("What is the diagnosis?", "Is necrosis present?", "Which organ is this?", "What is the tumor grade?"):
         assert shipped.ask(eval_slide, q).token_ids == fresh.ask(eval_slide, q).token_ids
 

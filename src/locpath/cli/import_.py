@@ -83,7 +83,8 @@ def _json_arg(text: str | None, option: str):
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise LocpathError(f"{option} {text[:80]}: not valid JSON ({str(exc)[:200] or 'nested too deeply'})") from None
+        shown = text[:80] if raw is text else text  # inline JSON cut short; a file named in full
+        raise LocpathError(f"{option} {shown}: not valid JSON ({str(exc)[:200] or 'nested too deeply'})") from None
     if not isinstance(value, dict):
         raise LocpathError(f"{option}: a JSON object of ModelConfig fields, e.g. '{{\"resampler\": {{\"depth\": 1}}}}'")
     return value

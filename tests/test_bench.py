@@ -48,7 +48,7 @@ def test_bench_bad_slide(ref_bundle, tmp_path, capsys):
 def test_decoder_05b_ratios_are_like_for_like():
     """The 0.5B target compares locpath's fused INT4 with onnxruntime-genai at the same block size."""
     from locpath.bench.output import decoder_05b_lines
-    from locpath.bench.runner import _ratios_and_targets
+    from locpath.bench.runner import ratios_and_targets
 
     d05 = {"shape": "Qwen2.5-0.5B (random weights)", "prompt_tokens": 64, "new_tokens": 64, "threads": 2,
            "locpath_fused_int4": {"prefill_ms": 240, "tokens_per_s": 46.0},
@@ -58,7 +58,7 @@ def test_decoder_05b_ratios_are_like_for_like():
            "onnxruntime_genai_int4_block128": {"prefill_ms": 300, "tokens_per_s": 50.0},
            "transformers_eager_fp32": {"prefill_ms": 800, "tokens_per_s": 10.0}}
     rep = {"ratios": {}, "targets": {}, "skipped": {}, "baselines": {"decoder_0.5b": d05}}
-    _ratios_and_targets(rep)
+    ratios_and_targets(rep)
     assert rep["ratios"]["decoder_0.5b_vs_onnxruntime_genai_int4"] == pytest.approx(1.0)
     assert rep["ratios"]["decoder_0.5b_block128_vs_onnxruntime_genai_int4_block128"] == pytest.approx(1.16)
     assert rep["ratios"]["decoder_0.5b_fused_vs_plain_int4"] == pytest.approx(46 / 34)
@@ -70,7 +70,7 @@ def test_decoder_05b_ratios_are_like_for_like():
 
 def test_encoder_vit_b_target_takes_the_fastest_accurate_variant():
     from locpath.bench.output import encoder_vitb_lines
-    from locpath.bench.runner import _ratios_and_targets
+    from locpath.bench.runner import ratios_and_targets
 
     def v(tps, cos):
         return {"tiles_per_s": tps, "cosine_mean": cos, "cosine_min": cos, "vs_ort_fp32": tps / 7.0,
@@ -80,7 +80,7 @@ def test_encoder_vit_b_target_takes_the_fastest_accurate_variant():
         "ort_fp32": v(7.0, 1.0), "openvino_bf16": v(31.0, 0.99996), "openvino_nncf_int8": v(45.0, 0.998),
         "ort_int8_dynamic": v(22.0, 0.9999), "pytorch_fp32": v(7.0, 1.0), "pytorch_bf16": v(30.0, 0.99996)}}
     rep = {"ratios": {}, "targets": {}, "skipped": {}, "baselines": {"encoder_vit_b": vb}}
-    _ratios_and_targets(rep)
+    ratios_and_targets(rep)
     t = rep["targets"]["encoder_vit_b_1.2x_pytorch_bf16_at_cosine_0.999"]
     assert t["variant"] == "openvino_bf16" and t["value"] == pytest.approx(31 / 30) and t["met"] is False  # INT8 is below 0.999
     assert "| openvino_nncf_int8 | 45.0 | 6.43 | 1.50 | 0.99800 / 0.99800 |" in "\n".join(encoder_vitb_lines(vb))

@@ -114,7 +114,7 @@ def test_a_bug_or_ctrl_c_stops_the_staging_threads_and_leaves_no_half_record(tmp
 
 
 def test_bench_slides_per_hour_section(ref_bundle, tmp_path):
-    from locpath.bench.runner import _ratios_and_targets
+    from locpath.bench.runner import ratios_and_targets
     from locpath.bench.throughput import QUESTIONS as BENCH_QUESTIONS, ThroughputConfig, bench_throughput
 
     logs = []
@@ -130,7 +130,7 @@ def test_bench_slides_per_hour_section(ref_bundle, tmp_path):
     assert split["prepare_s"] > 0 and split["overlap_bound"] >= 1.0
     assert not (tmp_path / "tp" / "pass").exists()  # each pass's output and cache are removed
     report = {"ratios": {}, "targets": {}, "skipped": {}, "slides_per_hour": sec}
-    _ratios_and_targets(report)
+    ratios_and_targets(report)
     assert report["ratios"]["slides_per_hour_overlapped_over_sequential"] == sec["ratio"]
     target = report["targets"]["slides_per_hour_overlap_1.3x"]
     assert target["target"] == 1.3 and target["met"] == (sec["ratio"] >= 1.3)

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..bundle.names import DECODER_FUSED
 from ..errors import LocpathError
+from .stats import spread
 
 SHAPE_05B = "qwen2.5-0.5b"
 CARA_05B = (5, 11, 17, 23)  # four CARA blocks over 24 layers, spaced as the published (3, 10, 17, 24) over 28
@@ -51,7 +52,7 @@ class HeadlineConfig:
     repeats: int = 3
     chunk: int = 2048  # prefix prefill positions per decoder call (chunked prefill bounds its attention scratch)
     tiles_05b: list[int] | None = None  # None: the same as `tiles`
-    slide_for: Callable[[int], Path] | None = None  # n -> a slide of about n tiles (runner.scaling_slide), when
+    slide_for: Callable[[int], Path] | None = None  # n -> a slide of about n tiles (slides.scaling_slide), when
     # the features of n tiles are not cached yet
 
 
@@ -96,12 +97,6 @@ class _PeakGrowth:
     def __exit__(self, *exc):
         peak = _status_kb("VmHWM") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         self.bytes = max(0, peak - self.before) * 1024
-
-
-def _spread(values) -> dict:
-    """As runner.spread (not imported: the runner imports this module)."""
-    v = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
 # -- the prefix baseline at run time (torch-free) -----------------------------------------------------------
@@ -193,7 +188,7 @@ def measure_locpath(bundle: str, ff, question: str, warmup: int, repeats: int) -
         cold = once()
     runs = [once() for _ in range(max(0, warmup - 1) + repeats)][-repeats:]
     pipe.release()
-    return {"ttft_ms": _spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
+    return {"ttft_ms": spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
             "tokens_after_stm": cold[2], "first_token": cold[3], "kv_plus_activation_bytes": g.bytes,
             "rss_loaded_mb": round(loaded / 2**20, 1), "peak_rss_mb": _peak_rss_mb(g)}
 
@@ -216,7 +211,7 @@ def measure_prefix(folder: str, ff, prompt: list[int], max_new: int, chunk: int,
     with _PeakGrowth() as g:
         cold = once()
     runs = [once() for _ in range(max(0, warmup - 1) + repeats)][-repeats:]
-    return {"ttft_ms": _spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
+    return {"ttft_ms": spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
             "visual_tokens": int(len(ff.features)), "first_token": cold[2], "kv_plus_activation_bytes": g.bytes,
             "rss_loaded_mb": round(loaded / 2**20, 1), "peak_rss_mb": _peak_rss_mb(g),
             "prefill_chunk": chunk, "precision": sess.meta["quant"]}
@@ -386,26 +381,6 @@ def bench_headline(pipe, cfg: HeadlineConfig, log, with_05b: bool = False) -> di
                       "cara_layers": list(CARA_05B),
                       "rows": _rows(bundle, px, feats05, prompt05, max_new05, cfg, log, SHAPE_05B)}
     return out
-
-
-def headline_ratios(headline: dict, ratios: dict, targets: dict) -> None:
-    """Prefix over LoC-Path per N (>1: LoC-Path ahead); targets at 10k tiles on the reference."""
-    for shape, key in (("reference", ""), (SHAPE_05B, "_0.5b")):
-        for row in headline.get(shape, {}).get("rows", []):
-            n, lp, px = row["n_target"], row["locpath"], row["prefix"]
-            ratios[f"ttft_prefix_over_locpath{key}_at_{n}"] = px["ttft_ms"]["median"] / lp["ttft_ms"]["median"]
-            ratios[f"memory_prefix_over_locpath{key}_at_{n}"] = (px["kv_plus_activation_bytes"]
-                                                                 / max(1, lp["kv_plus_activation_bytes"]))
-            ratios[f"kv_prefix_over_locpath{key}_at_{n}"] = px["kv_bytes"] / lp["kv_bytes"]
-            ratios[f"peak_rss_prefix_over_locpath{key}_at_{n}"] = px["peak_rss_mb"] / lp["peak_rss_mb"]
-    r = ratios
-    for n in (10000,):
-        if f"ttft_prefix_over_locpath_at_{n}" in r:
-            targets[f"ttft_20x_at_{n}"] = {"target": 20, "value": r[f"ttft_prefix_over_locpath_at_{n}"],
-                                           "met": r[f"ttft_prefix_over_locpath_at_{n}"] >= 20}
-            v = r[f"memory_prefix_over_locpath_at_{n}"]
-            targets[f"memory_50x_at_{n}"] = {"target": 50, "value": v, "met": v >= 50,
-                                             "memory": "KV + activations (peak RSS growth during the TTFT)"}
 
 
 def headline_lines(headline: dict) -> list[str]:

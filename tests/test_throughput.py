@@ -156,7 +156,7 @@ def test_slides_per_hour_ratio_and_split_from_known_passes(tmp_path):
     from locpath.bench.throughput import ThroughputConfig, bench_throughput
 
     run_pass = _scripted_pass({"sequential": [1000.0, 1400.0], "overlapped": [1500.0, 2100.0]},
-                              {"sequential": 0.2, "overlapped": 0.0}, prepare_s=2.0, slide_s=3.0)
+                              {"sequential": 0.2, "overlapped": 0.0}, prepare_s=1.0, slide_s=4.0)
     sec = bench_throughput(run_pass, tmp_path / "bundle", tmp_path / "tp", lambda m: None,
                            ThroughputConfig(slides=2, tiles=60, seed=8800))
     assert sec["sequential"]["slides_per_hour"] == 1200.0 and sec["overlapped"]["slides_per_hour"] == 1800.0
@@ -165,13 +165,13 @@ def test_slides_per_hour_ratio_and_split_from_known_passes(tmp_path):
     assert seq_cpu == pytest.approx(0.2, abs=0.05) and ovl_cpu < 0.05  # the CPU the passes spent: spun vs slept
     assert sec["sequential"]["cores_busy"] > 2 * sec["overlapped"]["cores_busy"]
     split = sec["sequential_split"]
-    assert split["prepare_s"] == pytest.approx(2.0) and split["answer_and_write_s"] == pytest.approx(1.0)
-    assert split["overlap_bound"] == pytest.approx(1.5)  # 3 s a slide, hiding the 1 s part at best
+    assert split["prepare_s"] == pytest.approx(1.0) and split["answer_and_write_s"] == pytest.approx(3.0)
+    assert split["overlap_bound"] == pytest.approx(4 / 3)  # 4 s a slide, hiding the 1 s part at best
     report = {"ratios": {}, "targets": {}, "skipped": {}, "slides_per_hour": sec}
     ratios_and_targets(report)
     assert report["ratios"]["slides_per_hour_overlapped_over_sequential"] == pytest.approx(1.5)
     target = report["targets"]["slides_per_hour_overlap_1.3x"]
-    assert target["met"] is True and target["overlap_bound"] == pytest.approx(1.5)
+    assert target["met"] is True and target["overlap_bound"] == pytest.approx(4 / 3)
     sec["ratio"] = 1.2
     ratios_and_targets(report)
     assert report["targets"]["slides_per_hour_overlap_1.3x"]["met"] is False

@@ -68,6 +68,35 @@ def test_locpath_kv_figures_are_the_arrays_the_runtime_allocated():
     pipe.release()
 
 
+def test_run_bench_walks_the_suite_registry(monkeypatch, small_tiff, tmp_path):
+    """run_bench with a registry of three scripted suites: one runs (its section placed, its ratio and target
+    collected), one is off by its flag (its reason under `skipped`), one raises Skip."""
+    from locpath.bench import suites
+    from locpath.bench.runner import BenchConfig, run_bench
+    from locpath.bench.suite import Skip, Suite
+    from servers import shipped
+
+    seen = {}
+
+    def run(ctx):
+        seen["pipe"] = ctx.pipe
+        return {"tiles": ctx.pipe.cfg.feature_dim}
+
+    def cannot(ctx):
+        raise Skip("not on this machine")
+
+    monkeypatch.setattr(suites, "SUITES", [
+        Suite("probe", "baselines.probe", run, ratios=lambda r: {"probe_x": 2.0},
+              targets=lambda r: {"probe_2x": {"target": 2, "value": r["ratios"]["probe_x"], "met": True}}),
+        Suite("published", "published", run, flag="published", off="pass --published"),
+        Suite("cannot", "cannot", cannot)])
+    rep = run_bench(BenchConfig(bundle=shipped(), slide=small_tiff, tiles=[], workdir=tmp_path, progress=False))
+    assert rep["baselines"]["probe"] == {"tiles": seen["pipe"].cfg.feature_dim}
+    assert rep["ratios"] == {"probe_x": 2.0} and rep["targets"]["probe_2x"]["value"] == 2.0
+    assert rep["skipped"] == {"published": "pass --published", "cannot": "not on this machine"}
+    assert "published" not in rep and "cannot" not in rep and rep["machine"]["peak_rss_mb_whole_bench"] > 0
+
+
 def test_bench_bad_slide(ref_bundle, tmp_path, capsys):
     code = main(["bench", str(ref_bundle), "--slide", str(tmp_path / "none.svs"), "--quiet"])
     assert code == 2 and "none.svs: file not found" in capsys.readouterr().err

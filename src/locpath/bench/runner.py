@@ -95,18 +95,20 @@ def run_bench(cfg: BenchConfig) -> dict:
 
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     ctx = _context(cfg)
-    for suite in SUITES:
-        if not suite.enabled(ctx):
-            if suite.off:
-                ctx.skip(suite.name, suite.off)
-            continue
-        try:
-            _place(ctx.report, suite.section, suite.run(ctx))
-        except Skip as why:
-            ctx.skip(suite.name, str(why))
+    try:
+        for suite in SUITES:
+            if not suite.enabled(ctx):
+                if suite.off:
+                    ctx.skip(suite.name, suite.off)
+                continue
+            try:
+                _place(ctx.report, suite.section, suite.run(ctx))
+            except Skip as why:
+                ctx.skip(suite.name, str(why))
+    finally:
+        ctx.pipe.release()
     ctx.report["machine"]["peak_rss_mb_whole_bench"] = peak_rss_mb()  # baselines included
     ratios_and_targets(ctx.report)
-    ctx.pipe.release()
     return ctx.report
 
 

@@ -142,7 +142,7 @@ def test_memory_figures_read_a_known_allocation():
     m = json.loads(r.stdout)
     assert 92 * 2**20 <= m["growth"] <= 104 * 2**20, m["growth"] / 2**20
     assert abs(m["peak_mb"] * 1024 - max(m["hwm_before_kb"], m["hwm_after_kb"])) <= 1024  # the life-time peak
-    assert m["peak_mb"] * 1024 >= m["hwm_before_kb"] >= 3 * 96 * 1024  # the early 288 MiB peak is kept
+    assert m["hwm_before_kb"] >= 3 * 96 * 1024  # the early 288 MiB peak was real (and the figure above kept it)
 
 
 def test_headline_section_and_ratios(ref_bundle, tmp_path):

@@ -3,10 +3,11 @@ in its own process (bench/headline.py; JSON `headline`), from the scaling sectio
 
 from __future__ import annotations
 
+from ..headline import SHAPE_05B
 from ..slides import scaling_slide
 from ..suite import Context, Skip, Suite
 
-SHAPES = (("reference", ""), ("qwen2.5-0.5b", "_0.5b"))  # (headline shape, its ratio-name infix)
+SHAPES = (("reference", ""), (SHAPE_05B, "_0.5b"))  # (headline shape, its ratio-name infix)
 
 
 def run(ctx: Context) -> dict:

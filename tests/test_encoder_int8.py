@@ -29,7 +29,7 @@ def test_auto_refuses_an_int8_encoder_whose_worst_tile_is_below_the_bound_though
 
 
 def test_int8_encoder_target_needs_both_the_speed_and_the_worst_tile():
-    from locpath.bench.runner import _ratios_and_targets
+    from locpath.bench.runner import ratios_and_targets
 
     def v(tps, cmin):
         return {"tiles_per_s": tps, "cosine_mean": 0.9995, "cosine_min": cmin, "vs_ort_fp32": tps / 10,
@@ -39,12 +39,12 @@ def test_int8_encoder_target_needs_both_the_speed_and_the_worst_tile():
                        "openvino_nncf_int8": v(60, 0.991), "openvino_int8_safe": v(55, 0.996),
                        "ort_int8_dynamic": v(30, 0.999)}}
     rep = {"ratios": {}, "targets": {}, "skipped": {}, "baselines": {"encoder_vit_b": vb, "encoder_vit_l": vb}}
-    _ratios_and_targets(rep)
+    ratios_and_targets(rep)
     t = rep["targets"]["encoder_vit_b_int8_1.3x_pytorch_bf16_at_min_cosine_0.995"]
     assert t["variant"] == "openvino_int8_safe" and t["value"] == pytest.approx(55 / 40) and t["met"] is True
     assert rep["ratios"]["encoder_vit_l_int8_vs_pytorch_bf16"] == pytest.approx(55 / 40)
     vb["variants"]["openvino_int8_safe"]["cosine_min"] = vb["variants"]["ort_int8_dynamic"]["cosine_min"] = 0.99
-    _ratios_and_targets(rep)  # no INT8 variant holds the bound: the fastest is reported, not met
+    ratios_and_targets(rep)  # no INT8 variant holds the bound: the fastest is reported, not met
     t = rep["targets"]["encoder_vit_b_int8_1.3x_pytorch_bf16_at_min_cosine_0.995"]
     assert (t["variant"], t["holds_bound"], t["met"]) == ("openvino_nncf_int8", False, False)
 

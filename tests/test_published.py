@@ -207,23 +207,60 @@ def test_hostile_shard_index_and_headers_are_refused(qwen_with_lora, tmp_path):
         HFFolder(bad)
 
 
+def _encode_ms(bundle, n: int) -> float:
+    """Median wall time of encoding n random tiles in batches of 8 with the bundle's tile encoder (a point of its
+    own, not one the bench's extrapolation was fitted on)."""
+    import time
+
+    from locpath.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    size = pipe.manifest.preprocessing.tile_size
+    x = np.random.default_rng(7).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    pipe.encode_tiles(x[:8])
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for i in range(0, n, 8):
+            pipe.encode_tiles(x[i:i + 8])
+        times.append((time.perf_counter() - t0) * 1000)
+    pipe.release()
+    return float(np.median(times))
+
+
 def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     """`bench --published` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
-    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here)."""
-    from locpath.bench.published import bench_published
+    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here). The build's
+    peak RSS and the encoder's extrapolation are checked against readings of their own."""
+    import resource
+    import sys
+
+    from locpath.bench.published import bench_published, run_watched
 
     shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=False)
-    res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=8, genai=False,
+    big = np.ones(2 * 2**30, np.uint8)  # this process's peak far above the build's: a child must not report it
+    del big
+    parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=32, genai=False,
                           shape=shape, size="tiny")
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
     cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # what onnxruntime-genai's builder dispatches on
-    assert res["build"]["peak_rss_mb"] > 0 and res["build"]["components"]["decoder_fused"]["quant"] == "int4"
+    assert res["build"]["components"]["decoder_fused"]["quant"] == "int4"
+    # the same build again, its RSS sampled from outside (VmRSS every 0.5 s: a lower bound of its peak)
+    watched = run_watched([sys.executable, "-m", "locpath.bench.published", str(tmp_path / "qwen2.5-shaped"),
+                           str(tmp_path / "again"), "tiny"], limit_mb=16000, timeout_s=600, log=lambda m: None)
+    assert watched["ended"] == "finished", watched
+    build_mb = res["build"]["peak_rss_mb"]
+    assert 0.9 * watched["peak_rss_mb"] <= build_mb <= 1.5 * watched["peak_rss_mb"] + 100, (build_mb, watched)
+    assert build_mb < parent_peak_mb - 1000  # the child's own peak, not the parent's carried over
     ttft = res["runtime"]["time_to_first_token"]
     assert set(ttft) == {"50", "400"} and all(v["prefill_ms"] > 0 for v in ttft.values())
-    assert ttft["400"]["encode_ms_extrapolated"] > ttft["50"]["encode_ms_extrapolated"]
+    predicted = ttft["50"]["encode_ms_extrapolated"] * 48 / 50
+    measured = _encode_ms(tmp_path / "locpath-int4", 48)  # 48 tiles, timed here: not the fitted point
+    assert 1 / 3 < predicted / measured < 3, (predicted, measured)
     assert res["runtime"]["decode"]["tokens_per_s"] > 0
     from locpath.bench.output import published_lines
 

@@ -86,7 +86,7 @@ def test_pipeline_chunks_only_slides_above_the_chunk(ref_bundle, eval_slide):
     np.testing.assert_allclose(b.attention, a.attention, atol=1e-6, rtol=0)
     q = "What is the diagnosis?"
     assert small.ask(eval_slide, q).token_ids == whole.ask(eval_slide, q).token_ids
-    with pytest.raises(Exception, match="resampler_chunk must be a non-negative integer"):
+    with pytest.raises(Exception, match="resampler_chunk must be an integer >= 0"):
         Pipeline.from_bundle(ref_bundle, use_cache=False, resampler_chunk=-1)
 
 

@@ -90,41 +90,23 @@ def _build_encoder(shape: EncoderShape):
     return cfg, enc
 
 
-def bench_encoder_vitb(work: Path, log, batch: int | None = None, calib: int | None = None, repeats: int = 3,
-                       shape: str = "vit_b", slide: Path | None = None, held_out: int | None = None) -> dict:
-    """One encoder shape's recipes, timed in alternating rounds; see the module docstring."""
-    import torch
-
-    from ..engines import quantize_ort as q
-    from ..engines.build import fastest_ov_hint, nncf_int8
-    from ..engines.encoder_int8 import build_int8_safe
-    from ..export.configs import tile_encoder_config
-    from ..export.exporter import export_component
-    from ..models.encoders import build_tile_encoder
-    from ..runtime.machine import openvino_version
-    from ..runtime.openvino_runner import OpenVinoRunner
-    from ..runtime.ort_runner import OrtRunner
-
-    sh = SHAPES[shape]
-    batch, calib, held_out = batch or sh.batch, calib or sh.calib, held_out or sh.held_out
-    work.mkdir(parents=True, exist_ok=True)
-    cfg, enc = _build_encoder(sh)
-    holder = SimpleNamespace(tile_encoder=enc, cfg=SimpleNamespace(tile_encoder=cfg))
-    fp32 = work / "tile_encoder.onnx"
+def _calibration(calib: int, held_out: int, slide: Path | None):
+    """(calibration tiles, held-out tiles, all of them, held-out mask): rendered tissue, plus half each of the
+    real slide's tiles when given."""
     syn = _tiles(calib + held_out)
     cal, x = syn[:calib], syn[calib:]
     if slide is not None:
         real = slide_tiles(Path(slide))
         cal, x = np.concatenate([cal, real[0::2]]), np.concatenate([x, real[1::2]])
-    x = np.ascontiguousarray(x)
     every = np.concatenate([cal, x])
-    held = np.arange(len(every)) >= len(cal)
-    if not fp32.exists():
-        log(f"exporting a {sh.title} tile encoder")
-        export_component(tile_encoder_config(holder), holder, work)
-    variants: dict = {}
-    skipped: dict = {}
-    recipes: dict = {}
+    return cal, np.ascontiguousarray(x), every, np.arange(len(every)) >= len(cal)
+
+
+def _ort_variants(sh: EncoderShape, work: Path, fp32: Path, cal: np.ndarray, log) -> dict:
+    from ..engines import quantize_ort as q
+    from ..runtime.ort_runner import OrtRunner
+
+    variants = {}
     if "ort_fp32" in sh.variants:
         variants["ort_fp32"] = OrtRunner(fp32, "enc")
     dyn, static = work / "tile_encoder.int8-dynamic.onnx", work / "tile_encoder.int8-static.onnx"
@@ -138,42 +120,94 @@ def bench_encoder_vitb(work: Path, log, batch: int | None = None, calib: int | N
             log("ORT static INT8 (QDQ, MinMax on the calibration tiles)")
             q.encoder_int8_static(fp32, static, cal)
         variants["ort_int8_static"] = OrtRunner(static, "enc")
-    if openvino_version() is not None:
-        variants["openvino_bf16"] = OpenVinoRunner(fp32, "enc", precision="bf16")
-        xml = work / "tile_encoder.openvino-int8.xml"
-        try:
-            if not xml.exists():
-                log("OpenVINO NNCF INT8")
-                nncf_int8(fp32, work, "tile_encoder", SimpleNamespace(tiles=lambda: cal))
-            hint = fastest_ov_hint(xml, "enc", cal)["ov_hint"]  # as `locpath build` decides it
-            variants["openvino_nncf_int8"] = OpenVinoRunner(xml, "enc", precision="int8", hint=hint)
-        except Exception as exc:  # NNCF missing or failing: the other rows still stand
-            skipped["openvino_nncf_int8"] = str(exc).splitlines()[0][:200]
-        safe = work / ("int8-safe-real" if slide is not None else "int8-safe")  # calibrated on other tiles
-        try:
-            safe.mkdir(exist_ok=True)
-            if (safe / "info.json").exists():
-                info = json.loads((safe / "info.json").read_text())
-            else:
-                log("OpenVINO int8-safe (NNCF, sensitive layer groups float until every tile holds cosine 0.995)")
-                info = build_int8_safe(fp32, safe, "tile_encoder", cal, log=log)
-                (safe / "info.json").write_text(json.dumps(info))
-            recipes["openvino_int8_safe"] = {k: info[k] for k in ("float_groups", "ov_hint", "cosine_min",
-                                                                    "calibration_min", "held_out_min", "rounds")}
-            variants["openvino_int8_safe"] = OpenVinoRunner(safe / info["artifact"], "enc", precision="int8",
-                                                            hint=info["ov_hint"])
-        except Exception as exc:  # the bound unreachable (LocpathError) or NNCF missing
-            skipped["openvino_int8_safe"] = str(exc).splitlines()[0][:300]
-    else:
-        skipped["openvino"] = "OpenVINO is not installed"
+    return variants
 
-    def ort_like(r):
-        return lambda t: r.run({"tiles": t}, ["features"])["features"]
+
+def _openvino_variants(work: Path, fp32: Path, cal: np.ndarray, real: bool, log) -> tuple[dict, dict, dict]:
+    """(variants, skipped, recipes) of OpenVINO bf16, NNCF INT8 and int8-safe (each cached in the work folder)."""
+    from ..engines.build import fastest_ov_hint, nncf_int8
+    from ..engines.encoder_int8 import build_int8_safe
+    from ..runtime.machine import openvino_version
+    from ..runtime.openvino_runner import OpenVinoRunner
+
+    if openvino_version() is None:
+        return {}, {"openvino": "OpenVINO is not installed"}, {}
+    variants, skipped, recipes = {"openvino_bf16": OpenVinoRunner(fp32, "enc", precision="bf16")}, {}, {}
+    xml = work / "tile_encoder.openvino-int8.xml"
+    try:
+        if not xml.exists():
+            log("OpenVINO NNCF INT8")
+            nncf_int8(fp32, work, "tile_encoder", SimpleNamespace(tiles=lambda: cal))
+        hint = fastest_ov_hint(xml, "enc", cal)["ov_hint"]  # as `locpath build` decides it
+        variants["openvino_nncf_int8"] = OpenVinoRunner(xml, "enc", precision="int8", hint=hint)
+    except Exception as exc:  # NNCF missing or failing: the other rows still stand
+        skipped["openvino_nncf_int8"] = str(exc).splitlines()[0][:200]
+    safe = work / ("int8-safe-real" if real else "int8-safe")  # calibrated on other tiles
+    try:
+        safe.mkdir(exist_ok=True)
+        if (safe / "info.json").exists():
+            info = json.loads((safe / "info.json").read_text())
+        else:
+            log("OpenVINO int8-safe (NNCF, sensitive layer groups float until every tile holds cosine 0.995)")
+            info = build_int8_safe(fp32, safe, "tile_encoder", cal, log=log)
+            (safe / "info.json").write_text(json.dumps(info))
+        recipes["openvino_int8_safe"] = {k: info[k] for k in ("float_groups", "ov_hint", "cosine_min",
+                                                                "calibration_min", "held_out_min", "rounds")}
+        variants["openvino_int8_safe"] = OpenVinoRunner(safe / info["artifact"], "enc", precision="int8",
+                                                        hint=info["ov_hint"])
+    except Exception as exc:  # the bound unreachable (LocpathError) or NNCF missing
+        skipped["openvino_int8_safe"] = str(exc).splitlines()[0][:300]
+    return variants, skipped, recipes
+
+
+def _measure(runs: dict, ref, every: np.ndarray, held: np.ndarray, x: np.ndarray, batch: int, repeats: int,
+             log) -> dict:
+    """Per-tile cosines against `ref` (fp32 eager), then tiles/s in two alternating rounds (medians), and each
+    variant's speed against ORT fp32 (when timed) and PyTorch bf16."""
 
     def batched(run, t):
         return np.concatenate([run(np.ascontiguousarray(t[i:i + batch])) for i in range(0, len(t), batch)])
 
-    runs = {k: ort_like(r) for k, r in variants.items()}
+    ref = batched(ref, every)
+    res = {k: _cos(batched(run, every), ref, held) for k, run in runs.items()}
+    xb = x[:batch]
+    log(f"timing {len(runs)} encoders back to back, batch {batch}")
+    for _ in range(2):  # alternating rounds spread machine noise
+        for k, run in runs.items():
+            tps = len(xb) / _median_time(lambda run=run: run(xb), warmup=1, repeats=repeats)
+            res[k].setdefault("tiles_per_s_runs", []).append(round(tps, 2))
+    for v in res.values():
+        v["tiles_per_s"] = float(np.median(v["tiles_per_s_runs"]))
+    for v in res.values():
+        if "ort_fp32" in res:
+            v["vs_ort_fp32"] = v["tiles_per_s"] / res["ort_fp32"]["tiles_per_s"]
+        v["vs_pytorch_bf16"] = v["tiles_per_s"] / res["pytorch_bf16"]["tiles_per_s"]
+    return res
+
+
+def bench_encoder_vitb(work: Path, log, batch: int | None = None, calib: int | None = None, repeats: int = 3,
+                       shape: str = "vit_b", slide: Path | None = None, held_out: int | None = None) -> dict:
+    """One encoder shape's recipes, timed in alternating rounds; see the module docstring."""
+    import torch
+
+    from ..export.configs import tile_encoder_config
+    from ..export.exporter import export_component
+    from ..models.encoders import build_tile_encoder
+
+    sh = SHAPES[shape]
+    batch, calib, held_out = batch or sh.batch, calib or sh.calib, held_out or sh.held_out
+    work.mkdir(parents=True, exist_ok=True)
+    cfg, enc = _build_encoder(sh)
+    fp32 = work / "tile_encoder.onnx"
+    cal, x, every, held = _calibration(calib, held_out, slide)
+    if not fp32.exists():
+        log(f"exporting a {sh.title} tile encoder")
+        holder = SimpleNamespace(tile_encoder=enc, cfg=SimpleNamespace(tile_encoder=cfg))
+        export_component(tile_encoder_config(holder), holder, work)
+    variants = _ort_variants(sh, work, fp32, cal, log)
+    ov, skipped, recipes = _openvino_variants(work, fp32, cal, slide is not None, log)
+    variants.update(ov)
+    runs = {k: (lambda r: lambda t: r.run({"tiles": t}, ["features"])["features"])(r) for k, r in variants.items()}
     with torch.no_grad():
         if "ort_fp32" in sh.variants:  # ViT-L's fp32 eager takes minutes per round: reference only
             runs["pytorch_fp32"] = lambda t: enc.forward_uint8(torch.from_numpy(t)).numpy()
@@ -181,20 +215,8 @@ def bench_encoder_vitb(work: Path, log, batch: int | None = None, calib: int | N
         enc16.load_state_dict(enc.state_dict())
         enc16 = enc16.to(torch.bfloat16)
         runs["pytorch_bf16"] = lambda t: enc16.forward_uint8(torch.from_numpy(t)).float().numpy()
-        ref = batched(lambda t: enc.forward_uint8(torch.from_numpy(t)).numpy(), every)
-        res = {k: _cos(batched(run, every), ref, held) for k, run in runs.items()}
-        xb = x[:batch]
-        log(f"timing {len(runs)} encoders back to back, batch {batch}")
-        for _ in range(2):  # alternating rounds spread machine noise
-            for k, run in runs.items():
-                tps = len(xb) / _median_time(lambda run=run: run(xb), warmup=1, repeats=repeats)
-                res[k].setdefault("tiles_per_s_runs", []).append(round(tps, 2))
-    for v in res.values():
-        v["tiles_per_s"] = float(np.median(v["tiles_per_s_runs"]))
-    for v in res.values():
-        if "ort_fp32" in res:
-            v["vs_ort_fp32"] = v["tiles_per_s"] / res["ort_fp32"]["tiles_per_s"]
-        v["vs_pytorch_bf16"] = v["tiles_per_s"] / res["pytorch_bf16"]["tiles_per_s"]
+        res = _measure(runs, lambda t: enc.forward_uint8(torch.from_numpy(t)).numpy(), every, held, x, batch,
+                       repeats, log)
     for k, info in recipes.items():
         res[k]["recipe"] = info
     for r in variants.values():
@@ -213,3 +235,21 @@ def int8_summary(vb: dict, bound: float = 0.995) -> dict | None:
     best = max(pool, key=lambda k: pool[k]["tiles_per_s"])
     return {"variant": best, "vs_pytorch_bf16": pool[best]["vs_pytorch_bf16"], "cosine_min": pool[best]["cosine_min"],
             "cosine_mean": pool[best]["cosine_mean"], "holds_bound": bool(ok)}
+
+
+def best_accurate(vb: dict) -> tuple[str, dict]:
+    """The fastest non-PyTorch variant whose mean cosine holds 0.999: (name, its entry)."""
+    ok = {k: v for k, v in vb["variants"].items() if not k.startswith("pytorch") and v["cosine_mean"] >= 0.999}
+    best = max(ok, key=lambda k: ok[k]["tiles_per_s"])
+    return best, ok[best]
+
+
+def int8_ratios(vb: dict, size: str) -> tuple[dict, dict]:
+    """(ratios, targets) of the INT8 encoder at shape `size` ("b" or "l"): the fastest INT8 variant whose worst
+    tile holds cosine 0.995, met at 1.3x PyTorch bf16."""
+    s = int8_summary(vb)
+    if s is None:
+        return {}, {}
+    return ({f"encoder_vit_{size}_int8_vs_pytorch_bf16": s["vs_pytorch_bf16"]},
+            {f"encoder_vit_{size}_int8_1.3x_pytorch_bf16_at_min_cosine_0.995": dict(
+                s, target=1.3, value=s["vs_pytorch_bf16"], met=s["holds_bound"] and s["vs_pytorch_bf16"] >= 1.3)})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ import numpy as np
 
 from ..bundle.names import DECODER_FUSED
 from ..errors import LocpathError
+from .memory import PeakGrowth, peak_rss_mb_of, status_kb
+from .stats import spread
 
 SHAPE_05B = "qwen2.5-0.5b"
 CARA_05B = (5, 11, 17, 23)  # four CARA blocks over 24 layers, spaced as the published (3, 10, 17, 24) over 28
@@ -51,57 +52,8 @@ class HeadlineConfig:
     repeats: int = 3
     chunk: int = 2048  # prefix prefill positions per decoder call (chunked prefill bounds its attention scratch)
     tiles_05b: list[int] | None = None  # None: the same as `tiles`
-    slide_for: Callable[[int], Path] | None = None  # n -> a slide of about n tiles (runner.scaling_slide), when
+    slide_for: Callable[[int], Path] | None = None  # n -> a slide of about n tiles (slides.scaling_slide), when
     # the features of n tiles are not cached yet
-
-
-# -- memory, measured -------------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LocpathError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, `echo 5 > /proc/self/clear_refs`)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the OS (glibc malloc_trim), so memory freed earlier (weight prepacking,
-    the warm-up) is not silently reused inside the measured block: its growth would read near zero."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the measurement may undercount, as before
-        pass
-
-
-class _PeakGrowth:
-    """Peak resident-set growth over a block, in bytes."""
-
-    def __enter__(self):
-        self.peak_before = max(_status_kb("VmHWM"), _status_kb("VmRSS"))  # the reset below drops it: keep it
-        _trim_heap()
-        self.reset = _reset_peak()
-        self.before = _status_kb("VmRSS")
-        return self
-
-    def __exit__(self, *exc):
-        peak = _status_kb("VmHWM") if self.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.bytes = max(0, peak - self.before) * 1024
-
-
-def _spread(values) -> dict:
-    """As runner.spread (not imported: the runner imports this module)."""
-    v = np.asarray(values, dtype=np.float64)
-    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
 # -- the prefix baseline at run time (torch-free) -----------------------------------------------------------
@@ -175,7 +127,7 @@ def measure_locpath(bundle: str, ff, question: str, warmup: int, repeats: int) -
 
     pipe = Pipeline.from_bundle(bundle, use_cache=False)
     params = pipe.sampling()
-    loaded = _status_kb("VmRSS") * 1024
+    loaded = status_kb("VmRSS") * 1024
 
     def once():
         t = time.perf_counter()
@@ -189,20 +141,20 @@ def measure_locpath(bundle: str, ff, question: str, warmup: int, repeats: int) -
 
     small = dataclasses.replace(ff, features=ff.features[:WARM_TILES], coords=ff.coords[:WARM_TILES])
     pipe.generator(pipe.question_kv(pipe.compress(small).latents, question), question, params)  # lazy init, prepack
-    with _PeakGrowth() as g:
+    with PeakGrowth() as g:
         cold = once()
     runs = [once() for _ in range(max(0, warmup - 1) + repeats)][-repeats:]
     pipe.release()
-    return {"ttft_ms": _spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
+    return {"ttft_ms": spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
             "tokens_after_stm": cold[2], "first_token": cold[3], "kv_plus_activation_bytes": g.bytes,
-            "rss_loaded_mb": round(loaded / 2**20, 1), "peak_rss_mb": _peak_rss_mb(g)}
+            "rss_loaded_mb": round(loaded / 2**20, 1), "peak_rss_mb": peak_rss_mb_of(g)}
 
 
 def measure_prefix(folder: str, ff, prompt: list[int], max_new: int, chunk: int, warmup: int, repeats: int) -> dict:
     """The prefix baseline's time to first token from the same features (projector, chunked prefill, first
     token) and its memory."""
     sess = PrefixSession(Path(folder))
-    loaded = _status_kb("VmRSS") * 1024
+    loaded = status_kb("VmRSS") * 1024
     grid = ff.grid_index
 
     def once():
@@ -213,20 +165,13 @@ def measure_prefix(folder: str, ff, prompt: list[int], max_new: int, chunk: int,
         return (time.perf_counter() - t) * 1000, cache.nbytes, first
 
     sess.prefill(sess.visual_tokens(ff.features[:WARM_TILES], grid[:WARM_TILES]), prompt, max_new, chunk)  # lazy init
-    with _PeakGrowth() as g:
+    with PeakGrowth() as g:
         cold = once()
     runs = [once() for _ in range(max(0, warmup - 1) + repeats)][-repeats:]
-    return {"ttft_ms": _spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
+    return {"ttft_ms": spread([r[0] for r in runs]), "cold_ttft_ms": round(cold[0], 2), "kv_bytes": cold[1],
             "visual_tokens": int(len(ff.features)), "first_token": cold[2], "kv_plus_activation_bytes": g.bytes,
-            "rss_loaded_mb": round(loaded / 2**20, 1), "peak_rss_mb": _peak_rss_mb(g),
+            "rss_loaded_mb": round(loaded / 2**20, 1), "peak_rss_mb": peak_rss_mb_of(g),
             "prefill_chunk": chunk, "precision": sess.meta["quant"]}
-
-
-def _peak_rss_mb(g: _PeakGrowth) -> float:
-    """The process's peak resident set over its life (before and since the mark was reset), MB. VmHWM, not
-    ru_maxrss: Linux carries ru_maxrss across fork and exec, so a spawned child would report its parent's peak."""
-    now = _status_kb("VmHWM") if g.reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(max(now, g.peak_before) / 1024.0, 1)
 
 
 def in_child(fn, *args):
@@ -386,26 +331,6 @@ def bench_headline(pipe, cfg: HeadlineConfig, log, with_05b: bool = False) -> di
                       "cara_layers": list(CARA_05B),
                       "rows": _rows(bundle, px, feats05, prompt05, max_new05, cfg, log, SHAPE_05B)}
     return out
-
-
-def headline_ratios(headline: dict, ratios: dict, targets: dict) -> None:
-    """Prefix over LoC-Path per N (>1: LoC-Path ahead); targets at 10k tiles on the reference."""
-    for shape, key in (("reference", ""), (SHAPE_05B, "_0.5b")):
-        for row in headline.get(shape, {}).get("rows", []):
-            n, lp, px = row["n_target"], row["locpath"], row["prefix"]
-            ratios[f"ttft_prefix_over_locpath{key}_at_{n}"] = px["ttft_ms"]["median"] / lp["ttft_ms"]["median"]
-            ratios[f"memory_prefix_over_locpath{key}_at_{n}"] = (px["kv_plus_activation_bytes"]
-                                                                 / max(1, lp["kv_plus_activation_bytes"]))
-            ratios[f"kv_prefix_over_locpath{key}_at_{n}"] = px["kv_bytes"] / lp["kv_bytes"]
-            ratios[f"peak_rss_prefix_over_locpath{key}_at_{n}"] = px["peak_rss_mb"] / lp["peak_rss_mb"]
-    r = ratios
-    for n in (10000,):
-        if f"ttft_prefix_over_locpath_at_{n}" in r:
-            targets[f"ttft_20x_at_{n}"] = {"target": 20, "value": r[f"ttft_prefix_over_locpath_at_{n}"],
-                                           "met": r[f"ttft_prefix_over_locpath_at_{n}"] >= 20}
-            v = r[f"memory_prefix_over_locpath_at_{n}"]
-            targets[f"memory_50x_at_{n}"] = {"target": 50, "value": v, "met": v >= 50,
-                                             "memory": "KV + activations (peak RSS growth during the TTFT)"}
 
 
 def headline_lines(headline: dict) -> list[str]:

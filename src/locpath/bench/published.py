@@ -120,7 +120,8 @@ def build_bundle(folder: Path, bundle: Path, encoder: str = "conch_v1", size: st
     reference's small resampler/TIS/CARA and encoder (what the test of this path uses)."""
     from ..config import preset
     from ..engines.hf_weights import HFFolder
-    from ..export.streamed import export_streamed_bundle, peak_rss_mb, skeleton_model
+    from ..export.streamed import export_streamed_bundle, skeleton_model
+    from .memory import own_peak_rss_mb
 
     t0 = time.time()
     cfg = preset(size)
@@ -134,7 +135,7 @@ def build_bundle(folder: Path, bundle: Path, encoder: str = "conch_v1", size: st
                                     source={"note": "random weights, Qwen2.5-7B shape"},
                                     log=lambda m: print(m, file=sys.stderr, flush=True))
     rep["build_seconds"] = round(time.time() - t0, 1)
-    rep["peak_rss_mb"] = round(peak_rss_mb())
+    rep["peak_rss_mb"] = round(own_peak_rss_mb())  # this child's own (ru_maxrss would carry the parent's over)
     return rep
 
 

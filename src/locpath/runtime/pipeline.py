@@ -469,7 +469,7 @@ class Pipeline:
 
         return AnswerBatch(self, rows or self.max_batch)
 
-    # -- compatibility: removed once cli/, serve/ and bench/ use the API above ------------------------------------
+    # -- for measurements (bench/): one answer driven by hand, with forced steps and first-token timings ----------
     def generator(self, qkv: QuestionKV, question: str, params: SamplingParams,
                   stats: GenerationStats | None = None) -> OneAnswer:
         """One answer with its prompt prefilled, driven by hand (bench/: forced steps, first-token timings)."""

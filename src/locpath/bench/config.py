@@ -1,0 +1,27 @@
+"""What `locpath bench` is asked to measure (built by the CLI, read by every suite)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class BenchConfig:
+    bundle: Path
+    slide: Path | None = None
+    tiles: list[int] = field(default_factory=lambda: [1000, 10000])
+    repeats: int = 3
+    warmup: int = 1
+    workdir: Path = Path("runs/bench")
+    baselines: bool = True
+    question: str = "What is the diagnosis?"
+    progress: bool = True
+    decoder_05b: bool = False
+    encoder_vitb: bool = False
+    encoder_vitl: bool = False
+    published: bool = False
+    headline_05b: bool = False  # the like-for-like headline on a Qwen2.5-0.5B-shaped LLM too (bench/headline.py)
+    headline_tiles_05b: list[int] | None = None  # its tile counts (default: `tiles`)
+    throughput_pass: object = None  # batch.runner.run_pass (from the CLI): `bench --throughput`, bench/throughput.py
+    throughput_slides: int = 4

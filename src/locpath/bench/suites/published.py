@@ -1,0 +1,17 @@
+"""`bench --published`: a Qwen2.5-7B-shaped bundle built from shards here, its build and runtime measured
+(bench/published.py; JSON `published`)."""
+
+from __future__ import annotations
+
+from ..suite import Context, Suite
+
+
+def run(ctx: Context) -> dict:
+    from ..published import bench_published
+
+    return bench_published(ctx.cfg.workdir / "published", ctx.log, tiles=tuple(ctx.cfg.tiles or (1000, 10000)))
+
+
+SUITE = Suite("published", "published", run, flag="published", needs_torch=True,
+              off="pass --published for a Qwen2.5-7B-shaped bundle built from shards here (first run writes ~15 GB "
+                  "of shards and builds a ~5 GB bundle: minutes)")

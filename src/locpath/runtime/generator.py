@@ -265,6 +265,11 @@ class OneAnswer:
     def logits(self) -> np.ndarray:
         return self._row.logits[None, None]  # (1, 1, vocab): the last position
 
+    @property
+    def cache(self):
+        """The K/V cache this answer lives in (its own, or the batch's shared one): measurements read its buffers."""
+        return self._row.cache if self._row.cache is not None else self.gen.cache
+
     def next_token(self) -> int:
         check_finite(self._row.logits)
         return self._row.search(self._row.logits, self._row.history)

@@ -15,7 +15,6 @@ function) is listed once, at its first call.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess

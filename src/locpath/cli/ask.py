@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from ..errors import LocpathError
@@ -70,9 +71,10 @@ def _ask(args, answers: list) -> None:
     if len(questions) > 1 and args.decode_batch > 1:  # decoded as one batch: answers printed as they end
         answers.extend(_ask_batched(pipe, args, questions))
     else:
+        t_start = time.perf_counter()  # the first answer's time to first token counts the slide's preparation
         ctx = pipe.prepare(args.slide, mpp_override=args.mpp_override)
         for i, q in enumerate(questions):  # the first answer carries the slide's preparation timings
-            stream = pipe.stream(ctx if i == 0 else ctx.again({}), q)
+            stream = pipe.stream(ctx, q, t_start=t_start) if i == 0 else pipe.stream(ctx.again({}), q)
             answers.append(_printed(stream) if not args.json else _drained(stream))
     if args.evidence is not None:  # before the JSON: a failure here is reported in the one document
         _write_evidence(args, answers[-1])

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import LocpathError
+from ..runtime.options import int_at_least
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,24 +53,8 @@ def jpeg_quality(text: str) -> int:
     return v
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return v
-
-
-def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return v
+non_negative_int = int_at_least(0)
+positive_int = int_at_least(1)
 
 
 def retell(parser: argparse.ArgumentParser, option: str, help: str) -> None:

@@ -57,7 +57,8 @@ class RuntimeOptions:
         return dataclasses.replace(self, **changes)
 
 
-def _int_at_least(low: int):
+def int_at_least(low: int):
+    """An argparse type: an integer >= `low`, else one line saying which (the CLI's flags use it too)."""
     def parse(text: str) -> int:
         try:
             v = int(text)
@@ -76,22 +77,22 @@ def add_runtime_options(parser: argparse.ArgumentParser, defaults: RuntimeOption
     g = parser.add_argument_group("runtime", "how the bundle runs on this machine")
     g.add_argument("--device", choices=DEVICES, default=defaults.device,
                    help=f"ONNX Runtime execution provider; cuda/tensorrt need onnxruntime-gpu (default {defaults.device})")
-    g.add_argument("--threads", type=_int_at_least(1), default=defaults.threads, metavar="N",
+    g.add_argument("--threads", type=int_at_least(1), default=defaults.threads, metavar="N",
                    help="intra-op threads per graph (default: all cores)")
     g.add_argument("--decoder", choices=DECODER_CHOICES, default=defaults.decoder,
                    help="decoder graph: fused (GroupQueryAttention, ONNX Runtime) when the bundle has one and the "
                         f"device runs it, or plain (default {defaults.decoder})")
-    g.add_argument("--decode-batch", type=_int_at_least(1), default=defaults.decode_batch, metavar="N",
+    g.add_argument("--decode-batch", type=int_at_least(1), default=defaults.decode_batch, metavar="N",
                    help="decode up to N answers as one batch; answers equal one-by-one answers; 1 = one at a time "
                         f"(default {defaults.decode_batch})")
     g.add_argument("--cache-dir", default=defaults.cache_dir, metavar="DIR",
                    help="slide cache folder (default ~/.cache/locpath/slides)")
     g.add_argument("--no-cache", dest="use_cache", action="store_false", default=defaults.use_cache,
                    help="do not read or write the slide cache")
-    g.add_argument("--memory-slides", type=_int_at_least(0), default=defaults.memory_slides, metavar="N",
+    g.add_argument("--memory-slides", type=int_at_least(0), default=defaults.memory_slides, metavar="N",
                    help=f"slides whose latents stay in memory, least recently used dropped first "
                         f"(default {defaults.memory_slides})")
-    g.add_argument("--tile-batch", type=_int_at_least(1), default=defaults.tile_batch, metavar="N",
+    g.add_argument("--tile-batch", type=int_at_least(1), default=defaults.tile_batch, metavar="N",
                    help=f"tiles per tile-encoder call (default {defaults.tile_batch})")
     g.add_argument("--trusted-keys", default=defaults.trusted_keys, metavar="PEM_OR_DIR",
                    help="run only bundles signed by one of these Ed25519 public keys (default: $LOCPATH_TRUSTED_KEYS; "

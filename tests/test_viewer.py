@@ -346,6 +346,7 @@ def _ask_and_go_to_evidence(page, srv, tmp_path) -> None:
     page.click("#ask-button")
     page.wait_for_selector("#answer[data-state=done]", timeout=60000)
     page.wait_for_selector("#osd[data-heatmap]", timeout=30000)
+    page.wait_for_selector("#view-image[data-evidence]", timeout=30000)  # the page's own heatmap, as before
     items = page.locator("#evidence-list li")
     top = srv.answer["evidence"]["top"]
     assert items.count() == len(top)
@@ -372,5 +373,5 @@ def _ask_and_go_to_evidence(page, srv, tmp_path) -> None:
     page.locator("#viewer-panel").screenshot(path=str(shot))
     assert Image.open(shot).size[0] > 600
     keep = os.environ.get("LOCPATH_SCREENSHOTS")
-    if keep:
-        shutil.copy(shot, Path(keep) / "viewer.png")
+    if keep:  # 256 colours: half the bytes in git, the same picture to the eye
+        Image.open(shot).convert("RGB").quantize(256).save(Path(keep) / "viewer.png", optimize=True)

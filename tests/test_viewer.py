@@ -192,7 +192,7 @@ def test_vendored_openseadragon_is_the_recorded_one_and_served(srv):
 
 
 # -- the tiles themselves, in process: OpenSlide's generator over every backend ------------------------------------
-def _pixels(img) -> "np.ndarray":
+def _pixels(img):
     import numpy as np
 
     return np.asarray(img.convert("RGB"), np.int16)

@@ -154,7 +154,8 @@ async function finish(question, data) {
   const li = document.createElement("li");
   li.textContent = question + " - " + data.answer;
   $("history").prepend(li);
-  if (data.job) LocpathViewer.evidence(data.job, data.evidence).catch((e) => { $("chat-error").textContent = e.message; });
+  if (data.job) LocpathViewer.evidence(data.job, data.evidence)
+    .catch((e) => { $("chat-error").textContent = e.message; });  // viewer.js
   if (data.job) await showView(imageURL(selected.thumbnail + "?evidence=" + data.job), data.job);
 }
 

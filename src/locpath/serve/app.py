@@ -9,6 +9,8 @@ limit, Host/Origin/JSON guard, request log) and exception handlers (errors.py's 
     GET  /v1/slides, /v1/slides/{id}            slides with ingestion status and progress                (slides)
     GET  /v1/slides/{id}/thumbnail.png          thumbnail (?evidence=<job id> for a heatmap)             (slides)
     DELETE /v1/slides/{id}                      (admin)                                                   (slides)
+    GET  /v1/slides/{id}/viewer.dzi, viewer_files/{level}/{col}_{row}.jpeg   Deep Zoom descriptor and tiles (viewer)
+    GET  /v1/slides/{id}/viewer/heatmap.png?evidence=<job id>, viewer/grid.json   the viewer's overlays     (viewer)
     POST /v1/slides/{id}/questions              an answer as JSON or server-sent events                  (questions)
     POST /v1/chat/completions                   the same through OpenAI's chat-completions shape         (openai)
     GET  /v1/jobs, /v1/jobs/{id}                ingestion and question jobs                               (jobs)
@@ -31,7 +33,7 @@ from .errors import HTTP_KINDS, STATUS, ApiError, error_json, response
 from .guard import Guard, Refused
 from .limits import BodyLimit
 from .logs import RequestLog
-from .routers import health, jobs, openai, questions, slides
+from .routers import health, jobs, openai, questions, slides, viewer
 from .service import Service
 
 
@@ -57,7 +59,7 @@ def create_app(service: Service | None = None, *, cfg: ServeConfig | None = None
     app.state.service = ref
     _middleware(app, ref, cfg)
     _handlers(app)
-    for module in (health, openai, slides, jobs, questions):
+    for module in (health, openai, slides, viewer, jobs, questions):
         app.include_router(module.router)
     return app
 

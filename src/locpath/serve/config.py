@@ -32,6 +32,8 @@ class ServeConfig:
     question_timeout_s: float = 120.0
     ingest_timeout_s: float = 7200.0  # one slide's ingestion; longer is failed (a forged or hopelessly slow file)
     log_json: bool = True
+    tile_cache_bytes: int = 64 << 20  # the viewer's encoded tiles, descriptors and overlays kept in memory (LRU)
+    tile_renders: int = 4  # viewer tiles rendered at once (the rest wait); each holds at most one tile's read
     allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides loopback and --host
     # how the bundle runs (device, threads, slide cache, latents kept in memory, decode batch, trusted keys)
     runtime: RuntimeOptions = SERVE_RUNTIME
@@ -77,9 +79,12 @@ class ServeConfig:
                 raise ConfigError(f"{root}: --slide-root is not a folder")
         if not isinstance(self.runtime, RuntimeOptions):
             raise ConfigError(f"runtime must be RuntimeOptions, got {type(self.runtime).__name__}")
-        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue"):
+        for name in ("max_upload_bytes", "max_request_bytes", "max_question_chars", "question_queue", "ingest_queue",
+                     "tile_renders"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.tile_cache_bytes < 0:
+            raise ConfigError("tile_cache_bytes must be at least 0 (0 keeps no tiles)")
         if not self.question_timeout_s > 0:
             raise ConfigError("question timeout must be positive")
         if not self.ingest_timeout_s > 0:

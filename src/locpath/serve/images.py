@@ -24,20 +24,25 @@ def evidence_png(svc: Service, slide, job: dict) -> bytes:
     """The heatmap of a finished question's evidence over the slide's thumbnail (recomputed from the latents in
     memory or the slide cache: the stored answer keeps only its top tiles). A slide whose latents are gone is sent
     back to ingestion (NotPrepared: 503), never encoded here."""
-    from ..runtime.pipeline import NotPrepared
     from ..wsi import open_slide
     from ..wsi.overlay import evidence_image
 
     with svc.open_slide(slide.id) as f:
-        try:
-            ctx = svc.pipe.prepare(f, cached_only=True)
-        except NotPrepared:
-            svc.reprepare(slide.id)
-            raise
-        qkv = svc.pipe.question_kv(ctx.latents, job["request"]["question"])
-        ev = svc.pipe.evidence(ctx, qkv)
+        ev = question_evidence(svc, slide, job, f)
         with open_slide(f) as s:
             img = evidence_image(s, ev.coords, ev.weights, ev.tile_size_level0, max_size=768)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def question_evidence(svc: Service, slide, job: dict, f):
+    """The evidence of a finished question about the open slide `f` (also the viewer's heatmap: viewer.py)."""
+    from ..runtime.pipeline import NotPrepared
+
+    try:
+        ctx = svc.pipe.prepare(f, cached_only=True)
+    except NotPrepared:
+        svc.reprepare(slide.id)
+        raise
+    return svc.pipe.evidence(ctx, svc.pipe.question_kv(ctx.latents, job["request"]["question"]))

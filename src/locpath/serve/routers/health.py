@@ -39,6 +39,6 @@ async def index():
 
 @router.get("/static/{name}", include_in_schema=False)
 async def static(name: str):
-    if name not in {"app.js", "style.css"}:
+    if name not in {"app.js", "style.css", "viewer.js", "viewer.css"}:
         raise ApiError(404, "not_found", "no such file")
     return FileResponse(STATIC / name)

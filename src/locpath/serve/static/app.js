@@ -99,6 +99,7 @@ async function select(s) {
   const ready = s.status === "ready";
   $("question").disabled = !ready;
   $("ask-button").disabled = !ready;
+  if (ready) LocpathViewer.open(s);  // viewer.js
   if (ready) await showView(thumbURL(s), null);
 }
 
@@ -153,6 +154,8 @@ async function finish(question, data) {
   const li = document.createElement("li");
   li.textContent = question + " - " + data.answer;
   $("history").prepend(li);
+  if (data.job) LocpathViewer.evidence(data.job, data.evidence)
+    .catch((e) => { $("chat-error").textContent = e.message; });  // viewer.js
   if (data.job) await showView(imageURL(selected.thumbnail + "?evidence=" + data.job), data.job);
 }
 

@@ -142,6 +142,8 @@ def test_dicom_outputs_refuse_bad_inputs_before_any_work(real_svs, dicom_slide, 
     one_line(cli("ask", shipped(), folder, Q1, "--dicom-ann", tmp_path / "ann.txt"), "--dicom-ann must name a .dcm")
     one_line(cli("ask", shipped(), folder, Q1, "--dicom-sr", out, "--dicom-ann", out), "name the same file")
     assert list(tmp_path.iterdir()) == []
+    one_line(cli("serve", shipped(), "--store-results", "--data-dir", tmp_path / "data"),
+             "--store-results stores answers on the DICOMweb server", "--dicomweb URL")
 
 
 # -- serve --store-results: STOW-RS to a real Orthanc -----------------------------------------------------------------

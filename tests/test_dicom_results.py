@@ -128,6 +128,30 @@ def test_ask_writes_a_dicom_sr_and_annotations_that_read_back_and_validate(dicom
     assert sorted(p.name for p in tmp_path.iterdir()) == ["answers-sr.dcm", "evidence-ann.dcm"]  # no temporaries
 
 
+def test_trust_fields_go_into_the_report_when_the_answer_has_them(dicom_slide):
+    """Confidence (NUM "Certainty of Impression") and warnings (TEXT "Comment") of the shared trust schema; an
+    answer without them (older bundles, before TRUST) gives neither."""
+    from highdicom.sr.utils import find_content_items
+    from pydicom.sr.codedict import codes
+
+    from locpath.bundle.integrity import verify_bundle
+    from locpath.dicomout import build_objects
+    from locpath.dicomout.identity import model_identity
+    from locpath.dicomout.sources import read_source
+
+    ident = model_identity(shipped(), verify_bundle(shipped(), check_files=False), "decoder")
+    plain = {"question": Q1, "answer": "adenocarcinoma",
+             "evidence": {"tile_size_level0": 224, "tiles": 2, "top": [{"x": 0, "y": 0, "weight": 1.0}]}}
+    trusted = dict(plain, trust={"confidence": 0.42, "abstained": False, "warnings": [
+        {"code": "low_confidence", "message": "the model is unsure"}]})
+    sr, ann = build_objects(read_source(dicom_slide[3]), ident, [trusted, plain])
+    groups = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups()
+    nums = [[m.value for m in g.get_measurements() if m.name == codes.DCM.CertaintyOfImpression] for g in groups]
+    notes = [[i.value for i in find_content_items(g[0], name=codes.DCM.Comment)] for g in groups]
+    assert nums == [[0.42], []] and notes == [["low_confidence: the model is unsure"], []]
+    assert ann.AnnotationGroupSequence[0].NumberOfAnnotations == 1
+
+
 def test_dicom_outputs_refuse_bad_inputs_before_any_work(real_svs, dicom_slide, tmp_path):
     folder = dicom_slide[3]
     out = tmp_path / "sr.dcm"

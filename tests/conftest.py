@@ -218,3 +218,13 @@ def postgres_database(postgres_server):
 def postgres_url(postgres_database):
     """A fresh, empty database for one test."""
     return postgres_database()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """Orthanc with its DICOMweb plugin on a loopback port (tests/servers.py Orthanc): its REST root URL."""
+    from servers import Orthanc
+
+    server = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield server.url
+    server.stop()

@@ -130,3 +130,76 @@ def one_line(res, *fragments) -> str:
     for f in fragments:
         assert str(f) in lines[0], (f, lines[0])
     return lines[0]
+
+
+# -- a real DICOMweb server: Orthanc with its DICOMweb plugin (Debian packages orthanc, orthanc-dicomweb) -----------
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class Orthanc:
+    """Orthanc on a loopback port, its storage under `work`; `url` is its REST root, `dicomweb` its DICOMweb root.
+    Skips the test when Orthanc or the plugin is not installed."""
+
+    def __init__(self, work: Path):
+        import shutil
+
+        import pytest
+
+        self.exe = shutil.which("Orthanc")
+        if self.exe is None or not ORTHANC_DICOMWEB.exists():
+            pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
+        self.work, self.port, self.proc = Path(work), free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dicomweb = self.url + "/dicom-web"
+
+    def start(self) -> "Orthanc":
+        import json
+
+        import pytest
+
+        d = self.work
+        cfg = {"Name": "locpath-test", "HttpPort": self.port, "DicomServerEnabled": False, "DicomPort": free_port(),
+               "StorageDirectory": str(d / "storage"), "IndexDirectory": str(d / "index"),
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [str(ORTHANC_DICOMWEB)],
+               "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+        (d / "orthanc.json").write_text(json.dumps(cfg))
+        self.log = open(d / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([self.exe, str(d / "orthanc.json")], stdout=self.log, stderr=self.log)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/system", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        pytest.fail(f"Orthanc did not start: {(d / 'orthanc.log').read_text()[-1000:]}")
+
+    def upload(self, files) -> None:
+        for f in files:
+            assert httpx.post(self.url + "/instances", content=Path(f).read_bytes(), timeout=60).status_code == 200
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+
+
+def dicomize(svs: Path, out: Path) -> tuple[str, str, list[Path]]:
+    """An SVS as a DICOM WSI series (wsidicomizer): (study UID, series UID, files)."""
+    import shutil
+
+    import pytest
+
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("wsidicomizer")
+    exe = shutil.which("wsidicomizer", path=os.path.dirname(sys.executable)) or shutil.which("wsidicomizer")
+    res = subprocess.run([exe or "wsidicomizer", "-i", str(svs), "-o", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        pytest.skip(f"wsidicomizer cannot convert here ({res.stderr.strip().splitlines()[-1:]})")
+    files = sorted(out.glob("*.dcm"))
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), files

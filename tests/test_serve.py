@@ -16,7 +16,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from servers import Server, free_port, register, sse, wait_ready  # noqa: E402
+from servers import Server, dicomize, free_port, register, sse, wait_ready  # noqa: E402
 
 Q = "What is the diagnosis?"
 
@@ -248,55 +248,7 @@ def test_health_metrics_and_idempotent_submission(server, roots):
         assert heat.status_code == 200 and heat.content[:4] == b"\x89PNG" and heat.content != png.content
 
 
-# -- DICOM in: a real DICOMweb server ------------------------------------------------------------------------------
-ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """Orthanc with its DICOMweb plugin (Debian packages orthanc, orthanc-dicomweb), on a loopback port."""
-    exe = shutil.which("Orthanc")
-    if exe is None or not ORTHANC_DICOMWEB.exists():
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)")
-    d = tmp_path_factory.mktemp("orthanc")
-    port = free_port()
-    cfg = {"Name": "locpath-test", "HttpPort": port, "DicomServerEnabled": False, "DicomPort": free_port(),
-           "StorageDirectory": str(d / "storage"), "IndexDirectory": str(d / "index"), "RemoteAccessAllowed": False,
-           "AuthenticationEnabled": False, "Plugins": [str(ORTHANC_DICOMWEB)],
-           "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
-    (d / "orthanc.json").write_text(json.dumps(cfg))
-    log = open(d / "orthanc.log", "wb")
-    proc = subprocess.Popen([exe, str(d / "orthanc.json")], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/system", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"Orthanc did not start: {(d / 'orthanc.log').read_text()[-1000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(20)
-    log.close()
-
-
-def dicomize(svs: Path, out: Path) -> tuple[str, str, list[Path]]:
-    """An SVS as a DICOM WSI series (wsidicomizer): (study UID, series UID, files)."""
-    pydicom = pytest.importorskip("pydicom")
-    pytest.importorskip("wsidicomizer")
-    res = subprocess.run([shutil.which("wsidicomizer") or "wsidicomizer", "-i", str(svs), "-o", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        pytest.skip(f"wsidicomizer cannot convert here ({res.stderr.strip().splitlines()[-1:]})")
-    files = sorted(out.glob("*.dcm"))
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), files
-
-
+# -- DICOM in: a real DICOMweb server (the `orthanc` fixture is in conftest.py) -----------------------------------
 def test_register_by_dicomweb_uid(ref_bundle, roots, orthanc, tmp_path):
     study, series, files = dicomize(roots / "cmu.svs", tmp_path / "dicom")
     for f in files:

@@ -1,10 +1,13 @@
-"""What `ask` and `chat` share: the bundle's Pipeline from the runtime flags, the slide and sampling flags, and the
-timing lines printed under each answer."""
+"""What `ask` and `chat` share: the bundle's Pipeline from the runtime flags, the slide and sampling flags, the
+timing lines printed under each answer, and the answers as DICOM objects (--dicom-sr, --dicom-ann)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from ..errors import LocpathError
 from ..runtime.options import RuntimeOptions, add_runtime_options, runtime_options
 from .common import non_negative_int, positive_float, positive_int
 
@@ -47,3 +50,47 @@ def timing_lines(ans) -> list[str]:
             f"  slide: {s['tiles']} tiles -> {s['tokens_after_stm']} tokens after STM, "
             f"{'cached (no tile read)' if s['cache_hit'] else str(s['tiles_read']) + ' tiles read'}; "
             f"{ans.generation['new_tokens']} new tokens; peak RSS {ans.peak_rss_mb:.0f} MB"]
+
+
+# -- DICOM output (ask --dicom-sr / --dicom-ann) ----------------------------------------------------------------------
+def add_dicom_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dicom-sr", type=Path, default=None, metavar="OUT.dcm",
+                   help="write a DICOM Structured Report of the answers (a DICOM slide only: a series folder or one "
+                        "of its .dcm files): questions, answers, model identity and the evidence tiles as regions "
+                        "on the slide, in the slide's study")
+    p.add_argument("--dicom-ann", type=Path, default=None, metavar="OUT.dcm",
+                   help="write the evidence tiles as DICOM Microscopy Bulk Simple Annotations on the slide (a DICOM "
+                        "slide only)")
+
+
+def dicom_source(args):
+    """The DICOM slide's series, read and the outputs checked before any work (None without --dicom-*)."""
+    if args.dicom_sr is None and args.dicom_ann is None:
+        return None
+    from ..dicomout.files import check_target
+    from ..dicomout.sources import read_source
+
+    if args.dicom_sr is not None and args.dicom_ann is not None and \
+            args.dicom_sr.absolute() == args.dicom_ann.absolute():
+        raise LocpathError(f"{args.dicom_sr}: --dicom-sr and --dicom-ann name the same file")
+    for path, option in ((args.dicom_sr, "--dicom-sr"), (args.dicom_ann, "--dicom-ann")):
+        if path is not None:
+            check_target(path, option)
+    return read_source(args.slide)
+
+
+def write_dicom(args, pipe, source, answers: list) -> None:
+    """The SR and/or the bulk annotations of the answers, each written atomically."""
+    from ..dicomout import build_objects
+    from ..dicomout.files import write_dataset
+    from ..dicomout.identity import pipeline_identity
+
+    sr, ann = build_objects(source, pipeline_identity(pipe), [a.to_dict() for a in answers],
+                            annotations=args.dicom_ann is not None)
+    if args.dicom_ann is not None and ann is None:
+        raise LocpathError(f"{args.dicom_ann}: no evidence tile with a position to annotate")
+    for path, ds, what in ((args.dicom_sr, sr, "structured report"), (args.dicom_ann, ann, "annotations")):
+        if path is not None:
+            write_dataset(ds, path)
+            print(f"dicom: {path} ({what}, SOP instance {ds.SOPInstanceUID}, study {source.study_uid})",
+                  file=sys.stderr)

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from ..errors import LocpathError
-from .answering import add_answer_options, pipeline, sampling, timing_lines
+from .answering import (add_answer_options, add_dicom_options, dicom_source, pipeline, sampling, timing_lines,
+                        write_dicom)
 from .common import PartialAnswers, answers_json, error_message, retell
 
 FEATURE_FILES = (".h5", ".hdf5", ".csv")
@@ -23,6 +24,7 @@ def register(sub) -> None:
                    help='print {"schema": "locpath-answers/1", "answers": [...]} (with "error" on a failure)')
     a.add_argument("--evidence", type=Path, default=None, metavar="OUT.png",
                    help="draw the tiles that weighed most for the last question as a heatmap over the thumbnail")
+    add_dicom_options(a)
     add_answer_options(a)
     retell(a, "--decode-batch", "decode up to N questions as one batch, each printed once it and the ones before it "
                                 "end; answers equal one-by-one answers; 1 = one at a time, streamed (default 8)")
@@ -66,6 +68,7 @@ def _questions(pipe, args) -> list:
 def _ask(args, answers: list) -> None:
     """Every answer is appended to `answers` as it is given."""
     _check(args)
+    source = dicom_source(args)  # a DICOM slide's series, before any work (None without --dicom-sr/--dicom-ann)
     pipe = pipeline(args)
     questions = _questions(pipe, args)
     if len(questions) > 1 and args.decode_batch > 1:  # decoded as one batch: answers printed as they end
@@ -78,6 +81,8 @@ def _ask(args, answers: list) -> None:
             answers.append(_printed(stream) if not args.json else _drained(stream))
     if args.evidence is not None:  # before the JSON: a failure here is reported in the one document
         _write_evidence(args, answers[-1])
+    if source is not None:
+        write_dicom(args, pipe, source, answers)
     if args.json:
         print(answers_json(answers))
 

@@ -29,6 +29,12 @@ def register(sub) -> None:
     sv.add_argument("--slide-root", action="append", type=Path, help="a folder slides may be registered from by path "
                                                                      "(repeatable; symlinks are resolved first)")
     sv.add_argument("--dicomweb", default=None, metavar="URL", help="a DICOMweb server slides can be pulled from")
+    sv.add_argument("--store-results", action="store_true",
+                    help="store each answer about a slide pulled from --dicomweb back on that server (STOW-RS), as "
+                         "a DICOM Structured Report and bulk annotations of the evidence tiles in the slide's study; "
+                         "done after the answer, retried on failure; GET /v1/jobs/ID shows its status")
+    sv.add_argument("--store-attempts", type=positive_int, default=4, metavar="N",
+                    help="with --store-results: STOW-RS tries per answer, waiting 1, 2, 4, ... s between (default 4)")
     sv.add_argument("--init", action="store_true",
                     help="accept a database file that is empty or not locpath's (refused otherwise: its keys would "
                          "be gone); a missing file is always created")
@@ -68,7 +74,8 @@ def serve_config(args):
 
     return ServeConfig(bundle=Path(args.bundle), data_dir=serve_data_dir(args.data_dir), host=args.host,
                        port=args.port, slide_roots=args.slide_root or [], database=args.database,
-                       dicomweb_url=args.dicomweb, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+                       dicomweb_url=args.dicomweb, store_results=args.store_results,
+                       store_attempts=args.store_attempts, max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
                        question_queue=args.question_queue, upload_quota_bytes=args.upload_quota,
                        init_database=args.init, ingest_queue=args.ingest_queue, question_timeout_s=args.timeout,
                        ingest_timeout_s=args.ingest_timeout, log_json=not args.plain_logs,

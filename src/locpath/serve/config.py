@@ -22,6 +22,8 @@ class ServeConfig:
     slide_roots: list[Path] = field(default_factory=list)  # where slides may be registered by path
     database: str | None = None  # SQLAlchemy URL; default sqlite:///<data_dir>/locpath.db
     dicomweb_url: str | None = None  # a DICOMweb server slides can be pulled from by study/series UID
+    store_results: bool = False  # answers about DICOMweb slides go back there as DICOM SR + annotations (STOW-RS)
+    store_attempts: int = 4  # STOW-RS tries per answer (waits 1, 2, 4, ... s between them)
     max_upload_bytes: int = 4 << 30
     upload_quota_bytes: int = 64 << 30  # per API key: the bytes of its stored uploads (checked while streaming)
     init_database: bool = False  # accept an empty or non-locpath database file (else refused: keys would be gone)
@@ -85,6 +87,11 @@ class ServeConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.tile_cache_bytes < 0:
             raise ConfigError("tile_cache_bytes must be at least 0 (0 keeps no tiles)")
+        if self.store_results and not self.dicomweb_url:
+            raise ConfigError("--store-results stores answers on the DICOMweb server slides come from: give it "
+                              "with --dicomweb URL")
+        if self.store_attempts < 1:
+            raise ConfigError("--store-attempts must be at least 1")
         if not self.question_timeout_s > 0:
             raise ConfigError("question timeout must be positive")
         if not self.ingest_timeout_s > 0:

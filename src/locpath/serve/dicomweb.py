@@ -1,7 +1,9 @@
 """Slides pulled from a DICOMweb server (a PACS, Orthanc with its DICOMweb plugin) by study and series UID: the
 series' instances are retrieved with WADO-RS (dicomweb-client) into a folder of the service's data directory,
 written atomically, and opened from there with wsidicom (wsi/dicom.py), so re-reading, hashing and restarts need
-no network. UIDs are checked against DICOM's UID syntax before they name a folder or a URL."""
+no network. UIDs are checked against DICOM's UID syntax before they name a folder or a URL. Results go back with
+STOW-RS (store_instances; serve/results_store.py schedules and retries it). Messages never carry the URL's user
+name or password."""
 
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ def shown(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+def why(exc: BaseException) -> str:
+    """An exception's first line without the credentials of any URL it quotes, bounded."""
+    first = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+    return re.sub(r"//[^/\s@]*@", "//", first)[:200]
+
+
 def series_folder(data_dir: Path, study: str, series: str) -> Path:
     return data_dir / "dicomweb" / check_uid(study, "study UID") / check_uid(series, "series UID")
 
@@ -50,8 +58,7 @@ def retrieve_series(url: str, study: str, series: str, data_dir: Path) -> Path:
     try:
         instances = DICOMwebClient(url=url).retrieve_series(study_instance_uid=study, series_instance_uid=series)
     except Exception as exc:
-        why = re.sub(r"//[^/\s@]*@", "//", (str(exc).splitlines() or [type(exc).__name__])[0])  # URLs it quotes
-        raise DicomWebError(f"{shown(url)}: cannot retrieve series {series} of study {study} ({why[:200]})") from None
+        raise DicomWebError(f"{shown(url)}: cannot retrieve series {series} of study {study} ({why(exc)})") from None
     if not instances:
         raise DicomWebError(f"{shown(url)}: series {series} of study {study} holds no instances")
     with atomic_dir(folder) as tmp:
@@ -60,3 +67,46 @@ def retrieve_series(url: str, study: str, series: str, data_dir: Path) -> Path:
             name = sop if UID_RE.fullmatch(sop) else f"instance-{i}"
             ds.save_as(tmp / f"{name}.dcm", enforce_file_format=True)
     return folder
+
+
+def _timed_session(seconds: float):
+    """A requests session whose every request has a time bound (dicomweb-client sets none: a silent server would
+    hold the storing thread for ever)."""
+    import requests
+    from requests.adapters import HTTPAdapter
+
+    class Timed(HTTPAdapter):
+        def send(self, request, **kw):
+            kw["timeout"] = kw.get("timeout") or seconds
+            return super().send(request, **kw)
+
+    session = requests.Session()
+    session.mount("http://", Timed())
+    session.mount("https://", Timed())
+    return session
+
+
+def store_instances(url: str, datasets: list, timeout_s: float = 60.0) -> list[str]:
+    """STOW-RS of the datasets to the server; the SOP instance UIDs it stored. Raises DicomWebError (no
+    credentials in it) when the server cannot be reached, refuses the request or reports a failed instance."""
+    try:
+        from dicomweb_client.api import DICOMwebClient
+    except ImportError as exc:
+        raise DicomWebError("DICOMweb needs dicomweb-client (pip install dicomweb-client)") from exc
+    session = _timed_session(timeout_s)
+    try:
+        client = DICOMwebClient(url=url, session=session)
+        client.set_http_retry_params(retry=False)  # one request per attempt: the caller's retries are the only ones
+        reply = client.store_instances(datasets)
+    except Exception as exc:
+        raise DicomWebError(f"{shown(url)}: STOW-RS failed ({why(exc)})") from None
+    finally:
+        session.close()
+    failed = list(getattr(reply, "FailedSOPSequence", None) or [])
+    if failed:
+        reasons = sorted({str(getattr(f, "FailureReason", "?")) for f in failed})
+        raise DicomWebError(f"{shown(url)}: STOW-RS stored {len(datasets) - len(failed)} of {len(datasets)} "
+                            f"instances (failure reason {', '.join(reasons)})")
+    stored = [str(r.ReferencedSOPInstanceUID) for r in getattr(reply, "ReferencedSOPSequence", None) or []
+              if "ReferencedSOPInstanceUID" in r]
+    return stored or [str(ds.SOPInstanceUID) for ds in datasets]

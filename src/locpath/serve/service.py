@@ -77,6 +77,10 @@ class Service:
         self.worker = Worker(self.pipe, self.store, self.metrics, cfg.question_queue, cfg.ingest_queue, self.owner)
         self.worker.opener = self.open_slide
         self.worker.reprepare = self.reprepare
+        self.results = None  # --store-results: answers' DICOM objects back to the DICOMweb server (a thread)
+        if cfg.store_results:
+            self.results = _results_store(cfg, self.store, self.pipe)
+            self.worker.on_answer = self.results.submit
         self.started = False
 
     @property
@@ -90,6 +94,8 @@ class Service:
         self.started = True
         limit_malloc_arenas()
         self.worker.start()
+        if self.results is not None:
+            self.results.start()
         self.store.beat(self.owner)
         cancelled = self.store.abandon_questions(self.owner, include_own=True)
         resumed = self._resume(self.store.adopt_ingestions(self.owner, include_own=True))
@@ -170,6 +176,8 @@ class Service:
             self._stopping.set()
             self._sweeper.join(5)
             self.worker.stop()
+            if self.results is not None:
+                self.results.stop()
         self.pipe.release()
         self.store.close()
 
@@ -205,6 +213,17 @@ class Service:
                                     owner=self.owner, key_id=slide.key_id)
         self.store.update_slide(slide.id, status="registered", progress=0.0, error=None)
         self.worker.submit_ingest(self.ingest_task(job.id, self.store.slide(slide.id)), force=True)
+
+
+def _results_store(cfg: ServeConfig, store: JobStore, pipe):
+    """The STOW-RS thread's state, with the bundle's identity (read once, here: a bad bundle fails the start)."""
+    from ..dicomout.identity import pipeline_identity
+    from .results_store import ResultsStore
+
+    try:
+        return ResultsStore(cfg, store, pipeline_identity(pipe), cfg.store_attempts)
+    except LocpathError as exc:
+        raise ConfigError(f"--store-results: {exc}") from None
 
 
 def _private_dirs(data_dir: Path) -> None:

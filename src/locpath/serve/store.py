@@ -65,6 +65,7 @@ JOBS = sa.Table(
     sa.Column("finished", sa.Float),
     sa.Column("owner", sa.String(128)),  # the service instance (replica) running it
     sa.Column("heartbeat", sa.Float),  # last sign of life of that owner while running
+    sa.Column("dicom_store", sa.Text),  # JSON: the answer's SR and annotations stored back by STOW-RS (--store-results)
 )
 KEYS = sa.Table(
     "api_keys", META,
@@ -129,7 +130,13 @@ def _v6(conn) -> None:
         conn.execute(sa.text("ALTER TABLE slides ADD COLUMN identity TEXT"))
 
 
-MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6)]
+def _v7(conn) -> None:
+    """A question's DICOM results stored back on the slide's DICOMweb server: status, UIDs, attempts, last error."""
+    if "dicom_store" not in {c["name"] for c in sa.inspect(conn).get_columns("jobs")}:
+        conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN dicom_store TEXT"))
+
+
+MIGRATIONS = [(1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6), (7, _v7)]
 STALE_AFTER_S = 60.0  # an instance (or a running job's owner) not heard of for this long is gone
 ACTIVE = ("queued", "running")
 RETRYABLE = ("cancelled", "failed")  # a client_key whose job ended so may run again
@@ -155,9 +162,11 @@ class Record:
 
     def to_dict(self) -> dict:
         d = dict(self.row)
-        for k in ("request", "result"):
+        for k in ("request", "result", "dicom_store"):
             if isinstance(d.get(k), str):
                 d[k] = json.loads(d[k])
+        if d.get("dicom_store") is None:
+            d.pop("dicom_store", None)  # a job with nothing stored back (no --store-results, or not a DICOM slide)
         d.pop("client_key", None)
         d.pop("identity", None)  # a slide file's real path and inode: the server's business
         return d
@@ -322,8 +331,9 @@ class JobStore:
         return self._one(JOBS, id=job_id)
 
     def update_job(self, job_id: str, **fields) -> None:
-        if "result" in fields and not isinstance(fields["result"], (str, type(None))):
-            fields["result"] = json.dumps(fields["result"])
+        for k in ("result", "dicom_store"):
+            if k in fields and not isinstance(fields[k], (str, type(None))):
+                fields[k] = json.dumps(fields[k])
         self._update(JOBS, job_id, **fields)
 
     def jobs(self, slide_id: str | None = None, limit: int = 100, key_id=ANY_KEY, kind: str | None = None):

@@ -69,6 +69,8 @@ def public_job(job, caller: Caller, server_paths: list[str]) -> dict:
         d.pop(k, None)
     if d.get("error"):
         d["error"] = hide_paths(d["error"], server_paths)
+    if isinstance(d.get("dicom_store"), dict) and d["dicom_store"].get("last_error"):
+        d["dicom_store"] = dict(d["dicom_store"], last_error=hide_paths(d["dicom_store"]["last_error"], server_paths))
     req = d.get("request")
     if isinstance(req, dict) and req.get("source_kind") == "path" and isinstance(req.get("source"), str):
         d["request"] = dict(req, source=Path(req["source"]).name)

@@ -103,6 +103,9 @@ class Worker:
         # and pinned (serve/slide_files.py); None reads task paths as they are
         self.opener = None
         self.reprepare = None  # reprepare(slide_id): a slide the question lane found unprepared, ingested again
+        # on_answer(job_id, slide_id, answer dict): after an answer is delivered (serve --store-results queues its
+        # DICOM objects for STOW-RS); must only queue work, never do it on this lane
+        self.on_answer = None
         self.stopping = threading.Event()  # set by stop(): the ingestion under way stops between tile batches
 
     def start(self) -> "Worker":
@@ -342,8 +345,14 @@ class Worker:
             self.metrics.ttft.observe(elapsed)
         self.answer_seconds = 0.8 * self.answer_seconds + 0.2 * elapsed
         self.metrics.cache.labels("hit" if answer.slide["cache_hit"] else "miss").inc()
-        self.store.update_job(task.job_id, status="done", progress=1.0, result=answer.to_dict(), finished=time.time())
+        result = answer.to_dict()
+        self.store.update_job(task.job_id, status="done", progress=1.0, result=result, finished=time.time())
         task.emit("done", answer)
+        if self.on_answer is not None:
+            try:
+                self.on_answer(task.job_id, task.slide_id, result)
+            except Exception:  # the answer is delivered; a failing hook must not kill the lane
+                log.exception("after-answer hook failed", extra={"job": task.job_id})
 
 
 @dataclass

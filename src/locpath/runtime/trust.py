@@ -5,9 +5,10 @@ fit`, checksummed like every bundle file); a bundle without one still reports th
 - confidence: the probability of the generated answer under the model (the product of its tokens' probabilities,
   the stop token included) with the logits divided by a temperature fitted on validation slides. Computed by the
   Generator from the logits it already has (one log-softmax per generated token); decoding is unchanged.
-- out-of-distribution score: per tile, the squared Mahalanobis distance of its encoder features from the training
-  tiles' (over the leading principal components, plus the residual), divided by the feature width (about 1 for
-  training-like tiles); the slide's score is a high quantile of its tiles' (a partly odd slide counts too).
+- out-of-distribution score, two parts from the slide's tile features, each divided by its 99th percentile on
+  validation slides and summed: odd tiles (a high quantile over the slide's tiles of each tile's squared distance to
+  its nearest training tiles, in the training tiles' whitened principal components) and an odd mix (the slide's
+  per-feature mean and spread against the training slides', as mean squared z-scores).
 - too little tissue: fewer tissue tiles than the bundle's minimum (from the training slides).
 Torch-free.
 """
@@ -27,32 +28,60 @@ TRUST_FILE = "trust.json"
 SCHEMA = "locpath-trust/1"
 UNCERTAIN = "uncertain"
 MAX_TRUST_BYTES = 64 << 20
+MAX_REFERENCES = 65536
 KEEP_LOGITS = 512  # fitting: the largest logits kept per token (the log-softmax at any temperature from them)
 
 
 @dataclass
 class OodModel:
     mean: np.ndarray  # (D,)
-    components: np.ndarray  # (k, D) orthonormal rows
+    components: np.ndarray  # (k, D) orthonormal rows: the training tiles' leading principal directions
     variances: np.ndarray  # (k,)
     residual_variance: float  # per remaining dimension; 0 when k == D
+    references: np.ndarray  # (M, k) whitened training tiles
+    neighbours: int  # a tile's distance: to its this-many-th nearest reference
     quantile: float
     threshold: float
+    slide_mean: np.ndarray  # (2D,) over training slides: mean of their [per-feature mean, per-feature spread]
+    slide_std: np.ndarray  # (2D,) and its standard deviation
+    tile_scale: float = 1.0  # the two parts' 99th percentiles on validation slides (each part divided by its own)
+    slide_scale: float = 1.0
 
     def tile_scores(self, features: np.ndarray) -> np.ndarray:
-        """Per tile: squared Mahalanobis distance / D (about 1 for a training-like tile)."""
+        """Per tile: squared distance to its `neighbours`-th nearest training tile in whitened feature space (plus
+        the residual outside the kept components), over D: about 1 or less for a training-like tile. A nearest-
+        neighbour distance, not one from the mean: tiles that collapse toward the mean (blurred) score high too."""
         x = np.asarray(features, np.float64) - self.mean
-        z = x @ self.components.T
-        d2 = (z * z / self.variances).sum(axis=1)
+        z = (x @ self.components.T) / np.sqrt(self.variances)
+        ref = self.references
+        ref2 = (ref * ref).sum(axis=1)
+        out = np.empty(len(x))
+        kth = min(self.neighbours, len(ref)) - 1
+        for i in range(0, len(x), 1024):  # bounded memory: 1024 tiles x M references at a time
+            zc = z[i:i + 1024]
+            d2 = (zc * zc).sum(axis=1)[:, None] - 2 * zc @ ref.T + ref2[None, :]
+            out[i:i + 1024] = np.partition(d2, kth, axis=1)[:, kth]
         if self.residual_variance > 0:
-            resid = (x * x).sum(axis=1) - (z * z).sum(axis=1)
-            d2 = d2 + np.maximum(resid, 0.0) / self.residual_variance
-        return d2 / x.shape[1]
+            proj = x @ self.components.T
+            out += np.maximum((x * x).sum(axis=1) - (proj * proj).sum(axis=1), 0.0) / self.residual_variance
+        return np.maximum(out, 0.0) / x.shape[1]
+
+    def parts(self, features: np.ndarray) -> tuple[float, float]:
+        """(odd tiles, odd mix): the `quantile` of the tiles' scores, and the mean squared z-score of the slide's
+        per-feature mean and spread against the training slides' (a slide of ordinary-looking tiles in an
+        unusual mix, or all alike, e.g. out of focus)."""
+        f = np.asarray(features, np.float64)
+        tiles = float(np.quantile(self.tile_scores(f), self.quantile))
+        z = (np.concatenate([f.mean(axis=0), f.std(axis=0)]) - self.slide_mean) / self.slide_std
+        return tiles, float(np.mean(z * z))
 
     def slide_score(self, features: np.ndarray) -> float | None:
+        """The two parts, each over its validation 99th percentile, summed (about 2 or less for a training-like
+        slide)."""
         if len(features) == 0:
             return None
-        return float(np.quantile(self.tile_scores(features), self.quantile))
+        tiles, mix = self.parts(features)
+        return tiles / self.tile_scale + mix / self.slide_scale
 
 
 @dataclass
@@ -69,9 +98,12 @@ class TrustModel:
                 "confidence": {"method": "sequence_probability", "temperature": self.temperature,
                                "threshold": self.confidence_threshold},
                 "tissue": {"min_tissue_tiles": self.min_tissue_tiles},
-                "ood": {"method": "mahalanobis_pca", "quantile": o.quantile, "threshold": o.threshold,
-                        "mean": o.mean.tolist(), "components": o.components.tolist(),
-                        "variances": o.variances.tolist(), "residual_variance": o.residual_variance},
+                "ood": {"method": "knn_whitened", "quantile": o.quantile, "threshold": o.threshold,
+                        "neighbours": o.neighbours, "mean": o.mean.tolist(), "components": o.components.tolist(),
+                        "variances": o.variances.tolist(), "residual_variance": o.residual_variance,
+                        "references": np.round(o.references, 4).tolist(), "slide_mean": o.slide_mean.tolist(),
+                        "slide_std": o.slide_std.tolist(), "tile_scale": o.tile_scale,
+                        "slide_scale": o.slide_scale},
                 "fit": self.fit}
 
 
@@ -97,20 +129,29 @@ def parse_trust(obj: object, where: str, feature_dim: int) -> TrustModel:
     if not isinstance(obj, dict) or obj.get("schema") != SCHEMA:
         raise BundleError(f"{where}: not a {SCHEMA} document")
     conf, tissue, ood = (obj.get(k) if isinstance(obj.get(k), dict) else {} for k in ("confidence", "tissue", "ood"))
-    if conf.get("method") != "sequence_probability" or ood.get("method") != "mahalanobis_pca":
+    if conf.get("method") != "sequence_probability" or ood.get("method") != "knn_whitened":
         raise BundleError(f"{where}: unknown confidence or ood method")
     comps = ood.get("components")
     k = len(comps) if isinstance(comps, list) else -1
     if not 1 <= k <= feature_dim:
         raise BundleError(f"{where}: ood.components must hold 1 to {feature_dim} rows")
+    refs = ood.get("references")
+    m = len(refs) if isinstance(refs, list) else 0
+    if not 1 <= m <= MAX_REFERENCES:
+        raise BundleError(f"{where}: ood.references must hold 1 to {MAX_REFERENCES} rows")
     model = OodModel(_array(ood, "mean", where + ": ood", (feature_dim,)),
                      _array(ood, "components", where + ": ood", (k, feature_dim)),
                      _array(ood, "variances", where + ": ood", (k,)),
                      _number(ood, "residual_variance", where + ": ood", 0.0),
+                     _array(ood, "references", where + ": ood", (m, k)),
+                     int(_number(ood, "neighbours", where + ": ood", 1, m)),
                      _number(ood, "quantile", where + ": ood", 0.0, 1.0),
-                     _number(ood, "threshold", where + ": ood", 0.0))
-    if (model.variances <= 0).any():
-        raise BundleError(f"{where}: ood.variances must be positive")
+                     _number(ood, "threshold", where + ": ood", 0.0),
+                     _array(ood, "slide_mean", where + ": ood", (2 * feature_dim,)),
+                     _array(ood, "slide_std", where + ": ood", (2 * feature_dim,)),
+                     _number(ood, "tile_scale", where + ": ood", 1e-12), _number(ood, "slide_scale", where + ": ood", 1e-12))
+    if (model.variances <= 0).any() or (model.slide_std <= 0).any():
+        raise BundleError(f"{where}: ood.variances and ood.slide_std must be positive")
     tiles = _number(tissue, "min_tissue_tiles", where + ": tissue", 0, 1e9)
     fit = obj.get("fit") if isinstance(obj.get("fit"), dict) else {}
     return TrustModel(_number(conf, "temperature", where + ": confidence", 1e-3, 1e3),

@@ -101,7 +101,7 @@ class TrustModel:
                 "ood": {"method": "knn_whitened", "quantile": o.quantile, "threshold": o.threshold,
                         "neighbours": o.neighbours, "mean": o.mean.tolist(), "components": o.components.tolist(),
                         "variances": o.variances.tolist(), "residual_variance": o.residual_variance,
-                        "references": np.round(o.references, 4).tolist(), "slide_mean": o.slide_mean.tolist(),
+                        "references": np.round(o.references, 3).tolist(), "slide_mean": o.slide_mean.tolist(),
                         "slide_std": o.slide_std.tolist(), "tile_scale": o.tile_scale,
                         "slide_scale": o.slide_scale},
                 "fit": self.fit}
@@ -231,10 +231,11 @@ def answer_trust(model: TrustModel | None, slide: dict | None, logprobs: list[fl
                  abstain_below: float | None) -> dict:
     """The Answer's "trust" field (schema in docs/architecture.md); "abstained" says whether the caller's
     abstain_below replaced the answer with "uncertain"."""
-    confidence = round(math.exp(min(sum(logprobs), 0.0)), 6) if logprobs else None
+    raw = math.exp(min(sum(logprobs), 0.0)) if logprobs else None
+    confidence = round(raw, 6) if raw is not None else None
     slide = slide or {}
     threshold = abstain_below if abstain_below is not None else (model.confidence_threshold if model else None)
-    abstained = abstain_below is not None and (confidence is None or confidence < abstain_below)
+    abstained = abstain_below is not None and (raw is None or raw < abstain_below)
     return {"confidence": confidence, "calibrated": model is not None,
             "temperature": model.temperature if model else 1.0, "slide": slide,
-            "warnings": _warnings(slide, confidence, threshold), "abstained": abstained}
+            "warnings": _warnings(slide, raw, threshold), "abstained": abstained}

@@ -118,7 +118,7 @@ def write_trust(bundle_dir: str | Path, model: TrustModel) -> Path:
     b = Path(bundle_dir)
     manifest = verify_bundle(b)
     with atomic_file(b / TRUST_FILE) as tmp:
-        tmp.write_text(json.dumps(model.to_dict(), indent=1))
+        tmp.write_text(json.dumps(model.to_dict(), separators=(",", ":")))
     manifest.record_file(b, TRUST_FILE)
     write_manifest(b, manifest)
     return b / TRUST_FILE

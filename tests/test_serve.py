@@ -293,6 +293,7 @@ def test_web_page_streams_an_answer_in_chromium(server, roots, expected, tmp_pat
             page.wait_for_selector("#answer[data-state=done]", timeout=60000)
             assert page.inner_text("#answer").strip() == expected[Q]["answer"]
             assert "time to first token" in page.inner_text("#timings")
+            assert "confidence " in page.inner_text("#trust")  # the answer's trust field, shown beside it
             page.wait_for_selector("#view-image[data-evidence]", timeout=60000)  # the evidence heatmap loaded
             page.wait_for_load_state("networkidle")
             page.wait_for_timeout(500)

@@ -11,11 +11,11 @@ import argparse
 from . import ask, batch, bench, build, calibrate, chat, demo, encoders, export, import_, keygen, keys, serve, sign
 from . import eval as eval_
 from . import inspect as inspect_
-from . import synth, tiles, train, verify
+from . import synth, tiles, train, trust, verify
 from .common import Parser, run_command, setup_logging
 
 # in the order `locpath --help` lists them
-COMMANDS = (tiles, encoders, synth, train, eval_, export, inspect_, import_, ask, chat, calibrate, build, bench, demo,
+COMMANDS = (tiles, encoders, synth, train, eval_, trust, export, inspect_, import_, ask, chat, calibrate, build, bench, demo,
             verify, sign, serve, batch, keys, keygen)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import LocpathError
 from ..runtime.options import RuntimeOptions, add_runtime_options, runtime_options
-from .common import non_negative_int, positive_float, positive_int
+from .common import non_negative_int, positive_float, positive_int, probability
 
 DEFAULTS = RuntimeOptions()
 
@@ -26,6 +26,9 @@ def add_answer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=positive_float, default=None, help="with --sample; (0, 1]")
     p.add_argument("--repetition-penalty", type=positive_float, default=None, help="(0, 100]; 1 = off")
     p.add_argument("--seed", type=non_negative_int, default=None, help="sampling seed (>= 0)")
+    p.add_argument("--abstain-below", type=probability, default=None, metavar="P",
+                   help="answer 'uncertain' when the answer's confidence is below P (0-1; the decoded answer is kept "
+                        "in --json's trust.raw_answer); the answer is then printed whole when it ends")
     add_runtime_options(p, DEFAULTS)
 
 
@@ -37,7 +40,8 @@ def pipeline(args):
 
 def sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample or None, temperature=args.temperature,
-                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                abstain_below=args.abstain_below)
 
 
 def timing_lines(ans) -> list[str]:
@@ -50,6 +54,17 @@ def timing_lines(ans) -> list[str]:
             f"  slide: {s['tiles']} tiles -> {s['tokens_after_stm']} tokens after STM, "
             f"{'cached (no tile read)' if s['cache_hit'] else str(s['tiles_read']) + ' tiles read'}; "
             f"{ans.generation['new_tokens']} new tokens; peak RSS {ans.peak_rss_mb:.0f} MB"]
+
+
+def trust_lines(ans) -> list[str]:
+    """The answer's confidence and each warning, in words (runtime/trust.py)."""
+    t = ans.trust or {}
+    if t.get("confidence") is None:
+        return []
+    how = "calibrated" if t.get("calibrated") else "uncalibrated: the bundle has no trust.json"
+    raw = f"; abstained (decoded answer: {t['raw_answer']!r})" if t.get("abstained") else ""
+    return [f"  confidence {t['confidence']:.3f} ({how}){raw}"] + \
+        [f"  WARNING: {w['message']}" for w in t.get("warnings", [])]
 
 
 # -- DICOM output (ask --dicom-sr / --dicom-ann) ----------------------------------------------------------------------

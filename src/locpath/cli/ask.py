@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import LocpathError
 from .answering import (add_answer_options, add_dicom_options, dicom_source, pipeline, sampling, timing_lines,
-                        write_dicom)
+                        trust_lines, write_dicom)
 from .common import PartialAnswers, answers_json, error_message, retell
 
 FEATURE_FILES = (".h5", ".hdf5", ".csv")
@@ -98,7 +98,7 @@ def _printed(stream):
     for piece in stream:
         print(piece, end="", flush=True)
     print()
-    for line in timing_lines(stream.result):
+    for line in trust_lines(stream.result) + timing_lines(stream.result):
         print(line)
     return stream.result
 
@@ -114,7 +114,7 @@ def _ask_batched(pipe, args, questions: list) -> list:
         while shown[0] in done:
             a = done[shown[0]]
             print(f"Q: {a.question}\nA: {a.answer}", flush=True)
-            for line in timing_lines(a):
+            for line in trust_lines(a) + timing_lines(a):
                 print(line)
             shown[0] += 1
 

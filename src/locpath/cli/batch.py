@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import LocpathError
 from ..runtime.options import RuntimeOptions, add_runtime_options, runtime_options
-from .common import positive_float, positive_int, retell, stdout_reserved
+from .common import positive_float, positive_int, probability, retell, stdout_reserved
 
 DEFAULTS = RuntimeOptions(memory_slides=1)  # each slide is met once
 
@@ -34,6 +34,9 @@ def register(sub) -> None:
     bt.add_argument("--lanes", type=positive_int, default=2,
                     help="in process, overlapped: slides staged at once ahead of the one answered (default 2)")
     bt.add_argument("--max-new-tokens", type=positive_int, default=None, help="cap on each answer's length")
+    bt.add_argument("--abstain-below", type=probability, default=None, metavar="P",
+                    help="answer 'uncertain' below this confidence (0-1); the record keeps the decoded answer in its "
+                         "trust.raw_answer")
     bt.add_argument("--json", action="store_true", help="print the run's summary as one JSON object on stdout")
     bt.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     add_runtime_options(bt, DEFAULTS)
@@ -47,7 +50,8 @@ def batch_config(args):
     from ..batch.settings import BatchConfig
 
     return BatchConfig(bundle=Path(args.bundle), slides=Path(args.slides), questions=Path(args.questions),
-                       out=Path(args.out), fmt=args.format, sampling={"max_new_tokens": args.max_new_tokens},
+                       out=Path(args.out), fmt=args.format, sampling={"max_new_tokens": args.max_new_tokens,
+                                                                 "abstain_below": args.abstain_below},
                        ray=args.ray, ray_address=args.ray_address, workers=args.workers,
                        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                        progress=not args.quiet, overlap=not args.no_overlap, lanes=args.lanes,

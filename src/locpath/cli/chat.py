@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import LocpathError
-from .answering import add_answer_options, pipeline, sampling, timing_lines
+from .answering import add_answer_options, pipeline, sampling, timing_lines, trust_lines
 from .common import PartialAnswers, error_message, retell
 
 
@@ -47,11 +47,15 @@ def _chat(args, answers: list) -> None:
             for piece in stream:
                 print(piece, end="", flush=True)
             print()
+            for line in trust_lines(stream.result):
+                print(line, flush=True)
             print(timing_lines(stream.result)[0], file=sys.stderr, flush=True)
             answers.append(stream.result)
         elif questions:  # several questions were waiting: one batch, answers in order
             for a in pipe.answer(ctx.again({}), questions):
                 print(f"A: {a.answer}", flush=True)
+                for line in trust_lines(a):
+                    print(line, flush=True)
                 print(timing_lines(a)[0], file=sys.stderr, flush=True)
                 answers.append(a)
         if end:

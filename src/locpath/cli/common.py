@@ -35,6 +35,17 @@ def positive_float(text: str) -> float:
     return v
 
 
+def probability(text: str) -> float:
+    """A number from 0 to 1 (a confidence)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(v) and 0 <= v <= 1):
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1: {text!r}")
+    return v
+
+
 def byte_size(text: str) -> int:
     """A positive size in bytes: `123`, or with a suffix K, M, G, T (powers of 1024), e.g. `64G`."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)

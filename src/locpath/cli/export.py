@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import LocpathError
-from .common import quiet_if
+from .common import non_negative_int, quiet_if
 
 
 def register(sub) -> None:
@@ -20,6 +20,9 @@ def register(sub) -> None:
                         "model would not fit in memory; such a bundle has only the fused decoder)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     x.add_argument("--json", action="store_true", help="print the export summary as one JSON object")
+    x.add_argument("--fit-trust", type=non_negative_int, nargs=2, default=None, metavar=("TRAIN_SEED", "VAL_SEED"),
+                   help="then fit the bundle's trust.json (as `locpath trust fit` with these seeds, 100 training and "
+                        "150 validation slides): train with the seed the checkpoint was trained with")
     x.set_defaults(func=run)
 
 
@@ -45,6 +48,12 @@ def run(args) -> int:
                                                 overwrite=args.overwrite, log=log)
     else:
         _, summary = export_bundle(ckpt, args.out, validate=not args.no_validate, overwrite=args.overwrite, log=log)
+    if args.fit_trust is not None:
+        from ..trust.fit import fit_bundle
+
+        model, _ = fit_bundle(args.out, args.fit_trust[0], args.fit_trust[1], 100, 150, progress=not args.json)
+        summary = dict(summary, trust={"temperature": model.temperature, "ood_threshold": model.ood.threshold,
+                                       "min_tissue_tiles": model.min_tissue_tiles})
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -24,6 +24,7 @@ from .generator import GenerationStats, Generator
 from .question import Question
 from .results import Answer, _ms, peak_rss_mb
 from .sampler import SamplingParams
+from .trust import UNCERTAIN, answer_trust
 
 
 @dataclass
@@ -51,7 +52,9 @@ class _Live:
 class AnswerBatch:
     def __init__(self, pipe, rows: int):
         self.pipe = pipe
-        self.gen = Generator(pipe.decoder_state, rows, pipe.max_length, pipe.stop_ids)
+        trust = getattr(pipe, "trust", None)
+        self.gen = Generator(pipe.decoder_state, rows, pipe.max_length, pipe.stop_ids,
+                             confidence_temperature=trust.temperature if trust is not None else 1.0)
         self.live: dict[int, _Live] = {}
 
     @property
@@ -71,7 +74,7 @@ class AnswerBatch:
         t_start = t_start if t_start is not None else time.perf_counter()
         timings = dict(ctx.timings_ms)
         qkv = self.pipe.question_kv(ctx.latents, question, timings)
-        stats = GenerationStats()
+        stats = GenerationStats(kept_logits=[] if getattr(self.pipe, "keep_logits", False) else None)
         slot = self.gen.add(qkv.cross, question.prompt_ids, question.params, stats)
         self.live[slot] = _Live(tag, ctx, question, qkv, stats, StreamingDetokenizer(self.pipe.tokenizer),
                                 timings, t_start)
@@ -95,7 +98,7 @@ class AnswerBatch:
             if tok is not None:
                 live.first = live.first or time.perf_counter()
                 piece = live.detok.push(tok)
-                if piece:
+                if piece and live.question.abstain_below is None:  # abstaining: the text comes whole, at the end
                     events.append(BatchEvent(live.tag, piece=piece))
                 continue
             del self.live[slot]
@@ -103,7 +106,10 @@ class AnswerBatch:
                 events.append(BatchEvent(live.tag, error=live.stats.error))
                 continue
             answer = make_answer(self.pipe, live.ctx, live.question.text, live.question.params, live.qkv, live.stats,
-                                 live.detok, live.timings, live.t_start, live.first, batch_rows=self.rows)
+                                 live.detok, live.timings, live.t_start, live.first, batch_rows=self.rows,
+                                 abstain_below=live.question.abstain_below)
+            if live.question.abstain_below is not None and answer.answer:
+                events.append(BatchEvent(live.tag, piece=answer.answer))
             events.append(BatchEvent(live.tag, answer=answer))
         return events
 
@@ -145,16 +151,22 @@ class AnswerBatch:
 
 def make_answer(pipe, ctx, question: str, params: SamplingParams, qkv, stats: GenerationStats,
                 detok: StreamingDetokenizer, timings: dict, t_start: float, first: float | None,
-                batch_rows: int = 1):
-    """The Answer of a finished generation (one row of a batch, or a batch of one)."""
+                batch_rows: int = 1, abstain_below: float | None = None):
+    """The Answer of a finished generation (one row of a batch, or a batch of one), with its trust field; with
+    `abstain_below`, an answer less confident than that reads "uncertain" (the decoded one kept in trust)."""
 
     timings["prefill"] = round(stats.prefill_ms, 2)
     timings["decode_per_token"] = round(stats.decode_ms_per_token, 3)
     timings["decode_total"] = round(float(np.sum(stats.decode_ms)), 2)
     timings["time_to_first_token"] = round(((first or time.perf_counter()) - t_start) * 1000, 2)
     timings["total"] = _ms(t_start)
+    text = detok.text().strip()
+    trust = answer_trust(getattr(pipe, "trust", None), ctx.trust, stats.token_logprobs, abstain_below)
+    if trust["abstained"]:
+        trust["raw_answer"] = text
+        text = UNCERTAIN
     return Answer(
-        question=question, answer=detok.text().strip(), token_ids=list(detok.ids), timings_ms=timings,
+        question=question, answer=text, trust=trust, kept_logits=stats.kept_logits, token_ids=list(detok.ids), timings_ms=timings,
         peak_rss_mb=peak_rss_mb(), evidence=pipe.evidence(ctx, qkv),
         slide={"source": ctx.source, "tiles": ctx.tiles, "tokens_after_stm": ctx.tokens, "cache_hit": ctx.cache_hit,
                "tiles_read": ctx.tiles_read},

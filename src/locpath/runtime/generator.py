@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import LocpathError
 from .decoder_state import DecoderState, FusedDecoderState
 from .sampler import Sampler, SamplingParams
+from .trust import kept_logits, token_logprob
 
 
 @dataclass
@@ -42,6 +43,9 @@ class GenerationStats:
     stop_reason: str = ""
     batch_peak: int = 1  # the most answers decoded together in one step while this one decoded
     error: str = ""  # an answer that failed alone (non-finite logits) says why here; its batch goes on
+    token_logprobs: list = field(default_factory=list)  # log-softmax at the confidence temperature of each chosen
+    # token, the stop token included (runtime/trust.py: the answer's confidence); decoding never reads it
+    kept_logits: list | None = None  # fitting only (a list): each step's chosen logit and largest logits
 
     @property
     def decode_ms_per_token(self) -> float:
@@ -73,14 +77,16 @@ class _Row:
 
 class Generator:
     def __init__(self, state: DecoderState, rows: int, max_length: int, stop_ids: list[int],
-                 shared: bool | None = None):
+                 shared: bool | None = None, confidence_temperature: float = 1.0):
         """`rows`: the most answers at once; `shared`: force (True, fused graphs only) or refuse the shared cache
-        (None: shared when the graph runs rows alone and exactly)."""
+        (None: shared when the graph runs rows alone and exactly); `confidence_temperature`: the temperature of the
+        chosen tokens' log-probabilities kept in each answer's stats (its confidence; never its decoding)."""
         if rows < 1:
             raise LocpathError(f"a decoding batch needs at least 1 row, got {rows}")
         self.state = state
         self.max_length = state.capacity(max_length)
         self.stop_ids = set(stop_ids)
+        self.confidence_temperature = float(confidence_temperature)
         self.rows: list[_Row | None] = [None] * rows
         if shared is None:
             shared = isinstance(state, FusedDecoderState) and (rows == 1 or rows_are_exact(state, rows))
@@ -159,6 +165,9 @@ class Generator:
             row.stats.stop_reason, row.stats.error = "error", NON_FINITE
             return None
         tok = row.search(row.logits, row.history)
+        row.stats.token_logprobs.append(token_logprob(row.logits, tok, self.confidence_temperature))
+        if row.stats.kept_logits is not None:
+            row.stats.kept_logits.append(kept_logits(row.logits, tok))
         if tok in self.stop_ids:
             row.stats.stop_reason = "stop_token"
             return None

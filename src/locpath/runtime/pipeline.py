@@ -63,6 +63,7 @@ from .resampler_chunks import ChunkedResampler
 from .results import Answer, Compressed, QuestionKV, SlideContext, StreamedAnswer, _ms, peak_rss_mb  # noqa: F401
 from .runner import Runner
 from .sampler import SamplingParams
+from .trust import TrustModel, load_trust, slide_trust
 from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
 
 if TYPE_CHECKING:
@@ -172,6 +173,9 @@ class Pipeline:
         self._memory: OrderedDict[str, SlideContext] = OrderedDict()
         self._memory_lock = threading.Lock()  # a service prepares slides and answers questions in two threads
         self._warned: set[str] = set()  # feature files already warned about (once per file)
+        # trust.json (verified with the bundle): confidence temperature, OOD statistics, minimum tissue tiles
+        self.trust: TrustModel | None = load_trust(self.bundle_dir, manifest)
+        self.keep_logits = False  # fitting (locpath trust fit): answers keep each step's largest logits
 
     def _spin(self, name: str, entry, decoder_spin: bool) -> dict:
         """Intra-op spinning only for the decoder: it alone runs hundreds of back-to-back calls, where waking
@@ -254,7 +258,7 @@ class Pipeline:
                  timings: dict) -> SlideContext:
         return SlideContext(source, comp.latents, len(ff.features), comp.tokens, cache_hit, tiles_read, timings,
                             comp.attention, comp.assignment, np.asarray(ff.coords), int(ff.patch_size_level0),
-                            spatial=ff.spatial)
+                            spatial=ff.spatial, trust=slide_trust(self.trust, ff.features))
 
     def read_feature_file(self, path: str | os.PathLike) -> FeatureFile:
         """A TRIDENT/CLAM h5 or a SlideChat CSV, checked against this bundle's tile encoder before its data is read:
@@ -405,10 +409,16 @@ class Pipeline:
         return SamplingParams(**base).validate()
 
     # -- answering -----------------------------------------------------------------------
-    def question(self, text: str, **sampling) -> Question:
+    def question(self, text: str, abstain_below: float | None = None, **sampling) -> Question:
         """`text` checked once, with its prompt and TIS ids and its sampling options (the bundle's defaults with
-        `sampling`), before anything runs: a LocpathError if it is not text, empty, or does not fit the KV cache."""
-        return self._question(text, self.sampling(**sampling))
+        `sampling`), before anything runs: a LocpathError if it is not text, empty, or does not fit the KV cache.
+        `abstain_below` (0..1): the answer reads "uncertain" when its confidence is below it (runtime/trust.py)."""
+        if abstain_below is not None:
+            if isinstance(abstain_below, bool) or not isinstance(abstain_below, (int, float)) \
+                    or not 0.0 <= abstain_below <= 1.0:
+                raise ConfigError(f"abstain_below must be a number from 0 to 1, got {abstain_below!r}")
+            abstain_below = float(abstain_below)
+        return dataclasses.replace(self._question(text, self.sampling(**sampling)), abstain_below=abstain_below)
 
     def _question(self, text: str, params: SamplingParams) -> Question:
         return make_question(text, params, self.prompt_ids, self.question_ids, self.max_length)

@@ -19,6 +19,7 @@ class Question:
     prompt_ids: tuple[int, ...]  # the question through the bundle's chat template: what the decoder prefills
     tis_ids: tuple[int, ...]  # the question alone: what the TIS graph scores the latents with
     params: SamplingParams
+    abstain_below: float | None = None  # answer "uncertain" when the confidence is below this (runtime/trust.py)
 
 
 def make_question(text, params: SamplingParams, prompt_ids: Callable[[str], list[int]],

@@ -55,6 +55,7 @@ class SlideContext:
     tile_size_level0: int = 0
     features: FeatureFile | None = None  # with prepare(keep_features=True): the tile features (never kept in memory)
     spatial: bool = True  # False: the tiles' positions are unknown (a SlideChat CSV); coords are placeholders
+    trust: dict | None = None  # out-of-distribution score and tissue check (runtime/trust.py slide_trust)
 
     def again(self, timings: dict) -> "SlideContext":
         """The same slide served from memory."""
@@ -80,10 +81,14 @@ class Answer:
     slide: dict
     generation: dict
     evidence: Evidence | None = None
+    trust: dict | None = None  # confidence, slide checks, warnings, abstained (runtime/trust.py answer_trust)
+    kept_logits: list | None = field(default=None, repr=False)  # fitting only: GenerationStats.kept_logits
 
     def to_dict(self, evidence_tiles: int = 16) -> dict:
         d = {"question": self.question, "answer": self.answer, "timings_ms": self.timings_ms,
              "peak_rss_mb": round(self.peak_rss_mb, 1), "slide": self.slide, "generation": self.generation}
+        if self.trust is not None:
+            d["trust"] = self.trust
         if self.evidence is not None:
             d["evidence"] = self.evidence.to_dict(evidence_tiles)
         return d

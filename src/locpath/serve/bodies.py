@@ -33,8 +33,10 @@ class Ask(_Body):
     repetition_penalty: StrictFloat | None = Field(default=None, gt=0, le=100)
     seed: StrictInt | None = Field(default=None, ge=0, le=2**63 - 1)
     evidence_tiles: StrictInt = Field(default=32, ge=0, le=100000)
+    abstain_below: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=1)  # "uncertain" below it
     client_key: str | None = Field(default=None, min_length=1, max_length=128)
 
     def sampling(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=self.sample or None, temperature=self.temperature,
-                    top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
+                    top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty, seed=self.seed,
+                    abstain_below=self.abstain_below)

@@ -130,6 +130,9 @@ def _sampling(body: dict) -> dict:
     seed = _integer(body, "seed", 0)
     if seed is not None:
         sampling["seed"] = seed
+    abstain = _number(body, "abstain_below", 0.0, 1.0, lo_open=False)  # locpath's extension field
+    if abstain is not None:
+        sampling["abstain_below"] = abstain
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or len(model) > 256):
         raise ChatRequestError("model must be text (at most 256 characters)")
@@ -151,7 +154,7 @@ def completion(cid: str, model: str, answer) -> dict:
                          "finish_reason": finish_reason(g["stop_reason"])}],
             "usage": {"prompt_tokens": g["prompt_tokens"], "completion_tokens": g["new_tokens"],
                       "total_tokens": g["prompt_tokens"] + g["new_tokens"]},
-            "locpath": {"timings_ms": answer.timings_ms, "slide": answer.slide,
+            "locpath": {"timings_ms": answer.timings_ms, "slide": answer.slide, "trust": answer.trust,
                         "evidence": answer.evidence.to_dict() if answer.evidence is not None else None}}
 
 

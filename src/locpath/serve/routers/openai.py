@@ -40,5 +40,7 @@ async def chat(request: Request, svc: Svc, caller: Submitter):
     return event_stream(
         task, request, svc, first=[data({"role": "assistant", "content": ""})],
         piece=lambda text: data({"content": text}),
-        done=lambda answer: [data({}, finish_reason(answer.generation["stop_reason"])), {"data": "[DONE]"}],
+        done=lambda answer: [{"data": json.dumps(dict(chunk(cid, model, created, {},
+                                                            finish_reason(answer.generation["stop_reason"])),
+                                                      locpath={"trust": answer.trust}))}, {"data": "[DONE]"}],
         error=lambda exc: {"data": json.dumps({"error": {"type": exc.kind, "message": exc.message}})})

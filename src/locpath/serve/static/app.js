@@ -120,6 +120,7 @@ function sseEvents(text) {  // complete "event:/data:" blocks of a server-sent-e
 async function ask(question) {
   $("answer").textContent = "";
   $("timings").textContent = "";
+  showTrust(null);
   $("chat-error").textContent = "";
   $("answer").dataset.state = "streaming";
   const r = await api("/v1/slides/" + selected.id + "/questions", {
@@ -145,8 +146,34 @@ async function ask(question) {
   }
 }
 
+// how far to trust the answer (its "trust" field): the confidence and each warning in words, under the answer
+function showTrust(trust) {
+  let box = $("trust");
+  if (!box) {
+    box = document.createElement("div");
+    box.id = "trust";
+    $("answer").after(box);
+  }
+  box.textContent = "";
+  if (!trust || trust.confidence == null) return;
+  const line = document.createElement("div");
+  line.className = "confidence";
+  line.textContent = "confidence " + trust.confidence.toFixed(3) + (trust.calibrated ? "" : " (uncalibrated)") +
+    (trust.abstained ? "; abstained (decoded answer: " + trust.raw_answer + ")" : "");
+  box.append(line);
+  for (const w of trust.warnings || []) {
+    const d = document.createElement("div");
+    d.className = "error warning";
+    d.dataset.code = w.code;
+    d.textContent = "\u26a0 " + w.message;
+    box.append(d);
+  }
+}
+
 async function finish(question, data) {
   const t = data.timings_ms;
+  $("answer").textContent = data.answer;
+  showTrust(data.trust);
   $("answer").dataset.state = "done";
   $("timings").textContent = "time to first token " + t.time_to_first_token.toFixed(0) + " ms, prefill " +
     (t.prefill || 0).toFixed(1) + " ms, decode " + (t.decode_per_token || 0).toFixed(2) + " ms/token, total " +

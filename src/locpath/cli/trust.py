@@ -14,7 +14,8 @@ DEFAULTS = RuntimeOptions(use_cache=False)
 
 def register(sub) -> None:
     t = sub.add_parser("trust", help="fit a bundle's confidence calibration and out-of-distribution detector")
-    tsub = t.add_subparsers(dest="trust_command", required=True)
+    tsub = t.add_subparsers(dest="trust_command", required=True, metavar="fit",
+                            help="fit: write trust.json into the bundle")
     f = tsub.add_parser("fit", help="write trust.json into a bundle from synthetic training and validation slides")
     f.add_argument("bundle", help="a bundle folder (rewritten in place: trust.json, manifest.json, SHA256SUMS)")
     f.add_argument("--train-seed", type=non_negative_int, default=0,

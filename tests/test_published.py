@@ -228,10 +228,11 @@ def _encode_ms(bundle, n: int) -> float:
     return float(np.median(times))
 
 
-def test_published_bench_path_runs_on_a_small_shape(tmp_path):
-    """`bench --published` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
-    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here). The build's
-    peak RSS and the encoder's extrapolation are checked against readings of their own."""
+def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
+    """`bench --published --slide` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
+    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here), a cold ask
+    from the real slide region and a second question on it. Each step's peak RSS is its own process's (the parent
+    touched 2 GB first), the build's checked against readings of its own, the encoder's extrapolation too."""
     import resource
     import sys
 
@@ -244,7 +245,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     del big
     parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=32, genai=False,
-                          shape=shape, size="tiny")
+                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4)
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
     cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # what onnxruntime-genai's builder dispatches on
@@ -256,6 +257,12 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     build_mb = res["build"]["peak_rss_mb"]
     assert 0.9 * watched["peak_rss_mb"] <= build_mb <= 1.5 * watched["peak_rss_mb"] + 100, (build_mb, watched)
     assert build_mb < parent_peak_mb - 1000  # the child's own peak, not the parent's carried over
+    for step in (res["build"], res["runtime"], res["from_slide"]):  # every step in a fresh child of its own
+        assert step["process"]["peak_rss_mb"] < parent_peak_mb - 1000 <= step["process"]["ru_maxrss_mb"]
+    fs = res["from_slide"]
+    assert fs["cold"]["tiles"] > 0 and fs["cold"]["tiles_per_s"] > 0 and not fs["cold"]["cache_hit"]
+    assert fs["warm"]["cache_hit"] and fs["warm"]["tiles_read"] == 0
+    assert fs["cold"]["time_to_first_token_ms"] > fs["warm"]["time_to_first_token_ms"] > 0
     ttft = res["runtime"]["time_to_first_token"]
     assert set(ttft) == {"50", "400"} and all(v["prefill_ms"] > 0 for v in ttft.values())
     predicted = ttft["50"]["encode_ms_extrapolated"] * 48 / 50
@@ -265,7 +272,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     from locpath.bench.output import published_lines
 
     md = "\n".join(published_lines(res))
-    assert "first token, 400 tiles" in md and "decode |" in md
+    assert "first token, 400 tiles" in md and "decode |" in md and "cold ask from" in md and "second question" in md
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
                             shape=shape, size="tiny")

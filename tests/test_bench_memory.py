@@ -65,3 +65,24 @@ def test_an_answers_peak_rss_is_its_own_process(big_parent, real_svs, tmp_path):
     ans = json.loads(r.stdout)
     ans = ans[0] if isinstance(ans, list) else ans
     assert 0 < ans["peak_rss_mb"] < PARENT_MB - 100, ans["peak_rss_mb"]
+
+
+def test_sessions_are_made_and_run_at_load_not_in_the_first_question():
+    """The warm-up at load: every session exists when from_bundle returns (ONNX Runtime read and prepacked the
+    weights then), and `warmup=False` leaves them to the first question as before."""
+    from locpath.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_bundle(shipped(), use_cache=False)
+    assert pipe.warmup_ms > 0 and all(r._sess is not None for r in pipe.runners.values())
+    lazy = Pipeline.from_bundle(shipped(), use_cache=False, warmup=False)
+    assert lazy.warmup_ms is None and lazy.runners["tile_encoder"]._sess is None
+
+
+def test_prepacking_is_a_per_runner_session_setting():
+    from locpath.runtime.ort_runner import OrtRunner
+
+    path = shipped() / "cross_kv.onnx"
+    on, off = OrtRunner(path, "cross_kv").load(), OrtRunner(path, "cross_kv", prepack=False).load()
+    assert on.prepack and not off.prepack
+    assert off.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "1"
+    assert on.session.get_session_options().get_session_config_entry("session.disable_prepacking") == "0"

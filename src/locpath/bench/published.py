@@ -132,7 +132,9 @@ def build_bundle(folder: str | Path, bundle: str | Path, encoder: str = "conch_v
         cfg.tile_encoder = tile_encoder_config(encoder)
     else:
         cfg.cara.layers = tuple(range(0, int(hf.config["num_hidden_layers"]), 2))
+    cfg.tis.question_dim = int(hf.config["hidden_size"])  # LoC-Path's TIS embeds with the LLM's matrix (key map)
     model = skeleton_model(cfg, hf)
+    model.tis.embed.to("meta")  # declared the LLM's: the bundle's TIS reads the decoder's rows (export/tis_shared.py)
     _, rep = export_streamed_bundle(model, hf, bundle, quant="int4", max_length=2048, overwrite=True,
                                     source={"note": "random weights, Qwen2.5-7B shape"},
                                     log=lambda m: print(m, file=sys.stderr, flush=True))

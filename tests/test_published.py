@@ -145,7 +145,7 @@ def _tis_bundle(root, tmp_path, quant, share=True):
 
     model, skel, hf = _reference_and_skeleton(root, tis_from_llm=True)
     bundle, rep = export_streamed_bundle(skel, hf, tmp_path / f"{quant}-{share}", quant=quant, max_length=256,
-                                         lora=LoraAdapter.from_peft_folder(root / "adapter"), validate=False,
+                                         lora=LoraAdapter.from_peft_folder(root / "adapter"), validate=quant == "fp32",
                                          share_tis_embedding=share, log=lambda m: None)
     return model, bundle, rep
 

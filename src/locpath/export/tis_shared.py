@@ -45,8 +45,9 @@ def stand_in_table(model) -> None:
 
     q = model.tis.embed.embedding_dim
     model.tis.embed = nn.Embedding(DUMMY_ROWS, q)
+    model.tis.stand_in_rows = DUMMY_ROWS  # the export's sample question ids stay inside it (export/configs.py)
     with torch.no_grad():
-        model.tis.embed.weight.zero_()
+        model.tis.embed.weight.normal_()  # distinct rows: the export's validation then checks the pooling too
 
 
 def point_at_decoder(tis_path: Path, decoder_path: Path, quant: str, block: int, hidden: int) -> None:

@@ -68,7 +68,7 @@ def qwen_with_lora(tmp_path_factory, tokenizer):
     return root, merged
 
 
-def _reference_and_skeleton(root, cara_layers=(1,)):
+def _reference_and_skeleton(root, cara_layers=(1,), tis_from_llm=False):
     from locpath.config import LLMConfig, preset
     from locpath.engines.hf_weights import HFFolder
     from locpath.export.streamed import skeleton_model
@@ -84,6 +84,8 @@ def _reference_and_skeleton(root, cara_layers=(1,)):
         for blk in model.cara.blocks.values():
             blk.attn_gate.fill_(0.8)
             blk.ffn_gate.fill_(0.5)
+        if tis_from_llm:  # LoC-Path's TIS embeds questions with the LLM's own matrix (the release key map's rule)
+            model.tis.embed.weight.copy_(model.llm.model.embed_tokens.weight)
     scfg = preset("tiny")
     scfg.tile_encoder.depth = 1
     scfg.cara.layers = cara_layers
@@ -135,6 +137,79 @@ def test_streamed_fp32_decoder_answers_token_identical_to_pytorch(qwen_with_lora
         want = model.answer_tokens(tokenizer, torch.from_numpy(lat), [QUESTION], max_new=8)[0]
     assert ans.generation["decoder"] == "decoder_fused"
     assert ans.token_ids == want and len(want) >= 1
+
+
+def _tis_bundle(root, tmp_path, quant, share=True):
+    from locpath.engines.hf_weights import LoraAdapter
+    from locpath.export.streamed import export_streamed_bundle
+
+    model, skel, hf = _reference_and_skeleton(root, tis_from_llm=True)
+    bundle, rep = export_streamed_bundle(skel, hf, tmp_path / f"{quant}-{share}", quant=quant, max_length=256,
+                                         lora=LoraAdapter.from_peft_folder(root / "adapter"), validate=quant == "fp32",
+                                         share_tis_embedding=share, log=lambda m: None)
+    return model, bundle, rep
+
+
+def test_tis_reads_the_decoders_embedding_rows_token_identical_to_pytorch(qwen_with_lora, tmp_path, tokenizer):
+    """A TIS on the LLM's embedding matrix carries no copy of it: its Gather reads the decoder's tensor from the
+    decoder's data file (fp32 here), and answers stay token-identical to PyTorch."""
+    import onnx
+
+    from locpath.bundle.integrity import verify_bundle
+    from locpath.runtime.pipeline import Pipeline
+    from locpath.wsi.features import FeatureFile, write_features
+
+    root, _ = qwen_with_lora
+    model, bundle, rep = _tis_bundle(root, tmp_path, "fp32")
+    m = verify_bundle(bundle)
+    tis, dec = m.components["tis"], m.components["decoder_fused"]
+    assert rep["tis_embedding"] == "the decoder's (shared)" and tis.data_files == dec.data_files != []
+    g = onnx.load(str(bundle / tis.file), load_external_data=False).graph
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in g.initializer if len(t.dims) == 2
+               and t.dims[0] == 512), "the TIS holds a vocabulary table of its own"
+    assert (bundle / tis.file).stat().st_size < 512 * 64 * 4  # smaller than one fp32 copy of the table
+    feats = np.random.default_rng(0).normal(size=(30, 64)).astype(np.float32)
+    coords = np.stack([np.arange(30) % 6 * 224, np.arange(30) // 6 * 224], 1)
+    h5 = write_features(tmp_path / "f.h5", FeatureFile(feats, coords, 224, 224, 0.5, 0.5, model.cfg.tile_encoder.name))
+    pipe = Pipeline.from_bundle(bundle, use_cache=False)
+    lat = pipe.compress(pipe.read_feature_file(h5)).latents
+    for q in (QUESTION, "Is there necrosis?", "Which grade?"):
+        ids = pipe.question_ids(q)
+        with torch.no_grad():
+            want_scores = model.tis(torch.from_numpy(lat), torch.tensor([ids]), torch.ones(1, len(ids))).numpy()
+            want = model.answer_tokens(tokenizer, torch.from_numpy(lat), [q], max_new=8)[0]
+        np.testing.assert_allclose(pipe.question_kv(lat, q).scores, want_scores[0], rtol=1e-5, atol=1e-5)
+        assert pipe.ask(h5, q, max_new_tokens=8).token_ids == want
+
+
+def test_int4_tis_gathers_from_the_decoders_int4_embedding(qwen_with_lora, tmp_path):
+    """INT4: the TIS runs GatherBlockQuantized over the decoder's INT4 bytes; the bundle is one table smaller
+    than with the TIS's own copy, and the answer runs."""
+    from locpath.bundle.integrity import verify_bundle
+    from locpath.runtime.pipeline import Pipeline
+    from locpath.wsi.features import FeatureFile, write_features
+
+    root, _ = qwen_with_lora
+    model, shared, _ = _tis_bundle(root, tmp_path, "int4")
+    _, copied, rep = _tis_bundle(root, tmp_path, "int4", share=False)
+    assert rep["tis_embedding"] == "its own table"
+    # the fp32 copy of the table is gone (the whole bundle of this tiny model is not smaller: sharing puts its
+    # decoder's weights in a data file at 64 KiB offsets; a 7B decoder's are there anyway)
+    size = {b: (b / "tis.onnx").stat().st_size for b in (shared, copied)}
+    assert size[copied] - size[shared] > 0.9 * 512 * 64 * 4, size
+    m = verify_bundle(shared)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(shared / m.components["tis"].file), load_external_data=False).graph.node}
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    feats = np.random.default_rng(1).normal(size=(12, 64)).astype(np.float32)
+    h5 = write_features(tmp_path / "f.h5", FeatureFile(feats, np.stack([np.arange(12) * 224, np.zeros(12, int)], 1),
+                                                        224, 224, 0.5, 0.5, model.cfg.tile_encoder.name))
+    a, b = (Pipeline.from_bundle(x, use_cache=False) for x in (shared, copied))
+    lat = a.compress(a.read_feature_file(h5)).latents
+    sa, sb = a.question_kv(lat, QUESTION).scores, b.question_kv(lat, QUESTION).scores
+    assert np.corrcoef(sa, sb)[0, 1] > 0.99  # INT4 rows against fp32 rows: the same ranking, near enough
+    assert 1 <= a.ask(h5, QUESTION, max_new_tokens=4).generation["new_tokens"] <= 4
 
 
 def test_streamed_int4_decoder_writes_external_data_and_answers(qwen_with_lora, tmp_path):
@@ -228,10 +303,11 @@ def _encode_ms(bundle, n: int) -> float:
     return float(np.median(times))
 
 
-def test_published_bench_path_runs_on_a_small_shape(tmp_path):
-    """`bench --published` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
-    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here). The build's
-    peak RSS and the encoder's extrapolation are checked against readings of their own."""
+def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
+    """`bench --published --slide` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
+    process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here), a cold ask
+    from the real slide region and a second question on it. Each step's peak RSS is its own process's (the parent
+    touched 2 GB first), the build's checked against readings of its own, the encoder's extrapolation too."""
     import resource
     import sys
 
@@ -244,7 +320,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     del big
     parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=32, genai=False,
-                          shape=shape, size="tiny")
+                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4)
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
     cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # what onnxruntime-genai's builder dispatches on
@@ -256,6 +332,12 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     build_mb = res["build"]["peak_rss_mb"]
     assert 0.9 * watched["peak_rss_mb"] <= build_mb <= 1.5 * watched["peak_rss_mb"] + 100, (build_mb, watched)
     assert build_mb < parent_peak_mb - 1000  # the child's own peak, not the parent's carried over
+    for step in (res["build"], res["runtime"], res["from_slide"]):  # every step in a fresh child of its own
+        assert step["process"]["peak_rss_mb"] < parent_peak_mb - 1000 <= step["process"]["ru_maxrss_mb"]
+    fs = res["from_slide"]
+    assert fs["cold"]["tiles"] > 0 and fs["cold"]["tiles_per_s"] > 0 and not fs["cold"]["cache_hit"]
+    assert fs["warm"]["cache_hit"] and fs["warm"]["tiles_read"] == 0
+    assert fs["cold"]["time_to_first_token_ms"] > fs["warm"]["time_to_first_token_ms"] > 0
     ttft = res["runtime"]["time_to_first_token"]
     assert set(ttft) == {"50", "400"} and all(v["prefill_ms"] > 0 for v in ttft.values())
     predicted = ttft["50"]["encode_ms_extrapolated"] * 48 / 50
@@ -265,7 +347,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path):
     from locpath.bench.output import published_lines
 
     md = "\n".join(published_lines(res))
-    assert "first token, 400 tiles" in md and "decode |" in md
+    assert "first token, 400 tiles" in md and "decode |" in md and "cold ask from" in md and "second question" in md
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
                             shape=shape, size="tiny")

@@ -135,7 +135,8 @@ def published_lines(pub: dict) -> list[str]:
     for n, t in rt["time_to_first_token"].items():
         lines.append(f"| first token, {n} tiles | {t['from_features_ms'] / 1000:.2f} s from features (prefill "
                      f"{t['prefill_ms']:.0f} ms); +{t['encode_ms_extrapolated'] / 1000:.0f} s encoder, extrapolated |")
-    lines.append(f"| runtime peak RSS | {rt['peak_rss_mb']} MB |")
+    lines.append(f"| runtime peak RSS (from features, its own process) | {rt['peak_rss_mb']} MB |")
+    lines += _from_slide_lines(pub.get("from_slide"))
     g = pub.get("onnxruntime_genai")
     if g:
         gb = g["build"]
@@ -144,6 +145,19 @@ def published_lines(pub: dict) -> list[str]:
         if "run" in g:
             lines.append(f"| onnxruntime-genai decode | {g['run']['tokens_per_s']} tokens/s |")
     return lines + [""]
+
+
+def _from_slide_lines(fs: dict | None) -> list[str]:
+    """`bench --published --slide FILE`: the cold ask from the slide file and the second question on it."""
+    if not fs:
+        return []
+    c, w = fs["cold"], fs["warm"]
+    return [f"| cold ask from {Path(fs['slide']).name} (its own process) | {c['tiles']} tiles read and encoded at "
+            f"{_f(c['tiles_per_s'])} tiles/s; first token {c['time_to_first_token_ms'] / 1000:.2f} s (prefill "
+            f"{_f(c['prefill_ms'])} ms), decode {_f(c['decode_tokens_per_s'])} tokens/s; load {fs['load_seconds']} s; "
+            f"peak RSS {fs['process']['peak_rss_mb']} MB |",
+            f"| second question, cached slide | first token {w['time_to_first_token_ms'] / 1000:.2f} s (prefill "
+            f"{_f(w['prefill_ms'])} ms); cold / (2 x warm + encoder) = {_f(fs['cold_ttft_over_2x_warm_plus_encoder'])} |"]
 
 
 def write_markdown(report: dict, path: str | Path) -> Path:

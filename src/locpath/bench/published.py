@@ -5,7 +5,8 @@ hub ships; nothing is downloaded), and a LoC-Path bundle is built from it the wa
 resampler, TIS and cross-KV graphs at published widths with a CONCH-shaped tile encoder, and the fused INT4
 decoder streamed from the shards (`export/streamed.py`). Measured: the build's time and peak RSS (in a child
 process, so the number is the build's own), the bundle's size, the runtime's load time and RSS, decode tokens/s,
-and time to first token at 1k and 10k tiles. The tile encoder is timed on a few tiles and extrapolated to 1k and
+and time to first token at 1k and 10k tiles; with a slide file, a cold `ask` from it and a second question
+(published_slide.py). Each step runs in a fresh child (bench/child.py) whose own VmHWM is its memory figure. The tile encoder is timed on a few tiles and extrapolated to 1k and
 10k (said so in the report); STM, resampler, TIS, cross-KV and prefill run for real at those sizes.
 onnxruntime-genai's builder is run on the same shards under an RSS watchdog: where it does not fit in memory the
 report says at what RSS and after how long it was stopped.
@@ -115,22 +116,25 @@ def write_random_hf_folder(folder: Path, shape: dict, tokenizer_file: Path, seed
 
 
 # -- the build, in a child process (its own peak RSS) ------------------------------------------------------
-def build_bundle(folder: Path, bundle: Path, encoder: str = "conch_v1", size: str = "published") -> dict:
-    """Build the bundle (called in a child: `python -m locpath.bench.published`). `size` "tiny" keeps the
-    reference's small resampler/TIS/CARA and encoder (what the test of this path uses)."""
+def build_bundle(folder: str | Path, bundle: str | Path, encoder: str = "conch_v1", size: str = "published") -> dict:
+    """Build the bundle (called in a child: bench/child.py, or `python -m locpath.bench.published`). `size` "tiny"
+    keeps the reference's small resampler/TIS/CARA and encoder (what the test of this path uses)."""
     from ..config import preset
     from ..engines.hf_weights import HFFolder
     from ..export.streamed import export_streamed_bundle, skeleton_model
     from .memory import own_peak_rss_mb
 
     t0 = time.time()
+    folder, bundle = Path(folder), Path(bundle)
     cfg = preset(size)
     hf = HFFolder(folder)
     if size == "published":
         cfg.tile_encoder = tile_encoder_config(encoder)
     else:
         cfg.cara.layers = tuple(range(0, int(hf.config["num_hidden_layers"]), 2))
+    cfg.tis.question_dim = int(hf.config["hidden_size"])  # LoC-Path's TIS embeds with the LLM's matrix (key map)
     model = skeleton_model(cfg, hf)
+    model.tis.embed.to("meta")  # declared the LLM's: the bundle's TIS reads the decoder's rows (export/tis_shared.py)
     _, rep = export_streamed_bundle(model, hf, bundle, quant="int4", max_length=2048, overwrite=True,
                                     source={"note": "random weights, Qwen2.5-7B shape"},
                                     log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -198,13 +202,18 @@ def _features(n: int, dim: int, seed: int):
     return FeatureFile(feats, coords, 448, 448, 0.5, 0.5, "bench")
 
 
-def measure_runtime(bundle: Path, tiles: list[int], question: str, new_tokens: int, encoder_tiles: int, log) -> dict:
+def measure_runtime(bundle: str | Path, tiles: list[int], question: str, new_tokens: int, encoder_tiles: int,
+                    log=print) -> dict:
+    """From features (run in a child of its own: bench/child.py): load, encoder tiles/s, first token at each tile
+    count, decode tokens/s; `peak_rss_mb` is this process's VmHWM."""
     from ..runtime.generator import GenerationStats
     from ..runtime.pipeline import Pipeline, peak_rss_mb
+    from .memory import status_kb
 
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(bundle, use_cache=False)
-    res: dict = {"load_seconds": round(time.perf_counter() - t0, 1), "rss_after_load_mb": round(peak_rss_mb())}
+    res: dict = {"load_seconds": round(time.perf_counter() - t0, 1), "rss_after_load_mb": round(status_kb("VmRSS") / 1024),
+                 "peak_rss_after_load_mb": round(peak_rss_mb())}
     size = pipe.manifest.preprocessing.tile_size
     batch = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
     pipe.encode_tiles(batch[:1])
@@ -284,8 +293,11 @@ def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
 
 def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What is the diagnosis?",
                     new_tokens: int = 32, encoder_tiles: int = 16, genai: bool = True, shape: dict | None = None,
-                    size: str = "published") -> dict:
-    """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small)."""
+                    size: str = "published", slide: Path | None = None, slide_tokens: int = 8) -> dict:
+    """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small); `slide`: also
+    a cold `ask` from this slide file and a second question on it (bench/published_slide.py)."""
+    from .child import run_step
+
     from ..checkpoints import shipped_checkpoint
 
     shape = dict(shape or QWEN25_7B)
@@ -301,16 +313,20 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     res["shards_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     if not (bundle / "manifest.json").exists():
         log("published: building the bundle (streamed INT4 decoder) in a child process")
-        proc = subprocess.run([sys.executable, "-m", "locpath.bench.published", str(folder), str(bundle), size],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"published build failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
-        res["build"] = json.loads(proc.stdout)
+        res["build"] = run_step("locpath.bench.published:build_bundle",
+                                {"folder": str(folder), "bundle": str(bundle), "size": size})
         (work / "build.json").write_text(json.dumps(res["build"], indent=1))
     elif (work / "build.json").exists():
         res["build"] = json.loads((work / "build.json").read_text()) | {"cached": True}
     res["bundle_bytes"] = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
-    res["runtime"] = measure_runtime(bundle, list(tiles), question, new_tokens, encoder_tiles, log)
+    res["bundle_files"] = {p.name: p.stat().st_size for p in sorted(bundle.iterdir()) if p.is_file()}
+    # every step in a fresh child: each memory figure is that step's own (bench/child.py)
+    res["runtime"] = run_step("locpath.bench.published:measure_runtime",
+                              {"bundle": str(bundle), "tiles": list(tiles), "question": question,
+                               "new_tokens": new_tokens, "encoder_tiles": encoder_tiles})
+    if slide is not None:
+        res["from_slide"] = run_step("locpath.bench.published_slide:cold_ask",
+                                     {"bundle": str(bundle), "slide": str(slide), "new_tokens": slide_tokens})
     if genai:
         g = genai_build(folder, work / "genai-7b-int4", log)
         res["onnxruntime_genai"] = {"build": g}

@@ -259,8 +259,11 @@ class _Builder:
         w = np.asarray(self.w[wname], np.float32)
         return w if wname in ("embed", "lm_head") else w.T  # the vocabulary matrices are [vocab, hidden] already
 
-    def int4(self, wname: str, rows: np.ndarray, prefix: str) -> tuple[str, str]:
-        """Quantize rows [N, K] chunk by chunk into `<prefix>.int4` [N, blocks, block/2] and `.scales` [N*blocks]."""
+    def int4(self, wname: str, rows: np.ndarray, prefix: str, gather: bool = False) -> tuple[str, str]:
+        """Quantize rows [N, K] chunk by chunk into `<prefix>.int4` [N, blocks, block/2] and `.scales` [N*blocks]
+        (MatMulNBits' shapes), or with `gather` [N, blocks*block/2] and [N, blocks] (GatherBlockQuantized's: the
+        same bytes, so no Reshape runs on them; ONNX Runtime would constant-fold one into a heap copy of the whole
+        table, where the memory-mapped original is paged in only at the rows a question touches)."""
         n, k = rows.shape
         nb = -(-k // self.block)
         packed_chunks, scale_chunks = [], []
@@ -268,8 +271,9 @@ class _Builder:
             p, sc, _ = quantize_int4_rows(rows[i:i + self.ROWS], self.block)
             packed_chunks.append(p)
             scale_chunks.append(sc.reshape(-1))
-        b = self.g.init_chunks(prefix + ".int4", np.uint8, (n, nb, self.block // 2), packed_chunks)
-        sc = self.g.init_chunks(prefix + ".scales", np.float32, (n * nb,), scale_chunks)
+        shapes = ((n, nb * self.block // 2), (n, nb)) if gather else ((n, nb, self.block // 2), (n * nb,))
+        b = self.g.init_chunks(prefix + ".int4", np.uint8, shapes[0], packed_chunks)
+        sc = self.g.init_chunks(prefix + ".scales", np.float32, shapes[1], scale_chunks)
         self.progress(wname)
         return b, sc
 
@@ -310,11 +314,11 @@ class _Builder:
         if self.quant != "int4":
             embed = np.asarray(self.w["embed"], self.ft)
             return self.g.node("Gather", [self.g.init("embed", embed), ids], name="embed")
-        data, scales = self.int4("embed", self.rows("embed"), "embed")
-        if s.tied_embeddings:
+        data, scales = self.int4("embed", self.rows("embed"), "embed", gather=not s.tied_embeddings)
+        if s.tied_embeddings:  # one tensor in MatMulNBits' shape serves both: reshaped for the gather
             self._lm_int4 = (data, scales)
-        data = self.g.node("Reshape", [data, self.g.const_i64([s.vocab, -1])], name="embed.reshape")
-        scales = self.g.node("Reshape", [scales, self.g.const_i64([s.vocab, -1])], name="embed.scales2d")
+            data = self.g.node("Reshape", [data, self.g.const_i64([s.vocab, -1])], name="embed.reshape")
+            scales = self.g.node("Reshape", [scales, self.g.const_i64([s.vocab, -1])], name="embed.scales2d")
         self.quantized.append("embed")
         h = self.g.node("GatherBlockQuantized", [data, ids, scales], domain=MS, name="embed", bits=4,
                         block_size=self.block, gather_axis=0, quantize_axis=1)

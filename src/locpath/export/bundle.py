@@ -60,7 +60,7 @@ def write_bundle_manifest(tmp: Path, cfg, components: dict, max_length: int, sou
         locpath_version=__version__,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         source=source, export=export)
-    for name in manifest.referenced_files():
+    for name in dict.fromkeys(manifest.referenced_files()):  # a data file two graphs share is hashed once
         manifest.record_file(tmp, name)
     write_manifest(tmp, manifest)
 

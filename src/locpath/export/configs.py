@@ -245,6 +245,9 @@ class TISExport(ExportConfig):
             if shape[0] > 1:
                 m[1:, : shape[1] // 2] = 0  # left padding
             return m
+        rows = getattr(model.tis, "stand_in_rows", None)  # export/tis_shared.py: a stand-in for the LLM's table
+        if spec.name == "question_ids" and rows:
+            return torch.randint(0, rows, shape, generator=g)
         return super().make_input(model, spec, shape, dims, g)
 
 

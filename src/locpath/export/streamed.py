@@ -138,11 +138,15 @@ def current_rss_mb(pid: int | str = "self") -> float:
 def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: LoraAdapter | None = None,
                            quant: str = "int4", block_size: int = 32, max_length: int = 2048,
                            tokenizer_dir: str | os.PathLike | None = None, validate: bool = True,
-                           overwrite: bool = False, source: dict | None = None, log=print) -> tuple[Path, dict]:
+                           overwrite: bool = False, source: dict | None = None, share_tis_embedding: bool = True,
+                           log=print) -> tuple[Path, dict]:
     """Write a bundle: the non-LLM graphs exported (and validated) from `model`, the fused decoder streamed from
-    `hf` (+ `lora`) at `quant` ("int4" or "fp32")."""
+    `hf` (+ `lora`) at `quant` ("int4" or "fp32"). A TIS whose table is the LLM's embedding matrix reads the
+    decoder's embedding rows instead of carrying a copy (export/tis_shared.py; `share_tis_embedding=False` keeps
+    the copy)."""
     import torch
 
+    from . import tis_shared
     from .fused import cara_fused_weights
 
     out = Path(out)
@@ -158,7 +162,11 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
     spec = spec_from_hf(hf, max_length, cara_ids, cfg.cara.num_heads if cara_ids else 0,
                         blk.ffn.fc1.out_features if blk is not None else 0, float(blk.norm.eps) if blk else 1e-6)
     weights = HFFusedWeights(hf, spec, lora, cara_fused_weights(model, cara_ids))
-    report: dict = {"components": {}}
+    share = (share_tis_embedding and (quant != "int4" or spec.hidden % block_size == 0)
+             and (lora is None or "model.embed_tokens.weight" not in {**lora.pairs, **lora.replaced}) and tis_shared.shares_llm_embedding(model, hf))
+    if share:
+        tis_shared.stand_in_table(model)
+    report: dict = {"components": {}, "tis_embedding": "the decoder's (shared)" if share else "its own table"}
     with atomic_dir(out) as tmp:
         components: dict[str, ComponentEntry] = {}
         for ec in vision_configs(model):
@@ -177,7 +185,7 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
                 log(f"export: decoder weights {done[0]}/{n_mat} ({time.time() - t0:.0f} s, RSS {current_rss_mb():.0f} MB)")
 
         info = build_fused_decoder(spec, weights, tmp / name, quant=quant, block_size=block_size,
-                                   source=str(hf.folder), external=None, progress=progress)
+                                   source=str(hf.folder), external=True if share else None, progress=progress)
         secs = time.time() - t0
         log(f"export: {names.DECODER_FUSED} ({quant}) streamed from {hf.folder} in {secs:.0f} s"
             + (f" (weights in {info['data_file']})" if info["data_file"] else ""))
@@ -195,6 +203,8 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
                         + (" with a LoRA adapter merged" if lora is not None else ""),
             profiles={}, quantization={k: v for k, v in info.items() if k not in ("ops",)},
             data_files=[info["data_file"]] if info["data_file"] else [])
+        if share:
+            _share_tis(components, tmp, name, info["data_file"], quant, block_size, spec.hidden)
         shutil.copyfile(tok_file, tmp / "tokenizer.json")
         (tmp / CHAT_TEMPLATE_FILE).write_text(template)
         write_bundle_manifest(
@@ -208,6 +218,23 @@ def export_streamed_bundle(model, hf: HFFolder, out: str | os.PathLike, lora: Lo
                    "peak_rss_mb": round(peak_rss_mb())})
     log(f"export: bundle {out} ({size / 1e9:.2f} GB) in {report['seconds']} s, peak RSS {report['peak_rss_mb']} MB")
     return out, report
+
+
+def _share_tis(components: dict, tmp: Path, decoder_file: str, data_file: str, quant: str, block: int,
+               hidden: int) -> None:
+    """Point the exported TIS graph at the decoder's embedding and list the decoder's data file as its own too."""
+    import dataclasses
+
+    from .tis_shared import point_at_decoder
+
+    entry = components[names.TIS]
+    point_at_decoder(tmp / entry.file, tmp / decoder_file, quant, block, hidden)
+    for extra in entry.data_files:  # the stand-in table's export needs none; never leave one behind
+        (tmp / extra).unlink(missing_ok=True)
+    components[names.TIS] = dataclasses.replace(
+        entry, sha256=sha256_file(tmp / entry.file), data_files=[data_file],
+        description=entry.description + f"; questions embedded with the decoder's {quant} embedding rows (shared "
+                                        f"from {data_file}, no copy)")
 
 
 STREAM_ABOVE_PARAMS = 2_000_000_000  # LLMs above this are streamed by `locpath export` (fp32 would not fit 24 GB)

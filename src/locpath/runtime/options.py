@@ -34,6 +34,7 @@ class RuntimeOptions:
     prefill_graph: bool = True  # prompts on the bundle's decoder_fused_prefill graph when it has one
     resampler_chunk: int = RESAMPLER_CHUNK  # chunked resampler above this many STM tokens (0: never)
     decoder_spin: bool = True  # the decoder's intra-op threads spin between its back-to-back calls
+    warmup: bool = True  # sessions made and each graph but the tile encoder run once at load, not in the 1st question
     trusted_keys: str | None = None  # Ed25519 public keys a bundle must be signed by ($LOCPATH_TRUSTED_KEYS)
 
     def __post_init__(self):
@@ -94,6 +95,9 @@ def add_runtime_options(parser: argparse.ArgumentParser, defaults: RuntimeOption
                         f"(default {defaults.memory_slides})")
     g.add_argument("--tile-batch", type=int_at_least(1), default=defaults.tile_batch, metavar="N",
                    help=f"tiles per tile-encoder call (default {defaults.tile_batch})")
+    g.add_argument("--no-warmup", dest="warmup", action="store_false", default=defaults.warmup,
+                   help="do not make the sessions and run each graph once at load (the first question then pays "
+                        "ONNX Runtime's session creation: reading and prepacking the decoder's weights)")
     g.add_argument("--trusted-keys", default=defaults.trusted_keys, metavar="PEM_OR_DIR",
                    help="run only bundles signed by one of these Ed25519 public keys (default: $LOCPATH_TRUSTED_KEYS; "
                         "unset = signatures not required)")
@@ -102,5 +106,5 @@ def add_runtime_options(parser: argparse.ArgumentParser, defaults: RuntimeOption
 def runtime_options(args: argparse.Namespace, defaults: RuntimeOptions = RuntimeOptions()) -> RuntimeOptions:
     """The options `add_runtime_options` parsed (fields it does not expose keep `defaults`)."""
     names = ("device", "threads", "decoder", "decode_batch", "cache_dir", "use_cache", "memory_slides", "tile_batch",
-             "trusted_keys")
+             "warmup", "trusted_keys")
     return defaults.replace(**{n: getattr(args, n) for n in names if hasattr(args, n)})

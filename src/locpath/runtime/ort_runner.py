@@ -55,9 +55,11 @@ PROVIDERS = {
 class OrtRunner(Runner):
     def __init__(self, path, name: str, device: str = "cpu", threads: int | None = None,
                  opt_level: str = "all", profile: bool = False, spin: bool = False, entry=None,
-                 engine_cache: str | None = None):
+                 engine_cache: str | None = None, prepack: bool = True):
         """`entry`: the component's manifest entry (profile ranges and precision for the TensorRT provider);
-        `engine_cache`: where that provider keeps its engines."""
+        `engine_cache`: where that provider keeps its engines; `prepack`: let kernels repack constant weights into
+        their own layout when the session is made (`session.disable_prepacking` otherwise: MatMulNBits then reads
+        the weights where they lie, so a memory-mapped INT4 decoder is resident once instead of twice)."""
         super().__init__(path, name)
         self.entry = entry
         self.engine_cache = engine_cache
@@ -68,6 +70,7 @@ class OrtRunner(Runner):
         self.opt_level = opt_level
         self.profile = profile
         self.spin = spin
+        self.prepack = prepack
         self._sess = None
 
     def load(self) -> "OrtRunner":
@@ -96,6 +99,7 @@ class OrtRunner(Runner):
         so.log_severity_level = 4  # failures come back as one RunnerError line, not ORT's coloured log as well
         so.enable_profiling = self.profile
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
+        so.add_session_config_entry("session.disable_prepacking", "0" if self.prepack else "1")
         try:
             self._sess = ort.InferenceSession(str(self.path), so, providers=self._providers(wanted, available))
         except Exception as exc:

@@ -176,6 +176,24 @@ class Pipeline:
         # trust.json (verified with the bundle): confidence temperature, OOD statistics, minimum tissue tiles
         self.trust: TrustModel | None = load_trust(self.bundle_dir, manifest)
         self.keep_logits = False  # fitting (locpath trust fit): answers keep each step's largest logits
+        self.warmup_ms = self.warm_up() if opts.warmup else None
+
+    def warm_up(self) -> float:
+        """Make every session now and run each graph but the tile encoder once on a tiny input, so the first
+        question does not pay ONNX Runtime's session creation (the weights read from disk and prepacked: ~20 s of
+        a 7B INT4 decoder's first prefill) and first-run allocations; returns the milliseconds it took."""
+        t0 = time.perf_counter()
+        for r in self.runners.values():
+            r.load()
+        r = self.cfg.resampler
+        f = self.cfg.feature_dim
+        out = self.runners[names.RESAMPLER].run({
+            "tokens": np.zeros((1, 1, f), np.float32), "positions": np.zeros((1, 1, 2), np.float32),
+            "counts": np.ones((1, 1), np.float32), "token_mask": np.ones((1, 1), bool)}, ["latents"])
+        qkv = self.question_kv(out["latents"].astype(np.float32), "?")
+        prompt = self.prompt_ids("?")[:2]
+        self.decoder_state.greedy(prompt, qkv.cross, 2)  # the prefill (its own graph when there is one) and a step
+        return _ms(t0)
 
     def _spin(self, name: str, entry, decoder_spin: bool) -> dict:
         """Intra-op spinning only for the decoder: it alone runs hundreds of back-to-back calls, where waking

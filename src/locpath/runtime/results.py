@@ -18,6 +18,15 @@ from .question import Question
 
 
 def peak_rss_mb() -> float:
+    """This process's own peak resident set, MB: VmHWM (its address space's high-water mark), not ru_maxrss, which
+    Linux carries over across fork and exec (a child would report its parent's peak); ru_maxrss without /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 

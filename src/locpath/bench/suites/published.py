@@ -1,5 +1,6 @@
 """`bench --published`: a Qwen2.5-7B-shaped bundle built from shards here, its build and runtime measured
-(bench/published.py; JSON `published`)."""
+(bench/published.py; JSON `published`); with `--slide FILE`, also a cold `ask` from that slide file and a second
+question on it (bench/published_slide.py; JSON `published.from_slide`), each step in a process of its own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from ..suite import Context, Suite
 def run(ctx: Context) -> dict:
     from ..published import bench_published
 
-    return bench_published(ctx.cfg.workdir / "published", ctx.log, tiles=tuple(ctx.cfg.tiles or (1000, 10000)))
+    return bench_published(ctx.cfg.workdir / "published", ctx.log, tiles=tuple(ctx.cfg.tiles or (1000, 10000)),
+                           slide=ctx.cfg.slide)
 
 
 SUITE = Suite("published", "published", run, flag="published", needs_torch=True,

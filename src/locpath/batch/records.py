@@ -81,11 +81,11 @@ class Output:
             write_features(feat, ctx.features)
         record = {"schema": SCHEMA, "slide": slide, "digest": digest, "run": self.run_digest(questions, sampling),
                   "bundle": self.bundle, "sampling": {k: v for k, v in sampling.items() if v is not None},
-                  "tiles": ctx.tiles, "slide_trust": ctx.trust,
+                  "tiles": ctx.tiles, "slide_trust": getattr(ctx, "trust", None),
                   "tokens_after_stm": ctx.tokens, "features": str(feat.relative_to(self.dir)),
                   "answers": [{"question": a.question, "answer": a.answer, "token_ids": a.token_ids,
                                "stop_reason": a.generation["stop_reason"], "timings_ms": a.timings_ms,
-                               "trust": a.trust}
+                               "trust": getattr(a, "trust", None)}
                               for a in answers],
                   "slide_timings_ms": ctx.timings_ms, "seconds": round(seconds, 3),
                   "worker": f"{socket.gethostname()}:{os.getpid()}",

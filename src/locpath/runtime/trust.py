@@ -57,10 +57,11 @@ class OodModel:
         ref2 = (ref * ref).sum(axis=1)
         out = np.empty(len(x))
         kth = min(self.neighbours, len(ref)) - 1
-        for i in range(0, len(x), 1024):  # bounded memory: 1024 tiles x M references at a time
-            zc = z[i:i + 1024]
+        step = 128  # 128 tiles x M references at a time (4 MB at M = 4096): temporaries small enough that a
+        for i in range(0, len(x), step):  # long-running service's allocator does not keep them
+            zc = z[i:i + step]
             d2 = (zc * zc).sum(axis=1)[:, None] - 2 * zc @ ref.T + ref2[None, :]
-            out[i:i + 1024] = np.partition(d2, kth, axis=1)[:, kth]
+            out[i:i + step] = np.partition(d2, kth, axis=1)[:, kth]
         if self.residual_variance > 0:
             proj = x @ self.components.T
             out += np.maximum((x * x).sum(axis=1) - (proj * proj).sum(axis=1), 0.0) / self.residual_variance

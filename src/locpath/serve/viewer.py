@@ -25,6 +25,7 @@ class ViewerState:
     def __init__(self, cache_bytes: int, renders: int):
         self.cache = ByteLRU(cache_bytes)
         self.renders = renders
+        self.waiting = 0  # requests waiting for a render slot (changed on the event loop only)
         self._limiter = None
 
     @property
@@ -49,14 +50,15 @@ def state(svc: Service) -> ViewerState:
         return st
 
 
-def cached(svc: Service, slide, what: tuple, make: Callable) -> bytes:
-    """The bytes of `what` about `slide`: from the cache, else `make(f)` with the opened file `f`. The file is
-    checked first either way (a refusal is raised here, as for every other slide route)."""
+def cached(svc: Service, slide, what: tuple, make: Callable, render: bool = True) -> bytes | None:
+    """The bytes of `what` about `slide`: from the cache, else `make(f)` with the opened file `f` (None instead when
+    not `render`: the routes look up first, and render under their bounds only on a miss). The file is checked first
+    either way (a refusal is raised here, as for every other slide route)."""
     st = state(svc)
     key = (slide.id, getattr(slide, "identity", None) or slide.path, *what)
     with svc.open_slide(slide.id) as f:
         body = st.cache.get(key)
-        if body is None:
+        if body is None and render:
             body = make(f)
             st.cache.put(key, body)
     return body
@@ -72,16 +74,16 @@ def generator(f):
         yield s, deep_zoom(s)
 
 
-def dzi(svc: Service, slide) -> bytes:
+def dzi(svc: Service, slide, render: bool = True) -> bytes | None:
     def make(f):
         from ..wsi.deepzoom import dzi
 
         with generator(f) as (_, dz):
             return dzi(dz)
-    return cached(svc, slide, ("dzi",), make)
+    return cached(svc, slide, ("dzi",), make, render)
 
 
-def tile(svc: Service, slide, level: int, col: int, row: int) -> bytes:
+def tile(svc: Service, slide, level: int, col: int, row: int, render: bool = True) -> bytes | None:
     """One JPEG tile; an address outside the slide's Deep Zoom pyramid is a 404 naming what exists."""
     def make(f):
         from ..wsi.deepzoom import TileTooCostly, tile_jpeg
@@ -92,7 +94,7 @@ def tile(svc: Service, slide, level: int, col: int, row: int) -> bytes:
                 return tile_jpeg(dz, s, level, col, row)
             except TileTooCostly as exc:
                 raise ApiError(422, "invalid_request_error", str(exc)) from None
-    return cached(svc, slide, ("tile", level, col, row), make)
+    return cached(svc, slide, ("tile", level, col, row), make, render)
 
 
 def check_address(slide_id: str, dz, level: int, col: int, row: int) -> None:

@@ -41,7 +41,7 @@ def heatmap_rgba(dims: tuple[int, int], coords: np.ndarray, weights: np.ndarray,
     return Image.fromarray(rgba, "RGBA")
 
 
-def heatmap_png(svc: Service, slide, job) -> bytes:
+def heatmap_png(svc: Service, slide, job, render: bool = True) -> bytes | None:
     """The evidence of a finished question (a job the caller may read) as a transparent PNG."""
     def make(f):
         from ..wsi import open_slide
@@ -54,10 +54,10 @@ def heatmap_png(svc: Service, slide, job) -> bytes:
         buf = io.BytesIO()
         heatmap_rgba(dims, ev.coords, ev.weights, ev.tile_size_level0).save(buf, format="PNG")
         return buf.getvalue()
-    return cached(svc, slide, ("heatmap", job.id), make)
+    return cached(svc, slide, ("heatmap", job.id), make, render)
 
 
-def grid_json(svc: Service, slide) -> bytes:
+def grid_json(svc: Service, slide, render: bool = True) -> bytes | None:
     """The planned tiles (level-0 top-left corners and side), as ingestion plans them with this bundle."""
     def make(f):
         from ..wsi import open_slide
@@ -67,4 +67,4 @@ def grid_json(svc: Service, slide) -> bytes:
             w, h = s.dimensions
         return json.dumps({"width": int(w), "height": int(h), "tile_size_level0": int(plan.grid.size_level0),
                            "tiles": np.asarray(plan.grid.coords, np.int64).tolist()}).encode()
-    return cached(svc, slide, ("grid",), make)
+    return cached(svc, slide, ("grid",), make, render)

@@ -2,8 +2,10 @@
 transparent heatmap, the tissue grid, and the vendored OpenSeadragon files (static/vendor/openseadragon/).
 
 Behind the same keys as the other slide routes (a reader key; a question's heatmap only for the key that asked, as
-thumbnail.png?evidence=). The work blocks (file checks, reads, encoding): it runs in threads, at most
-ServeConfig.tile_renders at a time (serve/viewer.py). Addresses are checked before any read: a name that is not
+thumbnail.png?evidence=). The work blocks (file checks, reads, encoding): it runs in threads. Cached bytes are looked
+up first (the file still checked), never behind renders; a miss is rendered at most ServeConfig.tile_renders at a
+time (serve/viewer.py), with at most WAITING_PER_RENDER per render waiting (more: 429), and a request whose client
+left while it waited is not rendered (499). Addresses are checked before any read: a name that is not
 `<col>_<row>.jpeg` with non-negative integers is a 400, a level or tile outside the slide a 404."""
 
 import mimetypes
@@ -11,8 +13,9 @@ import re
 from pathlib import Path
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
+from starlette.requests import ClientDisconnect
 
 from ...errors import LocpathError
 from .. import viewer, viewer_overlays
@@ -27,6 +30,8 @@ NO_STORE = {"Cache-Control": "private, no-store"}  # patients' pixels: not kept 
 DIGITS = re.compile(r"[0-9]+")
 TILE_NAME = re.compile(r"([0-9]+)_([0-9]+)\.([A-Za-z0-9]+)")
 BIG = 10 ** 9  # any integer written with more digits is outside every slide
+# renders waiting for a slot, per slot (4 slots: 64); a browser has at most 6 requests in flight per server
+WAITING_PER_RENDER = 16
 router = APIRouter()
 
 
@@ -64,15 +69,16 @@ def parse_tile(level: str, name: str) -> tuple[int, int, int]:
     return _int(level), _int(m.group(1)), _int(m.group(2))
 
 
-async def _render(svc: Service, caller: Caller, slide_id: str, work) -> bytes:
-    """`work(slide)` for a ready slide, in a thread under the viewer's render bound; server paths left out of a
-    non-admin caller's errors."""
-    def blocking():
+async def _render(request: Request, svc: Service, caller: Caller, slide_id: str, work) -> bytes:
+    """`work(slide, render)` for a ready slide, in threads: first from the cache only (render False: None on a miss),
+    then, on a miss, rendered under the viewer's bounds (_bounded). Server paths left out of a non-admin caller's
+    errors."""
+    def blocking(render: bool):
         s = slide_or_404(svc, slide_id)
         if s.status != "ready":
             raise ApiError(409, "not_ready", f"slide {s.id} is {s.status}")
         try:
-            return work(s)
+            return work(s, render)
         except ApiError as exc:
             if not caller.admin:
                 exc.message = hide_paths(exc.message, svc.server_paths)
@@ -81,37 +87,59 @@ async def _render(svc: Service, caller: Caller, slide_id: str, work) -> bytes:
             if not caller.admin:
                 exc.args = (hide_paths(str(exc), svc.server_paths),)
             raise
-    return await anyio.to_thread.run_sync(blocking, limiter=viewer.state(svc).limiter)
+    body = await anyio.to_thread.run_sync(blocking, False)
+    if body is None:
+        body = await _bounded(request, viewer.state(svc), lambda: blocking(True))
+    return body
+
+
+async def _bounded(request: Request, st: viewer.ViewerState, fn):
+    """`fn()` in a thread once one of the st.renders slots is free: a full queue is a 429 at once, and a client
+    that left while waiting gets nothing rendered (499), so abandoned requests cannot queue work without bound."""
+    if st.waiting >= st.renders * WAITING_PER_RENDER:
+        raise ApiError(429, "rate_limit_error", f"{st.waiting} viewer tiles are already waiting to be rendered; "
+                                                "try again shortly", {"Retry-After": "1"})
+    st.waiting += 1
+    try:
+        await st.limiter.acquire()
+    finally:
+        st.waiting -= 1
+    try:
+        if await request.is_disconnected():
+            raise ClientDisconnect()
+        return await anyio.to_thread.run_sync(fn)
+    finally:
+        st.limiter.release()
 
 
 @router.get("/v1/slides/{slide_id}/viewer.dzi")
-async def viewer_dzi(slide_id: str, svc: Svc, caller: Reader):
-    body = await _render(svc, caller, slide_id, lambda s: viewer.dzi(svc, s))
+async def viewer_dzi(request: Request, slide_id: str, svc: Svc, caller: Reader):
+    body = await _render(request, svc, caller, slide_id, lambda s, render: viewer.dzi(svc, s, render))
     return Response(body, media_type="application/xml", headers=NO_STORE)
 
 
 @router.get("/v1/slides/{slide_id}/viewer_files/{level}/{name}")
-async def viewer_tile(slide_id: str, level: str, name: str, svc: Svc, caller: Reader):
+async def viewer_tile(request: Request, slide_id: str, level: str, name: str, svc: Svc, caller: Reader):
     lv, col, row = parse_tile(level, name)
-    body = await _render(svc, caller, slide_id, lambda s: viewer.tile(svc, s, lv, col, row))
+    body = await _render(request, svc, caller, slide_id, lambda s, render: viewer.tile(svc, s, lv, col, row, render))
     return Response(body, media_type="image/jpeg", headers=NO_STORE)
 
 
 @router.get("/v1/slides/{slide_id}/viewer/heatmap.png")
-async def viewer_heatmap(slide_id: str, evidence: str, svc: Svc, caller: Reader):
-    def work(s):
+async def viewer_heatmap(request: Request, slide_id: str, evidence: str, svc: Svc, caller: Reader):
+    def work(s, render):
         missing = f"no finished question {evidence!r} about slide {s.id}"
         job = job_or_404(svc, evidence, caller, missing)  # another key's question reads as a missing one
         if job.slide_id != s.id or job.kind != "question" or job.status != "done":
             raise ApiError(404, "not_found", missing)
-        return viewer_overlays.heatmap_png(svc, s, job)
-    body = await _render(svc, caller, slide_id, work)
+        return viewer_overlays.heatmap_png(svc, s, job, render)
+    body = await _render(request, svc, caller, slide_id, work)
     return Response(body, media_type="image/png", headers=NO_STORE)
 
 
 @router.get("/v1/slides/{slide_id}/viewer/grid.json")
-async def viewer_grid(slide_id: str, svc: Svc, caller: Reader):
-    body = await _render(svc, caller, slide_id, lambda s: viewer_overlays.grid_json(svc, s))
+async def viewer_grid(request: Request, slide_id: str, svc: Svc, caller: Reader):
+    body = await _render(request, svc, caller, slide_id, lambda s, render: viewer_overlays.grid_json(svc, s, render))
     return Response(body, media_type="application/json", headers=NO_STORE)
 
 

@@ -19,6 +19,8 @@ const LocpathViewer = (() => {
       prefixUrl: "/static/vendor/openseadragon/images/",
       loadTilesWithAjax: true,
       ajaxHeaders: headers(),
+      tileRetryMax: 3,  // a busy service answers 429 (Retry-After: 1) when too many tile renders wait
+      tileRetryDelay: 1000,
       showNavigator: false,  // its tile requests would not carry the key (OpenSeadragon issue 2502)
       showRotationControl: false,
       maxZoomPixelRatio: 2,

@@ -299,7 +299,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
     del big
     parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=32, genai=False,
-                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4)
+                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4, block_size=32)
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
     cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # what onnxruntime-genai's builder dispatches on
@@ -329,7 +329,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
     assert "first token, 400 tiles" in md and "decode |" in md and "cold ask from" in md and "second question" in md
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
-                            shape=shape, size="tiny")
+                            shape=shape, size="tiny", block_size=32)
     assert "shards_written_seconds" not in again and again["build"].get("cached")
 
 

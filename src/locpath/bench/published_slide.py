@@ -9,6 +9,7 @@ for this step alone (bench/child.py), so the peak resident set is the cold ask's
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 QUESTIONS = ("What is the diagnosis?", "Is there necrosis?")
 
@@ -23,7 +24,7 @@ def _answer_figures(ans) -> dict:
 
 
 def cold_ask(bundle: str, slide: str, new_tokens: int = 8, questions=QUESTIONS, threads: int | None = None,
-             log=print) -> dict:
+             tile_batch: int | None = None, log=print) -> dict:
     """Load the bundle, ask the first question from the slide file (slide cache off: nothing prepared before),
     then the second on the slide now held in memory. Returns the figures of both and the cold/warm ratio."""
     from ..runtime.options import RuntimeOptions
@@ -32,7 +33,8 @@ def cold_ask(bundle: str, slide: str, new_tokens: int = 8, questions=QUESTIONS, 
     from .memory import status_kb
 
     t0 = time.perf_counter()
-    pipe = Pipeline.from_bundle(bundle, RuntimeOptions(use_cache=False, threads=threads))
+    opts = RuntimeOptions(use_cache=False, threads=threads)
+    pipe = Pipeline.from_bundle(bundle, opts if tile_batch is None else replace(opts, tile_batch=tile_batch))
     load_s = time.perf_counter() - t0
     rss_load = status_kb("VmRSS") / 1024
     log(f"published: slide: bundle loaded in {load_s:.1f} s (RSS {rss_load:.0f} MB); cold ask from {slide}")

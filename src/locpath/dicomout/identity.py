@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..bundle.integrity import CHECKSUMS
+from ..bundle.paths import read_bounded
+from ..errors import LocpathError
 from .errors import DicomOutError
 
 MAX_SUMS_BYTES = 1 << 20
@@ -32,14 +34,10 @@ def model_identity(bundle_dir: Path, manifest, decoder_component: str) -> ModelI
     """The identity of a verified bundle (Pipeline.bundle_dir, .manifest, .decoder_component)."""
     from .. import __version__
 
-    sums = Path(bundle_dir) / CHECKSUMS
     try:
-        with open(sums, "rb") as f:
-            data = f.read(MAX_SUMS_BYTES + 1)
-    except OSError as exc:
-        raise DicomOutError(f"{sums}: cannot be read ({exc.strerror or exc})") from None
-    if len(data) > MAX_SUMS_BYTES:
-        raise DicomOutError(f"{sums}: larger than {MAX_SUMS_BYTES} bytes")
+        data = read_bounded(Path(bundle_dir) / CHECKSUMS, MAX_SUMS_BYTES, "the bundle's checksum list")
+    except LocpathError as exc:
+        raise DicomOutError(str(exc)) from None
     enc = (manifest.model.get("tile_encoder") or {}) if isinstance(manifest.model, dict) else {}
     encoder = str(enc.get("name") or enc.get("family") or "unknown")
     precision = ", ".join(f"{n} {manifest.components[n].precision}" for n in ("tile_encoder", decoder_component)

@@ -94,7 +94,8 @@ def add_runtime_options(parser: argparse.ArgumentParser, defaults: RuntimeOption
                    help=f"slides whose latents stay in memory, least recently used dropped first "
                         f"(default {defaults.memory_slides})")
     g.add_argument("--tile-batch", type=int_at_least(1), default=defaults.tile_batch, metavar="N",
-                   help=f"tiles per tile-encoder call (default {defaults.tile_batch})")
+                   help=f"at most N tiles per tile-encoder call; a ViT with large tiles takes fewer, so one call's "
+                        f"activations stay within 96 MiB (CONCH v1 at 448 px: 2) (default {defaults.tile_batch})")
     g.add_argument("--no-warmup", dest="warmup", action="store_false", default=defaults.warmup,
                    help="do not make the sessions and run each graph once at load (the first question then pays "
                         "ONNX Runtime's session creation: reading and prepacking the decoder's weights)")

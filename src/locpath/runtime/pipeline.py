@@ -62,6 +62,7 @@ from .question import Question, make_question
 from .resampler_chunks import ChunkedResampler
 from .results import Answer, Compressed, QuestionKV, SlideContext, StreamedAnswer, _ms, peak_rss_mb  # noqa: F401
 from .runner import Runner
+from .tile_batch import encoder_tile_batch
 from .sampler import SamplingParams
 from .trust import TrustModel, load_trust, slide_trust
 from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
@@ -163,7 +164,8 @@ class Pipeline:
         self.max_batch = opts.decode_batch
         self.stop_ids = self._stop_ids()
         self.max_length = self.decoder_state.capacity(manifest.generation.max_length)
-        self.tile_batch = opts.tile_batch
+        self.tile_batch = encoder_tile_batch(opts.tile_batch, (manifest.model or {}).get("tile_encoder")
+                                             if isinstance(manifest.model, dict) else None)
         self.reader_workers = opts.reader_workers
         self.cache = None
         if opts.use_cache:

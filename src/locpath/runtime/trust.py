@@ -120,8 +120,10 @@ def _array(d: dict, key: str, where: str, shape: tuple) -> np.ndarray:
         a = np.asarray(d.get(key), np.float64)
     except (TypeError, ValueError):
         raise BundleError(f"{where}: {key} must be an array of numbers") from None
-    if a.shape != shape or not np.isfinite(a).all():
-        raise BundleError(f"{where}: {key} must be a finite array of shape {shape}, got {a.shape}")
+    if a.shape != shape:
+        raise BundleError(f"{where}: {key} must be an array of shape {shape}, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise BundleError(f"{where}: {key} holds NaN or infinite values")
     return a
 
 

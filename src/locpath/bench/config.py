@@ -20,6 +20,7 @@ class BenchConfig:
     decoder_05b: bool = False
     encoder_vitb: bool = False
     encoder_vitl: bool = False
+    encoder_conch: bool = False
     published: bool = False
     headline_05b: bool = False  # the like-for-like headline on a Qwen2.5-0.5B-shaped LLM too (bench/headline.py)
     headline_tiles_05b: list[int] | None = None  # its tile counts (default: `tiles`)

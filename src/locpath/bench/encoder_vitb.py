@@ -35,6 +35,7 @@ class EncoderShape:
     batch: int
     calib: int  # synthetic calibration tiles
     held_out: int  # synthetic held-out tiles
+    tile_px: int = 224
 
 
 VIT_B = EncoderShape("encoder_vit_b", "ViT-B/16, 512-d head (random timm-init weights)", None,
@@ -42,29 +43,34 @@ VIT_B = EncoderShape("encoder_vit_b", "ViT-B/16, 512-d head (random timm-init we
                       "openvino_int8_safe"), 16, 64, 32)
 VIT_L = EncoderShape("encoder_vit_l", "ViT-L/16 at UNI's shape (uni_v1), 1024-d CLS (random drawn weights)", "uni_v1",
                      ("ort_int8_dynamic", "openvino_bf16", "openvino_nncf_int8", "openvino_int8_safe"), 8, 32, 16)
-SHAPES = {"vit_b": VIT_B, "vit_l": VIT_L}
+CONCH = EncoderShape("encoder_conch", "CONCH v1 at full depth, 448 px tiles (conch_v1; random drawn weights)",
+                     "conch_v1", ("ort_fp32", "ort_int8_dynamic", "openvino_int8_safe"), 4, 24, 12, tile_px=448)
+SHAPES = {"vit_b": VIT_B, "vit_l": VIT_L, "conch_v1": CONCH}
 INT8_VARIANTS = ("ort_int8_dynamic", "ort_int8_static", "openvino_nncf_int8", "openvino_int8_safe")
 
 
-def _tiles(n: int, seed: int = 5) -> np.ndarray:
+def _tiles(n: int, seed: int = 5, px: int = 224) -> np.ndarray:
     from ..synth import make_spec
-    from ..train.data import render_tile, tissue_tiles
+    from ..synth.world import render_region
+    from ..train.data import TILE, render_tile, tissue_tiles
 
     out, i = [], 0
     while len(out) < n:
         spec = make_spec(seed * 1000 + i)
-        out += [render_tile(spec, c, r) for c, r in tissue_tiles(spec).grid[: n - len(out)]]
+        grid = tissue_tiles(spec).grid[: n - len(out)]
+        out += [render_tile(spec, c, r) if px == TILE else render_region(spec, c * TILE, r * TILE, px, px)
+                for c, r in grid]
         i += 1
     return np.stack(out)
 
 
-def slide_tiles(slide: Path, n: int = 32) -> np.ndarray:
-    """Up to n tissue tiles of a real slide at 224 px, 0.5 um/px, spread over the slide."""
+def slide_tiles(slide: Path, n: int = 32, px: int = 224) -> np.ndarray:
+    """Up to n tissue tiles of a real slide at px pixels, 0.5 um/px, spread over the slide."""
     from ..wsi import GridConfig, TileReader, open_slide
     from ..wsi.extract import plan_tiles
 
     with open_slide(slide) as s:
-        plan = plan_tiles(s, GridConfig(target_mpp=0.5, tile_size=224, min_tissue=0.5))
+        plan = plan_tiles(s, GridConfig(target_mpp=0.5, tile_size=px, min_tissue=0.5))
         pick = np.unique(np.linspace(0, len(plan.grid) - 1, min(n, len(plan.grid))).astype(int))
         reader = TileReader(s, plan.grid)
         return np.stack([reader.read_tile(s, int(x), int(y)) for x, y in plan.grid.coords[pick]])
@@ -90,13 +96,13 @@ def _build_encoder(shape: EncoderShape):
     return cfg, enc
 
 
-def _calibration(calib: int, held_out: int, slide: Path | None):
+def _calibration(calib: int, held_out: int, slide: Path | None, px: int = 224):
     """(calibration tiles, held-out tiles, all of them, held-out mask): rendered tissue, plus half each of the
     real slide's tiles when given."""
-    syn = _tiles(calib + held_out)
+    syn = _tiles(calib + held_out, px=px)
     cal, x = syn[:calib], syn[calib:]
     if slide is not None:
-        real = slide_tiles(Path(slide))
+        real = slide_tiles(Path(slide), px=px)
         cal, x = np.concatenate([cal, real[0::2]]), np.concatenate([x, real[1::2]])
     every = np.concatenate([cal, x])
     return cal, np.ascontiguousarray(x), every, np.arange(len(every)) >= len(cal)
@@ -199,7 +205,7 @@ def bench_encoder_vitb(work: Path, log, batch: int | None = None, calib: int | N
     work.mkdir(parents=True, exist_ok=True)
     cfg, enc = _build_encoder(sh)
     fp32 = work / "tile_encoder.onnx"
-    cal, x, every, held = _calibration(calib, held_out, slide)
+    cal, x, every, held = _calibration(calib, held_out, slide, sh.tile_px)
     if not fp32.exists():
         log(f"exporting a {sh.title} tile encoder")
         holder = SimpleNamespace(tile_encoder=enc, cfg=SimpleNamespace(tile_encoder=cfg))

@@ -39,6 +39,9 @@ def _add_extras(be) -> None:
     be.add_argument("--encoder-vit-l", dest="encoder_vitl", action="store_true",
                     help="also compare the INT8 tile-encoder recipes with PyTorch bf16 at UNI's ViT-L/16 shape "
                          "(first run exports and quantizes it: ~10 minutes on 2 cores)")
+    be.add_argument("--encoder-conch", dest="encoder_conch", action="store_true",
+                    help="also compare the INT8 tile-encoder recipes with ORT fp32 for CONCH v1 at full depth and "
+                         "448 px (int8-safe target: 2x ORT fp32 at min tile cosine 0.995; ~6 minutes on 2 cores)")
     be.add_argument("--throughput", action="store_true",
                     help="also measure `locpath batch` slides/hour, overlapped against sequential, back to back on "
                          "synthetic ~1k-tile slides (about a minute)")
@@ -75,7 +78,8 @@ def _config(args):
                        tiles=[] if args.slide and not args.tiles else (args.tiles or [1000, 10000]),
                        repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                        baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
-                       encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, published=args.published,
+                       encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, encoder_conch=args.encoder_conch,
+                       published=args.published,
                        headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles,
                        throughput_pass=_batch_pass() if args.throughput else None,
                        throughput_slides=args.throughput_slides)

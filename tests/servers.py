@@ -203,3 +203,25 @@ def dicomize(svs: Path, out: Path) -> tuple[str, str, list[Path]]:
     files = sorted(out.glob("*.dcm"))
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), files
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def browser_api():
+    """(Playwright's sync API, the system Chromium's path), or the test skips where either is missing."""
+    import shutil
+
+    import pytest
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return sync_api, exe
+
+
+def launch_chromium(p, exe: str, extra: list[str] | None = None):
+    """A headless Chromium for the page tests (the system one: Playwright downloads nothing)."""
+    return p.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS + list(extra or []))

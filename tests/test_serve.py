@@ -16,7 +16,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from servers import Server, dicomize, free_port, register, sse, wait_ready  # noqa: E402
+from servers import Server, browser_api, dicomize, free_port, launch_chromium, register, sse, wait_ready  # noqa: E402
 
 Q = "What is the diagnosis?"
 
@@ -272,16 +272,11 @@ def test_register_by_dicomweb_uid(ref_bundle, roots, orthanc, tmp_path):
 
 # -- the page, in a real browser --------------------------------------------------------------------------------------
 def test_web_page_streams_an_answer_in_chromium(server, roots, expected, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api, chromium = browser_api()
     with server.client() as c:
         register(c, roots / "case.svs")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(p, chromium)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(server.url + "/")

@@ -13,7 +13,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from servers import Server, cli, shipped  # noqa: E402
+from servers import Server, browser_api, cli, launch_chromium, shipped  # noqa: E402
 
 SLIDE = "0123456789abcdef"
 CHAT = {"model": "locpath", "messages": [{"role": "user", "content": [
@@ -297,10 +297,7 @@ def test_in_chromium_the_page_works_and_a_cross_site_page_is_refused(server, roo
     from functools import partial
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api, chromium = browser_api()
     shutil.copy(small_svs, roots / "target.svs")
     (tmp_path / "upload.svs").write_bytes(small_svs.read_bytes())
     (tmp_path / "www").mkdir()
@@ -312,8 +309,7 @@ def test_in_chromium_the_page_works_and_a_cross_site_page_is_refused(server, roo
         before, names = _refused(c), {s["name"] for s in c.get("/v1/slides").json()["slides"]}
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-                "--no-sandbox", "--disable-gpu", "--no-first-run", "--host-resolver-rules=MAP evil.test 127.0.0.1"])
+            browser = launch_chromium(p, chromium, ["--host-resolver-rules=MAP evil.test 127.0.0.1"])
             try:
                 page = browser.new_page()  # the attacker's page, on another site
                 page.goto(f"http://evil.test:{evil.server_address[1]}/")

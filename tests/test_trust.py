@@ -4,7 +4,6 @@ everywhere an answer goes, trust.json's integrity, and a small `eval --trust`.""
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

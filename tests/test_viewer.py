@@ -21,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from PIL import Image  # noqa: E402
-from servers import Server, cli, register, shipped  # noqa: E402
+from servers import Server, browser_api, cli, launch_chromium, register, shipped  # noqa: E402
 
 Q = "What is the diagnosis?"
 ROOT = Path(__file__).resolve().parent.parent
@@ -306,15 +306,10 @@ def _settle(page) -> None:
 
 
 def test_viewer_in_chromium(srv, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api, chromium = browser_api()
     key = srv.toks["alice"]
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run", "--disable-quic"])
+        browser = launch_chromium(p, chromium)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             seen = []

@@ -86,7 +86,7 @@ def dicom_source(args):
     from ..dicomout.sources import read_source
 
     if args.dicom_sr is not None and args.dicom_ann is not None and \
-            args.dicom_sr.absolute() == args.dicom_ann.absolute():
+            args.dicom_sr.resolve() == args.dicom_ann.resolve():  # also through links and ..
         raise LocpathError(f"{args.dicom_sr}: --dicom-sr and --dicom-ann name the same file")
     for path, option in ((args.dicom_sr, "--dicom-sr"), (args.dicom_ann, "--dicom-ann")):
         if path is not None:

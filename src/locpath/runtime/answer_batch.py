@@ -166,7 +166,8 @@ def make_answer(pipe, ctx, question: str, params: SamplingParams, qkv, stats: Ge
         trust["raw_answer"] = text
         text = UNCERTAIN
     return Answer(
-        question=question, answer=text, trust=trust, kept_logits=stats.kept_logits, token_ids=list(detok.ids), timings_ms=timings,
+        question=question, answer=text, trust=trust, kept_logits=stats.kept_logits, token_ids=list(detok.ids),
+        timings_ms=timings,
         peak_rss_mb=peak_rss_mb(), evidence=pipe.evidence(ctx, qkv),
         slide={"source": ctx.source, "tiles": ctx.tiles, "tokens_after_stm": ctx.tokens, "cache_hit": ctx.cache_hit,
                "tiles_read": ctx.tiles_read},

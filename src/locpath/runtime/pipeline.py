@@ -62,10 +62,10 @@ from .question import Question, make_question
 from .resampler_chunks import ChunkedResampler
 from .results import Answer, Compressed, QuestionKV, SlideContext, StreamedAnswer, _ms, peak_rss_mb  # noqa: F401
 from .runner import Runner
-from .tile_batch import encoder_tile_batch
 from .sampler import SamplingParams
-from .trust import TrustModel, load_trust, slide_trust
 from .slide_cache import Expected, SlideCache, default_cache_dir, entry_name, file_identity, fingerprint
+from .tile_batch import encoder_tile_batch
+from .trust import TrustModel, load_trust, slide_trust
 
 if TYPE_CHECKING:
     from .answer_batch import AnswerBatch
@@ -187,7 +187,6 @@ class Pipeline:
         t0 = time.perf_counter()
         for r in self.runners.values():
             r.load()
-        r = self.cfg.resampler
         f = self.cfg.feature_dim
         out = self.runners[names.RESAMPLER].run({
             "tokens": np.zeros((1, 1, f), np.float32), "positions": np.zeros((1, 1, 2), np.float32),

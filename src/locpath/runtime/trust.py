@@ -152,7 +152,8 @@ def parse_trust(obj: object, where: str, feature_dim: int) -> TrustModel:
                      _number(ood, "threshold", where + ": ood", 0.0),
                      _array(ood, "slide_mean", where + ": ood", (2 * feature_dim,)),
                      _array(ood, "slide_std", where + ": ood", (2 * feature_dim,)),
-                     _number(ood, "tile_scale", where + ": ood", 1e-12), _number(ood, "slide_scale", where + ": ood", 1e-12))
+                     _number(ood, "tile_scale", where + ": ood", 1e-12),
+                     _number(ood, "slide_scale", where + ": ood", 1e-12))
     if (model.variances <= 0).any() or (model.slide_std <= 0).any():
         raise BundleError(f"{where}: ood.variances and ood.slide_std must be positive")
     tiles = _number(tissue, "min_tissue_tiles", where + ": tissue", 0, 1e9)

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +247,29 @@ def test_auto_build_records_its_measurements_and_answers_like_fp32(ref_bundle, c
     built = Pipeline.from_bundle(out, use_cache=False)  # loads: engine configs agree with this machine
     for q in ("What is the diagnosis?", "Which organ is this?"):
         assert built.ask(eval_slide, q).token_ids == fp32.ask(eval_slide, q).token_ids
+
+
+def test_a_built_decoder_is_kept_when_a_recipe_rebuilds_only_the_vision_graphs(tmp_path, capsys):
+    """The published-scale bundle is streamed with its INT4 decoder already built: its fp32 vision graphs can still
+    move to OpenVINO (the decoder kept byte for byte, the earlier build recorded), while a recipe that would rebuild
+    the INT4 decoder again is refused naming it."""
+    pytest.importorskip("openvino")
+    from locpath.engines.build import build_bundle
+    from tests.servers import shipped
+
+    int4 = build_bundle(shipped(), tmp_path / "int4", "int4", log=lambda m: None)
+    m4 = load_manifest(int4)
+    ov = build_bundle(int4, tmp_path / "ov", "bf16", backend="openvino", log=lambda m: None)
+    m = load_manifest(ov)
+    assert (m.components["resampler"].backend, m.components["resampler"].precision) == ("openvino", "bf16")
+    for comp in (names.DECODER, names.DECODER_FUSED):
+        assert m.components[comp].sha256 == m4.components[comp].sha256
+        assert m.components[comp].precision == m4.components[comp].precision != "fp32"
+    assert m.export["build"]["earlier"]["precision"] == "int4"
+    assert main(["build", str(int4), str(tmp_path / "again"), "--precision", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "decoder is already built (onnxruntime int4)" in err and not (tmp_path / "again").exists()
+    slide = Path(__file__).parent / "data" / "cmu_small_region.svs"
+    q = "What is the diagnosis?"
+    a4 = Pipeline.from_bundle(int4, use_cache=False).ask(slide, q, max_new_tokens=8)
+    assert Pipeline.from_bundle(ov, use_cache=False).ask(slide, q, max_new_tokens=8).answer == a4.answer

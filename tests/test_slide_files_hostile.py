@@ -216,3 +216,35 @@ def test_pinned_file_survives_a_swap(tmp_path, small_svs):
         assert f.identity() == ident
     with pytest.raises(SlideError, match="symbolic link"):
         pin(p)
+
+
+def test_banded_overview_read_is_the_single_read(tmp_path, real_svs):
+    """The tissue overview of a single-level slide is decoded in row bands by two threads: the same pixels as one
+    read (bands were really used), and on a slide with a damaged tile the same result and the same unreadable
+    boxes as the one-thread read, which goes piece by piece."""
+    from locpath.wsi import open_slide
+    from locpath.wsi.slide import Slide
+
+    calls = []
+    orig = Slide.read_region
+
+    def counting(self, level, x, y, w, h):
+        calls.append(h)
+        return orig(self, level, x, y, w, h)
+
+    one, _ = corrupt_svs(real_svs, tmp_path / "one.svs", "one")
+    for path in (real_svs, one):
+        got = {}
+        for workers in (1, 2):
+            with open_slide(path) as s:
+                Slide.read_region = counting
+                try:
+                    calls.clear()
+                    got[workers] = (*s.read_downsampled(16.0, workers=workers), list(s.unreadable_boxes), len(calls))
+                finally:
+                    Slide.read_region = orig
+        assert np.array_equal(got[1][0], got[2][0]) and got[1][1] == got[2][1] and got[1][2] == got[2][2]
+        if path == real_svs:
+            assert got[1][3] == 1 and got[2][3] == 2 and not got[2][2]  # one read against two bands
+        else:
+            assert got[2][2] and got[2][3] > 2  # a band failed: the strip was read piece by piece

@@ -55,8 +55,11 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
         raise LocpathError(f"INT4 block size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
                            f"not {int4_block_size}")
     manifest = verify_bundle(src)
-    if any(c.precision != "fp32" or c.backend != "onnxruntime" for c in manifest.components.values()):
-        raise LocpathError(f"{src}: build from an fp32 bundle (this one is already built)")
+    for comp in rebuilt_components(manifest, backend, precision):
+        c = manifest.components[comp]
+        if c.precision != "fp32" or c.backend != "onnxruntime":
+            raise LocpathError(f"{src}: its {comp} is already built ({c.backend} {c.precision}); this recipe rebuilds "
+                               "it: build from the fp32 bundle")
     if out.exists() and not overwrite:
         raise LocpathError(f"{out}: already exists (pass --overwrite to replace it)")
     if precision == "auto":
@@ -92,6 +95,20 @@ def build_bundle(src: str | Path, out: str | Path, precision: str, backend: str 
         edit.finish(precision, "onnxruntime", **extra)
     log(f"build: {out} ({precision}) in {time.time() - edit.t_start:.1f} s")
     return out
+
+
+def rebuilt_components(manifest, backend: str, precision: str) -> list[str]:
+    """The components a recipe replaces, each of which must still be the fp32 ONNX Runtime graph. The others are
+    kept as they are: a bundle streamed with its INT4 decoder (the published-scale path, export/streamed.py) can
+    still have its vision graphs moved to OpenVINO (`--backend openvino --precision int8-safe`). TensorRT
+    rebuilds every graph."""
+    if backend == "ort":
+        comps = list(ORT_RECIPES.get(precision, {}))
+    elif backend == "openvino":
+        comps = list(OPENVINO_COMPONENTS) + ([DECODER, FUSED] if precision.endswith("+int4") else [])
+    else:
+        comps = list(manifest.components)
+    return [c for c in comps if c in manifest.components]
 
 
 def _quantize(edit: BundleEdit, comp: str, how: str, calibration, machine: dict, log, int4_block_size: int = 32):

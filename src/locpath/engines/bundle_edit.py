@@ -70,8 +70,9 @@ class BundleEdit:
 
     def finish(self, precision: str, backend: str, **extra) -> None:
         m = self.manifest
+        earlier = m.export.get("build")  # a bundle built before (its other graphs kept): what was done then
         m.export = dict(m.export, build=dict(
             precision=precision, backend=backend, source_bundle=str(self.src),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            seconds=round(time.time() - self.t_start, 1), **extra))
+            seconds=round(time.time() - self.t_start, 1), **extra, **({"earlier": earlier} if earlier else {})))
         write_manifest(self.tmp, m)

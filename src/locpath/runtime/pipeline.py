@@ -49,7 +49,7 @@ from ..text import load_tokenizer
 from ..wsi import GridConfig, TissueConfig, open_slide
 from ..wsi.extract import TilePlan, extract_features, plan_tiles
 from ..wsi.features import FEATURE_SUFFIXES, FeatureFile, read_features
-from ..wsi.factory import check_slide_file
+from ..wsi.factory import check_slide_file, warm_up_readers
 from ..wsi.identity import PinnedFile
 from .backends import make_runner
 from .decoder_state import DecoderState, decoder_state
@@ -183,7 +183,8 @@ class Pipeline:
     def warm_up(self) -> float:
         """Make every session now and run each graph but the tile encoder once on a tiny input, so the first
         question does not pay ONNX Runtime's session creation (the weights read from disk and prepacked: ~20 s of
-        a 7B INT4 decoder's first prefill) and first-run allocations; returns the milliseconds it took."""
+        a 7B INT4 decoder's first prefill) and first-run allocations; the slide libraries are imported and tissue detection run once too (wsi.factory);
+        returns the milliseconds it took."""
         t0 = time.perf_counter()
         for r in self.runners.values():
             r.load()
@@ -194,6 +195,7 @@ class Pipeline:
         qkv = self.question_kv(out["latents"].astype(np.float32), "?")
         prompt = self.prompt_ids("?")[:2]
         self.decoder_state.greedy(prompt, qkv.cross, 2)  # the prefill (its own graph when there is one) and a step
+        warm_up_readers()
         return _ms(t0)
 
     def _spin(self, name: str, entry, decoder_spin: bool) -> dict:

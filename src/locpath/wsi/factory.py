@@ -141,6 +141,21 @@ def check_slide_file(p: Path | PinnedFile) -> None:
         raise SlideError(f"{p}: cannot be read ({exc.strerror or exc})") from None
 
 
+def warm_up_readers() -> None:
+    """Import the slide libraries and run tissue detection once on a tiny image, at a pipeline's load: a cold
+    question would otherwise pay for the imports and first calls in its open and tissue steps (~20-30 ms)."""
+    import numpy as np
+
+    from .tissue import TissueConfig, detect_tissue_rgb
+
+    for lib in ("openslide", "tifffile"):
+        try:
+            __import__(lib)
+        except ImportError:  # a missing library is reported when a slide needs it, not at load
+            pass
+    detect_tissue_rgb(np.full((16, 16, 3), 128, np.uint8), TissueConfig())
+
+
 def _probe(slide: Slide) -> None:
     """Fail at open time, not mid-run, on files whose header parses but whose pixels do not."""
     w, h = slide.dimensions

@@ -6,6 +6,7 @@ alpha channel composited onto white, so transparent (unscanned) areas read as ba
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -197,9 +198,14 @@ class Slide(ABC):
         ds = max(w0, h0) / max_size
         return self.read_downsampled(max(ds, 1.0))
 
-    def read_downsampled(self, downsample: float, strip_rows: int = 256) -> tuple[np.ndarray, float]:
+    def read_downsampled(self, downsample: float, strip_rows: int = 256,
+                         workers: int | None = None) -> tuple[np.ndarray, float]:
         """The whole slide at about `downsample`, read from the best level in horizontal strips and resized, so
-        memory is bounded by the output plus one strip, not by the source level."""
+        memory is bounded by the output plus one strip, not by the source level. A large strip is decoded by
+        `workers` threads in row bands (the libraries decode outside the GIL): a single-level slide's tissue mask
+        is a decode of the whole image, the largest fixed cost of a cold question on it."""
+        from concurrent.futures import ThreadPoolExecutor
+
         from PIL import Image
 
         level = self.best_level_for_downsample(downsample)
@@ -209,15 +215,34 @@ class Slide(ABC):
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
         out = np.empty((th, tw, 3), np.uint8)
         scale = lh / th  # source rows per output row
-        for r0 in range(0, th, strip_rows):
-            r1 = min(th, r0 + strip_rows)
-            s0 = int(np.floor(r0 * scale))
-            s1 = min(lh, max(s0 + 1, int(np.ceil(r1 * scale))))
-            strip = self._read_strip(level, int(round(s0 * ds)), lw, s1 - s0)
-            if strip.shape[:2] != (r1 - r0, tw):
-                strip = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BILINEAR))
-            out[r0:r1] = strip
+        workers = max(1, min(2, os.cpu_count() or 1) if workers is None else workers)
+        with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            for r0 in range(0, th, strip_rows):
+                r1 = min(th, r0 + strip_rows)
+                s0 = int(np.floor(r0 * scale))
+                s1 = min(lh, max(s0 + 1, int(np.ceil(r1 * scale))))
+                strip = self._read_rows(level, s0, lw, s1 - s0, pool, workers)
+                if strip.shape[:2] != (r1 - r0, tw):
+                    strip = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BILINEAR))
+                out[r0:r1] = strip
         return out, w0 / tw
+
+    def _read_rows(self, level: int, s0: int, lw: int, rows: int, pool, workers: int,
+                   band_pixels: int = 1 << 20) -> np.ndarray:
+        """Level rows [s0, s0 + rows) at full width: in `workers` row bands read at once where the strip is large
+        and the level's downsample is a whole number (so each band's level-0 origin maps back to its exact row:
+        the bands join into the same pixels as one read); otherwise, or where a band cannot be decoded, as one
+        strip (_read_strip, which reads a damaged strip piece by piece)."""
+        ds = self.level_downsamples[level]
+        if pool is None or rows * lw < 2 * band_pixels or not float(ds).is_integer():
+            return self._read_strip(level, int(round(s0 * ds)), lw, rows)
+        step = -(-rows // workers)
+        bands = [(r, min(step, rows - r)) for r in range(0, rows, step)]
+        try:
+            parts = list(pool.map(lambda b: self.read_region(level, 0, int((s0 + b[0]) * ds), lw, b[1]), bands))
+        except UnreadableRegion:
+            return self._read_strip(level, int(round(s0 * ds)), lw, rows)
+        return np.concatenate(parts, axis=0)
 
     def _read_strip(self, level: int, y0: int, lw: int, rows: int, piece: int = 256) -> np.ndarray:
         """A full-width strip; where the library cannot decode it (a corrupt tile), read it in pieces and leave

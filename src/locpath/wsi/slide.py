@@ -210,7 +210,6 @@ class Slide(ABC):
 
         level = self.best_level_for_downsample(downsample)
         lw, lh = self.level_dimensions[level]
-        ds = self.level_downsamples[level]
         w0, h0 = self.dimensions
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
         out = np.empty((th, tw, 3), np.uint8)

@@ -299,7 +299,8 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
     del big
     parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=32, genai=False,
-                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4, block_size=32)
+                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4, block_size=32,
+                          synthetic_tiles=60)
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
     cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]  # what onnxruntime-genai's builder dispatches on
@@ -327,9 +328,19 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
 
     md = "\n".join(published_lines(res))
     assert "first token, 400 tiles" in md and "decode |" in md and "cold ask from" in md and "second question" in md
+    # the vision graphs on OpenVINO: the INT4 decoder kept, the int8-safe encoder checked, the same features
+    # giving the same tokens, and a synthetic slide of at least 60 tissue tiles asked cold through it
+    ov = res["openvino_vision"]
+    assert ov["build"]["tile_encoder"]["backend"] == "openvino" and ov["build"]["resampler"]["precision"] == "bf16"
+    assert max(c["cosine_min"] for c in ov["build"]["tile_encoder"]["checks"].values()) >= 0.995
+    par = ov["parity_with_fp32_vision"]
+    assert set(par) == {"50", "400"} and all(p["latents_cosine_min"] > 0.99 for p in par.values())
+    assert ov["from_slide"]["cold"]["tiles"] == fs["cold"]["tiles"]
+    syn = ov["from_synthetic_slide"]
+    assert syn["synthetic_slide"]["grid_tiles"] >= 60 and syn["cold"]["tiles"] == syn["synthetic_slide"]["grid_tiles"]
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
-                            shape=shape, size="tiny", block_size=32)
+                            shape=shape, size="tiny", block_size=32, vision=False)
     assert "shards_written_seconds" not in again and again["build"].get("cached")
 
 

@@ -208,9 +208,10 @@ def _features(n: int, dim: int, seed: int):
 
 
 def measure_runtime(bundle: str | Path, tiles: list[int], question: str, new_tokens: int, encoder_tiles: int,
-                    log=print) -> dict:
+                    latents_dir: str | None = None, log=print) -> dict:
     """From features (run in a child of its own: bench/child.py): load, encoder tiles/s, first token at each tile
-    count, decode tokens/s; `peak_rss_mb` is this process's VmHWM."""
+    count, decode tokens/s; `peak_rss_mb` is this process's VmHWM. `latents_dir`: each tile count's latents saved
+    there (latents-<bundle name>-<n>.npy) and 8 greedy tokens recorded, to compare bundles on the same features."""
     from ..runtime.generator import GenerationStats
     from ..runtime.pipeline import Pipeline, peak_rss_mb
     from .memory import status_kb
@@ -252,6 +253,10 @@ def measure_runtime(bundle: str | Path, tiles: list[int], question: str, new_tok
             "prompt_tokens": stats.prompt_tokens,
             "from_features_ms": round(after, 1), "from_slide_ms": round(encode_ms + after),
             "kv_cache_bytes": stats.kv_cache_bytes}
+        if latents_dir is not None:
+            np.save(Path(latents_dir) / f"latents-{Path(bundle).name}-{n}.npy", comp.latents)
+            greedy = pipe.decoder_state.greedy(pipe.prompt_ids(question), qkv.cross, 8)
+            res["time_to_first_token"][str(n)]["greedy_tokens"] = greedy.tokens
         log(f"published: {n} tiles: first token {after / 1000:.2f} s from features "
             f"(+{encode_ms / 1000:.0f} s encoder, extrapolated)")
     res["decode"] = _decode_rate(pipe, comp.latents, question, new_tokens)
@@ -270,6 +275,42 @@ def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
         run = st.greedy(prompt, qkv.cross, new_tokens + 1)  # the first token comes from the prefill
         rates.append(run.steps / run.decode_s)
     return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates)}
+
+
+def _vision(work: Path, bundle: Path, fp32_runtime: dict, log, tiles, question: str, new_tokens: int,
+            encoder_tiles: int, slide: Path | None, slide_tokens: int, synthetic_tiles: int) -> dict:
+    """The bundle with its vision graphs on OpenVINO (bench/published_vision.py): built once (cached), then the
+    from-features and from-slide steps as for the fp32 bundle, the parity of the two, and a synthetic slide."""
+    from ..runtime.machine import openvino_version
+    from . import published_vision as pv
+    from .child import run_step
+
+    if openvino_version() is None:
+        return {"skipped": "OpenVINO is not installed (pip install 'locpath[openvino]')"}
+    ov = work / f"{bundle.name}-openvino-int8-safe"
+    out: dict = {}
+    if not (ov / "manifest.json").exists():
+        log("published: the vision graphs on OpenVINO (int8-safe tile encoder, bf16 resampler), in a child")
+        out["build"] = run_step("locpath.bench.published_vision:build_vision",
+                                {"bundle": str(bundle), "out": str(ov), "slide": str(slide) if slide else None,
+                                 "calibration": str(work / "vision-calibration.npz")})
+        (work / f"{ov.name}.build.json").write_text(json.dumps(out["build"], indent=1))
+    elif (work / f"{ov.name}.build.json").exists():
+        out["build"] = json.loads((work / f"{ov.name}.build.json").read_text()) | {"cached": True}
+    out["runtime"] = run_step("locpath.bench.published:measure_runtime",
+                              {"bundle": str(ov), "tiles": list(tiles), "question": question,
+                               "new_tokens": new_tokens, "encoder_tiles": encoder_tiles, "latents_dir": str(work)})
+    fp32 = dict(fp32_runtime, name=bundle.name)
+    out["parity_with_fp32_vision"] = pv.parity(work, fp32, dict(out["runtime"], name=ov.name), tiles)
+    if slide is not None:
+        out["from_slide"] = run_step("locpath.bench.published_slide:cold_ask",
+                                     {"bundle": str(ov), "slide": str(slide), "new_tokens": slide_tokens})
+    if synthetic_tiles:
+        syn = pv.synthetic_slide(work, synthetic_tiles, int(fp32_runtime["encoder"]["tile_px"]), log)
+        out["from_synthetic_slide"] = run_step("locpath.bench.published_slide:cold_ask",
+                                               {"bundle": str(ov), "slide": syn["path"], "new_tokens": slide_tokens})
+        out["from_synthetic_slide"]["synthetic_slide"] = syn
+    return out
 
 
 def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
@@ -299,12 +340,14 @@ def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
 def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What is the diagnosis?",
                     new_tokens: int = 32, encoder_tiles: int = 16, genai: bool = True, shape: dict | None = None,
                     size: str = "published", slide: Path | None = None, slide_tokens: int = 8,
-                    block_size: int = 128) -> dict:
+                    block_size: int = 128, vision: bool = True, synthetic_tiles: int = 1000) -> dict:
     """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small); `slide`: also
     a cold `ask` from this slide file and a second question on it (bench/published_slide.py); `block_size`: INT4
     weights per scale (128: ONNX Runtime's int8-compute packing adds an fp32 scale and a block sum per block, so
     block 32 holds 1.33x its file in memory; measured at 7B: 7.2 GB after load against 5.2 GB, 8.1 tok/s against
-    14.3)."""
+    14.3); `vision`: also the bundle with its vision graphs on OpenVINO (int8-safe encoder, bf16 resampler) where
+    OpenVINO is installed, measured the same way and compared with the fp32 ones (bench/published_vision.py), and
+    from a synthetic slide of `synthetic_tiles` tissue tiles (0: none)."""
     from .child import run_step
 
     from ..checkpoints import shipped_checkpoint
@@ -338,10 +381,13 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     # every step in a fresh child: each memory figure is that step's own (bench/child.py)
     res["runtime"] = run_step("locpath.bench.published:measure_runtime",
                               {"bundle": str(bundle), "tiles": list(tiles), "question": question,
-                               "new_tokens": new_tokens, "encoder_tiles": encoder_tiles})
+                               "new_tokens": new_tokens, "encoder_tiles": encoder_tiles, "latents_dir": str(work)})
     if slide is not None:
         res["from_slide"] = run_step("locpath.bench.published_slide:cold_ask",
                                      {"bundle": str(bundle), "slide": str(slide), "new_tokens": slide_tokens})
+    if vision:
+        res["openvino_vision"] = _vision(work, bundle, res["runtime"], log, tiles, question, new_tokens,
+                                         encoder_tiles, slide, slide_tokens, synthetic_tiles)
     if genai:
         g = genai_build(folder, work / "genai-7b-int4", log)
         res["onnxruntime_genai"] = {"build": g}

@@ -51,6 +51,12 @@ def _add_extras(be) -> None:
                          "written as shards here, its INT4 decoder streamed from them (build time, peak RSS, bundle "
                          "size, tokens/s, time to first token at --tiles), beside onnxruntime-genai's builder on the "
                          "same shards where it fits in memory (first run: ~15 GB of shards, tens of minutes)")
+    be.add_argument("--no-published-vision", dest="published_vision", action="store_false",
+                    help="with --published: skip the bundle whose vision graphs are on OpenVINO (int8-safe CONCH, "
+                         "bf16 resampler; its build takes minutes) and the synthetic slide asked through it")
+    be.add_argument("--published-synthetic-tiles", dest="published_synthetic_tiles", type=non_negative_int,
+                    default=1000, help="with --published: tissue tiles of the synthetic slide asked cold through the "
+                                       "OpenVINO-vision bundle (default 1000; 0: none)")
     be.add_argument("--headline-0.5b", dest="headline_05b", action="store_true",
                     help="also measure the headline (LoC-Path vs the prefix baseline, both on ONNX Runtime INT4) on a "
                          "Qwen2.5-0.5B-shaped LLM (first run builds both: minutes; 10k tiles: minutes per side)")
@@ -79,7 +85,8 @@ def _config(args):
                        repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                        baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
                        encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, encoder_conch=args.encoder_conch,
-                       published=args.published,
+                       published=args.published, published_vision=args.published_vision,
+                       published_synthetic_tiles=args.published_synthetic_tiles,
                        headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles,
                        throughput_pass=_batch_pass() if args.throughput else None,
                        throughput_slides=args.throughput_slides)

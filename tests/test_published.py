@@ -328,6 +328,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
 
     md = "\n".join(published_lines(res))
     assert "first token, 400 tiles" in md and "decode |" in md and "cold ask from" in md and "second question" in md
+    assert "vision on OpenVINO: cold ask from synthetic-60" in md and "greedy tokens identical" in md
     # the vision graphs on OpenVINO: the INT4 decoder kept, the int8-safe encoder checked, the same features
     # giving the same tokens, and a synthetic slide of at least 60 tissue tiles asked cold through it
     ov = res["openvino_vision"]

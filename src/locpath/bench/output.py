@@ -137,6 +137,7 @@ def published_lines(pub: dict) -> list[str]:
                      f"{t['prefill_ms']:.0f} ms); +{t['encode_ms_extrapolated'] / 1000:.0f} s encoder, extrapolated |")
     lines.append(f"| runtime peak RSS (from features, its own process) | {rt['peak_rss_mb']} MB |")
     lines += _from_slide_lines(pub.get("from_slide"))
+    lines += _vision_lines(pub.get("openvino_vision"))
     g = pub.get("onnxruntime_genai")
     if g:
         gb = g["build"]
@@ -158,6 +159,35 @@ def _from_slide_lines(fs: dict | None) -> list[str]:
             f"peak RSS {fs['process']['peak_rss_mb']} MB |",
             f"| second question, cached slide | first token {w['time_to_first_token_ms'] / 1000:.2f} s (prefill "
             f"{_f(w['prefill_ms'])} ms); cold / (2 x warm + encoder) = {_f(fs['cold_ttft_over_2x_warm_plus_encoder'])} |"]
+
+
+def _vision_lines(ov: dict | None) -> list[str]:
+    """`bench --published`: the same bundle with its vision graphs on OpenVINO (bench/published_vision.py)."""
+    if not ov:
+        return []
+    if "skipped" in ov:
+        return [f"| vision graphs on OpenVINO | skipped: {ov['skipped']} |"]
+    b, rt = ov.get("build", {}), ov["runtime"]
+    checks = b.get("tile_encoder", {}).get("checks", {})
+    lines = [f"| vision on OpenVINO: build (child process) | {_f(b.get('seconds'))} s, peak "
+             f"{_f(b.get('process', {}).get('peak_rss_mb'))} MB; int8-safe encoder min tile cosine "
+             + ", ".join(f"{h} {c['cosine_min']:.5f}" for h, c in checks.items())
+             + f"{' (cached)' if b.get('cached') else ''} |",
+             f"| vision on OpenVINO: tile encoder ({rt['encoder']['precision']}) | {rt['encoder']['tiles_per_s']} "
+             "tiles/s |"]
+    for n, t in rt["time_to_first_token"].items():
+        par = ov.get("parity_with_fp32_vision", {}).get(n, {})
+        lines.append(f"| vision on OpenVINO: first token, {n} tiles | {t['from_features_ms'] / 1000:.2f} s from "
+                     f"features (resampler {t['resampler_ms']:.0f} ms); latents cosine "
+                     f"{_f(par.get('latents_cosine_min'))}, greedy tokens identical: "
+                     f"{par.get('greedy_tokens_identical')} |")
+    lines += [ln.replace("| cold ask", "| vision on OpenVINO: cold ask").replace("| second question",
+              "| vision on OpenVINO: second question") for ln in _from_slide_lines(ov.get("from_slide"))]
+    syn = ov.get("from_synthetic_slide")
+    if syn:
+        lines += [ln.replace("| cold ask", "| vision on OpenVINO: cold ask").replace(
+                  "| second question", "| vision on OpenVINO: second question") for ln in _from_slide_lines(syn)]
+    return lines
 
 
 def write_markdown(report: dict, path: str | Path) -> Path:

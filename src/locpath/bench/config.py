@@ -24,6 +24,7 @@ class BenchConfig:
     published: bool = False
     published_vision: bool = True  # --published: also its vision graphs on OpenVINO (bench/published_vision.py)
     published_synthetic_tiles: int = 1000  # --published: tissue tiles of the synthetic slide asked cold (0: none)
+    published_encoders: list[str] = field(default_factory=list)  # --published: int8-safe builds of these encoders
     headline_05b: bool = False  # the like-for-like headline on a Qwen2.5-0.5B-shaped LLM too (bench/headline.py)
     headline_tiles_05b: list[int] | None = None  # its tile counts (default: `tiles`)
     throughput_pass: object = None  # batch.runner.run_pass (from the CLI): `bench --throughput`, bench/throughput.py

@@ -138,6 +138,13 @@ def published_lines(pub: dict) -> list[str]:
     lines.append(f"| runtime peak RSS (from features, its own process) | {rt['peak_rss_mb']} MB |")
     lines += _from_slide_lines(pub.get("from_slide"))
     lines += _vision_lines(pub.get("openvino_vision"))
+    for enc, e in pub.get("encoder_bundles", {}).items():
+        r = e["tiles_per_s"]
+        checks = e.get("build", {}).get("tile_encoder", {}).get("checks", {})
+        lines.append(f"| {enc} bundle, int8-safe on OpenVINO by locpath build | {r['openvino_int8_safe']['tiles_per_s']} "
+                     f"tiles/s against ORT fp32 {r['ort_fp32']['tiles_per_s']} ({e['int8_safe_over_ort_fp32']}x); min "
+                     "tile cosine " + (", ".join(f"{h} {c['cosine_min']:.5f} (held out {_f(c['held_out_min'])})"
+                                                 for h, c in checks.items()) or "(build cached)") + " |")
     g = pub.get("onnxruntime_genai")
     if g:
         gb = g["build"]

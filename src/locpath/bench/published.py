@@ -340,14 +340,16 @@ def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
 def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What is the diagnosis?",
                     new_tokens: int = 32, encoder_tiles: int = 16, genai: bool = True, shape: dict | None = None,
                     size: str = "published", slide: Path | None = None, slide_tokens: int = 8,
-                    block_size: int = 128, vision: bool = True, synthetic_tiles: int = 1000) -> dict:
+                    block_size: int = 128, vision: bool = True, synthetic_tiles: int = 1000,
+                    encoders: tuple = ()) -> dict:
     """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small); `slide`: also
     a cold `ask` from this slide file and a second question on it (bench/published_slide.py); `block_size`: INT4
     weights per scale (128: ONNX Runtime's int8-compute packing adds an fp32 scale and a block sum per block, so
     block 32 holds 1.33x its file in memory; measured at 7B: 7.2 GB after load against 5.2 GB, 8.1 tok/s against
     14.3); `vision`: also the bundle with its vision graphs on OpenVINO (int8-safe encoder, bf16 resampler) where
     OpenVINO is installed, measured the same way and compared with the fp32 ones (bench/published_vision.py), and
-    from a synthetic slide of `synthetic_tiles` tissue tiles (0: none)."""
+    from a synthetic slide of `synthetic_tiles` tissue tiles (0: none); `encoders`: other registered encoders, each
+    in a bundle of its own at full depth with its int8-safe build measured against its fp32 graph."""
     from .child import run_step
 
     from ..checkpoints import shipped_checkpoint
@@ -385,6 +387,10 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     if slide is not None:
         res["from_slide"] = run_step("locpath.bench.published_slide:cold_ask",
                                      {"bundle": str(bundle), "slide": str(slide), "new_tokens": slide_tokens})
+    for enc in encoders:
+        from .published_vision import encoder_bundle
+
+        res.setdefault("encoder_bundles", {})[enc] = encoder_bundle(work / "encoders", enc, slide, log)
     if vision:
         res["openvino_vision"] = _vision(work, bundle, res["runtime"], log, tiles, question, new_tokens,
                                          encoder_tiles, slide, slide_tokens, synthetic_tiles)

@@ -100,3 +100,55 @@ def parity(work: Path, base: dict, other: dict, tiles) -> dict:
                        "tokens_agreeing": int(next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y),
                                                    min(len(ta), len(tb))))}
     return out
+
+
+SMALL_LLM = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False)
+
+
+def encoder_bundle(work: Path, encoder: str, slide: Path | None, log=print, encoder_tiles: int = 16) -> dict:
+    """`locpath build --backend openvino --precision int8-safe` on a bundle of another registered encoder at full
+    depth (published resampler/TIS/CARA widths, a small random LLM: the encoder is what is measured): the build's
+    per-tile checks, and the encoder's tiles/s in the fp32 and the built bundle, each in a child of its own."""
+    from ..checkpoints import shipped_checkpoint
+    from .child import run_step
+    from .published import write_random_hf_folder
+
+    folder, fp32, built = work / "small-llm", work / f"{encoder}-fp32", work / f"{encoder}-openvino-int8-safe"
+    if not (folder / "config.json").exists():
+        write_random_hf_folder(folder, SMALL_LLM, shipped_checkpoint("reference") / "tokenizer.json", log=log)
+    res: dict = {"encoder": encoder}
+    if not (fp32 / "manifest.json").exists():
+        log(f"published: a bundle of {encoder} at full depth, in a child")
+        res["export"] = run_step("locpath.bench.published:build_bundle",
+                                 {"folder": str(folder), "bundle": str(fp32), "encoder": encoder,
+                                  "size": "published", "block_size": 32})
+    if not (built / "manifest.json").exists():
+        res["build"] = run_step("locpath.bench.published_vision:build_vision",
+                                {"bundle": str(fp32), "out": str(built), "slide": str(slide) if slide else None,
+                                 "calibration": str(work / f"{encoder}-calibration.npz")})
+    res["tiles_per_s"] = {name: run_step("locpath.bench.published_vision:encoder_rate",
+                                         {"bundle": str(b), "tiles": encoder_tiles})
+                          for name, b in (("ort_fp32", fp32), ("openvino_int8_safe", built))}
+    a, b = (res["tiles_per_s"][k]["tiles_per_s"] for k in ("ort_fp32", "openvino_int8_safe"))
+    res["int8_safe_over_ort_fp32"] = round(b / a, 2)
+    return res
+
+
+def encoder_rate(bundle: str, tiles: int) -> dict:
+    """(A child step.) The bundle's tile encoder on rendered tissue tiles: tiles/s after one warm call."""
+    from ..runtime.options import RuntimeOptions
+    from ..runtime.pipeline import Pipeline
+    from .encoder_vitb import _tiles
+
+    pipe = Pipeline.from_bundle(bundle, RuntimeOptions(use_cache=False))
+    px = pipe.manifest.preprocessing.tile_size
+    x = _tiles(tiles, seed=11, px=px)
+    pipe.encode_tiles(x[:pipe.tile_batch])
+    t0 = time.perf_counter()
+    pipe.encode_tiles(x)
+    rate = len(x) / (time.perf_counter() - t0)
+    enc = pipe.manifest.components["tile_encoder"]
+    return {"tiles_per_s": round(rate, 2), "tiles": len(x), "tile_px": px, "backend": enc.backend,
+            "precision": enc.precision, "tile_batch": pipe.tile_batch}

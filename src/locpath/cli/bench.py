@@ -57,11 +57,22 @@ def _add_extras(be) -> None:
     be.add_argument("--published-synthetic-tiles", dest="published_synthetic_tiles", type=non_negative_int,
                     default=1000, help="with --published: tissue tiles of the synthetic slide asked cold through the "
                                        "OpenVINO-vision bundle (default 1000; 0: none)")
+    be.add_argument("--published-encoders", dest="published_encoders", nargs="+", default=[], metavar="NAME",
+                    choices=_encoder_names(),
+                    help="with --published: also a bundle of each of these registered encoders at full depth, built "
+                         "int8-safe on OpenVINO by locpath build, its per-tile checks and tiles/s against its ORT "
+                         "fp32 graph (a few minutes each)")
     be.add_argument("--headline-0.5b", dest="headline_05b", action="store_true",
                     help="also measure the headline (LoC-Path vs the prefix baseline, both on ONNX Runtime INT4) on a "
                          "Qwen2.5-0.5B-shaped LLM (first run builds both: minutes; 10k tiles: minutes per side)")
     be.add_argument("--headline-0.5b-tiles", dest="headline_05b_tiles", type=positive_int, nargs="+", default=None,
                     help="tile counts for --headline-0.5b (default: --tiles)")
+
+
+def _encoder_names() -> list[str]:
+    from ..encoders import ENCODERS
+
+    return sorted(ENCODERS)
 
 
 def _batch_pass():
@@ -87,6 +98,7 @@ def _config(args):
                        encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, encoder_conch=args.encoder_conch,
                        published=args.published, published_vision=args.published_vision,
                        published_synthetic_tiles=args.published_synthetic_tiles,
+                       published_encoders=args.published_encoders,
                        headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles,
                        throughput_pass=_batch_pass() if args.throughput else None,
                        throughput_slides=args.throughput_slides)

@@ -14,7 +14,8 @@ def run(ctx: Context) -> dict:
 
     return bench_published(ctx.cfg.workdir / "published", ctx.log, tiles=tuple(ctx.cfg.tiles or (1000, 10000)),
                            slide=ctx.cfg.slide, vision=ctx.cfg.published_vision,
-                           synthetic_tiles=ctx.cfg.published_synthetic_tiles)
+                           synthetic_tiles=ctx.cfg.published_synthetic_tiles,
+                           encoders=tuple(ctx.cfg.published_encoders))
 
 
 SUITE = Suite("published", "published", run, flag="published", needs_torch=True,

@@ -139,6 +139,9 @@ def published_lines(pub: dict) -> list[str]:
     lines += _from_slide_lines(pub.get("from_slide"))
     lines += _vision_lines(pub.get("openvino_vision"))
     for enc, e in pub.get("encoder_bundles", {}).items():
+        if "failed" in e:
+            lines.append(f"| {enc} bundle, int8-safe on OpenVINO | failed: {e['failed']} |")
+            continue
         r = e["tiles_per_s"]
         checks = e.get("build", {}).get("tile_encoder", {}).get("checks", {})
         lines.append(f"| {enc} bundle, int8-safe on OpenVINO by locpath build | {r['openvino_int8_safe']['tiles_per_s']} "
@@ -172,8 +175,8 @@ def _vision_lines(ov: dict | None) -> list[str]:
     """`bench --published`: the same bundle with its vision graphs on OpenVINO (bench/published_vision.py)."""
     if not ov:
         return []
-    if "skipped" in ov:
-        return [f"| vision graphs on OpenVINO | skipped: {ov['skipped']} |"]
+    if "skipped" in ov or "failed" in ov:
+        return [f"| vision graphs on OpenVINO | {'skipped: ' + ov['skipped'] if 'skipped' in ov else 'failed: ' + ov['failed']} |"]
     b, rt = ov.get("build", {}), ov["runtime"]
     checks = b.get("tile_encoder", {}).get("checks", {})
     lines = [f"| vision on OpenVINO: build (child process) | {_f(b.get('seconds'))} s, peak "

@@ -277,6 +277,16 @@ def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
     return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates)}
 
 
+def _part(fn, log) -> dict:
+    """One optional part of the report: its result, or {"failed": the error line} (minutes of measurements already
+    made are not thrown away for it)."""
+    try:
+        return fn()
+    except LocpathError as exc:
+        log(f"published: part failed: {exc}")
+        return {"failed": str(exc)}
+
+
 def _vision(work: Path, bundle: Path, fp32_runtime: dict, log, tiles, question: str, new_tokens: int,
             encoder_tiles: int, slide: Path | None, slide_tokens: int, synthetic_tiles: int) -> dict:
     """The bundle with its vision graphs on OpenVINO (bench/published_vision.py): built once (cached), then the
@@ -387,13 +397,14 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     if slide is not None:
         res["from_slide"] = run_step("locpath.bench.published_slide:cold_ask",
                                      {"bundle": str(bundle), "slide": str(slide), "new_tokens": slide_tokens})
-    for enc in encoders:
+    for enc in encoders:  # a part that fails is reported as such; the rest of the report stands
         from .published_vision import encoder_bundle
 
-        res.setdefault("encoder_bundles", {})[enc] = encoder_bundle(work / "encoders", enc, slide, log)
+        res.setdefault("encoder_bundles", {})[enc] = _part(lambda: encoder_bundle(work / "encoders", enc, slide, log),
+                                                           log)
     if vision:
-        res["openvino_vision"] = _vision(work, bundle, res["runtime"], log, tiles, question, new_tokens,
-                                         encoder_tiles, slide, slide_tokens, synthetic_tiles)
+        res["openvino_vision"] = _part(lambda: _vision(work, bundle, res["runtime"], log, tiles, question, new_tokens,
+                                                       encoder_tiles, slide, slide_tokens, synthetic_tiles), log)
     if genai:
         g = genai_build(folder, work / "genai-7b-int4", log)
         res["onnxruntime_genai"] = {"build": g}

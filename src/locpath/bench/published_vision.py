@@ -102,7 +102,8 @@ def parity(work: Path, base: dict, other: dict, tiles) -> dict:
     return out
 
 
-SMALL_LLM = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+# the published preset's CARA layers (3, 10, 17, 24) need 25+ layers: Qwen2.5-7B's 28, at a small width
+SMALL_LLM = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=28, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=False)
 

@@ -102,8 +102,9 @@ def parity(work: Path, base: dict, other: dict, tiles) -> dict:
     return out
 
 
-# the published preset's CARA layers (3, 10, 17, 24) need 25+ layers: Qwen2.5-7B's 28, at a small width
-SMALL_LLM = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=28, num_attention_heads=4,
+# the published preset's CARA (layers 3, 10, 17, 24; 28 heads) needs 25+ layers and a width divisible by 28:
+# Qwen2.5-7B's 28 layers at Qwen2.5-0.5B's width
+SMALL_LLM = dict(vocab_size=512, hidden_size=896, intermediate_size=1024, num_hidden_layers=28, num_attention_heads=14,
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=False)
 

@@ -21,6 +21,8 @@ class BenchConfig:
     encoder_vitb: bool = False
     encoder_vitl: bool = False
     encoder_conch: bool = False
+    encoders_giant: list[str] | None = None  # bench/encoders_giant.py: the giant encoders to export (None: off)
+    keep_exports: bool = False  # keep their exported graphs under workdir/encoders-giant
     published: bool = False
     headline_05b: bool = False  # the like-for-like headline on a Qwen2.5-0.5B-shaped LLM too (bench/headline.py)
     headline_tiles_05b: list[int] | None = None  # its tile counts (default: `tiles`)

@@ -80,6 +80,7 @@ def _config(args):
     from ..bench.encoders_giant import giant_names
     from ..bench.runner import BenchConfig
 
+    giant = None if args.encoders_giant is None else giant_names(args.encoders_giant)  # before any bundle is made
     if args.bundle:
         bundle = Path(args.bundle)
     else:
@@ -91,7 +92,7 @@ def _config(args):
                        repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                        baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
                        encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, encoder_conch=args.encoder_conch,
-                       encoders_giant=None if args.encoders_giant is None else giant_names(args.encoders_giant),
+                       encoders_giant=giant,
                        keep_exports=args.keep_exports,
                        published=args.published,
                        headline_05b=args.headline_05b, headline_tiles_05b=args.headline_05b_tiles,

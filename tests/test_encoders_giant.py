@@ -36,6 +36,7 @@ def test_an_encoder_is_exported_validated_and_measured_in_its_own_child(giant):
     assert (files / v["onnx"]).stat().st_size == v["onnx_bytes"] > v["weights_bytes_fp32"] * 0.9
     assert v["data_files"] == [] and v["data_bytes"] == 0  # under 2 GB: the weights are in the graph file
     assert v["export_s"] > 0 and v["validation_s"] > 0 and v["ort_fp32"]["tiles_per_s"] > 0
+    assert 0 < v["ort_fp32"]["cores_busy"] <= 2.2 and 0 < v["pytorch_fp32_cores_busy"] <= 2.2
     assert set(v["phase_peak_rss_mb"]) == {"build", "export", "reference", "ort"}
     # the child's own peak: at least its weights, and the max of its phases
     assert v["peak_rss_mb"] == max(v["phase_peak_rss_mb"].values()) > v["weights_bytes_fp32"] / 2**20

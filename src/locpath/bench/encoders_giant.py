@@ -163,12 +163,14 @@ def _ort_phase(onnx_path: Path, tiles: np.ndarray, batch: int, repeats: int) -> 
     load_s, t0 = time.perf_counter() - t0, time.perf_counter()
     got = np.concatenate([sess.run(["features"], {"tiles": tiles[i:i + batch]})[0]
                           for i in range(0, len(tiles), batch)])
-    check_s, t0 = time.perf_counter() - t0, time.perf_counter()
+    check_s, t0, cpu0 = time.perf_counter() - t0, time.perf_counter(), time.process_time()
     xb = np.ascontiguousarray(tiles[:batch])
     sec = _median_time(lambda: sess.run(["features"], {"tiles": xb}), warmup=1, repeats=repeats)
-    return got, {"session_load_s": round(load_s, 2), "check_tiles_s": round(check_s, 2),
-                 "timing_s": round(time.perf_counter() - t0, 2), "tiles_per_s": round(len(xb) / sec, 3),
-                 "batch": len(xb), "threads": 2, "timed_runs": repeats}
+    wall = time.perf_counter() - t0
+    return got, {"session_load_s": round(load_s, 2), "check_tiles_s": round(check_s, 2), "timing_s": round(wall, 2),
+                 "tiles_per_s": round(len(xb) / sec, 3), "batch": len(xb), "threads": 2, "timed_runs": repeats,
+                 # CPU seconds per wall second while timed: 2.0 when both threads had a core to themselves
+                 "cores_busy": round((time.process_time() - cpu0) / wall, 2)}
 
 
 def _files(folder: Path, file: str, data_files: list) -> dict:
@@ -203,11 +205,12 @@ def _measure(name: str, folder: Path, ph: _Phases, slide: str | None, depth: int
     ph.start("reference")
     x, kinds = _check_tiles(name, slide, tiles.get("real", 4), tiles.get("synthetic", 2), tiles.get("noise", 2))
     log(f"encoders-giant: {name}: PyTorch fp32 on {len(x)} check tiles")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.no_grad():
         ref = np.concatenate([enc.forward_uint8(torch.from_numpy(x[i:i + batch])).numpy()
                               for i in range(0, len(x), batch)])
     res["pytorch_fp32_check_s"] = round(time.perf_counter() - t0, 2)
+    res["pytorch_fp32_cores_busy"] = round((time.process_time() - cpu0) / (time.perf_counter() - t0), 2)
     del enc, ec  # ONNX Runtime's copy of the weights is never resident beside PyTorch's
     ph.start("ort")
     log(f"encoders-giant: {name}: ONNX Runtime fp32 (2 threads) on the check tiles, then timed at batch {batch}")
@@ -291,6 +294,7 @@ def bench_encoders_giant(work: Path, log, encoders: list | tuple = GIANT, slide:
             if not keep:
                 shutil.rmtree(work / name, ignore_errors=True)
         (work / f"{name}.heartbeat.json").unlink(missing_ok=True)
+        res["loadavg_1min_after"] = round(os.getloadavg()[0], 2)  # work beside it (2 cores here)
         out["encoders"][name] = res
     out["failed"] = [n for n, r in out["encoders"].items() if not r.get("ok")]
     return out

@@ -48,7 +48,7 @@ def _add_extras(be) -> None:
                          "synthetic tiles (max abs diff, min tile cosine, tiles/s on 2 threads), each encoder in its "
                          "own child process with its own peak RSS; NAMES: comma-separated, from uni_v2, virchow2, "
                          "hoptimus0 (covers hoptimus1, the same architecture), gigapath (default: all four; minutes "
-                         "each, ~12 GB of RAM for a ViT-g); a failing encoder is reported and the others run; files "
+                         "each, ~10 GB peak RSS for a ViT-g); a failing encoder is reported and the others run; files "
                          "under --workdir/encoders-giant")
     be.add_argument("--keep-exports", dest="keep_exports", action="store_true",
                     help="with --encoders-giant: keep each exported graph and its .onnx.data (several GB each) "

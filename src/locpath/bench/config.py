@@ -21,6 +21,8 @@ class BenchConfig:
     encoder_vitb: bool = False
     encoder_vitl: bool = False
     encoder_conch: bool = False
+    encoders_giant: list[str] | None = None  # bench/encoders_giant.py: the giant encoders to export (None: off)
+    keep_exports: bool = False  # keep their exported graphs under workdir/encoders-giant
     published: bool = False
     published_vision: bool = True  # --published: also its vision graphs on OpenVINO (bench/published_vision.py)
     published_synthetic_tiles: int = 1000  # --published: tissue tiles of the synthetic slide asked cold (0: none)

@@ -23,6 +23,9 @@ schema (`locpath-bench/1`), all times in ms unless named otherwise:
               cosine_min, cosine_min_held_out, ...}}} (with --encoder-vit-b), encoder_vit_l (with --encoder-vit-l)}
   slides_per_hour (with --throughput) {slides, tiles_target, questions, sequential/overlapped: {slides_per_hour,
              cores_busy, cpu_seconds_per_slide, threads, lanes}, ratio, sequential_split, passes, seconds}
+  encoders_giant (with --encoders-giant) {encoders: name -> {ok, params, export_s, validation_s, onnx_bytes,
+             data_bytes, out_dim, validation: {max_abs_diff, cosine_min, ...}, ort_fp32: {tiles_per_s, ...},
+             peak_rss_mb, phase_peak_rss_mb} | {ok: false, error, phase}, failed} (bench/encoders_giant.py)
   ratios     name -> value (>1 means locpath's bundle or LoC-Path is better)
   targets    name -> {target, value, met}
   skipped    name -> reason

@@ -42,6 +42,17 @@ def _add_extras(be) -> None:
     be.add_argument("--encoder-conch", dest="encoder_conch", action="store_true",
                     help="also compare the INT8 tile-encoder recipes with ORT fp32 for CONCH v1 at full depth and "
                          "448 px (int8-safe target: 2x ORT fp32 at min tile cosine 0.995; ~6 minutes on 2 cores)")
+    be.add_argument("--encoders-giant", dest="encoders_giant", nargs="?", const="all", default=None, metavar="NAMES",
+                    help="also export the ViT-H/ViT-g tile encoders at full depth (random weights; weights past 2 GB "
+                         "in tile_encoder.onnx.data) and validate ONNX Runtime fp32 against PyTorch fp32 on real and "
+                         "synthetic tiles (max abs diff, min tile cosine, tiles/s on 2 threads), each encoder in its "
+                         "own child process with its own peak RSS; NAMES: comma-separated, from uni_v2, virchow2, "
+                         "hoptimus0 (covers hoptimus1, the same architecture), gigapath (default: all four; minutes "
+                         "each, ~10 GB peak RSS for a ViT-g); a failing encoder is reported and the others run; files "
+                         "under --workdir/encoders-giant")
+    be.add_argument("--keep-exports", dest="keep_exports", action="store_true",
+                    help="with --encoders-giant: keep each exported graph and its .onnx.data (several GB each) "
+                         "instead of deleting them after the encoder")
     be.add_argument("--throughput", action="store_true",
                     help="also measure `locpath batch` slides/hour, overlapped against sequential, back to back on "
                          "synthetic ~1k-tile slides (about a minute)")
@@ -83,8 +94,10 @@ def _batch_pass():
 
 
 def _config(args):
+    from ..bench.encoders_giant import giant_names
     from ..bench.runner import BenchConfig
 
+    giant = None if args.encoders_giant is None else giant_names(args.encoders_giant)  # before any bundle is made
     if args.bundle:
         bundle = Path(args.bundle)
     else:
@@ -96,6 +109,8 @@ def _config(args):
                        repeats=args.repeats, warmup=args.warmup, workdir=Path(args.workdir),
                        baselines=not args.no_baselines, progress=not args.quiet, decoder_05b=args.decoder_05b,
                        encoder_vitb=args.encoder_vitb, encoder_vitl=args.encoder_vitl, encoder_conch=args.encoder_conch,
+                       encoders_giant=giant,
+                       keep_exports=args.keep_exports,
                        published=args.published, published_vision=args.published_vision,
                        published_synthetic_tiles=args.published_synthetic_tiles,
                        published_encoders=args.published_encoders,

@@ -3,8 +3,8 @@ ceilings after the stages, whose throughput they read; batched after decoder_0.5
 A new suite: one module here exposing `SUITE` (bench/suite.py) and one line below. Suites never import each
 other (pyproject's import-linter contract): what two of them share lives in bench/."""
 
-from . import (batched, ceilings, decoder_05b, encoder_conch, encoder_vit_b, encoder_vit_l, headline, published,
-               scaling, stages, throughput, torch_baselines)
+from . import (batched, ceilings, decoder_05b, encoder_conch, encoder_vit_b, encoder_vit_l, encoders_giant, headline,
+               published, scaling, stages, throughput, torch_baselines)
 
 SUITES = [
     stages.SUITE,
@@ -19,4 +19,5 @@ SUITES = [
     encoder_vit_b.SUITE,
     encoder_vit_l.SUITE,
     encoder_conch.SUITE,
+    encoders_giant.SUITE,
 ]

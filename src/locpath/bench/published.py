@@ -269,7 +269,8 @@ def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
     for _ in range(2):
         run = st.greedy(prompt, qkv.cross, new_tokens + 1)  # the first token comes from the prefill
         rates.append(run.steps / run.decode_s)
-    return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates)}
+    return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates),
+            "prompt_tokens": len(prompt)}
 
 
 def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
@@ -299,12 +300,13 @@ def genai_decode(out: Path, prompt_len: int, new_tokens: int) -> dict:
 def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What is the diagnosis?",
                     new_tokens: int = 32, encoder_tiles: int = 16, genai: bool = True, shape: dict | None = None,
                     size: str = "published", slide: Path | None = None, slide_tokens: int = 8,
-                    block_size: int = 128) -> dict:
+                    block_size: int = 128, llamacpp: bool = True) -> dict:
     """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small); `slide`: also
     a cold `ask` from this slide file and a second question on it (bench/published_slide.py); `block_size`: INT4
     weights per scale (128: ONNX Runtime's int8-compute packing adds an fp32 scale and a block sum per block, so
     block 32 holds 1.33x its file in memory; measured at 7B: 7.2 GB after load against 5.2 GB, 8.1 tok/s against
-    14.3)."""
+    14.3); `llamacpp`: also the shards as llama.cpp Q4_0 GGUF at the same thread count, where llama-cpp-python is
+    built (bench/published_llamacpp.py)."""
     from .child import run_step
 
     from ..checkpoints import shipped_checkpoint
@@ -342,6 +344,10 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     if slide is not None:
         res["from_slide"] = run_step("locpath.bench.published_slide:cold_ask",
                                      {"bundle": str(bundle), "slide": str(slide), "new_tokens": slide_tokens})
+    if llamacpp:
+        from .published_llamacpp import published_peer
+
+        res["llamacpp"] = published_peer(folder, work, res["runtime"], log)
     if genai:
         g = genai_build(folder, work / "genai-7b-int4", log)
         res["onnxruntime_genai"] = {"build": g}

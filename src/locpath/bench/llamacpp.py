@@ -1,5 +1,6 @@
-"""llama.cpp as a peer in `bench --decoder-0.5b`: the same Hugging Face folder written as GGUF, quantized to Q4_0
-by llama.cpp itself, run through llama-cpp-python on the same prompt tokens with the same thread count.
+"""llama.cpp as a peer in `bench --decoder-0.5b` and `bench --published` (bench/published_llamacpp.py): the same
+Hugging Face folder written as GGUF (streamed from its shards), quantized to Q4_0 by llama.cpp itself, run through
+llama-cpp-python on the same prompt tokens with the same thread count.
 
 Why a writer of our own instead of llama.cpp's convert_hf_to_gguf.py: that script ships only in llama.cpp's source
 tree (not in the llama-cpp-python wheel) and refuses a tokenizer it does not know. A Qwen2 folder maps onto GGUF

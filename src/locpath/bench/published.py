@@ -10,6 +10,8 @@ and time to first token at 1k and 10k tiles; with a slide file, a cold `ask` fro
 10k (said so in the report); STM, resampler, TIS, cross-KV and prefill run for real at those sizes.
 onnxruntime-genai's builder is run on the same shards under an RSS watchdog: where it does not fit in memory the
 report says at what RSS and after how long it was stopped.
+Where llama-cpp-python is built, llama.cpp Q4_0 runs beside it on the same shards at the same thread count
+(bench/published_llamacpp.py).
 
 Everything is cached under the work folder (the shards, the bundle), so only the first run pays for them.
 """

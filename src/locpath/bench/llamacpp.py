@@ -129,7 +129,7 @@ def write_gguf(folder: str | Path, out: str | Path, chunk: int = 1 << 24) -> dic
     rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
     if rope is None:
         raise LocpathError(f"{folder / 'config.json'}: no rope_theta")
-    hf = HFFolder(folder)
+    hf, w = HFFolder(folder), None
     try:
         plan = [(k, gguf_name(k), np.dtype(np.float16 if len(hf.weights.shape(k)) == 2 else np.float32))
                 for k in hf.weights.names() if not (k == "lm_head.weight" and cfg.get("tie_word_embeddings"))]
@@ -143,8 +143,9 @@ def write_gguf(folder: str | Path, out: str | Path, chunk: int = 1 << 24) -> dic
         w.write_ti_data_to_file()
         for k, _, dt in plan:
             w.write_tensor_data(_converted(hf.weights, k, dt, chunk))
-        w.close()
     finally:
+        if w is not None:
+            w.close()
         hf.weights.close()
     return {"tensors": len(plan), "bytes": out.stat().st_size}
 
@@ -160,18 +161,34 @@ def quantize(src: Path, out: Path, ftype: int = LLAMA_FTYPE_MOSTLY_Q4_0, threads
         raise LocpathError(f"{src}: llama.cpp quantization failed (code {rc})")
 
 
-def q4_0_model(folder: Path, work: Path, log) -> Path:
+def q4_0_model(folder: Path, work: Path, log, tag: str = "0.5b") -> Path:
     """The folder as Q4_0 GGUF, cached in `work` (the f16 intermediate is removed)."""
-    out = work / "llamacpp-0.5b-q4_0.gguf"
+    out = work / f"llamacpp-{tag}-q4_0.gguf"
     if not out.exists():
-        f16 = work / "llamacpp-0.5b-f16.gguf"
-        log("writing the 0.5B-shaped folder as GGUF (f16), then llama.cpp Q4_0")
-        write_gguf(folder, f16)
-        tmp = out.with_suffix(".tmp")
-        quantize(f16, tmp)
-        tmp.rename(out)
-        f16.unlink()
+        log(f"writing the {tag}-shaped folder as GGUF (f16), then llama.cpp Q4_0")
+        build_q4_0(folder, out)
     return out
+
+
+def build_q4_0(folder: str | Path, out: str | Path) -> dict:
+    """Write the folder as f16 GGUF beside `out`, quantize it to Q4_0 into `out` (renamed into place when done),
+    and remove the f16 file whatever happens: at 7B it is 15 GB. A bench step (bench/child.py), so the peak RSS
+    the child reports is this build's own."""
+    out = Path(out)
+    f16, tmp = out.with_name(out.stem + "-f16.gguf.tmp"), out.with_name(out.name + ".tmp")
+    threads = os.cpu_count() or 1
+    try:
+        t0 = time.perf_counter()
+        info = write_gguf(folder, f16)
+        t1 = time.perf_counter()
+        quantize(f16, tmp, threads=threads)
+        t2 = time.perf_counter()
+        tmp.rename(out)
+    finally:
+        f16.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return {"f16_bytes": info["bytes"], "tensors": info["tensors"], "write_f16_seconds": round(t1 - t0, 1),
+            "quantize_seconds": round(t2 - t1, 1), "quantize_threads": threads, "bytes": out.stat().st_size}
 
 
 def gguf_weight_bytes(path: Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import llamacpp
+from .memory import status_kb
 
 
 def gguf_path(folder: Path, work: Path) -> Path:
@@ -34,7 +35,10 @@ def measure(gguf: str, prompt_tokens: int, new_tokens: int, threads: int, runs: 
     load_s = time.perf_counter() - t0
     first = run()
     timed = [run() for _ in range(runs)]
-    return {"load_seconds": round(load_s, 2),
+    held = {"anon_mb": round(status_kb("RssAnon") / 1024), "file_mb": round(status_kb("RssFile") / 1024),
+            "note": "after the runs; anonymous: llama.cpp's buffers and the weights its CPU backend repacks at load, "
+                    "file: the GGUF's mapped pages (llama.cpp's defaults: mmap and repacking on)"}
+    return {"load_seconds": round(load_s, 2), "rss_after_runs": held,
             "first_run": {"prefill_ms": round(first[0] * 1000, 1), "tokens_per_s": round(first[2] / first[1], 2)},
             "prefill_ms": round(float(np.median([t[0] for t in timed])) * 1000, 1),
             "tokens_per_s": round(float(np.median([t[2] / t[1] for t in timed])), 2),

@@ -336,11 +336,12 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
         assert lc["tokens_per_s"] > 0 and lc["prefill_ms"] > 0 and lc["weight_bytes"] > 0
         assert (lc["prompt_tokens"], lc["new_tokens"]) == (res["runtime"]["decode"]["prompt_tokens"], 4)
         assert lc["threads"] == default_threads() and lc["locpath_over_llamacpp_decode"] > 0
-        for step in (lc, lc["build"]):
+        assert lc["use_mmap"] and not lc["no_mmap"]["use_mmap"] and lc["no_mmap"]["tokens_per_s"] > 0
+        for step in (lc, lc["build"], lc["no_mmap"]):
             assert step["process"]["peak_rss_mb"] < parent_peak_mb - 1000
         assert sorted(p.name for p in tmp_path.glob("qwen2.5-shaped-q4_0*")) == [
             "qwen2.5-shaped-q4_0.build.json", "qwen2.5-shaped-q4_0.gguf"]  # the f16 intermediate removed
-        assert "locpath / llama.cpp decode" in md
+        assert "locpath / llama.cpp decode" in md and "no mmap" in md
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
                             shape=shape, size="tiny", block_size=32)

@@ -203,12 +203,14 @@ def gguf_weight_bytes(path: Path) -> dict:
     return {"total": sum(by_type.values()), "by_type": by_type, "token_embd": emb.tensor_type.name}
 
 
-def runner(model: Path, prompt: list[int], new: int, threads: int):
-    """One timed greedy generation per call, as the other engines: (prefill s, decode s, decoded steps, tokens)."""
+def runner(model: Path, prompt: list[int], new: int, threads: int, use_mmap: bool = True):
+    """One timed greedy generation per call, as the other engines: (prefill s, decode s, decoded steps, tokens).
+    `use_mmap` False: llama.cpp reads the file instead of mapping it (repacked weights are then held once)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=len(prompt) + new + 8, n_batch=max(len(prompt), 8),
-                          n_ubatch=max(len(prompt), 8), n_threads=threads, n_threads_batch=threads, verbose=False)
+                          n_ubatch=max(len(prompt), 8), n_threads=threads, n_threads_batch=threads,
+                          use_mmap=use_mmap, verbose=False)
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:

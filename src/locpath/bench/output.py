@@ -161,7 +161,17 @@ def _llamacpp_lines(lc: dict | None) -> list[str]:
     return [f"| llama.cpp Q4_0 GGUF | {lc['weight_bytes'] / 1e9:.2f} GB of weights{built} |",
             f"| llama.cpp Q4_0 ({lc['threads']} threads, its own process) | load {lc['load_seconds']} s; prefill "
             f"{lc['prefill_ms']:.0f} ms ({lc['prompt_tokens']} tokens); decode {lc['tokens_per_s']} tokens/s; peak RSS "
-            f"{lc['process']['peak_rss_mb']} MB" + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"]
+            f"{lc['process']['peak_rss_mb']} MB" + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"
+            ] + _llamacpp_lines_no_mmap(lc.get("no_mmap"))
+
+
+def _llamacpp_lines_no_mmap(nm: dict | None) -> list[str]:
+    if not nm:
+        return []
+    ratio = nm.get("locpath_over_llamacpp_decode")
+    return [f"| llama.cpp Q4_0, file read (no mmap) | load {nm['load_seconds']} s; prefill {nm['prefill_ms']:.0f} ms; "
+            f"decode {nm['tokens_per_s']} tokens/s; peak RSS {nm['process']['peak_rss_mb']} MB"
+            + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"]
 
 
 def _from_slide_lines(fs: dict | None) -> list[str]:

@@ -159,6 +159,49 @@ def test_gguf_writer_maps_every_qwen2_tensor(tmp_path):
         write_gguf(folder, tmp_path / "x.gguf")
 
 
+@pytest.mark.torch
+def test_gguf_writer_streams_a_sharded_bf16_folder(tmp_path, monkeypatch):
+    """A sharded bf16 folder (what bench --published writes at 7B) is written tensor by tensor: each tensor is read
+    from its shard only after the one before it is in the file (the writer never holds the model), and the GGUF
+    reads back equal to the shards (bf16 -> f16 matrices, f32 norms and biases; untied: an output.weight)."""
+    gguf = pytest.importorskip("gguf")
+    from locpath.bench import llamacpp
+    from locpath.bench.published import write_random_hf_folder
+    from locpath.checkpoints import shipped_checkpoint
+    from locpath.engines.hf_weights import HFFolder, SafetensorsFiles
+
+    shape = dict(vocab_size=640, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False)
+    folder = write_random_hf_folder(tmp_path / "hf", shape, shipped_checkpoint("reference") / "tokenizer.json",
+                                    shard_bytes=100_000, log=lambda m: None)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2 and not (folder / "model.safetensors").exists()
+    out, reads = tmp_path / "m.gguf", []
+    real_array = SafetensorsFiles.array
+
+    def array(self, name, rows=None):  # the file's size when each read starts
+        reads.append((name, out.stat().st_size if out.exists() else 0))
+        return real_array(self, name, rows)
+
+    monkeypatch.setattr(SafetensorsFiles, "array", array)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tensor", lambda *a, **k: pytest.fail("add_tensor holds every array"))
+    info = llamacpp.write_gguf(folder, out, chunk=1000)
+    monkeypatch.undo()
+    firsts = [size for i, (name, size) in enumerate(reads) if i == 0 or reads[i - 1][0] != name]
+    assert len(firsts) == info["tensors"] == 2 * 12 + 3
+    assert all(b > a for a, b in zip(firsts, firsts[1:]))  # each tensor read after the previous one was written
+    assert len(reads) > info["tensors"]  # the embedding and the output matrix converted a block of rows at a time
+    hf, got = HFFolder(folder), {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    for k in hf.weights.names():
+        a = hf.weights.array(k)
+        t = got[llamacpp.gguf_name(k)]
+        want = a.astype(np.float16 if a.ndim == 2 else np.float32)
+        assert t.data.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(a.shape), want)
+    hf.weights.close()
+
+
 def test_peer_summary_compares_at_no_more_weight_bytes():
     res = {"onnxruntime_genai_int4": {"tokens_per_s": 50.0, "prefill_ms": 300.0, "weight_bytes_per_token": 300},
            "onnxruntime_genai_int4_block128": {"tokens_per_s": 64.0, "prefill_ms": 280.0, "weight_bytes_per_token": 260},

@@ -339,10 +339,26 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
     assert ov["from_slide"]["cold"]["tiles"] == fs["cold"]["tiles"]
     syn = ov["from_synthetic_slide"]
     assert syn["synthetic_slide"]["grid_tiles"] >= 60 and syn["cold"]["tiles"] == syn["synthetic_slide"]["grid_tiles"]
+    lc = res["llamacpp"]  # llama.cpp Q4_0 on the same shards where llama-cpp-python is built (not in CI)
+    if "skipped" in lc:
+        assert "docs/llamacpp.md" in lc["skipped"] and "llama.cpp Q4_0 | skipped" in md
+    else:
+        from locpath.runtime.runner import default_threads
+
+        assert lc["tokens_per_s"] > 0 and lc["prefill_ms"] > 0 and lc["weight_bytes"] > 0
+        assert (lc["prompt_tokens"], lc["new_tokens"]) == (res["runtime"]["decode"]["prompt_tokens"], 4)
+        assert lc["threads"] == default_threads() and lc["locpath_over_llamacpp_decode"] > 0
+        assert lc["use_mmap"] and not lc["no_mmap"]["use_mmap"] and lc["no_mmap"]["tokens_per_s"] > 0
+        for step in (lc, lc["build"], lc["no_mmap"]):
+            assert step["process"]["peak_rss_mb"] < parent_peak_mb - 1000
+        assert sorted(p.name for p in tmp_path.glob("qwen2.5-shaped-q4_0*")) == [
+            "qwen2.5-shaped-q4_0.build.json", "qwen2.5-shaped-q4_0.gguf"]  # the f16 intermediate removed
+        assert "locpath / llama.cpp decode" in md and "no mmap" in md
     # a second run reuses the shards and the bundle
     again = bench_published(tmp_path, lambda m: None, tiles=(50,), new_tokens=2, encoder_tiles=8, genai=False,
                             shape=shape, size="tiny", block_size=32, vision=False)
     assert "shards_written_seconds" not in again and again["build"].get("cached")
+    assert "skipped" in again["llamacpp"] or again["llamacpp"]["build"]["cached"]
 
 
 def test_watchdog_stops_a_process_past_its_memory_budget():

@@ -1,5 +1,6 @@
-"""llama.cpp as a peer in `bench --decoder-0.5b`: the same Hugging Face folder written as GGUF, quantized to Q4_0
-by llama.cpp itself, run through llama-cpp-python on the same prompt tokens with the same thread count.
+"""llama.cpp as a peer in `bench --decoder-0.5b` and `bench --published` (bench/published_llamacpp.py): the same
+Hugging Face folder written as GGUF (streamed from its shards), quantized to Q4_0 by llama.cpp itself, run through
+llama-cpp-python on the same prompt tokens with the same thread count.
 
 Why a writer of our own instead of llama.cpp's convert_hf_to_gguf.py: that script ships only in llama.cpp's source
 tree (not in the llama-cpp-python wheel) and refuses a tokenizer it does not know. A Qwen2 folder maps onto GGUF
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -71,24 +74,9 @@ def _tokenizer_tables(folder: Path, vocab_size: int) -> tuple[list[str], list[in
                                   "pad": ids.get("<|endoftext|>")}
 
 
-def write_gguf(folder: str | Path, out: str | Path) -> dict:
-    """A Qwen2 Hugging Face folder (config.json, model.safetensors, tokenizer.json) as an f16 GGUF (norms and
-    biases f32), tensor by tensor from the memory-mapped safetensors."""
-    import gguf
-    from safetensors import safe_open
-
-    folder, out = Path(folder), Path(out)
-    cfg = json.loads((folder / "config.json").read_text())
-    if cfg.get("model_type") != "qwen2":
-        raise LocpathError(f"{folder / 'config.json'}: GGUF writer takes model_type qwen2, not {cfg.get('model_type')!r}")
-    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
-    if rope is None:
-        raise LocpathError(f"{folder / 'config.json'}: no rope_theta")
-    st = folder / "model.safetensors"
-    if not st.exists():
-        raise LocpathError(f"{st}: not found (one-file safetensors folders only)")
+def _metadata(w, folder: Path, cfg: dict, rope: float) -> None:
+    """The qwen2 architecture's keys and the folder's tokenizer, as convert_hf_to_gguf.py writes them."""
     names, types, merges, ids = _tokenizer_tables(folder, cfg["vocab_size"])
-    w = gguf.GGUFWriter(str(out), "qwen2")
     w.add_name(folder.name)
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -110,20 +98,56 @@ def write_gguf(folder: str | Path, out: str | Path) -> dict:
     if ids["pad"] is not None:
         w.add_pad_token_id(ids["pad"])
     w.add_add_bos_token(False)
-    n = 0
-    with safe_open(str(st), framework="np") as f:
-        for k in f.keys():
-            if k == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-                continue
-            a = f.get_tensor(k)
-            a = a.astype(np.float16 if a.ndim == 2 else np.float32)
-            w.add_tensor(gguf_name(k), a)
-            n += 1
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {"tensors": n, "bytes": out.stat().st_size}
+
+
+def _converted(weights, name: str, dtype, chunk: int = 1 << 24) -> np.ndarray:
+    """One tensor in its GGUF dtype, converted a block of rows at a time (bf16 -> f16 goes through float32; a
+    whole 7B embedding in float32 would be 2.2 GB beside its 1.1 GB f16 copy)."""
+    shape = weights.shape(name)
+    if len(shape) < 2:
+        return weights.array(name).astype(dtype)
+    out = np.empty(shape, dtype)
+    step = max(1, chunk // max(1, math.prod(shape[1:])))
+    for r in range(0, shape[0], step):
+        out[r:r + step] = weights.array(name, slice(r, r + step))
+    return out
+
+
+def write_gguf(folder: str | Path, out: str | Path, chunk: int = 1 << 24) -> dict:
+    """A Qwen2 Hugging Face folder (config.json, model.safetensors or shards with their index, tokenizer.json) as
+    an f16 GGUF (norms and biases f32). Streamed: every tensor's header entry is written first, then the tensors
+    one at a time, each read from its shard only when it is written, so the peak is one tensor, not the model
+    (GGUFWriter.add_tensor would hold them all: 15 GB at 7B); `chunk`: elements converted at a time."""
+    import gguf
+
+    from ..engines.hf_weights import HFFolder
+
+    folder, out = Path(folder), Path(out)
+    cfg = json.loads((folder / "config.json").read_text())
+    if cfg.get("model_type") != "qwen2":
+        raise LocpathError(f"{folder / 'config.json'}: GGUF writer takes model_type qwen2, not {cfg.get('model_type')!r}")
+    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta")
+    if rope is None:
+        raise LocpathError(f"{folder / 'config.json'}: no rope_theta")
+    hf, w = HFFolder(folder), None
+    try:
+        plan = [(k, gguf_name(k), np.dtype(np.float16 if len(hf.weights.shape(k)) == 2 else np.float32))
+                for k in hf.weights.names() if not (k == "lm_head.weight" and cfg.get("tie_word_embeddings"))]
+        w = gguf.GGUFWriter(str(out), "qwen2")
+        _metadata(w, folder, cfg, rope)
+        for k, name, dt in plan:
+            shape = hf.weights.shape(k)
+            w.add_tensor_info(name, shape, dt, math.prod(shape) * dt.itemsize)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for k, _, dt in plan:
+            w.write_tensor_data(_converted(hf.weights, k, dt, chunk))
+    finally:
+        if w is not None:
+            w.close()
+        hf.weights.close()
+    return {"tensors": len(plan), "bytes": out.stat().st_size}
 
 
 def quantize(src: Path, out: Path, ftype: int = LLAMA_FTYPE_MOSTLY_Q4_0, threads: int = 2) -> None:
@@ -137,18 +161,34 @@ def quantize(src: Path, out: Path, ftype: int = LLAMA_FTYPE_MOSTLY_Q4_0, threads
         raise LocpathError(f"{src}: llama.cpp quantization failed (code {rc})")
 
 
-def q4_0_model(folder: Path, work: Path, log) -> Path:
+def q4_0_model(folder: Path, work: Path, log, tag: str = "0.5b") -> Path:
     """The folder as Q4_0 GGUF, cached in `work` (the f16 intermediate is removed)."""
-    out = work / "llamacpp-0.5b-q4_0.gguf"
+    out = work / f"llamacpp-{tag}-q4_0.gguf"
     if not out.exists():
-        f16 = work / "llamacpp-0.5b-f16.gguf"
-        log("writing the 0.5B-shaped folder as GGUF (f16), then llama.cpp Q4_0")
-        write_gguf(folder, f16)
-        tmp = out.with_suffix(".tmp")
-        quantize(f16, tmp)
-        tmp.rename(out)
-        f16.unlink()
+        log(f"writing the {tag}-shaped folder as GGUF (f16), then llama.cpp Q4_0")
+        build_q4_0(folder, out)
     return out
+
+
+def build_q4_0(folder: str | Path, out: str | Path) -> dict:
+    """Write the folder as f16 GGUF beside `out`, quantize it to Q4_0 into `out` (renamed into place when done),
+    and remove the f16 file whatever happens: at 7B it is 15 GB. A bench step (bench/child.py), so the peak RSS
+    the child reports is this build's own."""
+    out = Path(out)
+    f16, tmp = out.with_name(out.stem + "-f16.gguf.tmp"), out.with_name(out.name + ".tmp")
+    threads = os.cpu_count() or 1
+    try:
+        t0 = time.perf_counter()
+        info = write_gguf(folder, f16)
+        t1 = time.perf_counter()
+        quantize(f16, tmp, threads=threads)
+        t2 = time.perf_counter()
+        tmp.rename(out)
+    finally:
+        f16.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+    return {"f16_bytes": info["bytes"], "tensors": info["tensors"], "write_f16_seconds": round(t1 - t0, 1),
+            "quantize_seconds": round(t2 - t1, 1), "quantize_threads": threads, "bytes": out.stat().st_size}
 
 
 def gguf_weight_bytes(path: Path) -> dict:
@@ -163,12 +203,14 @@ def gguf_weight_bytes(path: Path) -> dict:
     return {"total": sum(by_type.values()), "by_type": by_type, "token_embd": emb.tensor_type.name}
 
 
-def runner(model: Path, prompt: list[int], new: int, threads: int):
-    """One timed greedy generation per call, as the other engines: (prefill s, decode s, decoded steps, tokens)."""
+def runner(model: Path, prompt: list[int], new: int, threads: int, use_mmap: bool = True):
+    """One timed greedy generation per call, as the other engines: (prefill s, decode s, decoded steps, tokens).
+    `use_mmap` False: llama.cpp reads the file instead of mapping it (repacked weights are then held once)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=len(prompt) + new + 8, n_batch=max(len(prompt), 8),
-                          n_ubatch=max(len(prompt), 8), n_threads=threads, n_threads_batch=threads, verbose=False)
+                          n_ubatch=max(len(prompt), 8), n_threads=threads, n_threads_batch=threads,
+                          use_mmap=use_mmap, verbose=False)
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:

@@ -155,7 +155,34 @@ def published_lines(pub: dict) -> list[str]:
                      f"RSS (limit {gb['limit_mb']} MB)" if "seconds" in gb else "") + " |")
         if "run" in g:
             lines.append(f"| onnxruntime-genai decode | {g['run']['tokens_per_s']} tokens/s |")
-    return lines + [""]
+    return lines + _llamacpp_lines(pub.get("llamacpp")) + [""]
+
+
+def _llamacpp_lines(lc: dict | None) -> list[str]:
+    """`bench --published`: llama.cpp Q4_0 on the same shards, at the same thread count."""
+    if not lc:
+        return []
+    if "skipped" in lc:
+        return [f"| llama.cpp Q4_0 | skipped: {lc['skipped']} |"]
+    b = lc.get("build", {})
+    built = (" (cached)" if b.get("cached") else "") + (
+        f"; f16 written in {_f(b.get('write_f16_seconds'))} s, quantized in {_f(b.get('quantize_seconds'))} s, "
+        f"build peak RSS {_f(b.get('process', {}).get('peak_rss_mb'), '{:.0f}')} MB" if "quantize_seconds" in b else "")
+    ratio = lc.get("locpath_over_llamacpp_decode")
+    return [f"| llama.cpp Q4_0 GGUF | {lc['weight_bytes'] / 1e9:.2f} GB of weights{built} |",
+            f"| llama.cpp Q4_0 ({lc['threads']} threads, its own process) | load {lc['load_seconds']} s; prefill "
+            f"{lc['prefill_ms']:.0f} ms ({lc['prompt_tokens']} tokens); decode {lc['tokens_per_s']} tokens/s; peak RSS "
+            f"{lc['process']['peak_rss_mb']} MB" + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"
+            ] + _llamacpp_lines_no_mmap(lc.get("no_mmap"))
+
+
+def _llamacpp_lines_no_mmap(nm: dict | None) -> list[str]:
+    if not nm:
+        return []
+    ratio = nm.get("locpath_over_llamacpp_decode")
+    return [f"| llama.cpp Q4_0, file read (no mmap) | load {nm['load_seconds']} s; prefill {nm['prefill_ms']:.0f} ms; "
+            f"decode {nm['tokens_per_s']} tokens/s; peak RSS {nm['process']['peak_rss_mb']} MB"
+            + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"]
 
 
 def _from_slide_lines(fs: dict | None) -> list[str]:

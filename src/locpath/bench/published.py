@@ -10,6 +10,8 @@ and time to first token at 1k and 10k tiles; with a slide file, a cold `ask` fro
 10k (said so in the report); STM, resampler, TIS, cross-KV and prefill run for real at those sizes.
 onnxruntime-genai's builder is run on the same shards under an RSS watchdog: where it does not fit in memory the
 report says at what RSS and after how long it was stopped.
+Where llama-cpp-python is built, llama.cpp Q4_0 runs beside it on the same shards at the same thread count
+(bench/published_llamacpp.py).
 
 Everything is cached under the work folder (the shards, the bundle), so only the first run pays for them.
 """
@@ -274,7 +276,8 @@ def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
     for _ in range(2):
         run = st.greedy(prompt, qkv.cross, new_tokens + 1)  # the first token comes from the prefill
         rates.append(run.steps / run.decode_s)
-    return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates)}
+    return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates),
+            "prompt_tokens": len(prompt)}
 
 
 def _part(fn, log) -> dict:
@@ -351,7 +354,7 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
                     new_tokens: int = 32, encoder_tiles: int = 16, genai: bool = True, shape: dict | None = None,
                     size: str = "published", slide: Path | None = None, slide_tokens: int = 8,
                     block_size: int = 128, vision: bool = True, synthetic_tiles: int = 1000,
-                    encoders: tuple = ()) -> dict:
+                    encoders: tuple = (), llamacpp: bool = True) -> dict:
     """`shape`/`size`: the LLM shape and the size of the other parts (the test runs this path small); `slide`: also
     a cold `ask` from this slide file and a second question on it (bench/published_slide.py); `block_size`: INT4
     weights per scale (128: ONNX Runtime's int8-compute packing adds an fp32 scale and a block sum per block, so
@@ -359,7 +362,8 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     14.3); `vision`: also the bundle with its vision graphs on OpenVINO (int8-safe encoder, bf16 resampler) where
     OpenVINO is installed, measured the same way and compared with the fp32 ones (bench/published_vision.py), and
     from a synthetic slide of `synthetic_tiles` tissue tiles (0: none); `encoders`: other registered encoders, each
-    in a bundle of its own at full depth with its int8-safe build measured against its fp32 graph."""
+    in a bundle of its own at full depth with its int8-safe build measured against its fp32 graph; `llamacpp`: also the
+    shards as llama.cpp Q4_0 GGUF at the same thread count, where llama-cpp-python is built (bench/published_llamacpp.py)."""
     from .child import run_step
 
     from ..checkpoints import shipped_checkpoint
@@ -405,6 +409,10 @@ def bench_published(work: Path, log, tiles=(1000, 10000), question: str = "What 
     if vision:
         res["openvino_vision"] = _part(lambda: _vision(work, bundle, res["runtime"], log, tiles, question, new_tokens,
                                                        encoder_tiles, slide, slide_tokens, synthetic_tiles), log)
+    if llamacpp:
+        from .published_llamacpp import published_peer
+
+        res["llamacpp"] = _part(lambda: published_peer(folder, work, res["runtime"], log), log)
     if genai:
         g = genai_build(folder, work / "genai-7b-int4", log)
         res["onnxruntime_genai"] = {"build": g}

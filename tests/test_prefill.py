@@ -166,7 +166,7 @@ def test_gguf_writer_streams_a_sharded_bf16_folder(tmp_path, monkeypatch):
     reads back equal to the shards (bf16 -> f16 matrices, f32 norms and biases; untied: an output.weight)."""
     gguf = pytest.importorskip("gguf")
     from locpath.bench import llamacpp
-    from locpath.bench.published import write_random_hf_folder
+    from locpath.bench.random_qwen2 import write_random_hf_folder
     from locpath.checkpoints import shipped_checkpoint
     from locpath.engines.hf_weights import HFFolder, SafetensorsFiles
 

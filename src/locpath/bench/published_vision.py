@@ -115,7 +115,7 @@ def encoder_bundle(work: Path, encoder: str, slide: Path | None, log=print, enco
     per-tile checks, and the encoder's tiles/s in the fp32 and the built bundle, each in a child of its own."""
     from ..checkpoints import shipped_checkpoint
     from .child import run_step
-    from .published import write_random_hf_folder
+    from .random_qwen2 import write_random_hf_folder
 
     folder, fp32, built = work / "small-llm", work / f"{encoder}-fp32", work / f"{encoder}-openvino-int8-safe"
     if not (folder / "config.json").exists():

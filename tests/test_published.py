@@ -183,8 +183,9 @@ def test_tis_reads_the_decoders_embedding_rows_token_identical_to_pytorch(qwen_w
 
 
 def test_int4_tis_gathers_from_the_decoders_int4_embedding(qwen_with_lora, tmp_path):
-    """INT4: the TIS runs GatherBlockQuantized over the decoder's INT4 bytes; the bundle is one table smaller
-    than with the TIS's own copy, and the answer runs."""
+    """INT4 (the streamed decoder's published path): the fused decoder's weights are INT4 in an external data file,
+    the TIS runs GatherBlockQuantized over the decoder's INT4 bytes; the bundle is one table smaller than with the
+    TIS's own copy, and the answer runs."""
     from locpath.bundle.integrity import verify_bundle
     from locpath.runtime.pipeline import Pipeline
     from locpath.wsi.features import FeatureFile, write_features
@@ -198,6 +199,10 @@ def test_int4_tis_gathers_from_the_decoders_int4_embedding(qwen_with_lora, tmp_p
     size = {b: (b / "tis.onnx").stat().st_size for b in (shared, copied)}
     assert size[copied] - size[shared] > 0.9 * 512 * 64 * 4, size
     m = verify_bundle(shared)
+    entry = m.components["decoder_fused"]
+    # 4 per layer, CARA q/o/fc1/fc2, embed, lm_head
+    assert entry.precision == "int4" and entry.quantization["int4_weights"] == 4 * 2 + 4 + 2
+    assert entry.data_files and all((shared / f).is_file() for f in entry.data_files)
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(shared / m.components["tis"].file), load_external_data=False).graph.node}
@@ -210,27 +215,6 @@ def test_int4_tis_gathers_from_the_decoders_int4_embedding(qwen_with_lora, tmp_p
     sa, sb = a.question_kv(lat, QUESTION).scores, b.question_kv(lat, QUESTION).scores
     assert np.corrcoef(sa, sb)[0, 1] > 0.99  # INT4 rows against fp32 rows: the same ranking, near enough
     assert 1 <= a.ask(h5, QUESTION, max_new_tokens=4).generation["new_tokens"] <= 4
-
-
-def test_streamed_int4_decoder_writes_external_data_and_answers(qwen_with_lora, tmp_path):
-    from locpath.bundle.integrity import verify_bundle
-    from locpath.engines.hf_weights import LoraAdapter
-    from locpath.export.streamed import export_streamed_bundle
-    from locpath.runtime.pipeline import Pipeline
-    from locpath.wsi.features import FeatureFile, write_features
-
-    root, _ = qwen_with_lora
-    model, skel, hf = _reference_and_skeleton(root)
-    bundle, _ = export_streamed_bundle(skel, hf, tmp_path / "b4", lora=LoraAdapter.from_peft_folder(root / "adapter"),
-                                       quant="int4", max_length=256, validate=False, log=lambda m: None)
-    m = verify_bundle(bundle)
-    entry = m.components["decoder_fused"]
-    assert entry.precision == "int4" and entry.quantization["int4_weights"] == 4 * 2 + 4 + 2  # 4 per layer, CARA q/o/fc1/fc2, embed, lm_head
-    feats = np.random.default_rng(1).normal(size=(12, 64)).astype(np.float32)
-    h5 = write_features(tmp_path / "f.h5", FeatureFile(feats, np.stack([np.arange(12) * 224, np.zeros(12, int)], 1),
-                                                        224, 224, 0.5, 0.5, model.cfg.tile_encoder.name))
-    ans = Pipeline.from_bundle(bundle, use_cache=False).ask(h5, QUESTION, max_new_tokens=4)
-    assert 1 <= ans.generation["new_tokens"] <= 4
 
 
 def test_external_data_path_streams_weights_beside_the_graph(qwen_with_lora, tmp_path):
@@ -282,7 +266,22 @@ def test_hostile_shard_index_and_headers_are_refused(qwen_with_lora, tmp_path):
         HFFolder(bad)
 
 
-def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
+def _check_openvino_vision(res, md, fs):
+    """The vision graphs on OpenVINO: the INT4 decoder kept, the int8-safe encoder checked, the same features
+    giving the same tokens, and a synthetic slide of at least 60 tissue tiles asked cold through it."""
+    assert "vision on OpenVINO: cold ask from synthetic-60" in md and "greedy tokens identical" in md
+    ov = res["openvino_vision"]
+    assert ov["build"]["tile_encoder"]["backend"] == "openvino" and ov["build"]["resampler"]["precision"] == "bf16"
+    assert max(c["cosine_min"] for c in ov["build"]["tile_encoder"]["checks"].values()) >= 0.995
+    par = ov["parity_with_fp32_vision"]
+    assert set(par) == {"50", "400"} and all(p["latents_cosine_min"] > 0.99 for p in par.values())
+    assert ov["from_slide"]["cold"]["tiles"] == fs["cold"]["tiles"]
+    syn = ov["from_synthetic_slide"]
+    assert syn["synthetic_slide"]["grid_tiles"] >= 60 and syn["cold"]["tiles"] == syn["synthetic_slide"]["grid_tiles"]
+
+
+@pytest.mark.parametrize("vision", [False, pytest.param(True, marks=pytest.mark.slow)])  # OpenVINO part: +35 s
+def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs, vision):
     """`bench --published --slide` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
     process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here), a cold ask
     from the real slide region and a second question on it. Each step's peak RSS is its own process's (the parent
@@ -299,7 +298,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
     del big
     parent_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res = bench_published(tmp_path, lambda m: None, tiles=(50, 400), new_tokens=4, encoder_tiles=32, genai=False,
-                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4, block_size=32,
+                          shape=shape, size="tiny", slide=real_svs, slide_tokens=4, block_size=32, vision=vision,
                           synthetic_tiles=60)
     assert res["shards_bytes"] > 0 and res["bundle_bytes"] > 0
     cfg = json.loads((tmp_path / "qwen2.5-shaped" / "config.json").read_text())
@@ -328,17 +327,10 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs):
 
     md = "\n".join(published_lines(res))
     assert "first token, 400 tiles" in md and "decode |" in md and "cold ask from" in md and "second question" in md
-    assert "vision on OpenVINO: cold ask from synthetic-60" in md and "greedy tokens identical" in md
-    # the vision graphs on OpenVINO: the INT4 decoder kept, the int8-safe encoder checked, the same features
-    # giving the same tokens, and a synthetic slide of at least 60 tissue tiles asked cold through it
-    ov = res["openvino_vision"]
-    assert ov["build"]["tile_encoder"]["backend"] == "openvino" and ov["build"]["resampler"]["precision"] == "bf16"
-    assert max(c["cosine_min"] for c in ov["build"]["tile_encoder"]["checks"].values()) >= 0.995
-    par = ov["parity_with_fp32_vision"]
-    assert set(par) == {"50", "400"} and all(p["latents_cosine_min"] > 0.99 for p in par.values())
-    assert ov["from_slide"]["cold"]["tiles"] == fs["cold"]["tiles"]
-    syn = ov["from_synthetic_slide"]
-    assert syn["synthetic_slide"]["grid_tiles"] >= 60 and syn["cold"]["tiles"] == syn["synthetic_slide"]["grid_tiles"]
+    if vision:
+        _check_openvino_vision(res, md, fs)
+    else:
+        assert "openvino_vision" not in res
     lc = res["llamacpp"]  # llama.cpp Q4_0 on the same shards where llama-cpp-python is built (not in CI)
     if "skipped" in lc:
         assert "docs/llamacpp.md" in lc["skipped"] and "llama.cpp Q4_0 | skipped" in md
@@ -409,6 +401,7 @@ def test_checkpoint_exported_with_a_streamed_decoder_answers_like_the_shipped_bu
         assert streamed.answer(ctx_a, [q])[0].token_ids == shipped.answer(ctx_b, [q])[0].token_ids
 
 
+@pytest.mark.slow  # the CLI's plumbing over export_streamed_bundle, which the tests above run directly
 def test_export_cli_streams_the_decoder_on_request(tmp_path, shipped_reference):
     """`locpath export --stream-decoder int4` runs the streamed path from the CLI (auto picks it above 2 B
     parameters); the bundle has only the fused INT4 decoder."""

@@ -219,8 +219,8 @@ def test_pinned_file_survives_a_swap(tmp_path, small_svs):
 
 
 def test_banded_overview_read_is_the_single_read(tmp_path, real_svs):
-    """The tissue overview of a single-level slide is decoded in row bands by two threads: the same pixels as one
-    read (bands were really used), and on a slide with a damaged tile the same result and the same unreadable
+    """The tissue overview of a single-level slide, where it is not read at JPEG scale (test_jpeg_scaled.py), is
+    decoded in row bands by two threads: the same pixels as one read (bands were really used), and on a slide with a damaged tile the same result and the same unreadable
     boxes as the one-thread read, which goes piece by piece."""
     from locpath.wsi import open_slide
     from locpath.wsi.slide import Slide
@@ -240,7 +240,8 @@ def test_banded_overview_read_is_the_single_read(tmp_path, real_svs):
                 Slide.read_region = counting
                 try:
                     calls.clear()
-                    got[workers] = (*s.read_downsampled(16.0, workers=workers), list(s.unreadable_boxes), len(calls))
+                    got[workers] = (*s.read_downsampled(16.0, workers=workers, scaled=False), list(s.unreadable_boxes),
+                                    len(calls))
                 finally:
                     Slide.read_region = orig
         assert np.array_equal(got[1][0], got[2][0]) and got[1][1] == got[2][1] and got[1][2] == got[2][2]

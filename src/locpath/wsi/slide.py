@@ -198,12 +198,13 @@ class Slide(ABC):
         ds = max(w0, h0) / max_size
         return self.read_downsampled(max(ds, 1.0))
 
-    def read_downsampled(self, downsample: float, strip_rows: int = 256,
-                         workers: int | None = None) -> tuple[np.ndarray, float]:
+    def read_downsampled(self, downsample: float, strip_rows: int = 256, workers: int | None = None,
+                         scaled: bool = True) -> tuple[np.ndarray, float]:
         """The whole slide at about `downsample`, read from the best level in horizontal strips and resized, so
         memory is bounded by the output plus one strip, not by the source level. A large strip is decoded by
         `workers` threads in row bands (the libraries decode outside the GIL): a single-level slide's tissue mask
-        is a decode of the whole image, the largest fixed cost of a cold question on it."""
+        is a decode of the whole image, the largest fixed cost of a cold question on it. Where that level is JPEG
+        tiles in a TIFF (and `scaled`), its tiles are decoded at 1/2-1/8 scale instead (wsi/jpeg_scaled.py)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from PIL import Image
@@ -212,10 +213,15 @@ class Slide(ABC):
         lw, lh = self.level_dimensions[level]
         w0, h0 = self.dimensions
         tw, th = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
-        out = np.empty((th, tw, 3), np.uint8)
-        scale = lh / th  # source rows per output row
         workers = max(1, min(2, os.cpu_count() or 1) if workers is None else workers)
         with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+            small = self._read_level_scaled(level, lw / tw, tw * th, pool) if scaled else None
+            if small is not None:  # already near the size wanted: one resize, no full-size strips
+                if small.shape[:2] != (th, tw):
+                    small = np.asarray(Image.fromarray(small).resize((tw, th), Image.Resampling.BILINEAR))
+                return np.ascontiguousarray(small), w0 / tw
+            out = np.empty((th, tw, 3), np.uint8)
+            scale = lh / th  # source rows per output row
             for r0 in range(0, th, strip_rows):
                 r1 = min(th, r0 + strip_rows)
                 s0 = int(np.floor(r0 * scale))
@@ -225,6 +231,49 @@ class Slide(ABC):
                     strip = np.asarray(Image.fromarray(strip).resize((tw, r1 - r0), Image.Resampling.BILINEAR))
                 out[r0:r1] = strip
         return out, w0 / tw
+
+    def _scaled_source(self) -> str | None:
+        """The TIFF whose JPEG tiles are this slide's levels as read (wsi/jpeg_scaled.py), or None."""
+        return None
+
+    def _read_level_scaled(self, level: int, relative_ds: float, out_pixels: int, pool) -> np.ndarray | None:
+        """The level decoded at a libjpeg scale near `relative_ds`, or None where that does not apply: not a tiled
+        JPEG TIFF level, no scale of at least 2, a mosaic larger than 4x the output (a huge single-level slide keeps
+        the strip-bounded read), or a tile that does not decode (the full read finds and records damaged tiles)."""
+        from . import jpeg_scaled
+
+        src = self._scaled_source()
+        if src is None or relative_ds < 2:
+            return None
+        with open(src, "rb") as fh:
+            with collecting([]):  # what tifffile says of the file is said by the library's own read, if it matters
+                tiles = jpeg_scaled.find_jpeg_tiles(fh, self.level_dimensions[level])
+            if tiles is None:
+                return None
+            s = jpeg_scaled.pick_scale(relative_ds, tiles.tile_w, tiles.tile_h)
+            mosaic = (tiles.rows * tiles.tile_h // s) * (tiles.cols * tiles.tile_w // s)
+            if s < 2 or mosaic > 4 * out_pixels + (1 << 20):
+                return None
+            small = jpeg_scaled.decode_scaled(fh, tiles, s, pool)
+        return small if small is not None and self._scaled_agrees(level, tiles, s, small) else None
+
+    def _scaled_agrees(self, level: int, tiles, s: int, small: np.ndarray, tolerance: float = 4.0) -> bool:
+        """The richest tile (most bytes) as the library reads it, averaged s x s, against its scaled decode: a
+        colour transform or a tile layout the raw mosaic gets wrong shows here, and the full read is used."""
+        ds = self.level_downsamples[level]
+        i = max(range(len(tiles.counts)), key=tiles.counts.__getitem__)
+        r, c = divmod(i, tiles.cols)
+        x, y = c * tiles.tile_w, r * tiles.tile_h
+        w, h = min(tiles.tile_w, tiles.width - x) // s * s, min(tiles.tile_h, tiles.height - y) // s * s
+        if w < s or h < s or not float(ds).is_integer():
+            return False
+        try:
+            full = self.read_region(level, int(x * ds), int(y * ds), w, h).astype(np.float32)
+        except SlideError:
+            return False
+        mean = full.reshape(h // s, s, w // s, s, 3).mean(axis=(1, 3))
+        got = small[y // s:y // s + h // s, x // s:x // s + w // s].astype(np.float32)
+        return got.shape == mean.shape and float(np.abs(got - mean).mean()) <= tolerance
 
     def _read_rows(self, level: int, s0: int, lw: int, rows: int, pool, workers: int,
                    band_pixels: int = 1 << 20) -> np.ndarray:
@@ -454,6 +503,11 @@ class OpenSlideSlide(Slide):
             self.library_messages.append(note)
         return out
 
+    def _scaled_source(self):
+        # Aperio and generic tiled TIFF: the level is the page's tile grid as stored (other TIFF vendors overlap or
+        # offset tiles, which OpenSlide corrects and a raw mosaic would not)
+        return self.source if self.vendor in ("aperio", "generic-tiff") else None
+
     def reopen(self):
         # OpenSlide handles are thread-safe; one handle serves every reader thread.
         return self
@@ -519,6 +573,9 @@ class TiffSlideSlide(Slide):
     def _read(self, level, x, y, w, h):
         arr = self._ts.read_region((x, y), level, (w, h), as_array=True)
         return _rgba_to_rgb(np.asarray(arr))
+
+    def _scaled_source(self):
+        return self.source
 
     def decode_errors(self):
         return (RuntimeError, ValueError)  # imagecodecs' codec errors are RuntimeErrors; tifffile raises ValueError

@@ -147,3 +147,15 @@ def test_small_downsamples_and_in_memory_slides_keep_the_full_read(real_svs):
     arr = ArraySlide([np.full((512, 512, 3), 200, np.uint8)], mpp=0.5)
     assert arr._read_level_scaled(0, 16.0, 32 * 32, None) is None
     assert arr.read_downsampled(16.0)[0].shape == (32, 32, 3)
+
+
+def test_tiny_tiles_keep_the_full_read(tmp_path):
+    """16-px JPEG tiles: per-tile overhead would cost more than the scaled IDCT saves, so no shortcut."""
+    import tifffile
+
+    img = np.full((512, 512, 3), 200, np.uint8)
+    for side, taken in ((16, False), (64, True)):
+        path = tmp_path / f"tiles-{side}.tif"
+        tifffile.imwrite(path, img, tile=(side, side), photometric="rgb", compression="jpeg", metadata=None)
+        with open(path, "rb") as fh:
+            assert (find_jpeg_tiles(fh, (512, 512)) is not None) == taken, side

@@ -21,6 +21,8 @@ import numpy as np
 
 SCALES = (8, 4, 2)  # what libjpeg's scaled IDCT gives for free
 MAX_TILE_BYTES = 1 << 24  # a JPEG tile of a few hundred pixels is tens of kB; more is not a tile we decode here
+MIN_TILE_SIDE = 64  # smaller tiles cost more in per-tile overhead than the scaled IDCT saves
+MAX_TILES = 1 << 18  # a level of more tiles is left to the library's own (C) decoding
 # Adobe APP14 with transform 0: the three components are R, G, B (no YCbCr). Aperio writes photometric RGB JPEG
 # tiles without JFIF/Adobe markers and with component ids 0, 1, 2, which libjpeg would otherwise take for YCbCr.
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
@@ -81,7 +83,7 @@ def find_jpeg_tiles(fh, size: tuple[int, int]) -> JpegTiles | None:
             offs, cnts = tuple(int(v) for v in page.dataoffsets), tuple(int(v) for v in page.databytecounts)
             want = -(-page.imagewidth // tw) * -(-page.imagelength // th)
             fsize = os.fstat(fh.fileno()).st_size
-            if (tw <= 0 or th <= 0 or len(offs) != want or len(cnts) != want
+            if (min(tw, th) < MIN_TILE_SIDE or want > MAX_TILES or len(offs) != want or len(cnts) != want
                     or any(c <= 0 or c > MAX_TILE_BYTES or o < 0 or o + c > fsize for o, c in zip(offs, cnts))):
                 return None  # sparse tiles, or offsets outside the file: the library's reader says what is wrong
             tables = bytes(page.jpegtables or b"")

@@ -198,3 +198,26 @@ def test_tiles_read_reports_throughput(capsys, real_svs):
     assert code == 0, err
     rep = json.loads(out)
     assert rep["read"]["tiles"] == rep["tiles"] and rep["read"]["tiles_per_s"] > 0
+
+
+def test_median_filter_is_pillows_pixel_for_pixel(real_svs):
+    """The tissue mask's median filter (bit by bit, no sort) gives Pillow's MedianFilter pixels exactly: random
+    images of odd shapes (1 px, thinner than the window) and the real slide's saturation, window sizes 3 to 15;
+    an even size is refused as Pillow refuses it."""
+    from PIL import ImageFilter
+
+    from locpath.wsi.tissue import median_filter_u8
+
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in [(1, 1), (2, 9), (4, 4), (37, 91), (211, 150)]]
+    with open_slide(real_svs) as s:
+        rgb, _ = s.read_downsampled(8.0)
+    images.append(np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 1].copy())
+    images.append(np.full((50, 60), 255, np.uint8))
+    for img in images:
+        for k in (3, 5, 7, 15):
+            want = np.asarray(Image.fromarray(img).filter(ImageFilter.MedianFilter(k)))
+            assert np.array_equal(median_filter_u8(img, k), want), (img.shape, k)
+    assert median_filter_u8(images[0], 1) is images[0]
+    with pytest.raises(ValueError, match="filter size"):
+        median_filter_u8(images[3], 4)

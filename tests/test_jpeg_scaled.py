@@ -159,3 +159,33 @@ def test_tiny_tiles_keep_the_full_read(tmp_path):
         tifffile.imwrite(path, img, tile=(side, side), photometric="rgb", compression="jpeg", metadata=None)
         with open(path, "rb") as fh:
             assert (find_jpeg_tiles(fh, (512, 512)) is not None) == taken, side
+
+
+def test_tiles_whose_own_markers_change_their_colour_model_are_not_mixed(tmp_path, real_svs):
+    """Every tile but the richest (the one checked against the library) carries its own JFIF marker, which makes
+    libjpeg read it as YCbCr: the level has two colour models, so the shortcut is refused and the overview is the
+    full read's (it was 44/255 off, with every pixel taken for tissue)."""
+    import struct
+
+    import tifffile
+
+    jfif = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    with tifffile.TiffFile(real_svs) as t:
+        p = t.pages[0]
+        offs, cnts = list(p.dataoffsets), list(p.databytecounts)
+        at_offs, at_cnts = p.tags["TileOffsets"].valueoffset, p.tags["TileByteCounts"].valueoffset
+    data = bytearray(open(real_svs, "rb").read())
+    keep = int(np.argmax(cnts))
+    for i, (o, c) in enumerate(zip(offs, cnts)):
+        if i != keep:
+            tile = bytes(data[o:o + c])
+            struct.pack_into("<I", data, at_offs + 4 * i, len(data))
+            struct.pack_into("<I", data, at_cnts + 4 * i, c + len(jfif))
+            data += tile[:2] + jfif + tile[2:]
+    mixed = tmp_path / "mixed.svs"
+    mixed.write_bytes(bytes(data))
+    with open_slide(mixed) as s:
+        assert s._read_level_scaled(0, 16.0, 138 * 185, None) is None
+        fast, _ = s.read_downsampled(16.0)
+        full, _ = s.read_downsampled(16.0, scaled=False)
+    assert np.array_equal(fast, full)

@@ -117,27 +117,39 @@ def decode_scaled(fh, t: JpegTiles, scale: int, pool=None) -> np.ndarray | None:
     out = np.empty((t.rows * sh, t.cols * sw, 3), np.uint8)
     fd = fh.fileno()
 
-    def one(i: int) -> bool:
-        data = os.pread(fd, t.counts[i], t.offsets[i])
-        stream = _tile_stream(t, data) if len(data) == t.counts[i] else None
-        if stream is None:
-            return False
-        with Image.open(io.BytesIO(stream), formats=["JPEG"]) as im:
-            if im.size != (t.tile_w, t.tile_h):
-                return False
-            im.draft("RGB", (sw, sh))
-            if im.size != (sw, sh) or im.mode != "RGB":
-                return False
-            a = np.asarray(im)
+    def one(i: int):
+        """The tile's colour signature once placed, or None. Never raises, so every tile has finished (and no
+        `pread` is left running on the descriptor) when the caller closes the file."""
+        try:
+            data = os.pread(fd, t.counts[i], t.offsets[i])
+            stream = _tile_stream(t, data) if len(data) == t.counts[i] else None
+            if stream is None:
+                return None
+            with Image.open(io.BytesIO(stream), formats=["JPEG"]) as im:
+                if im.size != (t.tile_w, t.tile_h):
+                    return None
+                sig = _colour_signature(im)
+                im.draft("RGB", (sw, sh))
+                if im.size != (sw, sh) or im.mode != "RGB":
+                    return None
+                a = np.asarray(im)
+        except Exception:  # a tile libjpeg refuses (corrupt data): the full-size read deals with it
+            return None
         r, c = divmod(i, t.cols)
         out[r * sh:(r + 1) * sh, c * sw:(c + 1) * sw] = a
-        return True
+        return sig
 
-    try:
-        n = len(t.offsets)
-        done = list(pool.map(one, range(n))) if pool is not None else [one(i) for i in range(n)]
-    except Exception:  # a tile libjpeg refuses (corrupt data): the full-size read deals with it
-        return None
-    if not all(done):
+    n = len(t.offsets)
+    sigs = list(pool.map(one, range(n))) if pool is not None else [one(i) for i in range(n)]
+    # one colour model for the whole level: the caller checks one tile against the library, which says nothing of
+    # a tile whose own JFIF or Adobe marker makes libjpeg read it otherwise
+    if any(sig is None for sig in sigs) or len(set(sigs)) != 1:
         return None
     return out[:-(-t.height // scale), :-(-t.width // scale)]
+
+
+def _colour_signature(im) -> tuple:
+    """What decides how libjpeg turns a tile's components into RGB: its JFIF and Adobe markers and its components'
+    ids and sampling factors (Pillow's `layer`: id, h, v, table)."""
+    layers = tuple(tuple(layer[:3]) for layer in getattr(im, "layer", ()) or ())
+    return ("jfif" in im.info, im.info.get("adobe_transform"), layers)

@@ -189,3 +189,40 @@ def test_tiles_whose_own_markers_change_their_colour_model_are_not_mixed(tmp_pat
         fast, _ = s.read_downsampled(16.0)
         full, _ = s.read_downsampled(16.0, scaled=False)
     assert np.array_equal(fast, full)
+
+
+def test_a_reduced_level_with_a_fractional_downsample_is_read_at_scale(tmp_path, monkeypatch):
+    """A generic TIFF pyramid whose reduced level is a page of its own (tifffile lists it as a second series;
+    OpenSlide as level 1) at a downsample of 4.006, as scanners' rounded level sizes give: the level is found by
+    its size, the agreement check reads its tile from a rounded origin, and the overview is the full read's."""
+    import tifffile
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    h = w = 2003
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 240, np.uint8)
+    blob = (yy - 950) ** 2 + (xx - 1050) ** 2 < 650 ** 2
+    img[blob] = (np.array([180, 90, 160]) + rng.integers(-20, 20, (int(blob.sum()), 3))).clip(0, 255)
+    small = np.asarray(Image.fromarray(img).resize((500, 500), Image.Resampling.BOX))
+    path = tmp_path / "pyramid.tif"
+    res = 1e4 / 0.5
+    kw = dict(photometric="rgb", compression="jpeg", compressionargs={"level": 90}, metadata=None, tile=(256, 256),
+              resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img, resolution=(res, res), **kw)
+        tif.write(small, subfiletype=1, resolution=(res / 4.006, res / 4.006), **kw)
+    calls = _reads(monkeypatch)
+    with open_slide(path) as s:
+        assert s.level_count == 2 and not float(s.level_downsamples[1]).is_integer()
+        assert s.best_level_for_downsample(16.0) == 1
+        calls.clear()
+        fast, ds_fast = s.read_downsampled(16.0)
+        # the agreement check's one tile at level 1, not the 500-px level
+        assert len(calls) == 1 and calls[0][0] == 1 and max(calls[0][1:]) <= 256
+        assert s._read_level_scaled(1, 16.0 / s.level_downsamples[1], 125 * 125, None) is not None
+        full, ds_full = s.read_downsampled(16.0, scaled=False)
+    assert fast.shape == full.shape and ds_fast == ds_full
+    assert np.abs(fast.astype(int) - full.astype(int)).mean() < 2.0
+    m_fast, m_full = detect_tissue_rgb(fast)[0], detect_tissue_rgb(full)[0]
+    assert (m_fast & m_full).sum() / (m_fast | m_full).sum() > 0.97

@@ -14,6 +14,7 @@ level's tile count before a byte is read, and the tile stream is the TIFF's own 
 from __future__ import annotations
 
 import io
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ SCALES = (8, 4, 2)  # what libjpeg's scaled IDCT gives for free
 MAX_TILE_BYTES = 1 << 24  # a JPEG tile of a few hundred pixels is tens of kB; more is not a tile we decode here
 MIN_TILE_SIDE = 64  # smaller tiles cost more in per-tile overhead than the scaled IDCT saves
 MAX_TILES = 1 << 18  # a level of more tiles is left to the library's own (C) decoding
+MAX_PAGES = 64  # top-level pages looked at for the level's size (slides have a handful)
 # Adobe APP14 with transform 0: the three components are R, G, B (no YCbCr). Aperio writes photometric RGB JPEG
 # tiles without JFIF/Adobe markers and with component ids 0, 1, 2, which libjpeg would otherwise take for YCbCr.
 _ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
@@ -61,7 +63,7 @@ def pick_scale(relative_downsample: float, tile_w: int, tile_h: int) -> int:
 
 
 def find_jpeg_tiles(fh, size: tuple[int, int]) -> JpegTiles | None:
-    """The tiled, 8-bit, 3-sample, chunky JPEG page of the file's first series whose size is `size`, or None.
+    """The tiled, 8-bit, 3-sample, chunky JPEG page whose size is `size` (the level as the library sees it), or None.
     `fh` is an open binary file (the pinned one)."""
     import tifffile
 
@@ -70,9 +72,12 @@ def find_jpeg_tiles(fh, size: tuple[int, int]) -> JpegTiles | None:
     except Exception:  # not a TIFF, or one tifffile cannot parse: the slide library reads it as before
         return None
     try:
+        # the first series' levels (SubIFD pyramids, Aperio), then the top-level pages: a generic TIFF's reduced
+        # levels are pages OpenSlide counts as levels and tifffile may list as series of their own
         series = tif.series[0] if tif.series else None
-        pages = [lv.pages[0] for lv in series.levels] if series is not None else []
-        for page in pages:
+        levels = [lv.pages[0] for lv in series.levels] if series is not None else []
+        top = (tif.pages[k] for k in range(min(len(tif.pages), MAX_PAGES)))  # parsed only if no level matched
+        for page in itertools.chain(levels, top):
             if page is None or (int(page.imagewidth), int(page.imagelength)) != tuple(size):
                 continue
             if not (page.is_tiled and int(page.compression) == 7 and page.bitspersample == 8

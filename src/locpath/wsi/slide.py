@@ -259,16 +259,19 @@ class Slide(ABC):
 
     def _scaled_agrees(self, level: int, tiles, s: int, small: np.ndarray, tolerance: float = 4.0) -> bool:
         """The richest tile (most bytes) as the library reads it, averaged s x s, against its scaled decode: a
-        colour transform or a tile layout the raw mosaic gets wrong shows here, and the full read is used."""
+        colour transform or a tile layout the raw mosaic gets wrong shows here, and the full read is used. Where the
+        level's downsample is not whole (Aperio's 4.0001), the tile's level-0 origin is rounded: the library may then
+        start a pixel off, which moves s x s means far less than the tolerance on tissue, and only ever costs the
+        shortcut, never the overview."""
         ds = self.level_downsamples[level]
         i = max(range(len(tiles.counts)), key=tiles.counts.__getitem__)
         r, c = divmod(i, tiles.cols)
         x, y = c * tiles.tile_w, r * tiles.tile_h
         w, h = min(tiles.tile_w, tiles.width - x) // s * s, min(tiles.tile_h, tiles.height - y) // s * s
-        if w < s or h < s or not float(ds).is_integer():
+        if w < s or h < s:
             return False
         try:
-            full = self.read_region(level, int(x * ds), int(y * ds), w, h).astype(np.float32)
+            full = self.read_region(level, int(round(x * ds)), int(round(y * ds)), w, h).astype(np.float32)
         except SlideError:
             return False
         mean = full.reshape(h // s, s, w // s, s, 3).mean(axis=(1, 3))

@@ -25,6 +25,16 @@ def _reads(monkeypatch) -> list:
     return calls
 
 
+def _tissue_disc(h: int, w: int, centre: tuple[int, int], radius: int, seed: int) -> np.ndarray:
+    """Glass (240) with one disc of noisy H&E-coloured tissue: texture, so a misplaced tile shows."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.full((h, w, 3), 240, np.uint8)
+    disc = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 < radius ** 2
+    img[disc] = (np.array([180, 90, 160]) + rng.integers(-20, 20, (int(disc.sum()), 3))).clip(0, 255)
+    return img
+
+
 @pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
 def test_scaled_overview_is_the_full_read_of_the_real_slide(real_svs, backend, monkeypatch):
     """The single-level real SVS (Aperio RGB JPEG tiles): at the tissue mask's 16x, one tile is read by the library
@@ -114,12 +124,7 @@ def test_generic_tiff_jpeg_tiles_in_both_colour_models(tmp_path, photometric, mo
     matches the full read; the tissue mask of the slide is the full read's."""
     import tifffile
 
-    rng = np.random.default_rng(3)
-    h, w = 1536, 1280
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.full((h, w, 3), 240, np.uint8)
-    blob = (yy - 700) ** 2 + (xx - 600) ** 2 < 450 ** 2
-    img[blob] = (np.array([180, 90, 160]) + rng.integers(-20, 20, (int(blob.sum()), 3))).clip(0, 255)
+    img = _tissue_disc(1536, 1280, (700, 600), 450, seed=3)
     path = tmp_path / f"g-{photometric}.tif"
     res = 1e4 / 0.5
     tifffile.imwrite(path, img, tile=(256, 256), photometric=photometric, compression="jpeg",
@@ -198,12 +203,7 @@ def test_a_reduced_level_with_a_fractional_downsample_is_read_at_scale(tmp_path,
     import tifffile
     from PIL import Image
 
-    rng = np.random.default_rng(5)
-    h = w = 2003
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.full((h, w, 3), 240, np.uint8)
-    blob = (yy - 950) ** 2 + (xx - 1050) ** 2 < 650 ** 2
-    img[blob] = (np.array([180, 90, 160]) + rng.integers(-20, 20, (int(blob.sum()), 3))).clip(0, 255)
+    img = _tissue_disc(2003, 2003, (950, 1050), 650, seed=5)
     small = np.asarray(Image.fromarray(img).resize((500, 500), Image.Resampling.BOX))
     path = tmp_path / "pyramid.tif"
     res = 1e4 / 0.5

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LocpathError
-from .memory import _reset_peak, status_kb
+from .memory import _reset_peak, own_peak_rss_mb, status_kb
 
 GIANT = ("uni_v2", "virchow2", "hoptimus0", "gigapath")
 COVERED = {"hoptimus1": "hoptimus0"}  # the same architecture (ViT-g/14 DINOv2, 4 registers), other weights
@@ -66,16 +66,13 @@ class _Phases:
 
     def __init__(self, heartbeat: Path):
         self.heartbeat, self.phase, self.peaks, self.seconds = heartbeat, "start", {}, {}
-        self._t0, self._peak_before = time.perf_counter(), 0.0
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
         self._thread.start()
 
-    def _hwm_mb(self) -> float:
-        return status_kb("VmHWM") / 1024.0
-
     def peak_mb(self) -> float:
-        return round(max([self._hwm_mb(), *self.peaks.values()]), 1)
+        return round(max([own_peak_rss_mb(), *self.peaks.values()]), 1)
 
     def _beat(self) -> None:
         while not self._stop.wait(0.5):
@@ -99,7 +96,7 @@ class _Phases:
         _reset_peak()
 
     def end(self) -> None:
-        self.peaks[self.phase] = round(self._hwm_mb(), 1)
+        self.peaks[self.phase] = round(own_peak_rss_mb(), 1)
         self.seconds[self.phase] = round(time.perf_counter() - self._t0, 2)
 
     def close(self) -> None:

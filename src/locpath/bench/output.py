@@ -168,21 +168,18 @@ def _llamacpp_lines(lc: dict | None) -> list[str]:
     built = (" (cached)" if b.get("cached") else "") + (
         f"; f16 written in {_f(b.get('write_f16_seconds'))} s, quantized in {_f(b.get('quantize_seconds'))} s, "
         f"build peak RSS {_f(b.get('process', {}).get('peak_rss_mb'), '{:.0f}')} MB" if "quantize_seconds" in b else "")
-    ratio = lc.get("locpath_over_llamacpp_decode")
     return [f"| llama.cpp Q4_0 GGUF | {lc['weight_bytes'] / 1e9:.2f} GB of weights{built} |",
-            f"| llama.cpp Q4_0 ({lc['threads']} threads, its own process) | load {lc['load_seconds']} s; prefill "
-            f"{lc['prefill_ms']:.0f} ms ({lc['prompt_tokens']} tokens); decode {lc['tokens_per_s']} tokens/s; peak RSS "
-            f"{lc['process']['peak_rss_mb']} MB" + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"
-            ] + _llamacpp_lines_no_mmap(lc.get("no_mmap"))
+            _llamacpp_run_line(f"llama.cpp Q4_0 ({lc['threads']} threads, its own process)", lc,
+                               f" ({lc['prompt_tokens']} tokens)")
+            ] + ([_llamacpp_run_line("llama.cpp Q4_0, file read (no mmap)", lc["no_mmap"])] if lc.get("no_mmap") else [])
 
 
-def _llamacpp_lines_no_mmap(nm: dict | None) -> list[str]:
-    if not nm:
-        return []
-    ratio = nm.get("locpath_over_llamacpp_decode")
-    return [f"| llama.cpp Q4_0, file read (no mmap) | load {nm['load_seconds']} s; prefill {nm['prefill_ms']:.0f} ms; "
-            f"decode {nm['tokens_per_s']} tokens/s; peak RSS {nm['process']['peak_rss_mb']} MB"
-            + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |"]
+def _llamacpp_run_line(label: str, r: dict, prompt: str = "") -> str:
+    """One measured llama.cpp run: load, prefill, decode, its process's peak, and locpath's decode over it."""
+    ratio = r.get("locpath_over_llamacpp_decode")
+    return (f"| {label} | load {r['load_seconds']} s; prefill {r['prefill_ms']:.0f} ms{prompt}; decode "
+            f"{r['tokens_per_s']} tokens/s; peak RSS {r['process']['peak_rss_mb']} MB"
+            + (f"; locpath / llama.cpp decode {ratio:.2f}x" if ratio else "") + " |")
 
 
 def _from_slide_lines(fs: dict | None) -> list[str]:

@@ -115,7 +115,8 @@ def _tile_stream(t: JpegTiles, data: bytes) -> bytes | None:
 
 def decode_scaled(fh, t: JpegTiles, scale: int, pool=None) -> np.ndarray | None:
     """The whole level at 1/scale (ceil of its size), RGB uint8; None if any tile does not decode to its expected
-    size (the caller then reads the level at full size, which finds and records damaged tiles)."""
+    size or the tiles do not share one colour signature (the caller then reads the level at full size, which finds
+    and records damaged tiles)."""
     from PIL import Image
 
     sw, sh = t.tile_w // scale, t.tile_h // scale

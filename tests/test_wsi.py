@@ -219,5 +219,6 @@ def test_median_filter_is_pillows_pixel_for_pixel(real_svs):
             want = np.asarray(Image.fromarray(img).filter(ImageFilter.MedianFilter(k)))
             assert np.array_equal(median_filter_u8(img, k), want), (img.shape, k)
     assert median_filter_u8(images[0], 1) is images[0]
+    assert median_filter_u8(np.zeros((0, 5), np.uint8), 5).shape == (0, 5)
     with pytest.raises(ValueError, match="filter size"):
         median_filter_u8(images[3], 4)

@@ -70,6 +70,8 @@ def median_filter_u8(img: np.ndarray, size: int) -> np.ndarray:
     size^2 comparisons, no sort)."""
     if size <= 1:
         return img
+    if img.size == 0:  # nothing to filter (Pillow gives the empty image back; np.pad cannot repeat an empty edge)
+        return img.copy()
     if size % 2 == 0 or size > 15:  # a uint8 count holds 15 x 15 = 225 votes
         return np.asarray(Image.fromarray(img).filter(ImageFilter.MedianFilter(size)))
     p = size // 2

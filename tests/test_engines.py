@@ -182,6 +182,43 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     assert pipe.ask(eval_slide, "What is the diagnosis?").answer == fp32.ask(eval_slide, "What is the diagnosis?").answer
 
 
+def test_int4_fused_decoder_on_openvino_answers_as_onnx_runtime_does(ref_bundle, eval_slide, tmp_path):
+    """`+int4-ov`: the INT4 fused decoder moved to OpenVINO (its INT4 embedding gather as plain ops, the shared
+    K/V cache copied back each step) gives ONNX Runtime's INT4 tokens, one answer and a batch of four; built from
+    the fp32 bundle or from a bundle whose decoder is already INT4 (the streamed published-scale path)."""
+    pytest.importorskip("openvino")
+    import onnx
+
+    from locpath.engines.build import build_bundle
+    from locpath.engines.openvino_fused import openvino_fused_variant
+    from locpath.errors import LocpathError
+
+    ort4 = build_bundle(ref_bundle, tmp_path / "ort4", "int4", log=lambda m: None)
+    ov = build_bundle(ref_bundle, tmp_path / "ov", "fp32+int4-ov", backend="openvino", log=lambda m: None)
+    again = build_bundle(ort4, tmp_path / "again", "fp32+int4-ov", backend="openvino", log=lambda m: None)
+    questions = ["What is the diagnosis?", "Is there necrosis?", "What is the tumor grade?", "Which organ is this?"]
+    want_pipe = Pipeline.from_bundle(ort4, use_cache=False)
+    ctx = want_pipe.prepare(eval_slide)
+    want = [a.token_ids for a in want_pipe.answer(ctx, questions)]
+    for b in (ov, again):
+        m = load_manifest(b)
+        e = m.components[names.DECODER_FUSED]
+        assert (e.backend, e.precision) == ("openvino", "int4-fused") and e.file.endswith(".openvino.onnx")
+        assert names.DECODER_FUSED_PREFILL not in m.components
+        assert not (b / "decoder_fused.int4-fused.onnx").exists()  # the ORT graph is not left behind
+        ops = {n.op_type for n in onnx.load(str(b / e.file), load_external_data=False).graph.node}
+        assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops
+        pipe = Pipeline.from_bundle(b, use_cache=False)
+        assert type(pipe.decoder_state.runner).__name__ == "OpenVinoRunner"
+        assert [pipe.answer(ctx, [q])[0].token_ids for q in questions] == want
+        assert [a.token_ids for a in pipe.answer(ctx, questions)] == want  # each answer in a cache of its own
+    with pytest.raises(LocpathError, match="must sit beside"):
+        openvino_fused_variant(ref_bundle / "decoder_fused.onnx", tmp_path / "x.onnx", 128)
+    with pytest.raises(LocpathError, match="no INT4 embedding gather"):  # the fp32 graph: nothing to rewrite
+        openvino_fused_variant(ref_bundle / "decoder_fused.onnx", ref_bundle / "x.onnx", 128)
+    assert not (ref_bundle / "x.onnx").exists()
+
+
 def test_openvino_nncf_int8_encoder(ref_bundle, eval_slide, tmp_path, calibration, capsys):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")

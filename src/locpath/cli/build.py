@@ -12,7 +12,7 @@ def register(sub) -> None:
     bd = sub.add_parser("build", help="a quantized or compiled bundle from an fp32 bundle")
     bd.add_argument("bundle", help="the fp32 bundle (locpath export)")
     bd.add_argument("out", help="bundle folder to create")
-    bd.add_argument("--precision", default="int8", help="ort: fp32, int8, int8-static, int4, int8-encoder, fp16; openvino: bf16, fp32, int8, int8-safe (each +int4 optional); "
+    bd.add_argument("--precision", default="int8", help="ort: fp32, int8, int8-static, int4, int8-encoder, fp16; openvino: bf16, fp32, int8, int8-safe (each +int4 optional: the decoders INT4 on ONNX Runtime, or +int4-ov: the INT4 fused decoder on OpenVINO); "
                          "tensorrt: fp16, fp32; auto: measure the CPU candidates per stage and keep the fastest")
     bd.add_argument("--backend", choices=("ort", "openvino", "tensorrt"), default="ort",
                     help="the runtime the bundle is built for (default ort: ONNX Runtime)")

@@ -198,13 +198,17 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
     (engines/encoder_int8.py) does the same but checks every calibration and held-out tile, keeps the layer groups
     measured most sensitive in float until the minimum tile cosine is >= 0.995, and refuses to build otherwise.
     The decoder stays on ONNX Runtime (INT4 MatMulNBits with "+int4"): ORT-made quantized graphs run badly in
-    OpenVINO, and decode steps at these sizes are dominated by per-call overhead."""
+    OpenVINO, and decode steps at these sizes are dominated by per-call overhead. "+int4-ov" is the exception
+    for large decoders: the INT4 fused graph's MatMulNBits read into OpenVINO's compressed-weight matmuls
+    (`_fused_to_openvino`)."""
     from ..runtime.openvino_runner import OpenVinoRunner
 
     ov_precision, _, decoder = precision.partition("+")
-    if ov_precision not in ("bf16", "fp32", "int8", "int8-safe") or decoder not in ("", "int4"):
-        raise LocpathError(f"OpenVINO precision must be bf16, fp32, int8 or int8-safe, optionally +int4 (decoder), "
-                           f"not {precision!r}")
+    if ov_precision not in ("bf16", "fp32", "int8", "int8-safe") or decoder not in ("", "int4", "int4-ov"):
+        raise LocpathError(f"OpenVINO precision must be bf16, fp32, int8 or int8-safe, optionally +int4 (INT4 decoder "
+                           f"on ONNX Runtime) or +int4-ov (INT4 fused decoder on OpenVINO), not {precision!r}")
+    if decoder == "int4-ov" and FUSED not in manifest.components:
+        raise LocpathError(f"{src}: +int4-ov runs the fused decoder on OpenVINO; this bundle has none")
     if openvino_version() is None:
         raise LocpathError("OpenVINO is not installed (pip install 'locpath[openvino]')")
     if ov_precision.startswith("int8") and calibration is None:
@@ -237,13 +241,42 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
             info["compile_seconds"] = round(time.time() - t0, 2)
             edit.replace(comp, "openvino", comp_precision, artifact, machine, info, data_files)
             log(f"build: {comp} -> OpenVINO {comp_precision} ({info['compile_seconds']} s)")
-        if decoder == "int4":
+        if decoder:
             for comp, how in ((DECODER, "int4"), (FUSED, "int4-fused")):
-                if comp in manifest.components:
+                if comp in manifest.components and manifest.components[comp].precision == "fp32":
                     _quantize(edit, comp, how, None, describe_machine("onnxruntime", "cpu"), log, int4_block_size)
+        if decoder == "int4-ov":
+            _fused_to_openvino(edit, machine, log)
         edit.finish(precision, "openvino", **(extra or {}))
     log(f"build: {out} (OpenVINO {precision}) in {time.time() - edit.t_start:.1f} s")
     return out
+
+
+def _fused_to_openvino(edit: BundleEdit, machine: dict, log) -> None:
+    """The INT4 fused decoder (built above, or streamed INT4 at export) moved to OpenVINO: a graph of its own beside
+    the INT4 one, reading the same data file (engines/openvino_fused.py); compiled once here so a graph OpenVINO
+    cannot take fails the build, not the appliance. The INT8 prefill graph is dropped: it would hold a second copy
+    of the weights for the prompt, which OpenVINO's compressed-weight matmuls now run."""
+    from ..runtime.openvino_runner import OpenVinoRunner
+    from .fused_graph import FusedDecoderSpec
+    from .openvino_fused import openvino_fused_variant
+
+    entry = edit.manifest.components[FUSED]
+    if entry.precision not in ("int4-fused", "int4"):  # "int4": streamed INT4 at export (export/streamed.py)
+        raise LocpathError(f"{edit.src}: its fused decoder is {entry.backend} {entry.precision}; +int4-ov moves an "
+                           "INT4 fused decoder to OpenVINO")
+    t0 = time.time()
+    spec = FusedDecoderSpec.from_templates(entry.templates)
+    artifact = f"{FUSED}.int4-fused.openvino.onnx"
+    info = openvino_fused_variant(edit.tmp / entry.file, edit.tmp / artifact, spec.hidden)
+    data_files = list(entry.data_files)
+    OpenVinoRunner(edit.tmp / artifact, FUSED, precision="int4-fused").load().release()
+    info.update(method="the INT4 fused graph, GatherBlockQuantized as plain ops, OpenVINO compile at load",
+                inference_precision_hint="f32", int4_weights=(entry.quantization or {}).get("int4_weights"),
+                compile_seconds=round(time.time() - t0, 2))
+    edit.replace(FUSED, "openvino", "int4-fused", artifact, machine, info, data_files)
+    edit.drop(DECODER_FUSED_PREFILL, "the fused decoder prefills on OpenVINO in this build")
+    log(f"build: {FUSED} -> OpenVINO int4-fused ({info['compile_seconds']} s)")
 
 
 def nncf_int8(onnx_path: Path, tmp: Path, comp: str, calibration) -> dict:

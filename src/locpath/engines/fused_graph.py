@@ -16,8 +16,8 @@ ops instead:
 
 Torch-free (numpy + onnx): `locpath export` feeds it weights taken from the PyTorch model, and `locpath build`
 re-reads those weights from the fp32 fused graph's named initializers to write the INT4 variant.
-The graph runs only on ONNX Runtime (CPU or CUDA execution providers); TensorRT and OpenVINO use the plain
-decoder graph.
+The graph runs on ONNX Runtime (CPU or CUDA execution providers) and, INT4 with its embedding gather rewritten
+(engines/openvino_fused.py), on OpenVINO's CPU plugin; TensorRT uses the plain decoder graph.
 """
 
 from __future__ import annotations

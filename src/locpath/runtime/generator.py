@@ -256,6 +256,9 @@ def rows_are_exact(state: FusedDecoderState, rows: int) -> bool:
             stacked = {k: np.repeat(v, n, axis=0) for k, v in cross.items()}
             return state.decode_rows(cache, np.full(n, tok), np.full(n, len(prompt) + 1), stacked).copy()
 
+        if not getattr(state.runner, "runs_rows_together", True):  # OpenVINO's fused decoder: one row at a time
+            memo[rows] = False
+            return False
         one = logits(1)[0]
         memo[rows] = all(np.array_equal(logits(n)[i], one) for n in sorted({2, rows}) for i in range(n))
     return memo[rows]

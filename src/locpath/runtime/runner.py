@@ -22,6 +22,9 @@ class RunnerError(LocpathError):
 class Runner(ABC):
     """Load lazily, run by tensor name, release explicitly."""
 
+    # whether a fused decoder on this runner decodes several cache rows in one run (runtime/generator.py)
+    runs_rows_together = True
+
     def __init__(self, path: str | os.PathLike, name: str):
         self.path = Path(path)
         self.name = name

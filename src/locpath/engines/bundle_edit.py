@@ -35,10 +35,10 @@ class BundleEdit:
         the component used before are removed from the bundle."""
         entry = self.manifest.components[comp]
         old = set(entry.referenced_files())
-        # the ONNX the chain started from: a component rebuilt twice in one build (INT4, then moved to OpenVINO)
-        # still names the export's graph, which the runtime checks the engine config against
         art_sha = sha256_file(self.tmp / artifact)
         ec_name = f"{comp}.{backend}-{precision}.engine.json"
+        # onnx_sha256 names the ONNX the chain started from: a component rebuilt twice in one build (INT4, then
+        # moved to OpenVINO) still names the export's graph, which the runtime checks the engine config against
         EngineConfig(component=comp, backend=backend, precision=precision, artifact=artifact, artifact_sha256=art_sha,
                      onnx_sha256=entry.parent_sha256 or entry.sha256, device=machine["device"], libraries=machine["libraries"],
                      build=info).save(self.tmp / ec_name)

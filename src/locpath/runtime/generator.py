@@ -242,6 +242,8 @@ def rows_are_exact(state: FusedDecoderState, rows: int) -> bool:
     state and row count, then remembered). Some kernels take another path for several rows: ONNX Runtime's
     MatMulNBits at block size 128 does, and its last-bit differences flip near-tied greedy tokens. The probe: two
     rows, then `rows`, of the same short prompt, decoded one step, compared bit for bit with one row."""
+    if not getattr(state.runner, "runs_rows_together", True):  # OpenVINO's fused decoder: one row at a time
+        return False
     memo = state.__dict__.setdefault("_rows_exact", {})
     if rows not in memo:
         c = state.contract
@@ -256,9 +258,6 @@ def rows_are_exact(state: FusedDecoderState, rows: int) -> bool:
             stacked = {k: np.repeat(v, n, axis=0) for k, v in cross.items()}
             return state.decode_rows(cache, np.full(n, tok), np.full(n, len(prompt) + 1), stacked).copy()
 
-        if not getattr(state.runner, "runs_rows_together", True):  # OpenVINO's fused decoder: one row at a time
-            memo[rows] = False
-            return False
         one = logits(1)[0]
         memo[rows] = all(np.array_equal(logits(n)[i], one) for n in sorted({2, rows}) for i in range(n))
     return memo[rows]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runner import Runner, RunnerError, first_line
+from .runner import Runner, RunnerError, checked_rows, first_line
 
 
 class OpenVinoRunner(Runner):
@@ -99,10 +99,7 @@ class OpenVinoBinder:
             if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
                 raise RunnerError(f"{runner.name}: state buffer {name} must be a C-contiguous numpy array")
             if rows is not None:
-                start, count = rows
-                if start < 0 or count < 1 or start + count > buf.shape[0]:
-                    raise RunnerError(f"{runner.name}: rows {start}..{start + count - 1} outside a batch of "
-                                      f"{buf.shape[0]}")
+                start, count = checked_rows(runner.name, rows, buf.shape[0])
                 buf = buf[start:start + count]  # a view: rows along the first axis stay contiguous
             self.state[name] = (buf, out_name)
 

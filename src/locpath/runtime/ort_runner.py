@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runner import Runner, RunnerError, default_threads, first_line
+from .runner import Runner, RunnerError, checked_rows, default_threads, first_line
 
 DEVICE_TYPES = {"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"}
 
@@ -204,9 +204,7 @@ class OrtBinder:
                 self.binding.bind_ortvalue_output(out_name, buf)
                 continue
             shape = list(buf.shape())
-            start, count = rows
-            if start < 0 or count < 1 or start + count > shape[0]:
-                raise RunnerError(f"{runner.name}: rows {start}..{start + count - 1} outside a batch of {shape[0]}")
+            start, count = checked_rows(runner.name, rows, shape[0])
             dtype = _NUMPY_TYPES[buf.data_type()]
             ptr = buf.data_ptr() + start * int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
             where = buf.device_name().lower()

@@ -69,6 +69,14 @@ def default_threads() -> int:
     return max(1, min(n, 8))
 
 
+def checked_rows(name: str, rows: tuple[int, int], batch: int) -> tuple[int, int]:
+    """(start, count) of a binding's rows, refused unless inside a batch of `batch` rows."""
+    start, count = rows
+    if start < 0 or count < 1 or start + count > batch:
+        raise RunnerError(f"{name}: rows {start}..{start + count - 1} outside a batch of {batch}")
+    return start, count
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of a library's exception text: what a one-line error can carry."""
     text = str(exc).strip().splitlines()

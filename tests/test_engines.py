@@ -219,6 +219,34 @@ def test_int4_fused_decoder_on_openvino_answers_as_onnx_runtime_does(ref_bundle,
     assert not (ref_bundle / "x.onnx").exists()
 
 
+def test_openvino_refuses_weights_outside_the_bundle_in_one_line(tmp_path):
+    """A graph whose external data points out of its folder (a hostile bundle's decoder) is refused by OpenVINO's
+    reader; the runner's one line says why, not OpenVINO's source locations."""
+    pytest.importorskip("openvino")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from locpath.runtime.openvino_runner import OpenVinoRunner
+    from locpath.runtime.runner import RunnerError
+
+    np.arange(16, dtype=np.float32).tofile(tmp_path / "secret.bin")
+    w = numpy_helper.from_array(np.zeros(16, np.float32), "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "64")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("Add", ["X", "W"], ["Y"])], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [16])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [16])], [w])
+    (tmp_path / "b").mkdir()
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "b" / "m.onnx"))
+    with pytest.raises(RunnerError) as err:
+        OpenVinoRunner(tmp_path / "b" / "m.onnx", "decoder_fused", precision="int4-fused").load()
+    msg = str(err.value)
+    assert "outside the base directory" in msg and "\n" not in msg and "Exception from" not in msg, msg
+
+
 def test_openvino_nncf_int8_encoder(ref_bundle, eval_slide, tmp_path, calibration, capsys):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")

@@ -11,6 +11,14 @@ import numpy as np
 from .runner import Runner, RunnerError, checked_rows, first_line
 
 
+def ov_error_line(exc: BaseException, limit: int = 300) -> str:
+    """OpenVINO's exception text opens with lines of source locations ("Exception from src/.../core.cpp:132:",
+    "Check 'false' failed at ...") and says what went wrong last: its last line that is not one of those."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    said = [ln for ln in lines if not ln.startswith(("Exception from ", "Check '"))]
+    return (said[-1] if said else first_line(exc))[:limit]
+
+
 class OpenVinoRunner(Runner):
     # OpenVINO 2026.4's GroupQueryAttention fails on two rows at once (a Reshape inside its translation) and leaves
     # the compiled model failing batch-1 runs after: the generator gives each answer a cache of its own instead
@@ -48,7 +56,7 @@ class OpenVinoRunner(Runner):
         try:
             self._compiled = core.compile_model(core.read_model(str(self.path)), "CPU", cfg)
         except Exception as exc:
-            raise RunnerError(f"{self.path}: OpenVINO cannot compile the graph ({first_line(exc)})") from exc
+            raise RunnerError(f"{self.path}: OpenVINO cannot compile the graph ({ov_error_line(exc)})") from exc
         self._req = self._compiled.create_infer_request()
         self._outputs = {o.get_any_name(): o for o in self._compiled.outputs}
         return self
@@ -66,7 +74,7 @@ class OpenVinoRunner(Runner):
         try:
             res = self._req.infer(feeds)
         except Exception as exc:
-            raise RunnerError(f"{self.name}: OpenVINO inference failed ({first_line(exc)})") from exc
+            raise RunnerError(f"{self.name}: OpenVINO inference failed ({ov_error_line(exc)})") from exc
         names = outputs or list(self._outputs)
         # the request reuses its buffers: copy what leaves
         return {n: np.array(res[self._outputs[n]]) for n in names}
@@ -110,7 +118,7 @@ class OpenVinoBinder:
         try:
             res = r._req.infer(inputs, share_inputs=True)
         except Exception as exc:
-            raise RunnerError(f"{r.name}: OpenVINO inference failed ({first_line(exc)})") from exc
+            raise RunnerError(f"{r.name}: OpenVINO inference failed ({ov_error_line(exc)})") from exc
         for buf, out_name in self.state.values():
             present = res[r._outputs[out_name]]
             total = present.shape[2]

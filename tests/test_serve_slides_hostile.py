@@ -141,6 +141,26 @@ def test_replaced_by_another_slide_of_the_same_size(site, small_svs):
             f.write(bytes(4096))
         os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
         refused(c.get(f"/v1/slides/{s['id']}/thumbnail.png"), 409, "content changed")
+        # the same between the sampled offsets, where the fingerprint cannot see it: the status change time does
+        from locpath.wsi.identity import FINGERPRINT_CHUNK, FINGERPRINT_CHUNKS, identity_of_fd
+        target = root / "g.svs"
+        target.write_bytes(data + bytes(4 << 20))  # bytes after the TIFF's own are read by nothing but the check
+        s = registered(c, target)
+        st = target.stat()
+        span = st.st_size - FINGERPRINT_CHUNK
+        starts = [round(span * i / (FINGERPRINT_CHUNKS - 1)) for i in range(FINGERPRINT_CHUNKS)]
+        edit = next(o for o in range(len(data), st.st_size - 4096, 4096)  # in the padding, between two samples
+                    if all(o + 4096 <= a or o >= a + FINGERPRINT_CHUNK for a in starts))
+        fd = os.open(target, os.O_RDONLY)
+        before = identity_of_fd(fd)
+        with open(target, "r+b") as f:
+            f.seek(edit)
+            f.write(b"\xff" * 4096)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        after = identity_of_fd(fd)
+        os.close(fd)
+        assert (after.size, after.mtime_ns, after.fingerprint) == (before.size, before.mtime_ns, before.fingerprint)
+        refused(c.post(f"/v1/slides/{s['id']}/questions", json=Q), 409, "status change time differs")
 
 
 def test_uploaded_bomb_and_corrupt_slides(site, tmp_path, real_svs):

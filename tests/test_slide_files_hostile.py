@@ -199,6 +199,8 @@ def test_mostly_corrupt_slide_refused(tmp_path, real_svs):
 def test_pinned_file_survives_a_swap(tmp_path, small_svs):
     """What was opened (and checked) is what is read: swapping the path for a link afterwards changes nothing, and
     a link in place of a pinned path is refused."""
+    import dataclasses
+
     from locpath.errors import SlideError
     from locpath.wsi import open_slide
     from locpath.wsi.identity import pin
@@ -213,7 +215,8 @@ def test_pinned_file_survives_a_swap(tmp_path, small_svs):
         os.symlink(outside, p)
         with open_slide(f) as s:
             assert s.dimensions[0] > 1000 and s.path == str(p)
-        assert f.identity() == ident
+        now = f.identity()  # the same file and bytes; unlinking its name set its status change time
+        assert dataclasses.replace(now, ctime_ns=ident.ctime_ns) == ident and now.ctime_ns != ident.ctime_ns
     with pytest.raises(SlideError, match="symbolic link"):
         pin(p)
 
@@ -249,3 +252,29 @@ def test_banded_overview_read_is_the_single_read(tmp_path, real_svs):
             assert got[1][3] == 1 and got[2][3] == 2 and not got[2][2]  # one read against two bands
         else:
             assert got[2][2] and got[2][3] > 2  # a band failed: the strip was read piece by piece
+
+
+def test_identity_recorded_before_ctimes_still_checks_the_rest(tmp_path, small_svs):
+    """A registration stored before ctimes were kept reads back with ctime None and is checked on everything
+    else; one with a ctime refuses a chmod (the only way to tell an in-place edit with the mtime put back)."""
+    import dataclasses
+
+    from locpath.wsi.identity import FileIdentity, SlideChanged, pin
+
+    p = tmp_path / "s.svs"
+    shutil.copy(small_svs, p)
+    with pin(p) as f:
+        ident = f.identity()
+    assert ident.ctime_ns == p.stat().st_ctime_ns
+    assert FileIdentity.from_json(ident.to_json()) == ident
+    old = json.loads(ident.to_json())
+    del old["ctime_ns"]
+    legacy = FileIdentity.from_json(json.dumps(old))
+    assert legacy == dataclasses.replace(ident, ctime_ns=None)
+    time.sleep(0.01)
+    os.chmod(p, 0o600)
+    pin(p, legacy).close()  # no ctime recorded: size, mtime and fingerprint still match
+    with pytest.raises(SlideChanged, match="status change time differs"):
+        pin(p, ident)
+    with pytest.raises(SlideChanged, match="size or modification time"):
+        pin(p, dataclasses.replace(legacy, mtime_ns=legacy.mtime_ns + 1))

@@ -119,7 +119,7 @@ def _pin_checked(store, slide, real: Path) -> PinnedFile:
         if "symbolic link" in str(exc):
             raise SlideEscaped(f"{label}: a link was put in place of its file; refused") from None
         raise SlideGone(f"{label}: its file cannot be opened any more ({str(exc).split(': ', 1)[-1]})") from None
-    if expected is None:  # registered before identities were kept: this first use records it
+    if expected is None or expected.ctime_ns is None:  # registered before identities (or ctimes) were kept
         ident = json.loads(f.identity().to_json())
         store.update_slide(slide.id, identity=json.dumps({"real": str(real), **ident}, sort_keys=True))
     return f

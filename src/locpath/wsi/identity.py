@@ -2,7 +2,8 @@
 
 Checking a path and then opening it by name leaves a window: the file (or a folder above it) can be swapped for a
 symbolic link in between. `pin` opens the file itself with O_NOFOLLOW, checks the open descriptor (a regular file,
-and, when given, the identity recorded earlier: device, inode, size, mtime and a sampled fingerprint), and hands the
+and, when given, the identity recorded earlier: device, inode, size, mtime, a sampled fingerprint and the status
+change time), and hands the
 libraries `/proc/self/fd/N`, which names that open file whatever happens to the path afterwards. OpenSlide and
 tiffslide both take it for SVS and TIFF; multi-file formats (MRXS, VMS) and DICOM series folders need their own
 path and are opened by name after the same checks.
@@ -26,7 +27,7 @@ FINGERPRINT_CHUNKS = 16  # 1 MiB sampled across the file: cheap for any size, ca
 
 
 class SlideChanged(SlideError):
-    """The file is no longer the one that was registered (another inode, size, mtime or content)."""
+    """The file is no longer the one that was registered (another inode, size, mtime, ctime or content)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class FileIdentity:
     size: int
     mtime_ns: int
     fingerprint: str  # sha256 of the size and 1 MiB sampled at evenly spaced offsets
+    # The status change time: every write, utime, chmod or rename sets it to now and no call sets it back, so an
+    # in-place edit between the sampled offsets with the mtime put back still shows. None: recorded before it was.
+    ctime_ns: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -44,7 +48,10 @@ class FileIdentity:
     def from_json(cls, text: str | None) -> "FileIdentity | None":
         try:
             d = json.loads(text) if text else None
-            return cls(**{k: (str(d[k]) if k == "fingerprint" else int(d[k])) for k in cls.__dataclass_fields__})
+            fields = {k: (str(d[k]) if k == "fingerprint" else int(d[k]))
+                      for k in cls.__dataclass_fields__ if k != "ctime_ns"}
+            ctime = d.get("ctime_ns")
+            return cls(**fields, ctime_ns=None if ctime is None else int(ctime))
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -59,7 +66,8 @@ def _fingerprint(fd: int, size: int) -> str:
 
 def identity_of_fd(fd: int) -> FileIdentity:
     st = os.fstat(fd)
-    return FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, _fingerprint(fd, st.st_size))
+    return FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, _fingerprint(fd, st.st_size),
+                        st.st_ctime_ns)
 
 
 class PinnedFile(os.PathLike):
@@ -133,3 +141,6 @@ def check_identity(fd: int, expected: FileIdentity, name: str) -> None:
                            "register it again")
     if _fingerprint(fd, st.st_size) != expected.fingerprint:
         raise SlideChanged(f"{name}: the file's content changed since it was registered; register it again")
+    if expected.ctime_ns is not None and st.st_ctime_ns != expected.ctime_ns:
+        raise SlideChanged(f"{name}: the file was written or its times or permissions were set since it was "
+                           "registered (status change time differs); register it again")

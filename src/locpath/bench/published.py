@@ -184,8 +184,26 @@ def measure_runtime(bundle: str | Path, tiles: list[int], question: str, new_tok
     return res
 
 
+def decode_read_bytes(path: Path) -> int:
+    """Weight bytes one decode step reads from a decoder graph: every initializer but the rotary caches and an
+    embedding table read through a gather (one row per token), unless another node reads that table too (a
+    tied INT4 lm_head reads all of it)."""
+    import onnx
+
+    from .decoder_05b import onnx_weight_bytes
+
+    m = onnx.load(str(path), load_external_data=False)
+    sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+             for t in m.graph.initializer}
+    gathered = {x for n in m.graph.node if n.op_type in ("Gather", "GatherBlockQuantized") for x in n.input[:1]}
+    gathered |= {n.input[2] for n in m.graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) > 2}
+    elsewhere = {x for n in m.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for x in n.input}
+    return onnx_weight_bytes(path) - sum(sizes.get(x, 0) for x in gathered - elsewhere)
+
+
 def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
-    """Greedy steps straight on the decoder state (a random model may emit a stop token at any step)."""
+    """Greedy steps straight on the decoder state (a random model may emit a stop token at any step), with the
+    weight bytes each step reads and the rate it reads them at."""
     qkv = pipe.question_kv(latents, question, {})
     prompt = pipe.prompt_ids(question)
     st = pipe.decoder_state
@@ -193,8 +211,11 @@ def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
     for _ in range(2):
         run = st.greedy(prompt, qkv.cross, new_tokens + 1)  # the first token comes from the prefill
         rates.append(run.steps / run.decode_s)
-    return {"tokens_per_s": round(float(np.median(rates)), 2), "new_tokens": new_tokens, "runs": len(rates),
-            "prompt_tokens": len(prompt)}
+    rate = float(np.median(rates))
+    read = decode_read_bytes(pipe.bundle_dir / pipe.manifest.components[pipe.decoder_component].file)
+    return {"tokens_per_s": round(rate, 2), "new_tokens": new_tokens, "runs": len(rates),
+            "prompt_tokens": len(prompt), "weight_bytes_per_token": read,
+            "weights_read_gbs": round(rate * read / 1e9, 2)}
 
 
 def _part(fn, log) -> dict:

@@ -70,6 +70,38 @@ def test_chunked_graphs_give_the_one_graph_latents_and_evidence(ref_bundle):
     np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-4)  # probabilities over the slide's tokens
 
 
+@pytest.mark.torch
+def test_one_pass_evidence_from_the_partial_graph_equals_the_second_pass(exported_bundle, ref_bundle):
+    """A bundle whose partial graph gives each chunk's exp(logit - m) (`p`) gets its evidence map without the
+    weights graph; over the budget, or from a bundle exported before `p`, the second pass gives it. Both are the
+    one-graph resampler's."""
+    from locpath.runtime.resampler_chunks import PROBS_BUDGET
+
+    pipe = Pipeline.from_bundle(exported_bundle, use_cache=False, resampler_chunk=64)
+    ch = pipe.chunked_resampler
+    assert "p" in ch.partial.output_names and ch.probs_budget == PROBS_BUDGET
+    feats, pos, counts = _tokens(1000, pipe.cfg.feature_dim, seed=3)  # 16 chunks, the last of 40 tokens
+    runs = {"weights": 0}
+    real = ch.weights.run
+    ch.weights.run = lambda *a, **k: runs.__setitem__("weights", runs["weights"] + 1) or real(*a, **k)
+    assert ch.one_pass(1000)
+    lat1, att1 = ch.run(feats, pos, counts)
+    assert runs["weights"] == 0  # no second pass
+    ch.probs_budget = pipe.cfg.resampler.num_heads * pipe.cfg.resampler.num_latents * 4 * 999
+    assert not ch.one_pass(1000) and ch.one_pass(999)
+    lat2, att2 = ch.run(feats, pos, counts)
+    assert runs["weights"] == 16 * pipe.cfg.resampler.depth
+    one = pipe.runners[names.RESAMPLER].run({"tokens": feats[None], "positions": pos[None], "counts": counts[None],
+                                             "token_mask": np.ones((1, 1000), bool)}, ["latents", "attention"])
+    np.testing.assert_array_equal(lat1, lat2)
+    for att in (att1, att2):
+        np.testing.assert_allclose(att, one["attention"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(att1, att2, atol=2e-7, rtol=0)
+    np.testing.assert_allclose(lat1, one["latents"], atol=2e-5, rtol=0)
+    old = Pipeline.from_bundle(ref_bundle, use_cache=False, resampler_chunk=64).chunked_resampler
+    assert "p" not in old.partial.output_names and not old.one_pass(10)  # exported before `p`: two passes
+
+
 def test_pipeline_chunks_only_slides_above_the_chunk(ref_bundle, eval_slide):
     """At or below the chunk the one-graph resampler runs (bit for bit as before); above, the chunked graphs,
     with the same answer and the same evidence tiles."""

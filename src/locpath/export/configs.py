@@ -180,7 +180,7 @@ class ResamplerChunkExport(ResamplerExport):
         if "m_ref" in inputs:
             keys = ("latents", "block", "tokens", "positions", "counts", "token_mask")
             with torch.no_grad():
-                m, s, _ = ResamplerChunks(model.resampler).partial(*[inputs[k] for k in keys])
+                m, s, *_ = ResamplerChunks(model.resampler).partial(*[inputs[k] for k in keys])
             inputs["m_ref"], inputs["s_ref"] = m, s
         return inputs
 
@@ -202,11 +202,13 @@ def resampler_chunk_configs(model: LocPathModel) -> list[ExportConfig]:
     partial = ResamplerChunkExport(
         _ResamplerPartial, component=names.RESAMPLER_PARTIAL, inputs=chunk,
         outputs=[TensorSpec("m", "float32", per_head), TensorSpec("s", "float32", per_head),
-                 TensorSpec("o", "float32", attended)],
+                 TensorSpec("o", "float32", attended),
+                 TensorSpec("p", "float32", ("batch", r.num_heads, r.num_latents, "tokens"))],
         sample_dims={"batch": 2, "tokens": 17}, check_dims=checks,
         atol=1e-3,  # `s` sums up to 300 exps (~3e2 for random tokens): 1e-3 is ~3e-6 relative
         description="one block's cross-attention over a chunk of STM tokens, for the online softmax: per head and "
-                    "latent the max logit, the sum of exp and the chunk's own attention output")
+                    "latent the max logit, the sum of exp, the chunk's own attention output and its exp(logit - max) "
+                    "per token (the evidence map without a second pass)")
     weights = ResamplerChunkExport(
         _ResamplerWeights, component=names.RESAMPLER_WEIGHTS,
         inputs=chunk + [TensorSpec("m_ref", "float32", per_head), TensorSpec("s_ref", "float32", per_head)],

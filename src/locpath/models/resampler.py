@@ -74,10 +74,11 @@ class ResamplerChunks(nn.Module):
     serves every block.
 
     - `partial`: a chunk's share of block `block`'s cross-attention: per head and latent the chunk's max logit `m`,
-      its sum of exp(logit - m) `s` and its own attention output `o` (values weighted by exp(logit - m) / s); the
-      chunks are merged outside (numpy) as flash attention does, each weighted by s exp(m - max m).
+      its sum of exp(logit - m) `s`, its own attention output `o` (values weighted by exp(logit - m) / s) and
+      those weights `p` = exp(logit - m) per token; the chunks are merged outside (numpy) as flash attention
+      does, each weighted by s exp(m - max m), and the evidence map is p exp(m - max m) / (merged s).
     - `weights`: given the whole slide's (m, s) as `m_ref`, `s_ref`, the chunk's part of the attention map
-      (softmax probabilities, mean over heads).
+      (softmax probabilities, mean over heads): a second pass, for slides whose `p` would not fit in memory.
     - `finish`: the rest of the block from the merged attention output (`o / s`): output projection, residual,
       self-attention, MLP; the final norm (what the last block's caller keeps); and the learned latents block 0
       starts from (a constant output, so the runtime needs no other file)."""
@@ -115,7 +116,9 @@ class ResamplerChunks(nn.Module):
         m = torch.where(torch.isfinite(m), m, torch.full_like(m, -1e30))  # a chunk of masked tokens adds nothing
         p = torch.exp(logits - m.unsqueeze(-1))
         s = p.sum(-1)
-        return m, s, (p @ v) / s.clamp_min(1.0).unsqueeze(-1)  # s >= 1 (the max contributes exp(0)) unless all masked
+        # s >= 1 (the max contributes exp(0)) unless all masked; p: what the runtime scales by the slide's final
+        # (m, s) for the evidence map, so no second pass over the tokens is needed where p fits in memory
+        return m, s, (p @ v) / s.clamp_min(1.0).unsqueeze(-1), p
 
     def weights(self, latents, block, tokens, positions, counts, token_mask, m_ref, s_ref):
         logits, _ = self._logits(latents, block, tokens, positions, counts, token_mask)

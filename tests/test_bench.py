@@ -21,6 +21,7 @@ def test_bench_writes_report_markdown_and_plots(ref_bundle, tmp_path, capsys):
     thr = rep["throughput"]
     assert 0 < thr["tokens_after_stm"] <= thr["tiles"] and thr["peak_rss_mb"] > 50
     assert rep["ceilings"]["fp32_matmul_gflops"] > 0 and rep["ceilings"]["memory_bandwidth_gbs"] > 0
+    assert rep["ceilings"]["read_bandwidth_gbs"] > 0 and rep["ceilings"]["read_bandwidth_threads"] >= 1
     assert [r["n_target"] for r in rep["scaling"]] == [40, 120]
     assert rep["scaling"][0]["tiles"] < rep["scaling"][1]["tiles"]
     for row in rep["scaling"]:

@@ -340,7 +340,8 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs, vision):
                                                     rel=0.01, abs=0.01)
     # the issue's lines read back from the report (the first-token line is at 10k tiles: given 400's figures)
     at_10k = dict(res["runtime"], time_to_first_token={"10000": ttft["400"]})
-    t = targets({"published": dict(res, runtime=at_10k), "ceilings": {"memory_bandwidth_gbs": 10.0}})
+    t = targets({"published": dict(res, runtime=at_10k),
+                 "ceilings": {"memory_bandwidth_gbs": 8.0, "read_bandwidth_gbs": 10.0, "read_bandwidth_threads": 2}})
     assert t["published_first_token_10k_from_features_1.2s"]["value"] == round(ttft["400"]["from_features_ms"] / 1000, 3)
     rss = t["published_cold_ask_peak_rss_6gb"]
     assert rss["value"] == round(fs["peak_rss_mb"] * 2**20 / 1e9, 2) and rss["met"] is True
@@ -348,6 +349,7 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs, vision):
     assert ratio["value"] == fs["cold_ttft_over_2x_warm_plus_encoder"] and ratio["met"] == (ratio["value"] <= 1.0)
     bw = t["published_decode_85pct_of_bandwidth"]
     assert bw["value"] == round(dec["weights_read_gbs"] / 10.0, 3) and bw["met"] == (bw["value"] >= 0.85)
+    assert bw["copy_fraction"] == round(dec["weights_read_gbs"] / 8.0, 3) and bw["threads"] == 2
     assert "published_decode_85pct_of_bandwidth" not in targets({"published": res})  # no ceiling measured: no line
     from locpath.bench.output import published_lines
 

@@ -59,10 +59,11 @@ def markdown(report: dict) -> str:
     m, c, thr = report["machine"], report["ceilings"], report["throughput"]
     lines = [f"# locpath bench: {report['bundle']['path']}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores; onnxruntime {m['onnxruntime']}, torch {m['torch']}.", "",
-             "## Ceilings", "", "| fp32 matmul GFLOP/s | bf16 matmul GFLOP/s | int8 matmul GOP/s | memory GB/s |",
-             "|---|---|---|---|",
+             "## Ceilings", "", "| fp32 matmul GFLOP/s | bf16 matmul GFLOP/s | int8 matmul GOP/s | memory GB/s (copy, "
+             "1 thread) | memory read GB/s |", "|---|---|---|---|---|",
              f"| {_f(c['fp32_matmul_gflops'], '{:.0f}')} | {_f(c['bf16_matmul_gflops'], '{:.0f}')} | "
-             f"{_f(c['int8_matmul_gops'], '{:.0f}')} | {_f(c['memory_bandwidth_gbs'], '{:.1f}')} |", "",
+             f"{_f(c['int8_matmul_gops'], '{:.0f}')} | {_f(c['memory_bandwidth_gbs'], '{:.1f}')} | "
+             f"{_f(c.get('read_bandwidth_gbs'), '{:.1f}')} ({c.get('read_bandwidth_threads', '-')} threads) |", "",
              f"## Stages ({thr['tiles']} tiles -> {thr['tokens_after_stm']} tokens after STM)", "",
              "| stage | median ms | min | max |", "|---|---|---|---|"]
     for k, s in report["stages"].items():

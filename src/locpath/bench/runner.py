@@ -3,7 +3,8 @@ schema (`locpath-bench/1`), all times in ms unless named otherwise:
 
   machine    {cpu, cores, python, onnxruntime, torch}
   bundle     {path, fusion, precisions: component -> precision/backend}
-  ceilings   {fp32_matmul_gflops, bf16_matmul_gflops, int8_matmul_gops, memory_bandwidth_gbs}
+  ceilings   {fp32_matmul_gflops, bf16_matmul_gflops, int8_matmul_gops, memory_bandwidth_gbs (one-thread copy),
+              read_bandwidth_gbs (read by the runtime's thread count), read_bandwidth_threads}
   stages     stage -> {median, min, max, n}: open, tissue_grid, tile_read (reader alone), tiles_encode, encode,
              stm, resampler, tis, cross_kv, prefill, decode_per_token, time_to_first_token (cached slide)
   throughput {tiles, tokens_after_stm, read_tiles_per_s, encode_tiles_per_s, decode_tokens_per_s,

@@ -53,11 +53,15 @@ def targets(report: dict) -> dict:
         ratio = {k: v.get("cold_ttft_over_2x_warm_plus_encoder") for k, v in asks.items()}
         t["published_cold_first_token_within_2x_warm_plus_encoder"] = _met(ratio[best], 1.0, True, bundle=best,
                                                                            ratios=ratio)
-    dec, bw = (runs["onnxruntime"].get("decode") or {}), (report.get("ceilings") or {}).get("memory_bandwidth_gbs")
-    if "weights_read_gbs" in dec and bw:
-        t["published_decode_85pct_of_bandwidth"] = _met(round(dec["weights_read_gbs"] / bw, 3), 0.85, False,
-                                                        weights_read_gbs=dec["weights_read_gbs"],
-                                                        memory_bandwidth_gbs=round(bw, 2))
+    # against what the runtime's threads can read: the one-thread copy (the first yardstick) is
+    # beaten by the decoder itself on 2 cores, so a fraction of it says nothing (kept beside, as copy_fraction)
+    dec, ceil = (runs["onnxruntime"].get("decode") or {}), (report.get("ceilings") or {})
+    if "weights_read_gbs" in dec and ceil.get("read_bandwidth_gbs"):
+        read, copy = ceil["read_bandwidth_gbs"], ceil.get("memory_bandwidth_gbs")
+        t["published_decode_85pct_of_bandwidth"] = _met(
+            round(dec["weights_read_gbs"] / read, 3), 0.85, False, weights_read_gbs=dec["weights_read_gbs"],
+            read_bandwidth_gbs=round(read, 2), threads=ceil.get("read_bandwidth_threads"),
+            copy_fraction=round(dec["weights_read_gbs"] / copy, 3) if copy else None)
     return t
 
 

@@ -173,13 +173,46 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     m = load_manifest(ov)
     assert m.components["tile_encoder"].backend == "openvino" and m.components["tile_encoder"].precision == "bf16"
     assert m.components["decoder"].precision == "int4" and m.components["decoder"].backend == "onnxruntime"
-    assert not set(names.RESAMPLER_CHUNKS) & set(m.components)  # their fp32 ORT twin of the resampler is dropped
+    # the fp32 ORT twin of the resampler is kept for large slides only where it measured faster here
+    route = EngineConfig.load(ov / m.components["resampler"].engine_config).build["large_slides"]
+    assert route["whole_graph_ms"] > 0 and route["onnxruntime_fp32_chunks_ms"] > 0 and route["tokens"] == 8192
+    assert route["keep_chunks"] == (route["onnxruntime_fp32_chunks_ms"] < route["whole_graph_ms"])
+    assert (set(names.RESAMPLER_CHUNKS) <= set(m.components)) == route["keep_chunks"]
+    assert route["keep_chunks"] or not set(names.RESAMPLER_CHUNKS) & set(m.components)
     fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)
     pipe = Pipeline.from_bundle(ov, use_cache=False)
     a, b = fp32.encode_tiles(calibration.tiles()), pipe.encode_tiles(calibration.tiles())
     cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cos.min() >= 0.995
     assert pipe.ask(eval_slide, "What is the diagnosis?").answer == fp32.ask(eval_slide, "What is the diagnosis?").answer
+
+
+@pytest.mark.parametrize("chunks_faster", [True, False])
+def test_openvino_build_routes_large_slides_by_what_it_measured(ref_bundle, tmp_path, monkeypatch, chunks_faster):
+    """Kept, the fp32 chunks run slides above the chunk on ONNX Runtime (the fp32 bundle's latents and evidence)
+    and smaller ones OpenVINO's graph; dropped, every slide runs OpenVINO's graph."""
+    pytest.importorskip("openvino")
+    from locpath.engines import resampler_route
+    from locpath.engines.build import build_bundle
+
+    real = resampler_route.large_slide_route
+    monkeypatch.setattr(resampler_route, "large_slide_route", lambda *a, **k: dict(
+        real(*a, **k, tokens=2048), keep_chunks=chunks_faster))
+    ov = build_bundle(ref_bundle, tmp_path / "ov", "bf16", backend="openvino", log=lambda m: None)
+    m = load_manifest(ov)
+    assert (set(names.RESAMPLER_CHUNKS) <= set(m.components)) == chunks_faster
+    assert chunks_faster or not set(names.RESAMPLER_CHUNKS) & set(m.components)
+    rng = np.random.default_rng(0)
+    pipe, fp32 = (Pipeline.from_bundle(b, use_cache=False, resampler_chunk=256) for b in (ov, ref_bundle))
+    feats = rng.normal(size=(1500, pipe.cfg.feature_dim)).astype(np.float32)
+    pos = np.stack([np.arange(1500) % 40, np.arange(1500) // 40], 1).astype(np.float32)
+    counts = np.ones(1500, np.float32)
+    assert (pipe.chunked_resampler is not None) == chunks_faster
+    if chunks_faster:  # the very graphs of the fp32 bundle, on ONNX Runtime
+        a, b = pipe.chunked_resampler.run(feats, pos, counts), fp32.chunked_resampler.run(feats, pos, counts)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    assert pipe.runners[names.RESAMPLER].__class__.__name__ == "OpenVinoRunner"
 
 
 def test_int4_fused_decoder_on_openvino_answers_as_onnx_runtime_does(ref_bundle, eval_slide, tmp_path):

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..bundle.integrity import verify_bundle
 from ..bundle.manifest import IOSpec
+from ..bundle import names
 from ..bundle.names import DECODER, DECODER_FUSED, DECODER_FUSED_PREFILL, TILE_ENCODER
 from ..errors import LocpathError
 from ..fsutil import atomic_dir
@@ -197,6 +198,8 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
     LayerNorm, Softmax and residual adds stay float) into an OpenVINO IR, with the resampler on bf16; int8-safe
     (engines/encoder_int8.py) does the same but checks every calibration and held-out tile, keeps the layer groups
     measured most sensitive in float until the minimum tile cosine is >= 0.995, and refuses to build otherwise.
+    The fp32 chunked resampler stays on ONNX Runtime for slides above the chunk where it is faster on this machine
+    than the OpenVINO resampler (measured here, `info.large_slides` of the resampler's engine config).
     The decoder stays on ONNX Runtime (INT4 MatMulNBits with "+int4"): ORT-made quantized graphs run badly in
     OpenVINO, and decode steps at these sizes are dominated by per-call overhead. "+int4-ov" is the exception
     for large decoders: the INT4 fused graph's MatMulNBits read into OpenVINO's compressed-weight matmuls
@@ -217,7 +220,8 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
     machine = describe_machine("openvino", "cpu")
     with atomic_dir(out) as tmp:
         edit = BundleEdit(src, tmp, manifest, log)
-        edit.drop_resampler_chunks("the resampler runs on OpenVINO in this build")
+        chunk_graphs = ({c: edit.source(c) for c in names.RESAMPLER_CHUNKS}
+                        if all(c in manifest.components for c in names.RESAMPLER_CHUNKS) else {})
         for comp in OPENVINO_COMPONENTS:
             t0 = time.time()
             data_files: list[str] = []
@@ -236,9 +240,11 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
                 artifact = manifest.components[comp].file
                 comp_precision = "bf16" if ov_precision.startswith("int8") else ov_precision
                 info = {"method": "OpenVINO compile at load", "inference_precision_hint": comp_precision}
-            OpenVinoRunner(tmp / artifact, comp, precision=comp_precision,
-                           hint=info.get("ov_hint")).load()  # fails here, not on the appliance
+            built = OpenVinoRunner(tmp / artifact, comp, precision=comp_precision,
+                                   hint=info.get("ov_hint")).load()  # fails here, not on the appliance
             info["compile_seconds"] = round(time.time() - t0, 2)
+            if comp == "resampler" and chunk_graphs:
+                info["large_slides"] = _large_slide_route(edit, built, chunk_graphs, log)
             edit.replace(comp, "openvino", comp_precision, artifact, machine, info, data_files)
             log(f"build: {comp} -> OpenVINO {comp_precision} ({info['compile_seconds']} s)")
         if decoder:
@@ -250,6 +256,21 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
         edit.finish(precision, "openvino", **(extra or {}))
     log(f"build: {out} (OpenVINO {precision}) in {time.time() - edit.t_start:.1f} s")
     return out
+
+
+def _large_slide_route(edit: BundleEdit, built, chunk_graphs: dict, log) -> dict:
+    """Keep the fp32 chunked resampler on ONNX Runtime for slides above the chunk where it is faster here than the
+    OpenVINO graph just built; drop it otherwise (engines/resampler_route.py)."""
+    from .resampler_route import large_slide_route
+
+    route = large_slide_route(built, chunk_graphs, edit.manifest.model_config)
+    if not route["keep_chunks"]:
+        edit.drop_resampler_chunks(f"OpenVINO's resampler was faster here at {route['tokens']} tokens "
+                                   f"({route['whole_graph_ms']} ms against {route['onnxruntime_fp32_chunks_ms']} ms)")
+    log(f"build: slides above the chunk run {'the fp32 chunks on ONNX Runtime' if route['keep_chunks'] else 'OpenVINO'}"
+        f" (at {route['tokens']} tokens: OpenVINO {route['whole_graph_ms']} ms, ONNX Runtime fp32 chunks "
+        f"{route['onnxruntime_fp32_chunks_ms']} ms)")
+    return route
 
 
 def _fused_to_openvino(edit: BundleEdit, machine: dict, log) -> None:

@@ -381,6 +381,35 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs, vision):
     assert "skipped" in again["llamacpp"] or again["llamacpp"]["build"]["cached"]
 
 
+def test_decode_read_bytes_leave_out_a_gathered_table_unless_a_matmul_reads_it_too(tmp_path):
+    """An untied embedding table is read one row per token; a tied one is the lm_head too, read whole; the rotary
+    caches are never counted."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from locpath.bench.published import decode_read_bytes
+
+    def graph(tied: bool) -> Path:
+        emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "emb")  # 3,200 bytes
+        head = numpy_helper.from_array(np.zeros((100, 8), np.float32), "head")
+        cos = numpy_helper.from_array(np.zeros((64, 4), np.float32), "cos_cache")  # 1,024 bytes
+        nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]),
+                 helper.make_node("Gather", ["cos_cache", "ids"], ["c"]),
+                 helper.make_node("Gemm", ["x2", "emb" if tied else "head"], ["logits"], transB=1),
+                 helper.make_node("Reshape", ["x", "shape"], ["x2"])]
+        shape = numpy_helper.from_array(np.array([-1, 8], np.int64), "shape")  # 16 bytes
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 100]),
+                               helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])],
+                              [emb, head, cos, shape])
+        p = tmp_path / f"tied-{tied}.onnx"
+        onnx.save(helper.make_model(g), str(p))
+        return p
+
+    assert decode_read_bytes(graph(tied=False)) == 3200 + 16  # the head and the shape; emb gathered only
+    assert decode_read_bytes(graph(tied=True)) == 3200 * 2 + 16  # emb read whole by the Gemm (head unused but kept)
+
+
 def test_watchdog_stops_a_process_past_its_memory_budget():
     """What keeps onnxruntime-genai's builder from taking a 24 GB machine down on a 7B model."""
     import sys

@@ -190,15 +190,14 @@ def decode_read_bytes(path: Path) -> int:
     tied INT4 lm_head reads all of it)."""
     import onnx
 
-    from .decoder_05b import onnx_weight_bytes
-
     m = onnx.load(str(path), load_external_data=False)
-    sizes = {t.name: int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-             for t in m.graph.initializer}
-    gathered = {x for n in m.graph.node if n.op_type in ("Gather", "GatherBlockQuantized") for x in n.input[:1]}
+    gathers = ("Gather", "GatherBlockQuantized")
+    gathered = {x for n in m.graph.node if n.op_type in gathers for x in n.input[:1]}
     gathered |= {n.input[2] for n in m.graph.node if n.op_type == "GatherBlockQuantized" and len(n.input) > 2}
-    elsewhere = {x for n in m.graph.node if n.op_type not in ("Gather", "GatherBlockQuantized") for x in n.input}
-    return onnx_weight_bytes(path) - sum(sizes.get(x, 0) for x in gathered - elsewhere)
+    elsewhere = {x for n in m.graph.node if n.op_type not in gathers for x in n.input}
+    skip = (gathered - elsewhere) | {t.name for t in m.graph.initializer if "cos_cache" in t.name or "sin_cache" in t.name}
+    return sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in m.graph.initializer if t.name not in skip)
 
 
 def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:

@@ -3,8 +3,8 @@
 Such a build used to drop the chunked fp32 graphs (runtime/resampler_chunks.py) so every slide ran OpenVINO's one
 graph. Whether that pays depends on the CPU: at the published width (1024 wide, 128 latents, 2 blocks) and 10k
 tiles on 2 threads, OpenVINO's bf16 graph took 0.30-0.66 s on a Xeon with AMX against 0.94-3.07 s for ORT's fp32
-chunks in two passes, but 0.80-0.99 s on an AMD EPYC without AMX against 0.44-0.55 s for the chunks in one pass.
-So the build times both on the same synthetic tokens, on the machine it builds for (as the engine configs record),
+chunks in two passes, but 0.80-0.99 s on an AMD EPYC without AMX against 0.44-0.55 s for the chunks in one pass
+(each the first 10k-token slide of its process). So the build times both on the same synthetic tokens, on the machine it builds for (as the engine configs record),
 and keeps the chunks only where they are faster: slides above the chunk then run them on ONNX Runtime in fp32,
 smaller ones OpenVINO's graph. Random tokens are enough: both paths do the same arithmetic whatever the values.
 """
@@ -22,33 +22,44 @@ from ..runtime.runner import Runner
 ROUTE_TOKENS = 8192  # well above the chunk (1024): where the two paths part
 
 
-def _best_ms(fn, runs: int = 2) -> float:
-    fn()  # the first run allocates (and OpenVINO compiles its shapes)
-    best = float("inf")
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return round(best * 1000, 1)
+def _inputs(n: int, dim: int, seed: int):
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    feats = rng.normal(size=(n, dim)).astype(np.float32)
+    pos = np.stack([np.arange(n) % side, np.arange(n) // side], 1).astype(np.float32)
+    return feats, pos, np.ones(n, np.float32)
+
+
+def _ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return round((time.perf_counter() - t0) * 1000, 1)
 
 
 def large_slide_route(whole: Runner, chunk_graphs: dict[str, Path], cfg, tokens: int = ROUTE_TOKENS) -> dict:
     """`whole`: the built resampler, loaded; `chunk_graphs`: the fp32 chunk graphs by component name; `cfg`: the
-    bundle's model config. Returns both times and `keep_chunks` (True: the chunks were faster here)."""
+    bundle's model config. Each path runs a small slide first (tokens / 8, as a load's warm-up would), then a
+    slide of `tokens` twice: the first run is what a slide larger than any before it costs (OpenVINO's CPU plugin
+    prepares a larger shape anew: 8192 tokens took 806 ms the first time and 175 ms after on an AMD EPYC, and a
+    fresh `ask` process always meets it), the second what a repeated shape costs. The chunks are kept where their
+    first run is faster (`keep_chunks`)."""
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.resampler_chunks import RESAMPLER_CHUNK, ChunkedResampler
 
     r = cfg.resampler
-    rng = np.random.default_rng(0)
-    side = int(np.ceil(np.sqrt(tokens)))
-    feats = rng.normal(size=(tokens, cfg.feature_dim)).astype(np.float32)
-    pos = np.stack([np.arange(tokens) % side, np.arange(tokens) // side], 1).astype(np.float32)
-    counts = np.ones(tokens, np.float32)
-    feeds = {"tokens": feats[None], "positions": pos[None], "counts": counts[None],
-             "token_mask": np.ones((1, tokens), bool)}
+    small, big = _inputs(max(tokens // 8, 1), cfg.feature_dim, 0), _inputs(tokens, cfg.feature_dim, 1)
     chunked = ChunkedResampler(*(OrtRunner(chunk_graphs[n], n).load() for n in names.RESAMPLER_CHUNKS), r.depth,
                                r.num_heads, r.num_latents, r.dim, RESAMPLER_CHUNK)
-    whole_ms = _best_ms(lambda: whole.run(feeds, ["latents", "attention"]))
-    chunks_ms = _best_ms(lambda: chunked.run(feats, pos, counts))
-    return {"tokens": tokens, "whole_graph_ms": whole_ms, "onnxruntime_fp32_chunks_ms": chunks_ms,
-            "one_pass": chunked.one_pass(tokens), "keep_chunks": chunks_ms < whole_ms}
+
+    def run_whole(x):
+        f, p, c = x
+        whole.run({"tokens": f[None], "positions": p[None], "counts": c[None],
+                   "token_mask": np.ones((1, len(f)), bool)}, ["latents", "attention"])
+
+    res: dict = {"tokens": tokens, "warm_up_tokens": len(small[0]), "one_pass": chunked.one_pass(tokens)}
+    for name, fn in (("whole_graph", run_whole), ("onnxruntime_fp32_chunks", lambda x: chunked.run(*x))):
+        fn(small)
+        res[f"{name}_first_ms"] = _ms(lambda: fn(big))
+        res[f"{name}_again_ms"] = _ms(lambda: fn(big))
+    res["keep_chunks"] = res["onnxruntime_fp32_chunks_first_ms"] < res["whole_graph_first_ms"]
+    return res

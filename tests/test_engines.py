@@ -177,7 +177,7 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     route = EngineConfig.load(ov / m.components["resampler"].engine_config).build["large_slides"]
     times = [route[f"{p}_{w}_ms"] for p in ("whole_graph", "onnxruntime_fp32_chunks") for w in ("first", "again")]
     assert min(times) > 0 and (route["tokens"], route["warm_up_tokens"]) == (8192, 1024)
-    assert route["keep_chunks"] == (route["onnxruntime_fp32_chunks_first_ms"] < route["whole_graph_first_ms"])
+    assert route["keep_chunks"] == (route["onnxruntime_fp32_chunks_first_ms"] < 1.5 * route["whole_graph_first_ms"])
     assert (set(names.RESAMPLER_CHUNKS) <= set(m.components)) == route["keep_chunks"]
     assert route["keep_chunks"] or not set(names.RESAMPLER_CHUNKS) & set(m.components)
     fp32 = Pipeline.from_bundle(ref_bundle, use_cache=False)

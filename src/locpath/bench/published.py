@@ -202,19 +202,28 @@ def decode_read_bytes(path: Path) -> int:
 
 def _decode_rate(pipe, latents, question: str, new_tokens: int) -> dict:
     """Greedy steps straight on the decoder state (a random model may emit a stop token at any step), with the
-    weight bytes each step reads and the rate it reads them at."""
+    weight bytes each step reads and the rate it reads them at; each run right after a read of 256 MiB by the
+    runtime's thread count, the machine's read bandwidth then (a shared host's moved 36-47 GB/s between bench
+    runs and decode with it, 9.3-13.8 tok/s: a ceiling measured minutes before says little)."""
+    from ..runtime.runner import default_threads
+    from .ceilings import read_bandwidth_gbs
+
     qkv = pipe.question_kv(latents, question, {})
     prompt = pipe.prompt_ids(question)
     st = pipe.decoder_state
-    rates = []
-    for _ in range(2):
+    rates, bandwidths = [], []
+    for _ in range(3):
+        bandwidths.append(read_bandwidth_gbs(default_threads(), mb=256))
         run = st.greedy(prompt, qkv.cross, new_tokens + 1)  # the first token comes from the prefill
         rates.append(run.steps / run.decode_s)
     rate = float(np.median(rates))
     read = decode_read_bytes(pipe.bundle_dir / pipe.manifest.components[pipe.decoder_component].file)
     return {"tokens_per_s": round(rate, 2), "new_tokens": new_tokens, "runs": len(rates),
             "prompt_tokens": len(prompt), "weight_bytes_per_token": read,
-            "weights_read_gbs": round(rate * read / 1e9, 2)}
+            "weights_read_gbs": round(rate * read / 1e9, 2),
+            "read_bandwidth_gbs": round(float(np.median(bandwidths)), 2),
+            "read_bandwidth_each_run_gbs": [round(b, 2) for b in bandwidths],
+            "tokens_per_s_each_run": [round(r, 2) for r in rates]}
 
 
 def _part(fn, log) -> dict:

@@ -53,14 +53,17 @@ def targets(report: dict) -> dict:
         ratio = {k: v.get("cold_ttft_over_2x_warm_plus_encoder") for k, v in asks.items()}
         t["published_cold_first_token_within_2x_warm_plus_encoder"] = _met(ratio[best], 1.0, True, bundle=best,
                                                                            ratios=ratio)
-    # against what the runtime's threads can read: the one-thread copy (the first yardstick) is
-    # beaten by the decoder itself on 2 cores, so a fraction of it says nothing (kept beside, as copy_fraction)
+    # against what the runtime's threads can read, measured beside the decode runs themselves (else the bench's
+    # ceiling); the one-thread copy (the first yardstick) is beaten by the decoder itself on 2 cores, so a
+    # fraction of it says nothing (kept beside, as copy_fraction)
     dec, ceil = (runs["onnxruntime"].get("decode") or {}), (report.get("ceilings") or {})
-    if "weights_read_gbs" in dec and ceil.get("read_bandwidth_gbs"):
-        read, copy = ceil["read_bandwidth_gbs"], ceil.get("memory_bandwidth_gbs")
+    read = dec.get("read_bandwidth_gbs") or ceil.get("read_bandwidth_gbs")
+    if "weights_read_gbs" in dec and read:
+        copy = ceil.get("memory_bandwidth_gbs")
         t["published_decode_85pct_of_bandwidth"] = _met(
             round(dec["weights_read_gbs"] / read, 3), 0.85, False, weights_read_gbs=dec["weights_read_gbs"],
-            read_bandwidth_gbs=round(read, 2), threads=ceil.get("read_bandwidth_threads"),
+            read_bandwidth_gbs=round(read, 2), beside_decode="read_bandwidth_gbs" in dec,
+            threads=ceil.get("read_bandwidth_threads"),
             copy_fraction=round(dec["weights_read_gbs"] / copy, 3) if copy else None)
     return t
 

@@ -244,7 +244,7 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
                                    hint=info.get("ov_hint")).load()  # fails here, not on the appliance
             info["compile_seconds"] = round(time.time() - t0, 2)
             if comp == "resampler" and chunk_graphs:
-                info["large_slides"] = _large_slide_route(edit, built, chunk_graphs, log)
+                info["large_slides"] = _large_slide_route(edit, built, chunk_graphs, comp_precision, machine, log)
             edit.replace(comp, "openvino", comp_precision, artifact, machine, info, data_files)
             log(f"build: {comp} -> OpenVINO {comp_precision} ({info['compile_seconds']} s)")
         if decoder:
@@ -258,19 +258,29 @@ def _build_openvino(src: Path, out: Path, manifest, precision: str, log, calibra
     return out
 
 
-def _large_slide_route(edit: BundleEdit, built, chunk_graphs: dict, log) -> dict:
-    """Keep the fp32 chunked resampler on ONNX Runtime for slides above the chunk where it is faster here than the
-    OpenVINO graph just built; drop it otherwise (engines/resampler_route.py)."""
+def _large_slide_route(edit: BundleEdit, built, chunk_graphs: dict, precision: str, machine: dict, log) -> dict:
+    """The chunked resampler moved to OpenVINO at the resampler's precision, kept for slides above the chunk
+    unless OpenVINO's one graph is clearly faster here (engines/resampler_route.py); dropped otherwise."""
+    from ..runtime.openvino_runner import OpenVinoRunner
     from .resampler_route import large_slide_route
 
-    route = large_slide_route(built, chunk_graphs, edit.manifest.model_config)
-    times = (f"{route['tokens']} tokens, first/again: OpenVINO {route['whole_graph_first_ms']}/"
-             f"{route['whole_graph_again_ms']} ms, ONNX Runtime fp32 chunks {route['onnxruntime_fp32_chunks_first_ms']}/"
-             f"{route['onnxruntime_fp32_chunks_again_ms']} ms")
-    if not route["keep_chunks"]:
-        edit.drop_resampler_chunks(f"OpenVINO's resampler was faster here ({times})")
-    log(f"build: slides above the chunk run {'the fp32 chunks on ONNX Runtime' if route['keep_chunks'] else 'OpenVINO'}"
-        f" ({times})")
+    chunks = {}
+    for comp, path in chunk_graphs.items():
+        t0 = time.time()
+        chunks[comp] = OpenVinoRunner(path, comp, precision=precision).load()
+        chunks[comp].compile_seconds = round(time.time() - t0, 2)
+    route = large_slide_route(built, chunks, edit.manifest.model_config)
+    times = (f"{route['tokens']} tokens, first/again: one graph {route['whole_graph_first_ms']}/"
+             f"{route['whole_graph_again_ms']} ms, chunks {route['chunks_first_ms']}/{route['chunks_again_ms']} ms")
+    if route["keep_chunks"]:
+        for comp in chunk_graphs:
+            edit.replace(comp, "openvino", precision, edit.manifest.components[comp].file, machine,
+                         {"method": "OpenVINO compile at load", "inference_precision_hint": precision,
+                          "compile_seconds": chunks[comp].compile_seconds})
+    else:
+        edit.drop_resampler_chunks(f"OpenVINO's one resampler graph was faster here ({times})")
+    how = f"the chunked resampler (OpenVINO {precision})" if route["keep_chunks"] else "the one graph"
+    log(f"build: slides above the chunk run {how} ({times})")
     return route
 
 

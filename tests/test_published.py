@@ -283,12 +283,12 @@ def _check_openvino_vision(res, md, fs):
     assert syn["synthetic_slide"]["grid_tiles"] >= 60 and syn["cold"]["tiles"] == syn["synthetic_slide"]["grid_tiles"]
 
 
-# the slow variant adds the OpenVINO vision part (+35 s) and a second build watched from outside (+15 s)
-@pytest.mark.parametrize("vision", [False, pytest.param(True, marks=pytest.mark.slow)])
 def _cold_ask_lines_met(fs: dict) -> bool:
     return fs["cold_ttft_over_2x_warm_plus_encoder"] <= 1.0 and fs["peak_rss_mb"] * 2**20 <= 6e9
 
 
+# the slow variant adds the OpenVINO vision part (+35 s) and a second build watched from outside (+15 s)
+@pytest.mark.parametrize("vision", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs, vision):
     """`bench --published --slide` end to end on a small Qwen2.5 shape: shards written, bundle streamed in a child
     process, its build measured, runtime first-token and decode measured (no onnxruntime-genai here), a cold ask

@@ -349,6 +349,10 @@ def test_published_bench_path_runs_on_a_small_shape(tmp_path, real_svs, vision):
     assert t["published_first_token_10k_from_features_1.2s"]["value"] == round(ttft["400"]["from_features_ms"] / 1000, 3)
     rss = t["published_cold_ask_peak_rss_6gb"]
     assert rss["value"] == round(fs["peak_rss_mb"] * 2**20 / 1e9, 2) and rss["met"] is True
+    from locpath.bench.output import target_lines
+
+    table = "\n".join(target_lines(t))  # the Markdown table takes every line's value, the named bundles included
+    assert all(k in table for k in t) and table.count("\n| published_") == len(t)
     one = t["published_one_bundle_meets_the_first_token_and_memory_lines"]
     assert one["met"] == (one["value"] == "onnxruntime") == (t["published_first_token_10k_from_features_1.2s"]["met"]
                                                              and _cold_ask_lines_met(fs))

@@ -15,7 +15,10 @@ def write_json(report: dict, path: str | Path) -> Path:
 
 
 def _f(v, fmt="{:.2f}"):
-    return "-" if v is None else fmt.format(v)
+    """A number in `fmt`; None as "-"; anything else (a target's named bundles) as it is."""
+    if v is None:
+        return "-"
+    return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
 
 def decoder_05b_lines(d05: dict) -> list[str]:
@@ -110,13 +113,17 @@ def markdown(report: dict) -> str:
         lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
         lines.append("")
     if report.get("targets"):
-        lines += ["## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
-        for k, v in report["targets"].items():
-            lines.append(f"| {k} | {v['target']} | {_f(v['value'])} | {v['met'] if v['met'] is not None else 'not measured'} |")
-        lines.append("")
+        lines += target_lines(report["targets"])
     if report.get("skipped"):
         lines += ["## Skipped", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()] + [""]
     return "\n".join(lines)
+
+
+def target_lines(targets: dict) -> list[str]:
+    lines = ["## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
+    for k, v in targets.items():
+        lines.append(f"| {k} | {v['target']} | {_f(v['value'])} | {v['met'] if v['met'] is not None else 'not measured'} |")
+    return lines + [""]
 
 
 def published_lines(pub: dict) -> list[str]:

@@ -128,3 +128,16 @@ def test_a_bundle_with_part_of_the_chunked_resampler_is_refused(ref_bundle, tmp_
     reseal(b, lambda m: m["components"].pop(names.RESAMPLER_WEIGHTS))
     with pytest.raises(BundleError, match="resampler_partial without resampler_weights"):
         verify_bundle(b)
+
+
+def test_warm_up_runs_the_chunk_shapes_every_large_slide_runs(ref_bundle):
+    """A full chunk and a remainder at load, so the first large slide does not prepare them (OpenVINO prepares each
+    larger shape anew; ONNX Runtime grows its arena)."""
+    pipe = Pipeline.from_bundle(ref_bundle, use_cache=False, resampler_chunk=64, warmup=False)
+    seen = []
+    real = pipe.chunked_resampler.partial.run
+    pipe.chunked_resampler.partial.run = lambda feeds, outs: seen.append(feeds["tokens"].shape[1]) or real(feeds, outs)
+    assert pipe.warm_up() > 0
+    assert sorted(seen) == sorted([64, 1] * pipe.cfg.resampler.depth)
+    small = Pipeline.from_bundle(ref_bundle, use_cache=False, resampler_chunk=0)  # no chunked resampler: no chunk run
+    assert small.chunked_resampler is None and small.warmup_ms > 0

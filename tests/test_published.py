@@ -406,7 +406,7 @@ def test_decode_read_bytes_leave_out_a_gathered_table_unless_a_matmul_reads_it_t
 
     from locpath.bench.published import decode_read_bytes
 
-    def graph(tied: bool) -> Path:
+    def graph(tied: bool):
         emb = numpy_helper.from_array(np.zeros((100, 8), np.float32), "emb")  # 3,200 bytes
         head = numpy_helper.from_array(np.zeros((100, 8), np.float32), "head")
         cos = numpy_helper.from_array(np.zeros((64, 4), np.float32), "cos_cache")  # 1,024 bytes

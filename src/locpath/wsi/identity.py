@@ -3,10 +3,9 @@
 Checking a path and then opening it by name leaves a window: the file (or a folder above it) can be swapped for a
 symbolic link in between. `pin` opens the file itself with O_NOFOLLOW, checks the open descriptor (a regular file,
 and, when given, the identity recorded earlier: device, inode, size, mtime, a sampled fingerprint and the status
-change time), and hands the
-libraries `/proc/self/fd/N`, which names that open file whatever happens to the path afterwards. OpenSlide and
-tiffslide both take it for SVS and TIFF; multi-file formats (MRXS, VMS) and DICOM series folders need their own
-path and are opened by name after the same checks.
+change time), and hands the libraries `/proc/self/fd/N`, which names that open file whatever happens to the path
+afterwards. OpenSlide and tiffslide both take it for SVS and TIFF; multi-file formats (MRXS, VMS) and DICOM
+series folders need their own path and are opened by name after the same checks.
 """
 
 from __future__ import annotations

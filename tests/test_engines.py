@@ -190,19 +190,31 @@ def test_openvino_bf16_bundle(ref_bundle, eval_slide, tmp_path, calibration):
     assert pipe.ask(eval_slide, "What is the diagnosis?").answer == fp32.ask(eval_slide, "What is the diagnosis?").answer
 
 
-@pytest.mark.parametrize("chunks_faster", [True, False])
+@pytest.mark.parametrize("chunks_faster", [True, False, None])
 def test_openvino_build_routes_large_slides_by_what_it_measured(ref_bundle, tmp_path, monkeypatch, chunks_faster):
     """Kept, the chunks run slides above the chunk on OpenVINO (the fp32 bundle's latents and evidence within bf16
-    rounding) and smaller ones OpenVINO's one graph; dropped, every slide runs the one graph."""
+    rounding) and smaller ones OpenVINO's one graph; dropped, every slide runs the one graph; chunks that OpenVINO
+    cannot run (None) are dropped with the reason, and the build goes on."""
     pytest.importorskip("openvino")
     from locpath.engines import resampler_route
     from locpath.engines.build import build_bundle
+    from locpath.runtime.runner import RunnerError
 
     real = resampler_route.large_slide_route
-    monkeypatch.setattr(resampler_route, "large_slide_route", lambda *a, **k: dict(
-        real(*a, **k, tokens=2048), keep_chunks=chunks_faster))
+
+    def route(*a, **k):
+        if chunks_faster is None:
+            raise RunnerError("resampler_partial: inference failed (a forged failure)")
+        return dict(real(*a, **k, tokens=2048), keep_chunks=chunks_faster)
+
+    monkeypatch.setattr(resampler_route, "large_slide_route", route)
     ov = build_bundle(ref_bundle, tmp_path / "ov", "bf16", backend="openvino", log=lambda m: None)
     m = load_manifest(ov)
+    if chunks_faster is None:
+        ec = EngineConfig.load(ov / m.components["resampler"].engine_config)
+        assert ec.build["large_slides"] == {"keep_chunks": False, "failed": "resampler_partial: inference failed "
+                                                                            "(a forged failure)"}
+        chunks_faster = False
     assert (set(names.RESAMPLER_CHUNKS) <= set(m.components)) == chunks_faster
     assert chunks_faster or not set(names.RESAMPLER_CHUNKS) & set(m.components)
     rng = np.random.default_rng(0)

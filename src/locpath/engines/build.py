@@ -265,11 +265,16 @@ def _large_slide_route(edit: BundleEdit, built, chunk_graphs: dict, precision: s
     from .resampler_route import large_slide_route
 
     chunks, seconds = {}, {}
-    for comp, path in chunk_graphs.items():
-        t0 = time.time()
-        chunks[comp] = OpenVinoRunner(path, comp, precision=precision).load()  # fails here, not on the appliance
-        seconds[comp] = round(time.time() - t0, 2)
-    route = large_slide_route(built, chunks, edit.manifest.model_config)
+    try:
+        for comp, path in chunk_graphs.items():
+            t0 = time.time()
+            chunks[comp] = OpenVinoRunner(path, comp, precision=precision).load()  # fails here, not on the appliance
+            seconds[comp] = round(time.time() - t0, 2)
+        route = large_slide_route(built, chunks, edit.manifest.model_config)
+    except LocpathError as exc:  # the chunks are an option: a graph OpenVINO refuses leaves the one graph
+        edit.drop_resampler_chunks(f"OpenVINO could not run them ({exc})")
+        log(f"build: slides above the chunk run the one graph (the chunked resampler failed on OpenVINO: {exc})")
+        return {"keep_chunks": False, "failed": str(exc)}
     times = (f"{route['tokens']} tokens, first/again: one graph {route['whole_graph_first_ms']}/"
              f"{route['whole_graph_again_ms']} ms, chunks {route['chunks_first_ms']}/{route['chunks_again_ms']} ms")
     if route["keep_chunks"]:

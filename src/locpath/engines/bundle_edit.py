@@ -64,7 +64,8 @@ class BundleEdit:
     def drop_resampler_chunks(self, why: str) -> None:
         """The chunked resampler graphs are the fp32 ONNX Runtime twin of the resampler: a build that moves the
         resampler to another precision or runtime drops them, so small and large slides run the same resampler
-        (OpenVINO builds keep them where they measured faster for large slides: engines/resampler_route.py)."""
+        (OpenVINO builds move them to OpenVINO instead, unless its one graph measured clearly faster for large
+        slides: engines/resampler_route.py)."""
         for comp in names.RESAMPLER_CHUNKS:
             self.drop(comp, why)
 

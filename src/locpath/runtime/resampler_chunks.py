@@ -107,7 +107,6 @@ class ChunkedResampler:
             for (a, b), (mc, pc) in zip(bounds, kept):  # exp(logit - m) / s per head, then the mean over heads
                 scale = (np.exp(mc[0] - m[0]) / (s[0] * h)).astype(np.float32)
                 attention[0, :, a:b] += np.einsum("hl,hlc->lc", scale, pc[0])
-            kept = []
             out = self.finish.run({"latents": lat, "block": block, "attended": o / s[..., None]},
                                   ["latents_out", "latents_normed"])
             lat = self._shaped(out["latents_out"], (1, L, d), "latents_out")
